@@ -1,0 +1,1 @@
+"""The model store: declare (models.toml), lock (models.lock), fetch, verify."""

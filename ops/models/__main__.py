@@ -1,0 +1,5 @@
+import sys
+
+from ops.models.cli import main
+
+sys.exit(main())

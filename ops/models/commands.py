@@ -1,0 +1,121 @@
+"""The three model commands as functions: lock, fetch, verify. CLI and Invoke tasks both call these."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ops.errors import BakehouseError, VerificationError
+from ops.models.fetch import Outcome, fetch_models
+from ops.models.lock import Lock, LockedModel, load_lock, write_lock
+from ops.models.manifest import Manifest, load_manifest
+from ops.models.sources import source_for
+from ops.models.store import Store
+from ops.models.verify import verify
+from ops.units import format_bytes
+
+
+@dataclass
+class Report:
+    command: str
+    outcomes: list[Outcome] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def exit_code(self) -> int:
+        return max((o.exit_code for o in self.outcomes), default=0)
+
+    def to_json(self) -> str:
+        body = {"command": self.command, "ok": self.exit_code == 0, "exit_code": self.exit_code, "seconds": round(self.seconds, 3)}
+        body["models"] = [asdict(o) | {"ok": o.ok} for o in self.outcomes]
+        return json.dumps(body, indent=2)
+
+    def render(self) -> str:
+        lines = []
+        for o in self.outcomes:
+            size = f"  {format_bytes(o.bytes)}" if o.bytes else ""
+            commit = f" @ {o.commit[:12]}" if o.commit else ""
+            lines.append(f"{o.model}{commit}: {o.status}{size}  ({o.seconds:.2f}s)")
+            if o.error:
+                lines.append(f"  error: {o.error}")
+            lines += [f"  FAIL {p}" for p in o.problems]
+            lines += [f"  warn {w}" for w in o.warnings]
+        verdict = "ok" if self.exit_code == 0 else f"failed (exit {self.exit_code})"
+        lines.append(f"{self.command}: {len(self.outcomes)} model(s), {verdict}")
+        return "\n".join(lines)
+
+
+def _manifest_if_present(path: Path, explicit: bool) -> Manifest | None:
+    """Fetch and verify need only the lock (a remote host or an image may carry no models.toml)."""
+    if path.exists() or explicit:
+        return load_manifest(path)
+    return None
+
+
+def lock_models(*, manifest_path: Path, lock_path: Path, names: list[str] | None) -> Report:
+    start = time.monotonic()
+    manifest = load_manifest(manifest_path)
+    specs = manifest.select(names)
+    previous = load_lock(lock_path) if lock_path.exists() else Lock(path=lock_path)
+    report = Report("lock")
+    resolved: dict[str, LockedModel] = {}
+    for spec in specs:
+        t0 = time.monotonic()
+        try:
+            locked = source_for(spec.source).resolve(spec)
+        except BakehouseError as exc:
+            report.outcomes.append(Outcome.failed(spec.name, exc))
+            continue
+        resolved[spec.name] = locked
+        old = previous.models.get(spec.name)
+        status = "new" if old is None else ("unchanged" if old == locked else "updated")
+        report.outcomes.append(Outcome(model=spec.name, status=status, commit=locked.commit, files=len(locked.files), bytes=locked.total_size, seconds=time.monotonic() - t0))
+    kept = {n: m for n, m in previous.models.items() if n in manifest.models}
+    write_lock(Lock(path=lock_path, models=kept | resolved, default=manifest.default))
+    report.seconds = time.monotonic() - start
+    return report
+
+
+def fetch(*, manifest_path: Path, lock_path: Path, dest: Path, names: list[str] | None, workers: int = 8, manifest_explicit: bool = False) -> Report:
+    start = time.monotonic()
+    models = load_lock(lock_path).select(names, _manifest_if_present(manifest_path, manifest_explicit))
+    report = Report("fetch", fetch_models(models, Store(dest), workers=workers))
+    report.seconds = time.monotonic() - start
+    return report
+
+
+def verify_models(*, manifest_path: Path, lock_path: Path, dest: Path, names: list[str] | None, full: bool, workers: int | None = None, manifest_explicit: bool = False) -> Report:
+    start = time.monotonic()
+    models = load_lock(lock_path).select(names, _manifest_if_present(manifest_path, manifest_explicit))
+    store = Store(dest)
+    report = Report("verify", [verify_one(store, m, full=full, workers=workers) for m in models])
+    report.seconds = time.monotonic() - start
+    return report
+
+
+def verify_one(store: Store, m: LockedModel, *, full: bool, workers: int | None = None) -> Outcome:
+    """Verify the locked commit of one model in the store, and that `current` points at it."""
+    directory = store.commit_dir(m.name, m.commit)
+    current = store.current_commit(m.name)
+    if not directory.is_dir():
+        hint = f" (current points at {current[:12]})" if current else ""
+        err = VerificationError(f"{m.name}: commit {m.commit[:12]} is not in the store at {store.root}{hint}. Run `invoke fetch-models --models {m.name}`.")
+        return Outcome.failed(m.name, err, commit=m.commit)
+    result = verify(directory, m, full=full, workers=workers)
+    problems = [p.message for p in result.problems]
+    if current != m.commit:
+        problems.append(f"current points at {current or 'nothing'}, models.lock pins {m.commit[:12]}. Run `invoke fetch-models --models {m.name}` to activate it.")
+    return Outcome(
+        model=m.name,
+        status=f"verified ({result.mode})" if not problems else "failed",
+        commit=m.commit,
+        path=str(directory),
+        files=len(m.files),
+        bytes=result.bytes_hashed,
+        seconds=result.seconds,
+        warnings=list(result.warnings),
+        problems=problems,
+        exit_code=VerificationError.exit_code if problems else 0,
+    )

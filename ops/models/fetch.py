@@ -1,0 +1,154 @@
+"""Download + full verify + activate, for one store, resumable at any point.
+
+A model moves through three places, and only the last is ever loaded:
+`.staging/<name>/<commit>.partial` (bytes arriving) -> `.staging/<name>/<commit>`
+(complete files) -> `<name>/<commit>` (verified, stamped), then `current` flips.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ops.errors import BakehouseError, DiskSpaceError, VerificationError
+from ops.models.lock import LockedFile, LockedModel
+from ops.models.progress import Progress
+from ops.models.sources import FetchJob, source_for
+from ops.models.stamp import STAMP_NAME
+from ops.models.store import Store
+from ops.models.verify import verify
+from ops.units import format_bytes, format_rate
+
+log = logging.getLogger("bakehouse.fetch")
+
+
+@dataclass
+class Outcome:
+    """What happened to one model; the unit every report is made of."""
+
+    model: str
+    status: str
+    commit: str | None = None
+    path: str | None = None
+    files: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    error: str | None = None
+    exit_code: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0
+
+    @classmethod
+    def failed(cls, model: str, exc: BakehouseError, **kw) -> Outcome:
+        return cls(model=model, status="failed", error=str(exc), exit_code=exc.exit_code, **kw)
+
+
+def fetch_models(models: Sequence[LockedModel], store: Store, *, workers: int = 8, tty: bool | None = None) -> list[Outcome]:
+    """Fetch every model; one model's failure is reported and does not stop the others."""
+    store.ensure_root()
+    outcomes: dict[str, Outcome] = {}
+    todo = []
+    for m in models:
+        ready = _already_there(store, m)
+        if ready:
+            outcomes[m.name] = ready
+        else:
+            todo.append(m)
+    preflight(store, todo)
+    for m in todo:
+        try:
+            outcomes[m.name] = _fetch_one(store, m, workers=workers, tty=tty)
+        except BakehouseError as exc:
+            outcomes[m.name] = Outcome.failed(m.name, exc, commit=m.commit)
+    return [outcomes[m.name] for m in models]
+
+
+def _already_there(store: Store, m: LockedModel) -> Outcome | None:
+    """Up to date, or verified but not current: no network at all. A damaged copy is reclaimed for repair."""
+    directory = store.commit_dir(m.name, m.commit)
+    if not directory.is_dir():
+        return None
+    result = verify(directory, m, full=False)
+    if not result.ok:
+        log.warning("%s: %s is damaged (%s); repairing from the source", m.name, directory, "; ".join(p.message for p in result.problems))
+        store.reclaim(m.name, m.commit)
+        staging = store.staging_dir(m.name, m.commit)
+        for path in [*(p.path for p in result.problems), STAMP_NAME]:
+            (staging / path).unlink(missing_ok=True)
+        return None
+    status = "up-to-date"
+    if store.current_commit(m.name) != m.commit:
+        store.activate(m.name, m.commit)
+        status = "activated"
+    return Outcome(model=m.name, status=status, commit=m.commit, path=str(store.current_link(m.name)), files=len(m.files), seconds=result.seconds, warnings=list(result.warnings))
+
+
+def _missing(store: Store, m: LockedModel) -> list[LockedFile]:
+    staging = store.staging_dir(m.name, m.commit)
+    return [f for f in m.files if not ((staging / f.path).is_file() and (staging / f.path).stat().st_size == f.size)]
+
+
+def bytes_needed(store: Store, m: LockedModel) -> int:
+    partial = store.partial_dir(m.name, m.commit)
+    need = 0
+    for f in _missing(store, m):
+        p = partial / f.path
+        need += f.size - (p.stat().st_size if p.is_file() and p.stat().st_size <= f.size else 0)
+    return need
+
+
+def preflight(store: Store, models: Sequence[LockedModel]) -> None:
+    """Refuse before the first byte when the lock's sizes do not fit (the 500 MB disk of the second seed)."""
+    need = sum(bytes_needed(store, m) for m in models)
+    have = shutil.disk_usage(store.root).free
+    if need > have:
+        names = ", ".join(m.name for m in models)
+        raise DiskSpaceError(
+            f"not enough disk space for {names}: need {format_bytes(need)}, have {format_bytes(have)} at {store.root}. "
+            f"Free {format_bytes(need - have)} or more, or pass --dest DIR (MODELS_DIR) on a larger disk."
+        )
+
+
+def _fetch_one(store: Store, m: LockedModel, *, workers: int, tty: bool | None) -> Outcome:
+    start = time.monotonic()
+    with store.locked(m.name):
+        ready = _already_there(store, m)
+        if ready:
+            return ready
+        staging, partial = store.staging_dir(m.name, m.commit), store.partial_dir(m.name, m.commit)
+        staging.mkdir(parents=True, exist_ok=True)
+        partial.mkdir(parents=True, exist_ok=True)
+        needed = _missing(store, m)
+        total = sum(f.size for f in needed)
+        log.info("%s: fetching %d of %d files (%s) from %s", m.name, len(needed), len(m.files), format_bytes(total), m.source)
+        progress = Progress(f"fetch {m.name}", total, tty=tty)
+        job = FetchJob(staging=staging, partial=partial, progress=progress, workers=workers)
+        try:
+            known = source_for(m.source).fetch(m, needed, job) if needed else {}
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise DiskSpaceError(f"{m.name}: the disk at {store.root} filled up while downloading. Completed bytes are kept in .staging; free space and re-run.") from None
+            raise
+        finally:
+            job.cancel.set()
+            progress.close()
+        result = verify(staging, m, full=True, known=known, workers=workers)
+        if not result.ok:
+            for p in result.problems:
+                (staging / p.path).unlink(missing_ok=True)
+            raise VerificationError(f"{m.name}: files in staging do not match models.lock, nothing was activated: " + "; ".join(p.message for p in result.problems))
+        store.promote(m.name, m.commit)
+        store.activate(m.name, m.commit)
+        store.clean_partial(m.name, m.commit)
+    seconds = time.monotonic() - start
+    log.info("%s: %s in %.1fs (%s), verified and active at %s", m.name, format_bytes(total), seconds, format_rate(total, seconds), store.current_link(m.name))
+    return Outcome(model=m.name, status="downloaded", commit=m.commit, path=str(store.current_link(m.name)), files=len(m.files), bytes=total, seconds=seconds, warnings=list(result.warnings))

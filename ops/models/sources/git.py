@@ -1,0 +1,189 @@
+"""git+https:// and git+file:// repositories through git and git-lfs (the first seed's source).
+
+The lock pins the commit; LFS files are pinned by the oid (sha256) and size in
+their pointer, other files by hashing their blob at lock time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from fnmatch import fnmatch
+from pathlib import Path
+
+from ops.errors import SourceError, SourceNotFoundError, SourceUnreachableError, UnsafePathError, redact
+from ops.models.lock import LockedFile, LockedModel, safe_relpath
+from ops.models.manifest import ModelSpec, spec_fingerprint
+from ops.models.sources.base import Cancelled, FetchJob
+from ops.models.verify import parse_lfs_pointer
+from ops.runner import CommandFailed, run
+
+# Never prompt for credentials (CI has no terminal) and never smudge: LFS objects come via `git lfs fetch`.
+GIT_ENV = {"GIT_TERMINAL_PROMPT": "0", "GIT_LFS_SKIP_SMUDGE": "1"}
+_SHA1 = re.compile(r"^[0-9a-f]{40}$")
+
+
+@dataclass(frozen=True)
+class TreeEntry:
+    mode: str
+    kind: str
+    size: int
+    path: str
+
+
+def init_argv(repo: Path) -> list[str]:
+    return ["git", "init", "--quiet", str(repo)]
+
+
+def fetch_argv(repo: Path, url: str, ref: str) -> list[str]:
+    return ["git", "-C", str(repo), "fetch", "--quiet", "--depth", "1", "--no-tags", url, ref]
+
+
+def set_remote_argv(repo: Path, url: str) -> list[str]:
+    return ["git", "-C", str(repo), "config", "remote.origin.url", url]
+
+
+def lfs_fetch_argv(repo: Path, commit: str, paths: Sequence[str]) -> list[str]:
+    return ["git", "-C", str(repo), "lfs", "fetch", "origin", commit, "--include", ",".join(paths)]
+
+
+def ls_tree_argv(repo: Path, commit: str) -> list[str]:
+    return ["git", "-C", str(repo), "ls-tree", "-r", "-l", "-z", commit]
+
+
+def cat_file_argv(repo: Path) -> list[str]:
+    return ["git", "-C", str(repo), "cat-file", "--batch"]
+
+
+def parse_ls_tree(out: bytes) -> list[TreeEntry]:
+    entries = []
+    for record in filter(None, out.split(b"\0")):
+        meta, path = record.decode().split("\t", 1)
+        mode, kind, _obj, size = meta.split()
+        entries.append(TreeEntry(mode=mode, kind=kind, size=int(size) if size != "-" else 0, path=path))
+    return entries
+
+
+def parse_cat_file_batch(out: bytes, count: int) -> list[bytes]:
+    """Split `git cat-file --batch` output: '<oid> <type> <size>\\n<content>\\n' per object."""
+    blobs, pos = [], 0
+    for _ in range(count):
+        header_end = out.index(b"\n", pos)
+        size = int(out[pos:header_end].split()[2])
+        blobs.append(out[header_end + 1 : header_end + 1 + size])
+        pos = header_end + 1 + size + 1
+    return blobs
+
+
+def select(entries: Sequence[TreeEntry], include: Sequence[str], exclude: Sequence[str]) -> list[TreeEntry]:
+    chosen = []
+    for e in entries:
+        if e.kind != "blob" or (include and not any(fnmatch(e.path, g) for g in include)) or any(fnmatch(e.path, g) for g in exclude):
+            continue
+        if e.mode == "120000":
+            raise UnsafePathError(f"{e.path}: the repository has a symlink here; the store holds real files only. Add it to `exclude` in models.toml.")
+        chosen.append(e)
+    return chosen
+
+
+@dataclass(frozen=True)
+class GitSource:
+    url: str
+
+    def _git(self, argv: list[str], stdin: bytes | None = None) -> bytes:
+        try:
+            return run(argv, env=GIT_ENV, stdin=stdin)
+        except CommandFailed as exc:
+            raise _source_error(self.url, exc) from None
+
+    def _fetch_commit(self, repo: Path, revision: str) -> str:
+        if _SHA1.match(revision) and self._has_commit(repo, revision):
+            return revision
+        self._git(fetch_argv(repo, self.url, revision))
+        return self._git(["git", "-C", str(repo), "rev-parse", "FETCH_HEAD"]).decode().strip()
+
+    def _has_commit(self, repo: Path, commit: str) -> bool:
+        try:
+            run(["git", "-C", str(repo), "cat-file", "-e", f"{commit}^{{commit}}"], env=GIT_ENV)
+            return True
+        except CommandFailed:
+            return False
+
+    def _blobs(self, repo: Path, commit: str, paths: Sequence[str]) -> list[bytes]:
+        stdin = "".join(f"{commit}:{p}\n" for p in paths).encode()
+        return parse_cat_file_batch(self._git(cat_file_argv(repo), stdin=stdin), len(paths))
+
+    def resolve(self, spec: ModelSpec) -> LockedModel:
+        with tempfile.TemporaryDirectory(prefix="bakehouse-lock-") as tmp:
+            repo = Path(tmp)
+            self._git(init_argv(repo))
+            commit = self._fetch_commit(repo, spec.revision or "HEAD")
+            entries = select(parse_ls_tree(self._git(ls_tree_argv(repo, commit))), spec.include, spec.exclude)
+            files = tuple(_locked_file(e.path, blob) for e, blob in zip(entries, self._blobs(repo, commit, [e.path for e in entries])))
+        return LockedModel(name=spec.name, source=spec.source, revision=spec.revision, commit=commit, spec=spec_fingerprint(spec), files=files, allow_pickle=spec.allow_pickle)
+
+    def fetch(self, model: LockedModel, files: Sequence[LockedFile], job: FetchJob) -> dict[str, str]:
+        """Shallow-fetch the commit into job.partial (resumable), `git lfs fetch` the weights, lay files out in staging."""
+        repo = job.partial
+        if not (repo / ".git").exists():
+            self._git(init_argv(repo))
+        self._fetch_commit(repo, model.commit)
+        self._git(set_remote_argv(repo, self.url))
+        blobs = dict(zip([f.path for f in files], self._blobs(repo, model.commit, [f.path for f in files])))
+        lfs_paths = [p for p, b in blobs.items() if parse_lfs_pointer(b)]
+        if lfs_paths:
+            self._git(lfs_fetch_argv(repo, model.commit, lfs_paths))
+        known = {}
+        for f in files:
+            if job.cancel.is_set():
+                raise Cancelled()
+            pointer = parse_lfs_pointer(blobs[f.path])
+            dest = job.staging / f.path
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            if pointer:
+                _place(repo / ".git" / "lfs" / "objects" / pointer.oid[:2] / pointer.oid[2:4] / pointer.oid, dest)
+            else:
+                _write(dest, blobs[f.path])
+                known[f.path] = hashlib.sha256(blobs[f.path]).hexdigest()
+            job.progress.update(f.size)
+        return known
+
+
+def _locked_file(path: str, blob: bytes) -> LockedFile:
+    pointer = parse_lfs_pointer(blob)
+    if pointer and pointer.size >= 0:
+        return LockedFile(path=safe_relpath(path), size=pointer.size, sha256=pointer.oid)
+    return LockedFile(path=safe_relpath(path), size=len(blob), sha256=hashlib.sha256(blob).hexdigest())
+
+
+def _place(obj: Path, dest: Path) -> None:
+    """Hard-link the LFS object (no copy); the git dir is deleted after activation."""
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    try:
+        os.link(obj, tmp)
+    except OSError:
+        shutil.copyfile(obj, tmp)
+    os.replace(tmp, dest)
+
+
+def _write(dest: Path, data: bytes) -> None:
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, dest)
+
+
+def _source_error(url: str, exc: CommandFailed) -> SourceError:
+    err = redact(exc.stderr.strip().splitlines()[-1] if exc.stderr.strip() else f"exit {exc.returncode}")
+    where = redact(url)
+    if "couldn't find remote ref" in exc.stderr or "not our ref" in exc.stderr:
+        return SourceNotFoundError(f"git {where}: revision not found ({err}). Check `revision` in models.toml, or re-lock if the commit was rewritten.")
+    if "does not appear to be a git repository" in exc.stderr or "not found" in exc.stderr.lower():
+        return SourceNotFoundError(f"git {where}: repository not found ({err}). Check `source` in models.toml and your access to it.")
+    if "Could not resolve host" in exc.stderr or "Connection refused" in exc.stderr or "unable to access" in exc.stderr:
+        return SourceUnreachableError(f"git {where}: cannot reach the remote ({err}). Check the network and proxy settings, then re-run.")
+    return SourceError(f"git {where}: `{' '.join(exc.argv[3:5])}` failed: {err}. Check that git and git-lfs are installed (`git lfs version`) and the remote is reachable.")

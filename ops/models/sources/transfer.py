@@ -1,0 +1,170 @@
+"""HTTP downloads for hub and https sources, through huggingface_hub's `http_get`.
+
+`http_get` brings retries, resume with Range and the hub's error types; we hand
+it a file object that hashes every byte as it is written, so a finished
+download is already verified without reading it back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import httpx2
+from huggingface_hub import errors as hf_errors
+from huggingface_hub.file_download import http_get
+from huggingface_hub.utils import disable_progress_bars
+
+from ops.errors import (
+    SourceAuthError,
+    SourceError,
+    SourceNotFoundError,
+    SourceUnreachableError,
+    VerificationError,
+    redact,
+)
+from ops.models.lock import LockedFile
+from ops.models.sources.base import Cancelled, FetchJob
+
+# Our own Progress aggregates all files; per-file bars from the hub client would interleave.
+disable_progress_bars("huggingface_hub.http_get")
+
+
+class HashingWriter:
+    """The file object given to http_get: hashes what it writes, survives a server ignoring Range."""
+
+    def __init__(self, f: BinaryIO, on_bytes: Callable[[int], None], cancel: Callable[[], bool]):
+        self._f, self._on_bytes, self._cancelled = f, on_bytes, cancel
+        self._digest = self._rehash(f.tell())
+
+    def _rehash(self, upto: int) -> hashlib._Hash:
+        digest = hashlib.sha256()
+        self._f.seek(0)
+        remaining = upto
+        while remaining and (chunk := self._f.read(min(remaining, 8 << 20))):
+            digest.update(chunk)
+            remaining -= len(chunk)
+        self._f.seek(upto)
+        return digest
+
+    def write(self, data: bytes) -> int:
+        if self._cancelled():
+            raise Cancelled()
+        self._f.write(data)
+        self._digest.update(data)
+        self._on_bytes(len(data))
+        return len(data)
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        return self._f.seek(offset, whence)
+
+    def truncate(self, size: int | None = None) -> int:
+        """http_get rewinds and truncates when the server answers a Range request with the whole file."""
+        before = os.fstat(self._f.fileno()).st_size
+        at = self._f.truncate(size)
+        self._on_bytes(at - before)
+        self._digest = self._rehash(at)
+        return at
+
+    def hexdigest(self) -> str:
+        return self._digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Download:
+    url: str
+    headers: dict[str, str]
+    file: LockedFile
+
+
+def download_file(d: Download, job: FetchJob, *, source: str) -> str:
+    """Stream one file into staging, resuming from bytes already under job.partial."""
+    partial, final = job.partial / d.file.path, job.staging / d.file.path
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(partial, os.O_RDWR | os.O_CREAT, 0o644)
+    with os.fdopen(fd, "r+b") as f:
+        have = f.seek(0, os.SEEK_END)
+        if have > d.file.size:
+            f.truncate(0)
+            have = f.seek(0)
+        job.progress.update(have)
+        writer = HashingWriter(f, job.progress.update, job.cancel.is_set)
+        with translate_http_errors(source):
+            http_get(d.url, writer, resume_size=have, headers=d.headers, expected_size=d.file.size, displayed_filename=d.file.path)
+        f.flush()
+        os.fsync(f.fileno())
+    sha = writer.hexdigest()
+    if sha != d.file.sha256:
+        partial.unlink()
+        raise VerificationError(
+            f"{d.file.path}: downloaded sha256 {sha}, models.lock pins {d.file.sha256}. The source now serves other bytes "
+            f"at this commit: nothing was activated. If the change is intended, re-run `invoke lock-models` and review the diff."
+        )
+    final.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(partial, final)
+    return sha
+
+
+def download_all(downloads: Sequence[Download], job: FetchJob, *, source: str) -> dict[str, str]:
+    """Download in parallel, largest first; the first failure or Ctrl-C stops every worker."""
+    ordered = sorted(downloads, key=lambda d: d.file.size, reverse=True)
+    if not ordered:
+        return {}
+    pool = ThreadPoolExecutor(max_workers=max(1, min(job.workers, len(ordered))), thread_name_prefix="fetch")
+    futures = {pool.submit(download_file, d, job, source=source): d.file.path for d in ordered}
+    try:
+        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+        failed = [f for f in done if f.exception() and not isinstance(f.exception(), Cancelled)]
+        if failed:
+            raise failed[0].exception()
+        return {futures[f]: f.result() for f in futures}
+    finally:
+        job.cancel.set()
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+@contextlib.contextmanager
+def translate_http_errors(source: str) -> Iterator[None]:
+    """Turn hub and transport exceptions into bakehouse errors that say what to do."""
+    source = redact(source)
+    try:
+        yield
+    except (hf_errors.RepositoryNotFoundError, hf_errors.RevisionNotFoundError, hf_errors.EntryNotFoundError) as exc:
+        raise SourceNotFoundError(
+            f"{source}: {_first_line(exc)}. Check the repository, revision and file names in models.toml; "
+            "for a private or gated repository set HF_TOKEN to a token with access."
+        ) from None
+    except hf_errors.GatedRepoError:
+        raise SourceAuthError(f"{source}: the repository is gated. Accept its terms on the hub, then set HF_TOKEN to a token of that account.") from None
+    except hf_errors.HfHubHTTPError as exc:
+        raise _from_status(source, exc.response.status_code if exc.response is not None else 0, _first_line(exc)) from None
+    except httpx2.HTTPStatusError as exc:
+        raise _from_status(source, exc.response.status_code, str(exc)) from None
+    except (httpx2.TransportError, OSError) as exc:
+        if isinstance(exc, OSError) and not isinstance(exc, (ConnectionError, TimeoutError)) and "Consistency check" not in str(exc):
+            raise
+        raise SourceUnreachableError(
+            f"{source}: cannot download ({redact(str(exc)) or type(exc).__name__}). Check that the server is up and reachable, "
+            "HF_ENDPOINT, and proxy settings (https_proxy); then re-run: completed bytes are kept."
+        ) from None
+
+
+def _from_status(source: str, status: int, detail: str) -> SourceError:
+    if status in (401, 403):
+        return SourceAuthError(f"{source}: access refused (HTTP {status}). Set HF_TOKEN to a token with read access to this repository.")
+    if status == 404:
+        return SourceNotFoundError(f"{source}: not found (HTTP 404). Check the names in models.toml and the lock's commit.")
+    return SourceError(f"{source}: the server answered HTTP {status} ({redact(detail)}). Retry later; completed bytes are kept.")
+
+
+def _first_line(exc: Exception) -> str:
+    return redact(str(exc).strip().splitlines()[0]) if str(exc).strip() else type(exc).__name__

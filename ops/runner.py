@@ -1,0 +1,29 @@
+"""The one place bakehouse runs local subprocesses. Everything else builds argv lists."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from ops.errors import redact
+
+log = logging.getLogger("bakehouse.runner")
+
+
+class CommandFailed(Exception):
+    def __init__(self, argv: Sequence[str], returncode: int, stderr: str):
+        self.argv, self.returncode, self.stderr = list(argv), returncode, stderr
+        super().__init__(f"`{redact(' '.join(argv))}` exited {returncode}: {redact(stderr.strip())[-2000:]}")
+
+
+def run(argv: Sequence[str], *, cwd: Path | None = None, env: Mapping[str, str] | None = None, stdin: bytes | None = None) -> bytes:
+    """Run argv, return stdout; raise CommandFailed with stderr on a non-zero exit."""
+    log.debug("run: %s", redact(" ".join(argv)))
+    full_env = {**os.environ, **(env or {})}
+    proc = subprocess.run(list(argv), cwd=cwd, env=full_env, input=stdin, capture_output=True)
+    if proc.returncode != 0:
+        raise CommandFailed(argv, proc.returncode, proc.stderr.decode("utf-8", "replace"))
+    return proc.stdout
