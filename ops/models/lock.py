@@ -41,6 +41,10 @@ class LockedModel:
     files: tuple[LockedFile, ...]
     allow_pickle: bool = False
 
+    def __post_init__(self) -> None:
+        # One canonical order, so digests and "unchanged" comparisons ignore listing order.
+        object.__setattr__(self, "files", tuple(sorted(self.files, key=lambda f: f.path)))
+
     @property
     def total_size(self) -> int:
         return sum(f.size for f in self.files)
@@ -161,7 +165,7 @@ def dump_lock(lock: Lock) -> str:
             entry["revision"] = m.revision
         if m.allow_pickle:
             entry["allow_pickle"] = True
-        entry["files"] = [{"path": f.path, "size": f.size, "sha256": f.sha256} for f in sorted(m.files, key=lambda f: f.path)]
+        entry["files"] = [{"path": f.path, "size": f.size, "sha256": f.sha256} for f in m.files]
         data["models"][name] = entry
     return _HEADER + tomli_w.dumps(data)
 

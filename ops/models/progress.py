@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import threading
 import time
@@ -12,7 +13,10 @@ from tqdm import tqdm
 from ops.units import format_bytes, format_rate
 
 log = logging.getLogger("bakehouse.progress")
-LOG_EVERY_S = 5.0
+
+
+def log_interval() -> float:
+    return float(os.environ.get("BAKEHOUSE_PROGRESS_SECONDS") or 5.0)
 
 
 class Progress:
@@ -22,6 +26,7 @@ class Progress:
         self.label, self.total, self.done = label, total, 0
         self._lock = threading.Lock()
         self._start = self._last_log = time.monotonic()
+        self._every = log_interval()
         use_bar = sys.stderr.isatty() if tty is None else tty
         self._bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc=label, leave=False) if use_bar else None
 
@@ -30,7 +35,7 @@ class Progress:
             self.done += n
             if self._bar is not None:
                 self._bar.update(n)
-            elif time.monotonic() - self._last_log >= LOG_EVERY_S:
+            elif time.monotonic() - self._last_log >= self._every:
                 self._last_log = time.monotonic()
                 log.info("%s", self.line())
 

@@ -1,0 +1,94 @@
+"""Helpers shared by the tests: the fixture hub, a user project, manifests."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save
+
+from ops.localhub import LocalHub
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO = ROOT / "demo" / "demo-tiny"
+TOKEN = "hf_TestSecretToken0123456789abcdef"
+
+
+def shard_files(n: int = 4, mb: float = 2.0, seed: int = 0) -> dict[str, bytes]:
+    """A multi-shard model of random safetensors, with its index, like large hub models."""
+    g = torch.Generator().manual_seed(seed)
+    files: dict[str, bytes] = {}
+    weight_map = {}
+    numel = int(mb * 1e6 / 4)
+    for i in range(n):
+        name = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        files[name] = save({f"layer{i}.weight": torch.rand(numel, generator=g)})
+        weight_map[f"layer{i}.weight"] = name
+    files["model.safetensors.index.json"] = repr({"weight_map": weight_map}).replace("'", '"').encode()
+    files["config.json"] = b'{"model_type": "random-shards"}\n'
+    return files
+
+
+@dataclass
+class Hub:
+    hub: LocalHub
+    commits: dict[str, str]
+
+    @property
+    def endpoint(self) -> str:
+        return self.hub.endpoint
+
+    def git_url(self, repo_id: str) -> str:
+        return f"git+file://{self.hub.repo_path(repo_id)}"
+
+
+def start_hub(root: Path) -> Hub:
+    hub = LocalHub(root)
+    commits = {
+        "bakehouse/demo-tiny": hub.add_repo("bakehouse/demo-tiny", {p.name: p for p in DEMO.iterdir()}),
+        "test/shards": hub.add_repo("test/shards", shard_files()),
+        "test/big": hub.add_repo("test/big", shard_files(n=2, mb=24, seed=1)),
+    }
+    hub.start()
+    return Hub(hub, commits)
+
+
+@dataclass
+class Project:
+    """A working directory with models.toml, as a user has one."""
+
+    dir: Path
+    endpoint: str
+
+    @property
+    def store(self) -> Path:
+        return self.dir / "models"
+
+    def write_manifest(self, text: str) -> None:
+        (self.dir / "models.toml").write_text(text)
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "BAKEHOUSE_", "MODELS_DIR"))}
+        env.update(HF_ENDPOINT=self.endpoint, HF_HUB_DISABLE_XET="1", HF_HOME=str(self.dir / ".hf"), MODELS_DIR=str(self.store), PYTHONPATH=str(ROOT))
+        env.update(extra)
+        return env
+
+    def run(self, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "ops.models", *args], cwd=self.dir, env=env or self.env(), capture_output=True, text=True, timeout=300)
+
+    def popen(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+        return subprocess.Popen([sys.executable, "-m", "ops.models", *args], cwd=self.dir, env=env or self.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def manifest(**models: str) -> str:
+    """models.toml text: manifest(demo='source = "hf://…"\\nrevision = "main"')."""
+    return "".join(f"[models.{name}]\n{body}\n\n" for name, body in models.items())
+
+
+HF_DEMO = 'source = "hf://bakehouse/demo-tiny"\nrevision = "main"'
+HF_SHARDS = 'source = "hf://test/shards"\nrevision = "main"'
+HF_BIG = 'source = "hf://test/big"\nrevision = "main"'

@@ -1,0 +1,102 @@
+"""A loopback HTTP proxy that honours Range, throttles, and records every request.
+
+olah (the local hub) always answers 200 with the whole file; the real hub's CDN
+honours Range. Tests put this proxy in front of olah to get CDN behaviour, a
+slow link (so a kill -9 lands mid-file), and a count of what was asked.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import httpx2
+
+from ops.localhub import free_port
+
+_RANGE = re.compile(r"bytes=(\d+)-(\d*)")
+
+
+@dataclass
+class Seen:
+    method: str
+    path: str
+    range: str | None
+    authorization: str | None
+    bytes_sent: int = 0
+
+
+@dataclass
+class Proxy:
+    upstream: str
+    rate: float | None = None  # bytes per second per response, None for unthrottled
+    port: int = field(default_factory=free_port)
+    requests: list[Seen] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def bytes_served(self, path_part: str = "") -> int:
+        return sum(r.bytes_sent for r in self.requests if path_part in r.path)
+
+    def start(self) -> Proxy:
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_HEAD(self) -> None:
+                self._serve(body=False)
+
+            def do_GET(self) -> None:
+                self._serve(body=True)
+
+            def _serve(self, body: bool) -> None:
+                seen = Seen(self.command, self.path, self.headers.get("Range"), self.headers.get("Authorization"))
+                proxy.requests.append(seen)
+                headers = {k: v for k, v in self.headers.items() if k.lower() in ("authorization", "accept", "user-agent")}
+                r = httpx2.request(self.command, proxy.upstream + self.path, headers=headers, follow_redirects=True, timeout=60)
+                data, status = r.content, r.status_code
+                start, end = 0, len(data)
+                m = _RANGE.match(seen.range or "")
+                if m and status == 200:
+                    start = int(m.group(1))
+                    end = int(m.group(2)) + 1 if m.group(2) else len(data)
+                    status = 206
+                self.send_response(status)
+                for k, v in r.headers.items():
+                    if k.lower() not in ("content-length", "transfer-encoding", "content-encoding", "connection", "date", "server"):
+                        self.send_header(k, v)
+                length = int(r.headers.get("content-length", 0)) if self.command == "HEAD" else end - start
+                self.send_header("Content-Length", str(length))
+                if status == 206:
+                    self.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(data)}")
+                self.end_headers()
+                if body:
+                    self._send_slowly(memoryview(data)[start:end], seen)
+
+            def _send_slowly(self, view: memoryview, seen: Seen) -> None:
+                chunk = 64 << 10
+                for i in range(0, len(view), chunk):
+                    self.wfile.write(view[i : i + chunk])
+                    seen.bytes_sent += len(view[i : i + chunk])
+                    if proxy.rate:
+                        time.sleep(chunk / proxy.rate)
+
+        class Server(ThreadingHTTPServer):
+            def handle_error(self, request: object, client_address: object) -> None:
+                pass  # clients killed mid-stream (the point of some tests) break the pipe
+
+        self._server = Server(("127.0.0.1", self.port), Handler)
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
