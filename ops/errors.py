@@ -81,6 +81,12 @@ class DiskSpaceError(BakehouseError, OSError):
     exit_code = EXIT_DISK
 
 
+def error_for_exit(code: int, message: str) -> BakehouseError:
+    """Rebuild the error behind a reported exit code (an Outcome carries the code, not the exception)."""
+    cls = {EXIT_USAGE: ConfigError, EXIT_SOURCE: SourceError, EXIT_DISK: DiskSpaceError}.get(code, VerificationError)
+    return cls(message)
+
+
 _USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/@\s]+@", re.IGNORECASE)
 _BEARER = re.compile(r"(hf_[A-Za-z0-9]{6,}|Bearer\s+\S+)")
 

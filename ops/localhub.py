@@ -42,7 +42,8 @@ def make_repo(path: Path, files: Mapping[str, Path | bytes], *, message: str = "
         path.mkdir(parents=True, exist_ok=True)
         run(["git", "init", "--quiet", "-b", "main", str(path)])
         run([*git, "lfs", "install", "--local"])
-        run([*git, "lfs", "track", *LFS_PATTERNS])
+        # Written by hand: `git lfs track` orders patterns differently from run to run.
+        (path / ".gitattributes").write_text("".join(f"{p} filter=lfs diff=lfs merge=lfs -text\n" for p in LFS_PATTERNS))
     for rel, content in files.items():
         dest = path / rel
         dest.parent.mkdir(parents=True, exist_ok=True)

@@ -33,6 +33,21 @@ def shard_files(n: int = 4, mb: float = 2.0, seed: int = 0) -> dict[str, bytes]:
     return files
 
 
+def random_lm_files() -> dict[str, Path | bytes]:
+    """An untrained GPT-2 with a long context and the demo tokenizer: it rarely stops by itself."""
+    import tempfile
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    out = Path(tempfile.mkdtemp(prefix="random-lm-"))
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=401, n_positions=4096, n_embd=128, n_layer=2, n_head=4, bos_token_id=400, eos_token_id=400)
+    GPT2LMHeadModel(config).save_pretrained(out)
+    files: dict[str, Path | bytes] = {p.name: p for p in out.iterdir()}
+    files.update({name: DEMO / name for name in ("tokenizer.json", "tokenizer_config.json")})
+    return files
+
+
 @dataclass
 class Hub:
     hub: LocalHub
@@ -52,6 +67,7 @@ def start_hub(root: Path) -> Hub:
         "bakehouse/demo-tiny": hub.add_repo("bakehouse/demo-tiny", {p.name: p for p in DEMO.iterdir()}),
         "test/shards": hub.add_repo("test/shards", shard_files()),
         "test/big": hub.add_repo("test/big", shard_files(n=2, mb=24, seed=1)),
+        "test/random-lm": hub.add_repo("test/random-lm", random_lm_files()),
     }
     hub.start()
     return Hub(hub, commits)
@@ -91,4 +107,5 @@ def manifest(**models: str) -> str:
 
 HF_DEMO = 'source = "hf://bakehouse/demo-tiny"\nrevision = "main"'
 HF_SHARDS = 'source = "hf://test/shards"\nrevision = "main"'
+HF_RANDOM_LM = 'source = "hf://test/random-lm"\nrevision = "main"'
 HF_BIG = 'source = "hf://test/big"\nrevision = "main"'

@@ -68,11 +68,16 @@ def run_command(command: str, *, models: str | None = None, manifest: Path | Non
     return commands.verify_models(**common, **where, full=full)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def configure_logging() -> None:
+    """Progress and step lines on stderr; reports on stdout. The HTTP clients' per-request lines are noise here."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     for noisy in ("httpx", "httpx2", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging()
     try:
         report = run_command(args.command, models=args.models, manifest=args.manifest, lock=args.lock, dest=args.dest, full=getattr(args, "full", False), workers=args.workers)
     except BakehouseError as exc:

@@ -70,6 +70,18 @@ class Store:
             fcntl.flock(fh, fcntl.LOCK_EX)
             yield
 
+    @contextlib.contextmanager
+    def reading(self, name: str) -> Iterator[None]:
+        """Wait while a fetch of this model holds its lock; works on read-only stores (no lock file, no wait)."""
+        try:
+            fh = open(self.root / STAGING / f"{name}.lock")
+        except OSError:
+            yield
+            return
+        with fh:
+            fcntl.flock(fh, fcntl.LOCK_SH)
+            yield
+
     def promote(self, name: str, commit: str) -> Path:
         """Move a verified staging directory into place (a rename on one filesystem)."""
         target = self.commit_dir(name, commit)

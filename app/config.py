@@ -1,0 +1,48 @@
+"""The app's settings, from the environment (the container's interface)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ops.models.cli import default_lock, default_manifest
+from ops.models.store import default_models_dir
+
+_TRUE = {"1", "true", "yes", "on"}
+
+
+def env_flag(name: str, default: bool) -> bool:
+    value = os.environ.get(name)
+    return default if value is None or value == "" else value.strip().lower() in _TRUE
+
+
+@dataclass(frozen=True)
+class Settings:
+    model: str
+    models_dir: Path
+    lock: Path
+    manifest: Path
+    host: str = "0.0.0.0"
+    port: int = 8000
+    max_batch: int = 16
+    max_wait_ms: float = 10.0
+    max_tokens_limit: int = 512
+    allow_pickle: bool = False
+
+    @classmethod
+    def from_env(cls, **overrides: object) -> Settings:
+        values: dict[str, object] = {
+            "model": os.environ.get("MODEL") or "demo",
+            "models_dir": default_models_dir(),
+            "lock": default_lock(),
+            "manifest": default_manifest(),
+            "host": os.environ.get("HOST") or "0.0.0.0",
+            "port": int(os.environ.get("PORT") or 8000),
+            "max_batch": int(os.environ.get("BAKEHOUSE_MAX_BATCH") or 16),
+            "max_wait_ms": float(os.environ.get("BAKEHOUSE_MAX_WAIT_MS") or 10),
+            "max_tokens_limit": int(os.environ.get("BAKEHOUSE_MAX_TOKENS") or 512),
+            "allow_pickle": env_flag("BAKEHOUSE_ALLOW_PICKLE", False),
+        }
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)  # type: ignore[arg-type]

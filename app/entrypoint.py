@@ -1,0 +1,116 @@
+"""`python -m app.entrypoint`: make sure the weights are there and verified, then serve.
+
+1. The first seed's interface: GIT_REPO_URL (+ GIT_BRANCH, MODEL_FILE) defines an
+   ad-hoc git-lfs model, pinned by the sha256 and size in its LFS pointer.
+2. Quick-verify MODEL in MODELS_DIR against the lock.
+3. Missing or damaged: fetch it (download, full verify, activate) when
+   BAKEHOUSE_AUTO_FETCH is on (default, unless the store is read-only);
+   a read-only store is verified only, and a failure stops the start.
+4. Serve with uvicorn.
+Every step is logged with its time.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import uvicorn
+
+from app.config import Settings, env_flag
+from ops.errors import BakehouseError, ConfigError, error_for_exit
+from ops.models.cli import configure_logging
+from ops.models.commands import verify_one
+from ops.models.fetch import fetch_models
+from ops.models.lock import Lock, LockedModel, load_lock, write_lock
+from ops.models.manifest import ModelSpec
+from ops.models.sources.git import GitSource
+from ops.models.store import Store
+
+log = logging.getLogger("bakehouse.entrypoint")
+T = TypeVar("T")
+SMALL_FILES = ("*.json", "*.txt", "*.model", "*.jinja")
+
+
+def seed_model(name: str) -> ModelSpec | None:
+    """GIT_REPO_URL / GIT_BRANCH / MODEL_FILE, as the first seed's entrypoint.sh took them."""
+    url = os.environ.get("GIT_REPO_URL")
+    if not url:
+        return None
+    model_file = os.environ.get("MODEL_FILE") or "neuroq_pretrained.pt"
+    return ModelSpec(
+        name=name,
+        source=f"git+{url}",
+        revision=os.environ.get("GIT_BRANCH") or "main",
+        include=(model_file, *SMALL_FILES),
+        allow_pickle=model_file.endswith((".pt", ".pth", ".bin", ".ckpt")),
+    )
+
+
+def ensure_model(settings: Settings) -> Settings:
+    """Return settings whose lock holds a verified, current copy of settings.model; raise if impossible."""
+    store = Store(settings.models_dir)
+    spec = seed_model(settings.model)
+    if spec is not None:
+        settings = _lock_seed_model(settings, spec)
+    model = _step("read lock", lambda: _locked(settings))
+    outcome = _step("quick verify", lambda: verify_one(store, model, full=False))
+    if outcome.ok:
+        return settings
+    problems = "; ".join(outcome.problems) or outcome.error or "not verified"
+    read_only = settings.models_dir.exists() and not os.access(settings.models_dir, os.W_OK)
+    if read_only or not env_flag("BAKEHOUSE_AUTO_FETCH", not read_only):
+        why = f"the store at {settings.models_dir} is read-only" if read_only else "BAKEHOUSE_AUTO_FETCH is off"
+        raise BakehouseError(f"{settings.model} does not verify and {why}: {problems}. Fix the store (invoke fetch-models) or enable auto-fetch.")
+    log.info("%s: %s; fetching", settings.model, problems)
+    [fetched] = _step("fetch", lambda: fetch_models([model], store))
+    if not fetched.ok:
+        raise error_for_exit(fetched.exit_code, fetched.error or f"fetching {settings.model} failed")
+    return settings
+
+
+def _locked(settings: Settings) -> LockedModel:
+    lock = load_lock(settings.lock)
+    if settings.model not in lock.models:
+        raise ConfigError(f"MODEL={settings.model!r} is not in {settings.lock}. Set MODEL to one of: {', '.join(lock.models) or 'none'}, or lock it first.")
+    return lock.models[settings.model]
+
+
+def _lock_seed_model(settings: Settings, spec: ModelSpec) -> Settings:
+    locked = _step(f"resolve {spec.source}@{spec.revision}", lambda: GitSource(spec.source.removeprefix("git+")).resolve(spec))
+    path = Path(tempfile.mkdtemp(prefix="bakehouse-")) / "models.lock"
+    write_lock(Lock(path=path, models={spec.name: locked}, default=(spec.name,)))
+    return Settings(**{**settings.__dict__, "lock": path, "allow_pickle": settings.allow_pickle or spec.allow_pickle})
+
+
+def _step(title: str, fn: Callable[[], T]) -> T:
+    start = time.monotonic()
+    result = fn()
+    log.info("entrypoint: %s: %.0f ms", title, (time.monotonic() - start) * 1000)
+    return result
+
+
+def main(**overrides: object) -> int:
+    """Run the entrypoint; `overrides` (model, port, …) win over the environment."""
+    configure_logging()
+    settings = Settings.from_env(**overrides)
+    try:
+        settings = ensure_model(settings)
+    except BakehouseError as exc:
+        log.error("error: %s", exc)
+        return exc.exit_code
+    from app.server import create_app  # imports torch: after the cheap checks, so failures are fast
+
+    log.info("entrypoint: serving %s on %s:%d", settings.model, settings.host, settings.port)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

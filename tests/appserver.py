@@ -1,0 +1,64 @@
+"""Start `python -m app.entrypoint` as a real process on loopback and wait for it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from helpers import ROOT
+from ops.localhub import free_port
+
+
+@dataclass
+class AppServer:
+    process: subprocess.Popen[str]
+    port: int
+    log: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def get(self, path: str) -> httpx.Response:
+        return httpx.get(self.url + path, timeout=30)
+
+    def wait(self, path: str = "/ready", status: int = 200, timeout: float = 120) -> httpx.Response:
+        deadline = time.monotonic() + timeout
+        last: httpx.Response | None = None
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"server exited with {self.process.returncode}:\n{self.output()}")
+            try:
+                last = self.get(path)
+                if last.status_code == status:
+                    return last
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+        raise AssertionError(f"{path} never answered {status} (last: {last and last.text}):\n{self.output()}")
+
+    def output(self) -> str:
+        return self.log.read_text() if self.log.exists() else ""
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def start_app(env: dict[str, str], log: Path, **extra: str) -> AppServer:
+    port = free_port()
+    full = {**{k: v for k, v in os.environ.items() if not k.startswith(("HF_", "BAKEHOUSE_", "MODEL", "GIT_"))}, **env, **extra, "PORT": str(port), "HOST": "127.0.0.1", "PYTHONPATH": str(ROOT)}
+    fh = open(log, "w")
+    proc = subprocess.Popen([sys.executable, "-m", "app.entrypoint"], env=full, stdout=fh, stderr=subprocess.STDOUT, text=True)
+    return AppServer(proc, port, log)

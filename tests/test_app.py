@@ -1,0 +1,157 @@
+"""The inference app over real HTTP: the official openai client, bad input, batching, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from openai import AsyncOpenAI, BadRequestError, NotFoundError, OpenAI
+
+from appserver import AppServer, start_app
+from helpers import HF_DEMO, HF_RANDOM_LM, Hub, Project, manifest
+
+
+@pytest.fixture(scope="session")
+def served_store(hub: Hub, tmp_path_factory: pytest.TempPathFactory) -> Project:
+    p = Project(tmp_path_factory.mktemp("served") / "project", hub.endpoint)
+    p.dir.mkdir()
+    p.write_manifest(manifest(demo=HF_DEMO, random=HF_RANDOM_LM))
+    assert p.run("lock", "--models", "demo,random").returncode == 0
+    assert p.run("fetch", "--models", "demo,random").returncode == 0
+    return p
+
+
+def app_env(project: Project, **extra: str) -> dict[str, str]:
+    return project.env(BAKEHOUSE_LOCK=str(project.dir / "models.lock"), HF_HUB_OFFLINE="1", **extra)
+
+
+@pytest.fixture(scope="session")
+def server(served_store: Project, tmp_path_factory: pytest.TempPathFactory) -> Iterator[AppServer]:
+    s = start_app(app_env(served_store, MODEL="demo", BAKEHOUSE_MAX_TOKENS="100"), tmp_path_factory.mktemp("logs") / "demo.log")
+    s.wait()
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="session")
+def client(server: AppServer) -> OpenAI:
+    return OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+
+
+def metric(server: AppServer, name: str) -> float:
+    text = server.get("/metrics").text
+    return sum(float(m.group(1)) for m in re.finditer(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M))
+
+
+def test_completion_with_the_openai_client(client: OpenAI) -> None:
+    r = client.completions.create(model="demo", prompt="The weights are", max_tokens=12, temperature=0)
+    assert r.choices[0].text.startswith(" locked, fetched, verified")
+    assert r.usage.completion_tokens > 0 and r.usage.prompt_tokens > 0
+
+
+def test_chat_uses_the_chat_template(client: OpenAI) -> None:
+    r = client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "Hello!"}], max_tokens=20, temperature=0)
+    assert r.choices[0].message.role == "assistant"
+    assert isinstance(r.choices[0].message.content, str) and r.choices[0].message.content
+    assert r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_streaming_matches_the_whole_answer(client: OpenAI) -> None:
+    whole = client.completions.create(model="demo", prompt="Quick verify", max_tokens=15, temperature=0).choices[0].text
+    chunks = list(client.completions.create(model="demo", prompt="Quick verify", max_tokens=15, temperature=0, stream=True))
+    assert len(chunks) > 2
+    assert "".join(c.choices[0].text for c in chunks) == whole
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    chat = list(client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "Hi"}], max_tokens=10, temperature=0, stream=True))
+    assert chat[0].choices[0].delta.role == "assistant"
+    assert chat[-1].choices[0].finish_reason in ("stop", "length")
+
+
+def test_models_lists_the_served_model(client: OpenAI) -> None:
+    assert [m.id for m in client.models.list()] == ["demo"]
+
+
+def test_stop_sequence(client: OpenAI) -> None:
+    r = client.completions.create(model="demo", prompt="The weights are", max_tokens=30, temperature=0, stop=[","])
+    assert r.choices[0].text == " locked" and r.choices[0].finish_reason == "stop"
+
+
+def test_sixteen_concurrent_requests_share_batches(server: AppServer) -> None:
+    before = metric(server, "bakehouse_batch_size_count"), metric(server, "bakehouse_batch_size_sum")
+
+    async def burst() -> list[str]:
+        aclient = AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+        calls = [aclient.completions.create(model="demo", prompt=f"The baker {i}", max_tokens=16, temperature=0.8) for i in range(16)]
+        return [r.choices[0].text for r in await asyncio.gather(*calls)]
+
+    texts = asyncio.run(burst())
+    assert len(texts) == 16 and all(isinstance(t, str) for t in texts)
+    batches = metric(server, "bakehouse_batch_size_count") - before[0]
+    rows = metric(server, "bakehouse_batch_size_sum") - before[1]
+    assert rows == 16 and batches < 16, f"{batches} batches for 16 requests: no batching"
+
+
+BAD = [
+    (b"{not json", 400, "not valid JSON"),
+    (json.dumps({"model": "demo"}).encode(), 400, "prompt"),
+    (json.dumps({"model": "demo", "prompt": "x", "max_tokens": "5"}).encode(), 400, "max_tokens"),
+    (json.dumps({"model": "demo", "prompt": "x", "max_tokens": 0}).encode(), 400, "max_tokens must be between 1 and 100"),
+    (json.dumps({"model": "demo", "prompt": "x", "max_tokens": 101}).encode(), 400, "max_tokens must be between 1 and 100"),
+    (json.dumps({"model": "demo", "prompt": "x", "temperature": -0.5}).encode(), 400, "temperature"),
+    (json.dumps({"model": "demo", "prompt": "weights " * 300}).encode(), 400, "context"),
+    (json.dumps({"model": "gpt-4", "prompt": "x"}).encode(), 404, "not served here"),
+    (json.dumps({"model": "demo", "prompt": "x", "n": 2}).encode(), 400, "n must be 1"),
+    (json.dumps({"model": "demo", "prompt": ["a", "b"], "stream": True}).encode(), 400, "prompt"),
+]
+
+
+@pytest.mark.parametrize(("body", "status", "needle"), BAD)
+def test_bad_input_gets_an_openai_error_and_the_server_keeps_serving(server: AppServer, body: bytes, status: int, needle: str) -> None:
+    r = httpx.post(f"{server.url}/v1/completions", content=body, headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert needle in error["message"] and error["type"]
+    assert server.get("/health").status_code == 200
+
+
+def test_bad_chat_input(client: OpenAI) -> None:
+    with pytest.raises(BadRequestError, match="messages"):
+        client.chat.completions.create(model="demo", messages=[])
+    with pytest.raises(NotFoundError):
+        client.chat.completions.create(model="other", messages=[{"role": "user", "content": "x"}])
+
+
+def test_metrics_cover_the_service(server: AppServer) -> None:
+    text = server.get("/metrics").text
+    for name in ("bakehouse_requests_total", "bakehouse_errors_total", "bakehouse_generated_tokens_total", "bakehouse_queue_depth",
+                 "bakehouse_batch_size_bucket", "bakehouse_time_to_first_token_seconds_bucket", "bakehouse_model_load_seconds"):
+        assert name in text, name
+    assert metric(server, "bakehouse_model_load_seconds") > 0
+
+
+@pytest.fixture
+def random_server(served_store: Project, tmp_path: Path) -> Iterator[AppServer]:
+    s = start_app(app_env(served_store, MODEL="random", BAKEHOUSE_MAX_TOKENS="4000"), tmp_path / "random.log")
+    s.wait()
+    yield s
+    s.stop()
+
+
+def test_client_disconnect_stops_its_generation(random_server: AppServer) -> None:
+    body = {"model": "random", "prompt": "The", "max_tokens": 4000, "temperature": 1.0, "stream": True}
+    with httpx.stream("POST", f"{random_server.url}/v1/completions", json=body, timeout=30) as r:
+        lines = r.iter_lines()
+        assert next(line for line in lines if line.startswith("data:"))
+    deadline = 50
+    while metric(random_server, "bakehouse_generations_cancelled_total") < 1 and deadline:
+        asyncio.run(asyncio.sleep(0.1))
+        deadline -= 1
+    assert metric(random_server, "bakehouse_generations_cancelled_total") == 1
+    generated = metric(random_server, "bakehouse_generated_tokens_total")
+    assert generated < 3000, f"{generated} tokens generated after the client left"
+    assert random_server.get("/health").status_code == 200
