@@ -23,6 +23,7 @@ def test_demo_runs_offline_end_to_end() -> None:
     assert r.returncode == 0, r.stdout + r.stderr
     assert "committed models.lock matches a fresh lock of the hub" in r.stdout
     assert "up-to-date" in r.stdout and "verified (quick)" in r.stdout
+    assert "The weights are locked, fetched, verified and then served." in r.stdout
 
 
 def test_fetch_models_task_exit_codes_match_the_cli(project: Project, hub: Hub, tmp_path: Path) -> None:
