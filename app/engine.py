@@ -8,10 +8,10 @@ talks to a hub.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-import threading
 from pathlib import Path
 
 import torch
@@ -143,7 +143,7 @@ class Engine:
         steps = min(max(r.max_tokens for r in rows), self.context - width)
         for _ in range(max(steps, 0)):
             tokens = sample(out.logits[:, -1, :].float(), temps, top_ps)
-            for row, token in zip(rows, tokens.tolist()):
+            for row, token in zip(rows, tokens.tolist(), strict=True):
                 if row.finish is None:
                     self._advance(row, token)
             if all(r.finish is not None for r in rows):

@@ -32,11 +32,12 @@ from safetensors.torch import save_file
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
+from proxy import Proxy  # noqa: E402
+
 from ops.localhub import LocalHub  # noqa: E402
 from ops.models.lock import load_lock  # noqa: E402
 from ops.models.store import Store  # noqa: E402
 from ops.models.verify import verify  # noqa: E402
-from proxy import Proxy  # noqa: E402
 
 WORK = ROOT / "bench" / "work"
 RESULTS = ROOT / "bench" / "results"

@@ -33,6 +33,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from appserver import start_app  # noqa: E402
 from helpers import DEMO  # noqa: E402
+
 from ops.localhub import LocalHub  # noqa: E402
 
 WORK = ROOT / "bench" / "work" / "serve"

@@ -20,8 +20,10 @@ from pathlib import Path
 import httpx
 
 from ops.localhub import LocalHub, free_port
-from ops.models.commands import Report, fetch, lock_models, verify_models
+from ops.models.commands import fetch, lock_models, verify_models
 from ops.models.lock import load_lock
+from ops.models.report import Report
+from ops.runner import stop
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_FILES = ROOT / "demo" / "demo-tiny"
@@ -91,8 +93,7 @@ def serve_and_complete(store: Path, lock: Path, log: Path, say: Callable[[str], 
         say(f"   {prompt}{text}")
         return 0
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        stop(server)
 
 
 def _wait_ready(url: str, server: subprocess.Popen, *, timeout: float) -> bool:

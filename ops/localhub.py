@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ops.runner import run
+from ops.runner import run, stop
 
 FIXED_IDENTITY = {
     "GIT_AUTHOR_NAME": "bakehouse",
@@ -102,13 +102,8 @@ class LocalHub:
         raise RuntimeError(f"olah did not listen on {self.endpoint} within {timeout:.0f}s; see {self.root / 'olah.log'}")
 
     def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process:
+            stop(self.process)
         self.process = None
 
     def __enter__(self) -> LocalHub:

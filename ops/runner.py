@@ -27,3 +27,15 @@ def run(argv: Sequence[str], *, cwd: Path | None = None, env: Mapping[str, str] 
     if proc.returncode != 0:
         raise CommandFailed(argv, proc.returncode, proc.stderr.decode("utf-8", "replace"))
     return proc.stdout
+
+
+def stop(process: subprocess.Popen, timeout: float = 15.0) -> None:
+    """Terminate a child we started, and kill it if it does not exit in time."""
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

@@ -7,15 +7,11 @@ _UNITS = ("B", "KB", "MB", "GB", "TB", "PB")
 
 def format_bytes(n: float) -> str:
     """1536 -> '1.5 KB' (decimal units, as disk vendors and `df -H` use)."""
-    value = float(n)
-    unit = _UNITS[0]
-    for unit in _UNITS[:-1]:
-        if abs(value) < 1000:
-            break
+    value, unit = float(n), 0
+    while abs(value) >= 1000 and unit < len(_UNITS) - 1:
         value /= 1000
-    else:
-        unit = _UNITS[-1]
-    return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
+        unit += 1
+    return f"{int(value)} B" if unit == 0 else f"{value:.1f} {_UNITS[unit]}"
 
 
 def format_rate(nbytes: float, seconds: float) -> str:

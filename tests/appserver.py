@@ -10,9 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-
 from helpers import ROOT
+
 from ops.localhub import free_port
+from ops.runner import stop
 
 
 @dataclass
@@ -47,13 +48,7 @@ class AppServer:
         return self.log.read_text() if self.log.exists() else ""
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop(self.process)
 
 
 def start_app(env: dict[str, str], log: Path, **extra: str) -> AppServer:

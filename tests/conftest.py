@@ -6,7 +6,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from helpers import HF_DEMO, HF_SHARDS, Hub, Project, manifest, start_hub
 
 

@@ -10,10 +10,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from openai import AsyncOpenAI, BadRequestError, NotFoundError, OpenAI
-
 from appserver import AppServer, start_app
 from helpers import HF_DEMO, HF_RANDOM_LM, Hub, Project, manifest
+from openai import AsyncOpenAI, BadRequestError, NotFoundError, OpenAI
 
 
 @pytest.fixture(scope="session")

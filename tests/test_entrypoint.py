@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import fcntl
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-
 from appserver import start_app
 from helpers import HF_DEMO, Hub, Project, manifest
 

@@ -11,7 +11,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from helpers import HF_BIG, HF_DEMO, HF_SHARDS, Hub, Project, manifest, shard_files
 from proxy import Proxy
 

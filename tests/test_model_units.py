@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,6 @@ from ops.models.manifest import parse_manifest, spec_fingerprint
 from ops.models.sources.git import cat_file_argv, fetch_argv, lfs_fetch_argv, parse_cat_file_batch, parse_ls_tree, select
 from ops.models.verify import LfsPointer, Observed, diff, parse_lfs_pointer
 from ops.units import format_bytes
-import tomllib
 
 M = Path("models.toml")
 POINTER = b"version https://git-lfs.github.com/spec/v1\noid sha256:" + b"a" * 64 + b"\nsize 58000000\n"

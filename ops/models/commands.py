@@ -2,49 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ops.errors import BakehouseError, VerificationError
-from ops.models.fetch import Outcome, fetch_models
+from ops.models.fetch import fetch_models
 from ops.models.lock import Lock, LockedModel, load_lock, write_lock
 from ops.models.manifest import Manifest, load_manifest
+from ops.models.report import Outcome, Report
 from ops.models.sources import source_for
 from ops.models.store import Store
 from ops.models.verify import verify
-from ops.units import format_bytes
-
-
-@dataclass
-class Report:
-    command: str
-    outcomes: list[Outcome] = field(default_factory=list)
-    seconds: float = 0.0
-
-    @property
-    def exit_code(self) -> int:
-        return max((o.exit_code for o in self.outcomes), default=0)
-
-    def to_json(self) -> str:
-        body = {"command": self.command, "ok": self.exit_code == 0, "exit_code": self.exit_code, "seconds": round(self.seconds, 3)}
-        body["models"] = [asdict(o) | {"ok": o.ok} for o in self.outcomes]
-        return json.dumps(body, indent=2)
-
-    def render(self) -> str:
-        lines = []
-        for o in self.outcomes:
-            size = f"  {format_bytes(o.bytes)}" if o.bytes else ""
-            commit = f" @ {o.commit[:12]}" if o.commit else ""
-            lines.append(f"{o.model}{commit}: {o.status}{size}  ({o.seconds:.2f}s)")
-            if o.error:
-                lines.append(f"  error: {o.error}")
-            lines += [f"  FAIL {p}" for p in o.problems]
-            lines += [f"  warn {w}" for w in o.warnings]
-        verdict = "ok" if self.exit_code == 0 else f"failed (exit {self.exit_code})"
-        lines.append(f"{self.command}: {len(self.outcomes)} model(s), {verdict}")
-        return "\n".join(lines)
 
 
 def _manifest_if_present(path: Path, explicit: bool) -> Manifest | None:

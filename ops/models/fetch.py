@@ -12,12 +12,11 @@ import logging
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
 
 from ops.errors import BakehouseError, DiskSpaceError, VerificationError
 from ops.models.lock import LockedFile, LockedModel
 from ops.models.progress import Progress
+from ops.models.report import Outcome
 from ops.models.sources import FetchJob, source_for
 from ops.models.stamp import STAMP_NAME
 from ops.models.store import Store
@@ -25,31 +24,6 @@ from ops.models.verify import verify
 from ops.units import format_bytes, format_rate
 
 log = logging.getLogger("bakehouse.fetch")
-
-
-@dataclass
-class Outcome:
-    """What happened to one model; the unit every report is made of."""
-
-    model: str
-    status: str
-    commit: str | None = None
-    path: str | None = None
-    files: int = 0
-    bytes: int = 0
-    seconds: float = 0.0
-    warnings: list[str] = field(default_factory=list)
-    problems: list[str] = field(default_factory=list)
-    error: str | None = None
-    exit_code: int = 0
-
-    @property
-    def ok(self) -> bool:
-        return self.exit_code == 0
-
-    @classmethod
-    def failed(cls, model: str, exc: BakehouseError, **kw) -> Outcome:
-        return cls(model=model, status="failed", error=str(exc), exit_code=exc.exit_code, **kw)
 
 
 def fetch_models(models: Sequence[LockedModel], store: Store, *, workers: int = 8, tty: bool | None = None) -> list[Outcome]:

@@ -34,4 +34,4 @@ def sha256_files(paths: Iterable[Path], *, workers: int | None = None, on_bytes:
         return {}
     workers = workers or min(len(ordered), os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sha256") as pool:
-        return dict(zip(ordered, pool.map(lambda p: sha256_file(p, on_bytes), ordered)))
+        return dict(zip(ordered, pool.map(lambda p: sha256_file(p, on_bytes), ordered), strict=True))

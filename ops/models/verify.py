@@ -153,7 +153,7 @@ def _read_pointer(path: Path) -> LfsPointer | None:
 def find_extra(directory: Path, model: LockedModel) -> list[str]:
     locked = {f.path for f in model.files}
     extra = []
-    for dirpath, dirnames, filenames in os.walk(directory):
+    for dirpath, _dirnames, filenames in os.walk(directory):
         rel_dir = os.path.relpath(dirpath, directory)
         for name in filenames:
             rel = name if rel_dir == "." else f"{rel_dir}/{name}"

@@ -124,7 +124,7 @@ class GitSource:
             self._git(init_argv(repo))
             commit = self._fetch_commit(repo, spec.revision or "HEAD")
             entries = select(parse_ls_tree(self._git(ls_tree_argv(repo, commit))), spec.include, spec.exclude)
-            files = tuple(_locked_file(e.path, blob) for e, blob in zip(entries, self._blobs(repo, commit, [e.path for e in entries])))
+            files = tuple(_locked_file(e.path, blob) for e, blob in zip(entries, self._blobs(repo, commit, [e.path for e in entries]), strict=True))
         return LockedModel(name=spec.name, source=spec.source, revision=spec.revision, commit=commit, spec=spec_fingerprint(spec), files=files, allow_pickle=spec.allow_pickle)
 
     def fetch(self, model: LockedModel, files: Sequence[LockedFile], job: FetchJob) -> dict[str, str]:
@@ -134,7 +134,7 @@ class GitSource:
             self._git(init_argv(repo))
         self._fetch_commit(repo, model.commit)
         self._git(set_remote_argv(repo, self.url))
-        blobs = dict(zip([f.path for f in files], self._blobs(repo, model.commit, [f.path for f in files])))
+        blobs = dict(zip([f.path for f in files], self._blobs(repo, model.commit, [f.path for f in files]), strict=True))
         lfs_paths = [p for p, b in blobs.items() if parse_lfs_pointer(b)]
         if lfs_paths:
             self._git(lfs_fetch_argv(repo, model.commit, lfs_paths))

@@ -9,8 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from huggingface_hub import HfApi, constants, hf_hub_url
-from huggingface_hub.hf_api import RepoFile
 from huggingface_hub.file_download import http_get
+from huggingface_hub.hf_api import RepoFile
 from huggingface_hub.utils import build_hf_headers, filter_repo_objects
 
 from ops.errors import OfflineError
@@ -59,7 +59,7 @@ class HfSource:
         selected = list(filter_repo_objects(tree, allow_patterns=list(spec.include) or None, ignore_patterns=list(spec.exclude) or None, key=lambda e: e.path))
         small = [e for e in selected if e.lfs is None]
         with ThreadPoolExecutor(max_workers=8) as pool:
-            hashed = dict(zip([e.path for e in small], pool.map(lambda e: self._hash_remote(e.path, commit), small)))
+            hashed = dict(zip([e.path for e in small], pool.map(lambda e: self._hash_remote(e.path, commit), small), strict=True))
         files = tuple(
             LockedFile(path=safe_relpath(e.path), size=e.lfs.size, sha256=e.lfs.sha256) if e.lfs else LockedFile(path=safe_relpath(e.path), size=hashed[e.path][0], sha256=hashed[e.path][1])
             for e in selected
