@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import shlex
 import sys
 from pathlib import Path
 
 from invoke import Exit, task
 
 from ops.errors import BakehouseError
-from ops.models.cli import configure_logging, run_command
+from ops.models.cli import configure_logging, parse_models, run_command
 
 MODEL_HELP = {
     "models": "comma-separated model names; 'all' for every model (default: models.toml's `default`)",
@@ -29,10 +31,7 @@ def _model_command(command: str, *, json: bool, **kwargs: object) -> None:
     configure_logging()
     paths = {k: Path(v) if v else None for k, v in kwargs.items() if k in ("manifest", "lock", "dest")}
     rest = {k: v for k, v in kwargs.items() if k not in paths}
-    try:
-        report = run_command(command, **paths, **rest)
-    except BakehouseError as exc:
-        raise Exit(f"error: {exc}", code=exc.exit_code) from None
+    report = _or_exit(lambda: run_command(command, **paths, **rest))
     print(report.to_json() if json else report.render())
     if report.exit_code:
         raise Exit(code=report.exit_code)
@@ -54,6 +53,67 @@ def fetch_models(c, models=None, manifest=None, lock=None, dest=None, json=False
 def verify_models(c, models=None, manifest=None, lock=None, dest=None, full=False, json=False, workers=8):
     """Verify the store against models.lock (quick by default, --full re-hashes)."""
     _model_command("verify", models=models, manifest=manifest, lock=lock, dest=dest, full=full, json=json, workers=int(workers))
+
+
+def _proxies() -> dict[str, str]:
+    """Proxy settings from the environment become build arguments (the first seed's http_proxy/https_proxy)."""
+    return {k: os.environ[k] for k in ("http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY") if os.environ.get(k)}
+
+
+@task(
+    help={
+        "bake": "bake models into the image (default: the models with bake = true)",
+        "models": "comma-separated models to bake (implies --bake)",
+        "gpu": "CUDA/PyTorch base image instead of the slim CPU one",
+        "engine": "docker or podman (default: docker when its engine answers, else podman)",
+        "tag": "extra tag, e.g. registry.example.com/bakehouse:1.2",
+        "base_image": "base image (default: $BAKEHOUSE_BASE_IMAGE, else python:3.11-slim; --gpu: a PyTorch CUDA image)",
+        "torch_wheels": "folder of local wheels for torch (default: $PIP_FIND_LINKS when it is a folder)",
+        "torch_index_url": "pip index for torch, e.g. https://download.pytorch.org/whl/cpu",
+        "ca_bundle": "extra CA bundle for pip and the hub inside the build (corporate proxies)",
+        "dry_run": "print the build command instead of running it",
+    }
+)
+def build(c, bake=False, models=None, gpu=False, engine=None, tag=None, base_image=None, torch_wheels=None, torch_index_url="", ca_bundle=None, dry_run=False):
+    """Build the image (multi-stage; --bake puts verified weights in their own cached layer)."""
+    from ops.images.commands import BuildRequest
+    from ops.images.commands import build as build_image
+
+    configure_logging()
+    wheels = torch_wheels or os.environ.get("PIP_FIND_LINKS", "")
+    req = BuildRequest(
+        context=Path.cwd(),
+        bake=bool(bake or models),
+        models=tuple(parse_models(models) or ()),
+        gpu=gpu,
+        engine=engine,
+        tag=tag,
+        base_image=base_image,
+        torch_wheels=Path(wheels) if wheels and Path(wheels).is_dir() else None,
+        torch_index_url=torch_index_url,
+        ca_bundle=Path(ca_bundle) if ca_bundle else None,
+        proxies=_proxies(),
+        image_name=os.environ.get("BAKEHOUSE_IMAGE", "bakehouse"),
+    )
+    report = _or_exit(lambda: build_image(req, dry_run=dry_run))
+    print(shlex.join(report.argv) if dry_run else report.render())
+
+
+@task(help={"tag": "local image to push (default: the last one built)", "engine": "docker or podman", "dry_run": "print the commands instead of running them"})
+def push(c, tag=None, engine=None, dry_run=False):
+    """Push the image to $BAKEHOUSE_REGISTRY (password on stdin, never in argv)."""
+    from ops.images.commands import push as push_image
+
+    configure_logging()
+    report = _or_exit(lambda: push_image(Path.cwd(), tag=tag, engine=engine, dry_run=dry_run))
+    print("\n".join(shlex.join(a) for a in report.argv) if dry_run else report.render())
+
+
+def _or_exit(step):
+    try:
+        return step()
+    except BakehouseError as exc:
+        raise Exit(f"error: {exc}", code=exc.exit_code) from None
 
 
 @task(help={"model": "model to serve (default: $MODEL, else demo)", "port": "port to listen on (default: $PORT, else 8000)"})

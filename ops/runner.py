@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -17,6 +18,24 @@ class CommandFailed(Exception):
     def __init__(self, argv: Sequence[str], returncode: int, stderr: str):
         self.argv, self.returncode, self.stderr = list(argv), returncode, stderr
         super().__init__(f"`{redact(' '.join(argv))}` exited {returncode}: {redact(stderr.strip())[-2000:]}")
+
+
+def run_streaming(argv: Sequence[str], *, cwd: Path | None = None, env: Mapping[str, str] | None = None, stdin: bytes | None = None) -> str:
+    """Run a long command (a build, a push): echo its output to stderr as it comes, return all of it."""
+    log.info("$ %s", redact(" ".join(argv)))
+    proc = subprocess.Popen(list(argv), cwd=cwd, env={**os.environ, **(env or {})}, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    if stdin is not None:
+        proc.stdin.write(stdin)
+    proc.stdin.close()
+    lines = []
+    for raw in proc.stdout:
+        line = raw.decode("utf-8", "replace")
+        lines.append(line)
+        sys.stderr.write(redact(line))
+    output = "".join(lines)
+    if proc.wait() != 0:
+        raise CommandFailed(argv, proc.returncode, output[-4000:])
+    return output
 
 
 def run(argv: Sequence[str], *, cwd: Path | None = None, env: Mapping[str, str] | None = None, stdin: bytes | None = None) -> bytes:

@@ -1,0 +1,20 @@
+#!/bin/sh
+# The `models` stage: fetch (download + full verify + activate) the models named
+# in $MODELS into /models; with none, leave an empty store (an unbaked image).
+# The HF token is read from the `hf_token` build secret into this process only.
+set -eu
+mkdir -p /models
+if [ -z "${MODELS:-}" ]; then
+  echo "bakehouse: no models to bake; the image will fetch them at start"
+  exit 0
+fi
+if [ -s /run/secrets/hf_token ]; then
+  HF_TOKEN="$(cat /run/secrets/hf_token)"
+  export HF_TOKEN
+fi
+if [ -s /run/secrets/ca_bundle ]; then
+  export SSL_CERT_FILE=/run/secrets/ca_bundle
+fi
+[ -n "${HF_ENDPOINT:-}" ] || unset HF_ENDPOINT
+cd /app
+exec python -m ops.models fetch --models "$MODELS" --dest /models

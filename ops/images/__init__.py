@@ -1,0 +1,1 @@
+"""Images: build (optionally baking models) and push, with Docker or podman."""

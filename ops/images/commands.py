@@ -1,0 +1,226 @@
+"""`invoke build` and `invoke push`: plan the argv lists, run them in one place, report."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from ops.errors import BakehouseError, ConfigError
+from ops.images.build import CPU_BASE, GPU_BASE, TORCH_CPU, BuildSpec, build_argv, build_env, image_tag, inspect_size_argv, model_stage_cached
+from ops.images.registry import Registry, login_argv, parse_push, push_argv, remote_ref, tag_argv
+from ops.models.lock import Lock, load_lock
+from ops.models.manifest import load_manifest
+from ops.runner import CommandFailed, run, run_streaming
+from ops.units import format_bytes
+
+LAST_IMAGE = Path("build") / "last-image"
+WHEELS = Path("build") / "wheels"
+
+
+class ImageError(BakehouseError):
+    """A build or push command failed."""
+
+
+def detect_engine(preferred: str | None = None) -> str:
+    """Docker (BuildKit) when a Docker engine answers, else podman; `preferred` wins."""
+    if preferred:
+        if preferred not in ("docker", "podman"):
+            raise ConfigError(f"--engine {preferred!r}: use docker or podman.")
+        return preferred
+    if shutil.which("docker"):
+        try:
+            run(["docker", "info", "--format", "{{.ServerVersion}}"])
+            return "docker"
+        except CommandFailed:
+            pass
+    if shutil.which("podman"):
+        return "podman"
+    raise ConfigError("neither a Docker engine nor podman is available. Install one, or pass --engine.")
+
+
+@dataclass
+class BuildReport:
+    image: str
+    tags: list[str]
+    engine: str
+    seconds: float
+    size: int
+    models: dict[str, int] = field(default_factory=dict)
+    model_stage_cached: bool | None = None
+    argv: list[str] = field(default_factory=list)
+
+    def render(self) -> str:
+        lines = [f"image: {self.image}  ({format_bytes(self.size)}, built in {self.seconds:.1f}s with {self.engine})"]
+        lines += [f"tag:   {t}" for t in self.tags[1:]]
+        if self.models:
+            lines += [f"baked: {name} ({format_bytes(size)})" for name, size in self.models.items()]
+            cached = {True: "reused from cache", False: "rebuilt", None: "unknown"}[self.model_stage_cached]
+            lines.append(f"model layer: {cached}")
+        else:
+            lines.append("baked: none (the image fetches models at start, or serves a mounted store)")
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class BuildRequest:
+    context: Path
+    bake: bool = False
+    models: tuple[str, ...] = ()
+    gpu: bool = False
+    engine: str | None = None
+    tag: str | None = None
+    base_image: str | None = None
+    torch_wheels: Path | None = None
+    torch_index_url: str = ""
+    ca_bundle: Path | None = None
+    proxies: dict[str, str] = field(default_factory=dict)
+    image_name: str = "bakehouse"
+
+
+def plan_build(req: BuildRequest, *, token_file: Path | None = None) -> BuildSpec:
+    """Everything `build_argv` needs, from flags, models.toml/models.lock and the environment."""
+    manifest = load_manifest(req.context / "models.toml")
+    lock = load_lock(req.context / "models.lock")
+    models: tuple[str, ...] = ()
+    if req.bake:
+        names = list(req.models) or [m.name for m in manifest.models.values() if m.bake]
+        models = tuple(m.name for m in lock.select(names, manifest))
+    revision = git_revision(req.context)
+    tags = [req.tag] if req.tag else []
+    tags.append(image_tag(req.image_name, revision, models))
+    endpoint = os.environ.get("HF_ENDPOINT", "")
+    loopback = urlsplit(endpoint).hostname in ("127.0.0.1", "localhost", "::1")
+    return BuildSpec(
+        engine=detect_engine(req.engine),
+        tags=tuple(tags),
+        context=req.context,
+        models=models,
+        base_image=req.base_image or (GPU_BASE if req.gpu else os.environ.get("BAKEHOUSE_BASE_IMAGE", CPU_BASE)),
+        torch_spec="" if req.gpu else TORCH_CPU,
+        torch_index_url=req.torch_index_url,
+        hf_endpoint=endpoint,
+        token_file=token_file,
+        ca_bundle=req.ca_bundle,
+        proxies=req.proxies,
+        network="host" if loopback else "",
+        labels={"GIT_REVISION": revision, "LOCK_DIGEST": lock_digest(lock, models)},
+    )
+
+
+def lock_digest(lock: Lock, models: tuple[str, ...]) -> str:
+    """A short identity of the baked models' lock entries, for the image label."""
+    if not models:
+        return ""
+    return hashlib.sha256("".join(lock.models[m].digest() for m in sorted(models)).encode()).hexdigest()[:16]
+
+
+def git_revision(context: Path) -> str:
+    try:
+        rev = run(["git", "-C", str(context), "rev-parse", "--short=12", "HEAD"]).decode().strip()
+        dirty = run(["git", "-C", str(context), "status", "--porcelain", "--untracked-files=no"]).strip()
+    except CommandFailed:
+        return "nogit"
+    return f"{rev}-dirty" if dirty else rev
+
+
+@contextmanager
+def secret_file(value: str | None) -> Iterator[Path | None]:
+    """A 0600 file holding a secret for `--secret src=…`, removed afterwards."""
+    if not value:
+        yield None
+        return
+    fd, name = tempfile.mkstemp(prefix="bakehouse-secret-")
+    try:
+        os.write(fd, value.encode())
+        os.close(fd)
+        yield Path(name)
+    finally:
+        os.unlink(name)
+
+
+def stage_wheels(context: Path, source: Path | None) -> None:
+    """Hard-link local wheels (the CPU torch wheel) into build/wheels, the context folder the build mounts."""
+    target = context / WHEELS
+    target.mkdir(parents=True, exist_ok=True)
+    for wheel in sorted(source.glob("*.whl")) if source else []:
+        dest = target / wheel.name
+        if not dest.exists():
+            try:
+                os.link(wheel, dest)
+            except OSError:
+                shutil.copy2(wheel, dest)
+
+
+def build(req: BuildRequest, *, dry_run: bool = False, echo: bool = True) -> BuildReport:
+    stage_wheels(req.context, req.torch_wheels)
+    with secret_file(os.environ.get("HF_TOKEN")) as token_file:
+        spec = plan_build(req, token_file=token_file)
+        argv = build_argv(spec)
+        if dry_run:
+            return BuildReport(image=spec.tags[-1], tags=list(spec.tags), engine=spec.engine, seconds=0, size=0, argv=argv)
+        start = time.monotonic()
+        try:
+            output = run_streaming(argv, cwd=req.context, env=build_env(spec.engine)) if echo else run(argv, cwd=req.context, env=build_env(spec.engine)).decode()
+        except CommandFailed as exc:
+            raise ImageError(f"the image build failed (exit {exc.returncode}); the engine's output is above. Common causes: the hub is unreachable from the build (set HF_ENDPOINT, proxies), a missing CA bundle behind a proxy (--ca-bundle).") from None
+        seconds = time.monotonic() - start
+    image = spec.tags[-1]
+    size = int(run(inspect_size_argv(spec.engine, image)).decode().strip() or 0)
+    lock = load_lock(req.context / "models.lock")
+    (req.context / LAST_IMAGE).write_text(image)
+    return BuildReport(
+        image=image,
+        tags=list(spec.tags),
+        engine=spec.engine,
+        seconds=seconds,
+        size=size,
+        models={m: lock.models[m].total_size for m in spec.models},
+        model_stage_cached=model_stage_cached(output) if spec.models else None,
+        argv=argv,
+    )
+
+
+@dataclass
+class PushReport:
+    remote: str
+    uploaded: int
+    existing: int
+    seconds: float
+    argv: list[list[str]] = field(default_factory=list)
+
+    def render(self) -> str:
+        return f"pushed {self.remote}: {self.uploaded} layer(s) uploaded, {self.existing} already in the registry ({self.seconds:.1f}s)"
+
+
+def push(context: Path, *, tag: str | None = None, engine: str | None = None, dry_run: bool = False) -> PushReport:
+    registry = Registry.from_env()
+    eng = detect_engine(engine)
+    local = tag or _last_image(context)
+    remote = remote_ref(registry, local)
+    steps = [login_argv(eng, registry), tag_argv(eng, local, remote), push_argv(eng, registry, remote)]
+    if dry_run:
+        return PushReport(remote=remote, uploaded=0, existing=0, seconds=0, argv=steps)
+    start = time.monotonic()
+    try:
+        run(steps[0], stdin=registry.password.encode())
+        run(steps[1])
+        output = run_streaming(steps[2])
+    except CommandFailed as exc:
+        raise ImageError(f"push to {registry.host} failed: {exc}. Check BAKEHOUSE_REGISTRY, the credentials, and BAKEHOUSE_REGISTRY_INSECURE for a plain-HTTP registry.") from None
+    result = parse_push(output)
+    return PushReport(remote=remote, uploaded=result.uploaded, existing=result.existing, seconds=time.monotonic() - start, argv=steps)
+
+
+def _last_image(context: Path) -> str:
+    try:
+        return (context / LAST_IMAGE).read_text().strip()
+    except FileNotFoundError:
+        raise ConfigError("no image to push: pass --tag, or run `invoke build` first.") from None
