@@ -5,7 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(git git-lfs)
+# git + git-lfs: the git source; podman & co, debootstrap, docker-registry, htpasswd: the image tests.
+APT_PACKAGES=(git git-lfs podman buildah runc uidmap debootstrap docker-registry apache2-utils)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
@@ -16,6 +17,15 @@ if ((${#missing[@]})); then
   [ "$(id -u)" = 0 ] || sudo=sudo
   $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq
   $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+# podman on these machines needs runc, cgroupfs and explicit ulimits (the defaults exceed the hard limits).
+if [ ! -e /etc/containers/containers.conf ]; then
+  sudo=""
+  [ "$(id -u)" = 0 ] || sudo=sudo
+  $sudo mkdir -p /etc/containers
+  printf '%s\n' '[containers]' 'default_ulimits = ["nofile=20000:20000", "nproc=4096:4096"]' \
+    '[engine]' 'runtime = "runc"' 'cgroup_manager = "cgroupfs"' 'events_logger = "file"' | $sudo tee /etc/containers/containers.conf >/dev/null
 fi
 
 [ -x .venv/bin/python ] || "${PYTHON:-python3}" -m venv .venv

@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 
 from ops.errors import BakehouseError, ConfigError
 from ops.images.build import CPU_BASE, GPU_BASE, TORCH_CPU, BuildSpec, build_argv, build_env, image_tag, inspect_size_argv, model_stage_cached
-from ops.images.registry import Registry, login_argv, parse_push, push_argv, remote_ref, tag_argv
+from ops.images.registry import Registry, RegistryApi, compare_layers, login_argv, push_argv, remote_ref, split_ref, tag_argv
 from ops.models.lock import Lock, load_lock
 from ops.models.manifest import load_manifest
 from ops.runner import CommandFailed, run, run_streaming
@@ -165,19 +165,19 @@ def build(req: BuildRequest, *, dry_run: bool = False, echo: bool = True) -> Bui
         spec = plan_build(req, token_file=token_file)
         argv = build_argv(spec)
         if dry_run:
-            return BuildReport(image=spec.tags[-1], tags=list(spec.tags), engine=spec.engine, seconds=0, size=0, argv=argv)
+            return BuildReport(image=spec.tags[0], tags=list(spec.tags), engine=spec.engine, seconds=0, size=0, argv=argv)
         start = time.monotonic()
         try:
             output = run_streaming(argv, cwd=req.context, env=build_env(spec.engine)) if echo else run(argv, cwd=req.context, env=build_env(spec.engine)).decode()
         except CommandFailed as exc:
             raise ImageError(f"the image build failed (exit {exc.returncode}); the engine's output is above. Common causes: the hub is unreachable from the build (set HF_ENDPOINT, proxies), a missing CA bundle behind a proxy (--ca-bundle).") from None
         seconds = time.monotonic() - start
-    image = spec.tags[-1]
+    image = spec.tags[0]
     size = int(run(inspect_size_argv(spec.engine, image)).decode().strip() or 0)
     lock = load_lock(req.context / "models.lock")
     (req.context / LAST_IMAGE).write_text(image)
     return BuildReport(
-        image=image,
+        image=spec.tags[0],
         tags=list(spec.tags),
         engine=spec.engine,
         seconds=seconds,
@@ -192,12 +192,14 @@ def build(req: BuildRequest, *, dry_run: bool = False, echo: bool = True) -> Bui
 class PushReport:
     remote: str
     uploaded: int
+    uploaded_bytes: int
     existing: int
     seconds: float
     argv: list[list[str]] = field(default_factory=list)
 
     def render(self) -> str:
-        return f"pushed {self.remote}: {self.uploaded} layer(s) uploaded, {self.existing} already in the registry ({self.seconds:.1f}s)"
+        return (f"pushed {self.remote}: {self.uploaded} layer(s) uploaded ({format_bytes(self.uploaded_bytes)}), "
+                f"{self.existing} already in the registry ({self.seconds:.1f}s)")
 
 
 def push(context: Path, *, tag: str | None = None, engine: str | None = None, dry_run: bool = False) -> PushReport:
@@ -207,16 +209,18 @@ def push(context: Path, *, tag: str | None = None, engine: str | None = None, dr
     remote = remote_ref(registry, local)
     steps = [login_argv(eng, registry), tag_argv(eng, local, remote), push_argv(eng, registry, remote)]
     if dry_run:
-        return PushReport(remote=remote, uploaded=0, existing=0, seconds=0, argv=steps)
+        return PushReport(remote=remote, uploaded=0, uploaded_bytes=0, existing=0, seconds=0, argv=steps)
     start = time.monotonic()
+    api, (repo, remote_tag) = RegistryApi(registry), split_ref(remote)
     try:
         run(steps[0], stdin=registry.password.encode())
+        before = api.known_layers(repo)
         run(steps[1])
-        output = run_streaming(steps[2])
+        run_streaming(steps[2])
     except CommandFailed as exc:
         raise ImageError(f"push to {registry.host} failed: {exc}. Check BAKEHOUSE_REGISTRY, the credentials, and BAKEHOUSE_REGISTRY_INSECURE for a plain-HTTP registry.") from None
-    result = parse_push(output)
-    return PushReport(remote=remote, uploaded=result.uploaded, existing=result.existing, seconds=time.monotonic() - start, argv=steps)
+    result = compare_layers(api.layers(repo, remote_tag), before)
+    return PushReport(remote=remote, uploaded=result.uploaded, uploaded_bytes=result.uploaded_bytes, existing=result.existing, seconds=time.monotonic() - start, argv=steps)
 
 
 def _last_image(context: Path) -> str:

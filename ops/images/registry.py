@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import re
+
+import httpx
 from dataclasses import dataclass
 
 from ops.errors import ConfigError
@@ -52,23 +54,57 @@ def push_argv(engine: str, registry: Registry, remote: str) -> list[str]:
     return [engine, "push", *_tls(engine, registry), remote]
 
 
+MANIFEST_TYPES = ", ".join([
+    "application/vnd.docker.distribution.manifest.v2+json",
+    "application/vnd.oci.image.manifest.v1+json",
+])
+
+
 @dataclass(frozen=True)
 class PushResult:
     uploaded: int
+    uploaded_bytes: int
     existing: int
 
 
-_BLOB = re.compile(r"Copying blob (?:sha256:)?([0-9a-f]{6,})(.*)")
+class RegistryApi:
+    """Just enough of the registry v2 API to tell which layers a push really uploaded."""
+
+    def __init__(self, registry: Registry):
+        scheme = "http" if registry.insecure else "https"
+        self._base = f"{scheme}://{registry.host}/v2"
+        self._verify = not registry.insecure
+        self._client = httpx.Client(auth=(registry.user, registry.password) if registry.user else None, timeout=30, verify=self._verify)
+
+    def _get(self, path: str, accept: str = "application/json") -> httpx.Response:
+        r = self._client.get(self._base + path, headers={"Accept": accept})
+        challenge = r.headers.get("www-authenticate", "")
+        if r.status_code == 401 and challenge.lower().startswith("bearer"):
+            params = dict(re.findall(r'(\w+)="([^"]*)"', challenge))
+            token = self._client.get(params.pop("realm"), params=params).json()
+            bearer = token.get("token") or token.get("access_token")
+            r = httpx.get(self._base + path, headers={"Accept": accept, "Authorization": f"Bearer {bearer}"}, timeout=30, verify=self._verify)
+        return r
+
+    def layers(self, repo: str, tag: str) -> dict[str, int]:
+        r = self._get(f"/{repo}/manifests/{tag}", MANIFEST_TYPES)
+        if r.status_code != 200:
+            return {}
+        return {layer["digest"]: layer["size"] for layer in r.json().get("layers", [])}
+
+    def known_layers(self, repo: str, limit: int = 100) -> set[str]:
+        r = self._get(f"/{repo}/tags/list")
+        tags = (r.json().get("tags") or []) if r.status_code == 200 else []
+        return {digest for tag in tags[-limit:] for digest in self.layers(repo, tag)}
 
 
-def parse_push(output: str) -> PushResult:
-    """Count layers uploaded vs already in the registry, from podman or docker push output."""
-    state: dict[str, bool] = {}  # layer -> already in the registry
-    for line in output.splitlines():
-        m = _BLOB.search(line)
-        if m:
-            state[m.group(1)] = state.get(m.group(1), False) or "skipped" in m.group(2) or "exists" in m.group(2)
-        elif (d := re.match(r"([0-9a-f]{6,}): (Pushed|Layer already exists)", line.strip())) is not None:
-            state[d.group(1)] = d.group(2) != "Pushed"
-    existing = sum(state.values())
-    return PushResult(uploaded=len(state) - existing, existing=existing)
+def split_ref(remote: str) -> tuple[str, str]:
+    """`host/repo/name:tag` -> ("repo/name", "tag")."""
+    path = remote.split("/", 1)[1]
+    repo, _, tag = path.rpartition(":")
+    return repo, tag
+
+
+def compare_layers(pushed: dict[str, int], before: set[str]) -> PushResult:
+    new = {d: size for d, size in pushed.items() if d not in before}
+    return PushResult(uploaded=len(new), uploaded_bytes=sum(new.values()), existing=len(pushed) - len(new))

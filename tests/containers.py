@@ -1,0 +1,117 @@
+"""Real containers for the image tests: podman, a registry with htpasswd auth, a source tree to build."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from helpers import ROOT
+from ops.localhub import free_port
+from ops.runner import stop
+
+BASE_IMAGE = "localhost/bakehouse-base:bookworm"
+
+
+def ensure_base_image() -> str:
+    subprocess.run([str(ROOT / "scripts" / "make-base-image.sh"), BASE_IMAGE], check=True)
+    return BASE_IMAGE
+
+
+def source_tree(dest: Path) -> Path:
+    """The tracked files of this checkout, as a user's clone would have them."""
+    files = subprocess.run(["git", "-C", str(ROOT), "ls-files", "-z"], capture_output=True, check=True).stdout.decode().split("\0")
+    for rel in filter(None, files):
+        if (ROOT / rel).is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, dest / rel)
+    return dest
+
+
+def podman(*args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["podman", *args], capture_output=True, text=True, check=check, timeout=timeout)
+
+
+def layers(image: str) -> list[str]:
+    return json.loads(podman("image", "inspect", "--format", "{{json .RootFS.Layers}}", image).stdout)
+
+
+PROBE = """
+import sys, urllib.error, urllib.request
+path, body = sys.argv[1], sys.argv[2]
+req = urllib.request.Request("http://127.0.0.1:8000" + path, data=body.encode() or None, headers={"content-type": "application/json"})
+try:
+    r = urllib.request.urlopen(req, timeout=60)
+    print(r.status)
+    print(r.read().decode())
+except urllib.error.HTTPError as e:
+    print(e.code)
+    print(e.read().decode())
+"""
+
+
+def exec_json(container: str, path: str, body: dict | None = None) -> tuple[int, dict]:
+    """HTTP from inside the container (it may have no network at all); (0, {}) while nothing listens."""
+    out = podman("exec", container, "python", "-c", PROBE, path, json.dumps(body) if body else "", check=False)
+    if out.returncode != 0:
+        return 0, {}
+    status, _, text = out.stdout.partition("\n")
+    return int(status), json.loads(text)
+
+
+def wait_ready_inside(container: str, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if exec_json(container, "/ready")[0] == 200:
+            return
+        state = podman("inspect", "--format", "{{.State.Status}}", container, check=False).stdout.strip()
+        if state in ("exited", "stopped"):
+            raise AssertionError(f"container {container} exited:\n{podman('logs', container, check=False).stdout}")
+        time.sleep(0.5)
+    raise AssertionError(f"{container} never became ready:\n{podman('logs', container, check=False).stdout}")
+
+
+@dataclass
+class RegistryServer:
+    process: subprocess.Popen
+    root: Path
+    host: str
+    user: str
+    password: str
+
+    def stop(self) -> None:
+        stop(self.process)
+
+
+def start_registry(root: Path, user: str, password: str) -> RegistryServer:
+    port = free_port()
+    (root / "data").mkdir(parents=True)
+    htpasswd = subprocess.run(["htpasswd", "-Bbn", user, password], capture_output=True, text=True, check=True).stdout
+    (root / "htpasswd").write_text(htpasswd)
+    (root / "config.yml").write_text(
+        "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: " + str(root / "data") + "\n"
+        "http:\n  addr: 127.0.0.1:" + str(port) + "\nauth:\n  htpasswd:\n    realm: bakehouse\n    path: " + str(root / "htpasswd") + "\n"
+    )
+    log = open(root / "registry.log", "w")
+    proc = subprocess.Popen(["docker-registry", "serve", str(root / "config.yml")], stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/v2/", timeout=1).status_code == 401:
+                return RegistryServer(proc, root, f"127.0.0.1:{port}", user, password)
+        except httpx.TransportError:
+            time.sleep(0.1)
+    stop(proc)
+    raise RuntimeError(f"registry did not start; see {root / 'registry.log'}")
+
+
+def blob_uploads(reg: RegistryServer) -> int:
+    """Blob uploads completed, as the registry itself logged them."""
+    log = (reg.root / "registry.log").read_text()
+    return len(re.findall(r'msg="response completed".*http\.request\.method=PUT .*/blobs/uploads/[^"]*digest=.*http\.response\.status=201', log))

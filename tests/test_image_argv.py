@@ -1,0 +1,74 @@
+"""Build and push commands as data, for both engines: no engine runs here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ops.images.build import BuildSpec, build_argv, image_tag, model_stage_cached
+from ops.images.registry import Registry, compare_layers, login_argv, push_argv, remote_ref, split_ref
+
+SPEC = BuildSpec(engine="podman", tags=("bakehouse:abc-demo",), context=Path("/src"), models=("demo",), base_image="base:1",
+                 hf_endpoint="http://127.0.0.1:8090", token_file=Path("/tmp/tok"), ca_bundle=Path("/etc/ca.crt"),
+                 proxies={"https_proxy": "http://proxy:3128"}, network="host", labels={"GIT_REVISION": "abc"})
+
+
+def test_podman_build_argv() -> None:
+    argv = build_argv(SPEC)
+    assert argv[:6] == ["podman", "build", "--file", "/src/Dockerfile", "--target", "runtime"]
+    assert argv[6:8] == ["--format", "docker"]
+    assert argv[-1] == "/src"
+    pairs = list(zip(argv, argv[1:], strict=False))
+    for expected in [("--tag", "bakehouse:abc-demo"), ("--build-arg", "MODELS=demo"), ("--build-arg", "BASE_IMAGE=base:1"),
+                     ("--build-arg", "HF_ENDPOINT=http://127.0.0.1:8090"), ("--build-arg", "https_proxy=http://proxy:3128"),
+                     ("--secret", "id=hf_token,src=/tmp/tok"), ("--secret", "id=ca_bundle,src=/etc/ca.crt"), ("--network", "host"),
+                     ("--build-arg", "GIT_REVISION=abc")]:
+        assert expected in pairs, expected
+
+
+def test_docker_build_argv_uses_buildkit_plain_progress() -> None:
+    argv = build_argv(BuildSpec(engine="docker", tags=("t",), context=Path("/src")))
+    assert argv[:2] == ["docker", "build"] and ("--progress", "plain") in zip(argv, argv[1:], strict=False)
+    assert "--format" not in argv and "--secret" not in argv and "--network" not in argv
+
+
+def test_the_token_is_never_a_build_argument() -> None:
+    argv = " ".join(build_argv(SPEC))
+    assert "HF_TOKEN" not in argv and "hf_" not in argv.replace("hf_token", "")
+
+
+def test_image_tag() -> None:
+    assert image_tag("bakehouse", "abc123", ("demo", "phi-2")) == "bakehouse:abc123-demo-phi-2"
+    assert image_tag("bakehouse", "abc123-dirty", ()) == "bakehouse:abc123-dirty-unbaked"
+
+
+def test_model_stage_cache_detection() -> None:
+    podman_hit = "[2/3] STEP 9/9: RUN --mount=type=secret,id=hf_token bakehouse-fetch-models\n--> Using cache 1234\n"
+    podman_miss = "[2/3] STEP 9/9: RUN --mount=type=secret,id=hf_token bakehouse-fetch-models\ndemo: fetching 6 of 6 files\n"
+    docker_hit = "#12 [models 9/9] RUN --mount=type=secret,id=hf_token bakehouse-fetch-models\n#12 CACHED\n"
+    assert model_stage_cached(podman_hit) is True
+    assert model_stage_cached(podman_miss) is False
+    assert model_stage_cached(docker_hit) is True
+    assert model_stage_cached("no such step") is None
+
+
+REG = Registry(host="127.0.0.1:5000", user="ci", password="s3cret-pw", insecure=True)
+
+
+def test_login_takes_the_password_on_stdin() -> None:
+    for engine in ("podman", "docker"):
+        argv = login_argv(engine, REG)
+        assert "--password-stdin" in argv and "s3cret-pw" not in " ".join(argv)
+    assert "--tls-verify=false" in login_argv("podman", REG)
+    assert "s3cret-pw" not in repr(REG)
+
+
+def test_push_argv_and_remote_ref() -> None:
+    assert remote_ref(REG, "localhost/bakehouse:abc-demo") == "127.0.0.1:5000/bakehouse:abc-demo"
+    assert push_argv("podman", REG, "127.0.0.1:5000/bakehouse:x") == ["podman", "push", "--tls-verify=false", "127.0.0.1:5000/bakehouse:x"]
+    assert push_argv("docker", REG, "r/b:x") == ["docker", "push", "r/b:x"]
+
+
+def test_push_result_counts_only_layers_new_to_the_registry() -> None:
+    result = compare_layers({"sha256:a": 100, "sha256:b": 5, "sha256:c": 7}, before={"sha256:a", "sha256:z"})
+    assert (result.uploaded, result.uploaded_bytes, result.existing) == (2, 12, 1)
+    assert split_ref("127.0.0.1:5000/team/bakehouse:abc-demo") == ("team/bakehouse", "abc-demo")
