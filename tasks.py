@@ -71,10 +71,11 @@ def _proxies() -> dict[str, str]:
         "torch_wheels": "folder of local wheels for torch (default: $PIP_FIND_LINKS when it is a folder)",
         "torch_index_url": "pip index for torch, e.g. https://download.pytorch.org/whl/cpu",
         "ca_bundle": "extra CA bundle for pip and the hub inside the build (corporate proxies)",
+        "no_cache": "rebuild every layer (a clean build)",
         "dry_run": "print the build command instead of running it",
     }
 )
-def build(c, bake=False, models=None, gpu=False, engine=None, tag=None, base_image=None, torch_wheels=None, torch_index_url="", ca_bundle=None, dry_run=False):
+def build(c, bake=False, models=None, gpu=False, engine=None, tag=None, base_image=None, torch_wheels=None, torch_index_url="", ca_bundle=None, no_cache=False, dry_run=False):
     """Build the image (multi-stage; --bake puts verified weights in their own cached layer)."""
     from ops.images.commands import BuildRequest
     from ops.images.commands import build as build_image
@@ -94,6 +95,7 @@ def build(c, bake=False, models=None, gpu=False, engine=None, tag=None, base_ima
         ca_bundle=Path(ca_bundle) if ca_bundle else None,
         proxies=_proxies(),
         image_name=os.environ.get("BAKEHOUSE_IMAGE", "bakehouse"),
+        no_cache=no_cache,
     )
     report = _or_exit(lambda: build_image(req, dry_run=dry_run))
     print(shlex.join(report.argv) if dry_run else report.render())

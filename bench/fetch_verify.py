@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -30,8 +29,9 @@ import torch
 from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
 
+from common import machine  # noqa: E402
 from proxy import Proxy  # noqa: E402
 
 from ops.localhub import LocalHub  # noqa: E402
@@ -75,20 +75,6 @@ def median_runs(runs: int, prepare, argv: list[str], env: dict[str, str]) -> flo
         prepare()
         samples.append(timed(argv, env))
     return statistics.median(samples)
-
-
-def machine() -> dict[str, str]:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor())
-    mem = next(line.split()[1] for line in open("/proc/meminfo") if line.startswith("MemTotal"))
-    return {
-        "cpu": cpu,
-        "cores": str(os.cpu_count()),
-        "memory_gb": f"{int(mem) / 1e6:.0f}",
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "huggingface_hub": huggingface_hub.__version__,
-        "date": time.strftime("%Y-%m-%d"),
-    }
 
 
 def main() -> None:
@@ -163,7 +149,7 @@ def measure(args: argparse.Namespace, files: dict[str, Path], total: int, hub: L
         quick.append(time.perf_counter() - t0)
     r["verify_quick_ms"] = statistics.median(quick) * 1000
     r["verify_quick_cli_s"] = median_runs(args.runs, noop, verify_cli[:4] + verify_cli[5:], env)
-    write_results(r, machine(), args)
+    write_results(r, machine() | {"huggingface_hub": huggingface_hub.__version__}, args)
 
 
 def write_results(r: dict, m: dict, args: argparse.Namespace) -> None:

@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import re
 import shutil
 import subprocess
@@ -29,32 +28,15 @@ import httpx
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
 
 from appserver import start_app  # noqa: E402
-from helpers import DEMO  # noqa: E402
+from common import machine, random_lm  # noqa: E402
 
 from ops.localhub import LocalHub  # noqa: E402
 
 WORK = ROOT / "bench" / "work" / "serve"
 RESULTS = ROOT / "bench" / "results"
-
-
-def make_model(kind: str, out: Path) -> None:
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
-
-    if out.exists():
-        return
-    torch.manual_seed(0)
-    if kind == "tiny":
-        model = GPT2LMHeadModel(GPT2Config(vocab_size=401, n_positions=4096, n_embd=128, n_layer=2, n_head=4, bos_token_id=400, eos_token_id=400))
-    else:
-        config = LlamaConfig(vocab_size=401, hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=8,
-                             max_position_embeddings=4096, bos_token_id=400, eos_token_id=400)
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
-    model.save_pretrained(out)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(DEMO / name, out / name)
 
 
 def plain_start(path: Path) -> float:
@@ -110,13 +92,12 @@ def metric(url: str, name: str) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", choices=["tiny", "1b"], default="tiny")
+    ap.add_argument("--model", choices=["tiny", "1g", "1b"], default="tiny")
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=32)
     args = ap.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
-    src = WORK / f"src-{args.model}"
-    make_model(args.model, src)
+    src = random_lm(args.model, WORK / f"src-{args.model}")
     shutil.rmtree(WORK / "hub", ignore_errors=True)
     hub = LocalHub(WORK / "hub")
     hub.add_repo(f"bench/{args.model}", {p.name: p for p in src.iterdir()})
@@ -153,9 +134,9 @@ def main() -> None:
 
 
 def write(args: argparse.Namespace, r: dict[str, float]) -> None:
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor())
-    device = gpu or f"CPU: {cpu}, {os.cpu_count()} cores"
+    m = machine()
+    gpu = m["gpu"]
+    device = gpu or f"CPU: {m['cpu']}, {m['cores']} cores"
     base = r["plain_sequential_tps"]
     md = [
         f"# Serving: {args.model} model on {device}",

@@ -7,22 +7,20 @@ cd "$(dirname "$0")/.."
 
 # git + git-lfs: the git source; podman & co, debootstrap, docker-registry, htpasswd: the image tests.
 APT_PACKAGES=(git git-lfs podman buildah runc uidmap debootstrap docker-registry apache2-utils)
+sudo=""
+[ "$(id -u)" = 0 ] || sudo=sudo
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
 done
 if ((${#missing[@]})); then
   echo "setup: installing ${missing[*]}" >&2
-  sudo=""
-  [ "$(id -u)" = 0 ] || sudo=sudo
   $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq
   $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
 # podman on these machines needs runc, cgroupfs and explicit ulimits (the defaults exceed the hard limits).
 if [ ! -e /etc/containers/containers.conf ]; then
-  sudo=""
-  [ "$(id -u)" = 0 ] || sudo=sudo
   $sudo mkdir -p /etc/containers
   printf '%s\n' '[containers]' 'default_ulimits = ["nofile=20000:20000", "nproc=4096:4096"]' \
     '[engine]' 'runtime = "runc"' 'cgroup_manager = "cgroupfs"' 'events_logger = "file"' | $sudo tee /etc/containers/containers.conf >/dev/null

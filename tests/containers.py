@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-
 from helpers import ROOT
+
 from ops.localhub import free_port
 from ops.runner import stop
 

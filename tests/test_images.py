@@ -13,11 +13,22 @@ from pathlib import Path
 
 import httpx
 import pytest
-
-from containers import BASE_IMAGE, RegistryServer, blob_uploads, ensure_base_image, exec_json, layers, podman, source_tree, start_registry, wait_ready_inside
+from containers import (
+    BASE_IMAGE,
+    RegistryServer,
+    blob_uploads,
+    ensure_base_image,
+    exec_json,
+    layers,
+    podman,
+    source_tree,
+    start_registry,
+    wait_ready_inside,
+)
 from helpers import ROOT, TOKEN, Hub, Project
-from ops.localhub import free_port
 from proxy import Proxy
+
+from ops.localhub import free_port
 
 CA = "/etc/ssl/certs/ca-certificates.crt"
 

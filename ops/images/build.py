@@ -27,6 +27,7 @@ class BuildSpec:
     proxies: dict[str, str] = field(default_factory=dict)
     network: str = ""
     labels: dict[str, str] = field(default_factory=dict)
+    no_cache: bool = False
 
 
 def build_argv(spec: BuildSpec) -> list[str]:
@@ -55,6 +56,8 @@ def build_argv(spec: BuildSpec) -> list[str]:
         argv += ["--secret", f"id=ca_bundle,src={spec.ca_bundle}"]
     if spec.network:
         argv += ["--network", spec.network]
+    if spec.no_cache:
+        argv.append("--no-cache")
     return [*argv, str(spec.context)]
 
 

@@ -14,7 +14,17 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from ops.errors import BakehouseError, ConfigError
-from ops.images.build import CPU_BASE, GPU_BASE, TORCH_CPU, BuildSpec, build_argv, build_env, image_tag, inspect_size_argv, model_stage_cached
+from ops.images.build import (
+    CPU_BASE,
+    GPU_BASE,
+    TORCH_CPU,
+    BuildSpec,
+    build_argv,
+    build_env,
+    image_tag,
+    inspect_size_argv,
+    model_stage_cached,
+)
 from ops.images.registry import Registry, RegistryApi, compare_layers, login_argv, push_argv, remote_ref, split_ref, tag_argv
 from ops.models.lock import Lock, load_lock
 from ops.models.manifest import load_manifest
@@ -83,6 +93,7 @@ class BuildRequest:
     ca_bundle: Path | None = None
     proxies: dict[str, str] = field(default_factory=dict)
     image_name: str = "bakehouse"
+    no_cache: bool = False
 
 
 def plan_build(req: BuildRequest, *, token_file: Path | None = None) -> BuildSpec:
@@ -112,6 +123,7 @@ def plan_build(req: BuildRequest, *, token_file: Path | None = None) -> BuildSpe
         proxies=req.proxies,
         network="host" if loopback else "",
         labels={"GIT_REVISION": revision, "LOCK_DIGEST": lock_digest(lock, models)},
+        no_cache=req.no_cache,
     )
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass
 
 import httpx
-from dataclasses import dataclass
 
 from ops.errors import ConfigError
 

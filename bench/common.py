@@ -1,0 +1,44 @@
+"""Shared by the benchmarks: the machine's description and random-weight models of real architectures."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO = ROOT / "demo" / "demo-tiny"
+
+
+def machine() -> dict[str, str]:
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor())
+    mem = next(line.split()[1] for line in open("/proc/meminfo") if line.startswith("MemTotal"))
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else ""
+    return {"cpu": cpu, "cores": str(os.cpu_count()), "memory_gb": f"{int(mem) / 1e6:.0f}", "gpu": gpu, "kernel": platform.release(),
+            "python": platform.python_version(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+
+
+def random_lm(kind: str, out: Path) -> Path:
+    """A random-weight causal LM with the demo tokenizer: `tiny` (GPT-2, 2 layers), `1g` (Llama, ~1 GB fp32), `1b` (Llama, ~1B params, bf16)."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    if out.exists():
+        return out
+    torch.manual_seed(0)
+    common = {"vocab_size": 401, "bos_token_id": 400, "eos_token_id": 400}
+    if kind == "tiny":
+        model = GPT2LMHeadModel(GPT2Config(n_positions=4096, n_embd=128, n_layer=2, n_head=4, **common))
+    elif kind == "1g":
+        model = LlamaForCausalLM(LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=20, num_attention_heads=16,
+                                             num_key_value_heads=8, max_position_embeddings=4096, **common))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=16,
+                                             num_key_value_heads=8, max_position_embeddings=4096, **common)).to(torch.bfloat16)
+    model.save_pretrained(out, max_shard_size="300MB")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(DEMO / name, out / name)
+    return out

@@ -1,0 +1,144 @@
+"""The second seed's comparison table, measured: baked vs unbaked images.
+
+    .venv/bin/python bench/images.py [--model 1g|tiny]
+
+Builds this checkout with podman from the local base image, the model served
+by the local hub (olah): cold baked build, cold unbaked build, rebuild after a
+code-only change, image sizes, and container start to /ready for a baked
+image, an unbaked image fetching at start, and an unbaked image with the store
+mounted read-only. Writes bench/results/images.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
+
+from common import machine, random_lm  # noqa: E402
+from containers import BASE_IMAGE, ensure_base_image, podman, source_tree  # noqa: E402
+
+from ops.localhub import LocalHub, free_port  # noqa: E402
+from ops.units import format_bytes  # noqa: E402
+
+WORK = ROOT / "bench" / "work" / "images"
+RESULTS = ROOT / "bench" / "results"
+
+
+def build(src: Path, env: dict[str, str], tag: str, *flags: str) -> float:
+    start = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "invoke", "build", "--engine", "podman", "--ca-bundle", "/etc/ssl/certs/ca-certificates.crt", "--tag", tag, *flags],
+                       cwd=src, env=env, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SystemExit(r.stdout + r.stderr[-3000:])
+    elapsed = time.monotonic() - start
+    print(f"{elapsed:7.1f}s  build {tag} {' '.join(flags)}", flush=True)
+    return elapsed
+
+
+def start_to_ready(image: str, *args: str) -> float:
+    port = free_port()
+    name = f"bench-{port}"
+    start = time.monotonic()
+    podman("run", "-d", "--name", name, "--network", "host", "-e", f"PORT={port}", *args, image)
+    try:
+        while time.monotonic() - start < 900:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2).status_code == 200:
+                    elapsed = time.monotonic() - start
+                    print(f"{elapsed:7.1f}s  ready {image} {' '.join(args)}", flush=True)
+                    return elapsed
+            except httpx.TransportError:
+                pass
+            if podman("inspect", "--format", "{{.State.Status}}", name).stdout.strip() == "exited":
+                raise SystemExit(podman("logs", name, check=False).stderr)
+            time.sleep(0.1)
+        raise SystemExit(f"{image} never became ready")
+    finally:
+        podman("rm", "-f", name, check=False)
+
+
+def size(image: str) -> int:
+    return int(podman("image", "inspect", "--format", "{{.Size}}", image).stdout.strip())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", choices=["1g", "tiny"], default="1g")
+    args = ap.parse_args()
+    ensure_base_image()
+    WORK.mkdir(parents=True, exist_ok=True)
+    weights = random_lm(args.model, WORK / f"model-{args.model}")
+    model_bytes = sum(p.stat().st_size for p in weights.iterdir())
+    shutil.rmtree(WORK / "hub", ignore_errors=True)
+    src = source_tree(Path(tempfile.mkdtemp(prefix="bench-src-", dir=WORK)))
+    r: dict[str, float] = {"model_bytes": model_bytes}
+    with LocalHub(WORK / "hub") as hub:
+        hub.add_repo("bench/model", {p.name: p for p in weights.iterdir()})
+        (src / "models.toml").write_text('default = ["bench"]\n[models.bench]\nsource = "hf://bench/model"\nrevision = "main"\nbake = true\n')
+        env = {**os.environ, "HF_ENDPOINT": hub.endpoint, "HF_HUB_DISABLE_XET": "1", "BAKEHOUSE_BASE_IMAGE": BASE_IMAGE, "PYTHONPATH": str(src)}
+        subprocess.run([sys.executable, "-m", "ops.models", "lock"], cwd=src, env=env, check=True, capture_output=True)
+        for tag in ("localhost/bench:baked", "localhost/bench:unbaked"):
+            podman("rmi", "-f", tag, check=False)
+        r["build_unbaked_s"] = build_cold(src, env, "localhost/bench:unbaked")
+        r["build_baked_s"] = build_cold(src, env, "localhost/bench:baked", "--bake")
+        with open(src / "app" / "__init__.py", "a") as f:
+            f.write("# a code-only change\n")
+        r["rebuild_baked_s"] = build(src, env, "localhost/bench:baked", "--bake")
+        r["size_baked"], r["size_unbaked"] = size("localhost/bench:baked"), size("localhost/bench:unbaked")
+        r["ready_baked_s"] = start_to_ready("localhost/bench:baked", "-e", "HF_HUB_OFFLINE=1", "-e", "MODEL=bench")
+        r["ready_fetch_s"] = start_to_ready("localhost/bench:unbaked", "-e", f"HF_ENDPOINT={hub.endpoint}", "-e", "HF_HUB_DISABLE_XET=1", "-e", "MODEL=bench")
+        store = WORK / "store"
+        shutil.rmtree(store, ignore_errors=True)
+        subprocess.run([sys.executable, "-m", "ops.models", "fetch", "--dest", str(store)], cwd=src, env=env, check=True, capture_output=True)
+    r["ready_mount_s"] = start_to_ready("localhost/bench:unbaked", "-v", f"{store}:/models:ro", "-e", "MODEL=bench", "-e", "HF_HUB_OFFLINE=1")
+    write(r, args)
+
+
+def build_cold(src: Path, env: dict[str, str], tag: str, *flags: str) -> float:
+    """A first build: every layer rebuilt (--no-cache), from the local base image."""
+    return build(src, env, tag, "--no-cache", *flags)
+
+
+def write(r: dict[str, float], args: argparse.Namespace) -> None:
+    m = machine()
+    rows = [
+        ("build, unbaked (first build, no cache)", f"{r['build_unbaked_s']:.1f} s"),
+        ("build, baked (first build, no cache)", f"{r['build_baked_s']:.1f} s"),
+        ("rebuild, baked, after a code-only change", f"{r['rebuild_baked_s']:.1f} s ({100 * r['rebuild_baked_s'] / r['build_baked_s']:.0f}% of the first baked build)"),
+        ("image size, unbaked", format_bytes(r["size_unbaked"])),
+        ("image size, baked", format_bytes(r["size_baked"])),
+        ("container start to /ready, baked (no network)", f"{r['ready_baked_s']:.1f} s"),
+        ("container start to /ready, unbaked, fetch at start", f"{r['ready_fetch_s']:.1f} s"),
+        ("container start to /ready, unbaked, store mounted read-only", f"{r['ready_mount_s']:.1f} s"),
+    ]
+    md = [
+        f"# Images: baked vs unbaked, {format_bytes(r['model_bytes'])} model ({args.model}), podman, local hub (olah) on loopback",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB RAM; torch {m['torch']} (CPU); {m['date']}.",
+        "The local hub streams at about 27 MB/s here, which bounds the baked build and the fetch at start.",
+        "",
+        "| measure | result |",
+        "|---|---|",
+        *[f"| {a} | {b} |" for a, b in rows],
+        "",
+    ]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "images.md").write_text("\n".join(md))
+    (RESULTS / "images.json").write_text(json.dumps({"machine": m, "results": r, "model": args.model}, indent=2))
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
