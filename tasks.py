@@ -20,6 +20,13 @@ MODEL_HELP = {
     "json": "print one JSON document with per-model results",
     "workers": "parallel downloads / hashes (default 8)",
     "full": "re-hash every file instead of trusting the stamp",
+    "hosts": "run on these inventory hosts over SSH (comma-separated) instead of locally",
+    "group": "run on every host of this inventory group over SSH",
+    "inventory": "Ansible-compatible inventory (default inventory/hosts.yml)",
+    "parallel": "hosts at a time (default 8)",
+    "host_keys": "strict (default: known_hosts must hold the key) or accept-new (record first-contact keys)",
+    "connect_timeout": "SSH connect timeout in seconds (default 10)",
+    "known_hosts": "known_hosts file checked for host keys (default ~/.ssh/known_hosts)",
 }
 
 
@@ -43,16 +50,50 @@ def lock_models(c, models=None, manifest=None, lock=None, json=False):
     _model_command("lock", models=models, manifest=manifest, lock=lock, json=json)
 
 
-@task(help=_help("models", "manifest", "lock", "dest", "json", "workers"))
-def fetch_models(c, models=None, manifest=None, lock=None, dest=None, json=False, workers=8):
-    """Download, fully verify and activate models into the store."""
-    _model_command("fetch", models=models, manifest=manifest, lock=lock, dest=dest, json=json, workers=int(workers))
+REMOTE = ("hosts", "group", "inventory", "parallel", "host_keys", "connect_timeout", "known_hosts")
 
 
-@task(help=_help("models", "manifest", "lock", "dest", "full", "json", "workers"))
-def verify_models(c, models=None, manifest=None, lock=None, dest=None, full=False, json=False, workers=8):
-    """Verify the store against models.lock (quick by default, --full re-hashes)."""
-    _model_command("verify", models=models, manifest=manifest, lock=lock, dest=dest, full=full, json=json, workers=int(workers))
+@task(help=_help("models", "manifest", "lock", "dest", "json", "workers", *REMOTE))
+def fetch_models(c, models=None, manifest=None, lock=None, dest=None, json=False, workers=8, hosts=None, group=None, inventory=None, parallel=8, host_keys="strict", connect_timeout=10, known_hosts=None):
+    """Download, fully verify and activate models: into the local store, or on many hosts over SSH."""
+    if hosts or group:
+        _fleet("fetch", models, lock, hosts, group, inventory, parallel, host_keys, connect_timeout, known_hosts, json=json)
+    else:
+        _model_command("fetch", models=models, manifest=manifest, lock=lock, dest=dest, json=json, workers=int(workers))
+
+
+@task(help=_help("models", "manifest", "lock", "dest", "full", "json", "workers", *REMOTE))
+def verify_models(c, models=None, manifest=None, lock=None, dest=None, full=False, json=False, workers=8, hosts=None, group=None, inventory=None, parallel=8, host_keys="strict", connect_timeout=10, known_hosts=None):
+    """Verify the store against models.lock (quick by default, --full re-hashes), locally or on hosts."""
+    if hosts or group:
+        _fleet("verify", models, lock, hosts, group, inventory, parallel, host_keys, connect_timeout, known_hosts, json=json, full=full)
+    else:
+        _model_command("verify", models=models, manifest=manifest, lock=lock, dest=dest, full=full, json=json, workers=int(workers))
+
+
+def _fleet(command, models, lock, hosts, group, inventory, parallel, host_keys, connect_timeout, known_hosts, *, json, full=False):
+    import json as jsonlib
+    from dataclasses import asdict
+
+    from ops.models.cli import default_lock
+    from ops.remote import fleet
+    from ops.remote.inventory import load_inventory
+    from ops.remote.ssh import SshOptions
+
+    configure_logging()
+    job = _or_exit(lambda: fleet.FleetJob(
+        command=command,
+        lock=Path(lock) if lock else default_lock(),
+        models=tuple(parse_models(models) or ()),
+        full=full,
+        parallel=int(parallel),
+        ssh=SshOptions(host_key_policy=host_keys, connect_timeout=float(connect_timeout), **({"known_hosts": Path(known_hosts)} if known_hosts else {})),
+    ))
+    selected = _or_exit(lambda: load_inventory(Path(inventory or "inventory/hosts.yml")).select(parse_models(hosts), group))
+    results = _or_exit(lambda: fleet.run_on_hosts(selected, job))
+    print(jsonlib.dumps({"command": command, "exit_code": fleet.exit_code(results), "hosts": [asdict(r) for r in results]}, indent=2) if json else fleet.table(results))
+    if fleet.exit_code(results):
+        raise Exit(code=fleet.exit_code(results))
 
 
 def _proxies() -> dict[str, str]:

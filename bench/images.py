@@ -40,10 +40,12 @@ def build(src: Path, env: dict[str, str], tag: str, *flags: str) -> float:
     start = time.monotonic()
     r = subprocess.run([sys.executable, "-m", "invoke", "build", "--engine", "podman", "--ca-bundle", "/etc/ssl/certs/ca-certificates.crt", "--tag", tag, *flags],
                        cwd=src, env=env, capture_output=True, text=True)
+    (WORK / f"build-{tag.split(':')[-1]}-{len(flags)}.log").write_text(r.stdout + r.stderr)
     if r.returncode != 0:
         raise SystemExit(r.stdout + r.stderr[-3000:])
     elapsed = time.monotonic() - start
-    print(f"{elapsed:7.1f}s  build {tag} {' '.join(flags)}", flush=True)
+    cache = next((line for line in r.stdout.splitlines() if line.startswith("model layer")), "")
+    print(f"{elapsed:7.1f}s  build {tag} {' '.join(flags)}  {cache}", flush=True)
     return elapsed
 
 

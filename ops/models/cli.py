@@ -52,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--dest", type=Path, help="store directory (default: $MODELS_DIR or ./models)")
         p.add_argument("--json", action="store_true", help="print one JSON document with per-model results")
         p.add_argument("--workers", type=int, default=8, help="parallel downloads / hashes (default 8)")
+        p.add_argument("--token-stdin", action="store_true", help="read HF_TOKEN from the first line of stdin (keeps it out of argv and the environment of the caller)")
         if name == "verify":
             p.add_argument("--full", action="store_true", help="re-hash every file instead of trusting the stamp")
     return parser
@@ -78,6 +79,10 @@ def configure_logging() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging()
+    if args.token_stdin:
+        token = sys.stdin.readline().strip()
+        if token:
+            os.environ["HF_TOKEN"] = token
     try:
         report = run_command(args.command, models=args.models, manifest=args.manifest, lock=args.lock, dest=args.dest, full=getattr(args, "full", False), workers=args.workers)
     except BakehouseError as exc:

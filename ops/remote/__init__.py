@@ -1,0 +1,1 @@
+"""Remote hosts: inventory, the SSH runner, and the model commands run across a fleet."""

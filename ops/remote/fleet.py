@@ -1,0 +1,169 @@
+"""Model commands across hosts: bootstrap, upload the lock, fetch or verify, a row per host.
+
+Each host runs the same `python -m ops.models` as everywhere else, in a private
+venv installed offline from wheels built here. Hosts run in parallel (bounded);
+a failure on one host is that host's row, never the others' problem.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+import zipfile
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fabric import Connection
+
+from ops.errors import EXIT_SOURCE, BakehouseError, redact
+from ops.models.report import Outcome
+from ops.remote import commands as rc
+from ops.remote.inventory import Host
+from ops.remote.ssh import RemoteResult, SshOptions, connect, put_file, run_remote
+from ops.runner import run
+from ops.units import format_bytes, format_rate
+
+log = logging.getLogger("bakehouse.fleet")
+ROOT = Path(__file__).resolve().parent.parent.parent
+
+
+@dataclass
+class HostResult:
+    host: str
+    ok: bool
+    exit_code: int
+    bootstrap: str = ""
+    outcomes: list[Outcome] = field(default_factory=list)
+    error: str | None = None
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class Wheelhouse:
+    directory: Path
+    wheels: tuple[str, ...]
+    digest: str
+
+
+def build_wheelhouse(project: Path = ROOT, dest: Path | None = None) -> Wheelhouse:
+    """This project's wheel and its light dependencies (no torch): what a host needs to fetch."""
+    dest = dest or project / "build" / "wheelhouse"
+    dest.mkdir(parents=True, exist_ok=True)
+    for old in dest.glob("bakehouse-*.whl"):
+        old.unlink()
+    run([sys.executable, "-m", "pip", "wheel", "--quiet", "--wheel-dir", str(dest), str(project)])
+    wheels = tuple(sorted(p.name for p in dest.glob("*.whl")))
+    digest = hashlib.sha256()
+    for name in wheels:
+        digest.update(name.encode() + wheel_identity(dest / name))
+    return Wheelhouse(dest, wheels, digest.hexdigest()[:16])
+
+
+def wheel_identity(path: Path) -> bytes:
+    """The wheel's RECORD (a hash of every file in it): equal for equal contents, unlike the zip's own bytes."""
+    with zipfile.ZipFile(path) as z:
+        record = next(n for n in z.namelist() if n.endswith(".dist-info/RECORD"))
+        return hashlib.sha256(z.read(record)).digest()
+
+
+def bootstrap(conn: Connection, host: Host, wh: Wheelhouse) -> str:
+    """Make sure the host's venv holds exactly this wheelhouse; a second run changes nothing."""
+    if run_remote(conn, rc.check_marker_argv(host, wh.digest)).exit_code == 0:
+        return "unchanged"
+    _check(run_remote(conn, rc.mkdir_argv(rc.wheelhouse(host), host.models_dir)), host, "create directories")
+    for name in wh.wheels:
+        put_file(conn, wh.directory / name, f"{rc.wheelhouse(host)}/{name}")
+    _check(run_remote(conn, rc.venv_argv(host)), host, f"create a venv with {host.python} (is python3-venv installed?)")
+    _check(run_remote(conn, rc.install_argv(host, wh.wheels)), host, "install the wheels")
+    _check(run_remote(conn, rc.touch_marker_argv(host, wh.digest)), host, "record the installed version")
+    return "installed"
+
+
+def _check(result: RemoteResult, host: Host, what: str) -> None:
+    if result.exit_code != 0:
+        raise BakehouseError(f"{host.name}: could not {what}: {result.stderr.strip()[-500:] or f'exit {result.exit_code}'}")
+
+
+@dataclass(frozen=True)
+class FleetJob:
+    command: str  # "fetch" | "verify"
+    lock: Path
+    models: tuple[str, ...] = ()
+    full: bool = False
+    parallel: int = 8
+    ssh: SshOptions = field(default_factory=SshOptions)
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def run_on_hosts(hosts: Sequence[Host], job: FleetJob, *, wheelhouse: Wheelhouse | None = None, on_line: Callable[[str, str], None] | None = None) -> list[HostResult]:
+    """Run a model command on every host, `job.parallel` at a time; one result per host, in order."""
+    wh = wheelhouse or build_wheelhouse()
+    env = {**{k: v for k, v in os.environ.items() if k in rc.FORWARDED_ENV}, **job.env}
+    token = os.environ.get("HF_TOKEN", "")
+    say = on_line or (lambda host, line: log.info("[%s] %s", host, line))
+
+    def one(host: Host) -> HostResult:
+        start = time.monotonic()
+        try:
+            result = _on_host(host, job, wh, env, token, lambda line: say(host.name, line))
+        except BakehouseError as exc:
+            result = HostResult(host=host.name, ok=False, exit_code=exc.exit_code, error=redact(str(exc)))
+        except Exception as exc:  # a host's surprise (SSH dropped mid-command, …) is its own row, not everyone's crash
+            result = HostResult(host=host.name, ok=False, exit_code=EXIT_SOURCE, error=redact(f"{type(exc).__name__}: {exc}"))
+        result.seconds = time.monotonic() - start
+        say(host.name, "ok" if result.ok else f"FAILED: {result.error}")
+        return result
+
+    with ThreadPoolExecutor(max_workers=max(1, job.parallel), thread_name_prefix="host") as pool:
+        return list(pool.map(one, hosts))
+
+
+def _on_host(host: Host, job: FleetJob, wh: Wheelhouse, env: dict[str, str], token: str, say: Callable[[str], None]) -> HostResult:
+    conn = connect(host, job.ssh)
+    try:
+        state = bootstrap(conn, host, wh)
+        say(f"bootstrap: {state}")
+        put_file(conn, job.lock, f"{host.prefix}/models.lock")
+        argv = rc.model_argv(host, job.command, models=job.models, env=env, full=job.full)
+        result = run_remote(conn, argv, stdin=f"{token}\n" if job.command == "fetch" else None, timeout=job.ssh.command_timeout, on_stderr_line=say)
+    finally:
+        conn.close()
+    report = _parse_report(result.stdout)
+    if report is None:
+        tail = result.stderr.strip().splitlines()[-1:] or [f"exit {result.exit_code}"]
+        return HostResult(host=host.name, ok=False, exit_code=result.exit_code or 1, bootstrap=state, error=tail[0])
+    outcomes = [Outcome(**{k: v for k, v in m.items() if k != "ok"}) for m in report.get("models", [])]
+    return HostResult(host=host.name, ok=result.exit_code == 0, exit_code=result.exit_code, bootstrap=state, outcomes=outcomes, error=report.get("error"))
+
+
+def _parse_report(stdout: str) -> dict | None:
+    try:
+        return json.loads(stdout)
+    except ValueError:
+        return None
+
+
+def exit_code(results: Sequence[HostResult]) -> int:
+    return max((r.exit_code for r in results), default=0)
+
+
+def table(results: Sequence[HostResult]) -> str:
+    """host | model | result | bytes | time | rate, one row per host and model."""
+    rows = [("host", "model", "result", "bytes", "time", "rate")]
+    for r in results:
+        if not r.outcomes:
+            rows.append((r.host, "-", f"FAILED: {r.error}", "-", f"{r.seconds:.1f}s", "-"))
+        for o in r.outcomes:
+            result = o.status if o.ok else f"FAILED: {o.error or '; '.join(o.problems)}"
+            rows.append((r.host, o.model, result, format_bytes(o.bytes), f"{o.seconds:.1f}s", format_rate(o.bytes, o.seconds) if o.bytes else "-"))
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    lines = ["  ".join(cell.ljust(widths[i]) if i < 5 else cell for i, cell in enumerate(row)) for row in rows]
+    failed = sum(not r.ok for r in results)
+    lines.append(f"{len(results)} host(s), {failed} failed" + (f" (exit {exit_code(results)})" if failed else ""))
+    return "\n".join(lines)

@@ -1,0 +1,70 @@
+"""Bare hosts for the fleet tests: one podman container per host (its own filesystem), sshd on a loopback port."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from containers import podman
+from helpers import ROOT
+from ops.localhub import free_port
+
+HOST_IMAGE = "localhost/bakehouse-sshhost:bookworm"
+
+
+def ensure_host_image() -> str:
+    subprocess.run([str(ROOT / "scripts" / "make-base-image.sh"), HOST_IMAGE, "openssh-server"], check=True)
+    return HOST_IMAGE
+
+
+@dataclass
+class SshHost:
+    name: str
+    container: str
+    port: int
+
+    def exec(self, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return podman("exec", self.container, *argv, check=check)
+
+    def stop(self) -> None:
+        podman("stop", "-t", "1", self.container, check=False)
+
+
+def start_host(name: str, keys: Path, *, tmpfs_models_mb: int | None = None) -> SshHost:
+    port = free_port()
+    container = f"bakehouse-{name}-{port}"
+    sshd = (
+        "mkdir -p /run/sshd && ssh-keygen -A >/dev/null && exec /usr/sbin/sshd -D -e"
+        f" -p {port} -o ListenAddress=127.0.0.1 -o AuthorizedKeysFile=/keys/authorized_keys"
+        " -o PermitRootLogin=prohibit-password -o UsePAM=no -o StrictModes=no -o PasswordAuthentication=no"
+    )
+    extra = ["--mount", f"type=tmpfs,destination=/srv/models,tmpfs-size={tmpfs_models_mb}m"] if tmpfs_models_mb else []
+    podman("run", "-d", "--name", container, "--network", "host", "-v", f"{keys}:/keys:ro", *extra, HOST_IMAGE, "sh", "-c", sshd)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        scan = subprocess.run(["ssh-keyscan", "-p", str(port), "-T", "2", "127.0.0.1"], capture_output=True, text=True)
+        if scan.stdout.strip():
+            with open(keys / "known_hosts", "a") as f:
+                f.write(scan.stdout)
+            return SshHost(name, container, port)
+        time.sleep(0.2)
+    raise RuntimeError(f"sshd in {container} did not come up: {podman('logs', container, check=False).stderr}")
+
+
+def client_keys(directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(directory / "id")], check=True)
+    (directory / "authorized_keys").write_text((directory / "id.pub").read_text())
+    (directory / "known_hosts").write_text("")
+    return directory
+
+
+def inventory(path: Path, keys: Path, hosts: list[SshHost]) -> Path:
+    lines = ["all:", "  vars:", "    ansible_user: root", f"    ansible_ssh_private_key_file: {keys / 'id'}", "    models_dir: /srv/models", "  children:", "    fleet:", "      hosts:"]
+    for h in hosts:
+        lines += [f"        {h.name}:", "          ansible_host: 127.0.0.1", f"          ansible_port: {h.port}"]
+    lines += ["        down:", "          ansible_host: 127.0.0.1", f"          ansible_port: {free_port()}"]
+    path.write_text("\n".join(lines) + "\n")
+    return path
