@@ -42,6 +42,8 @@ def test_image_tag() -> None:
 
 
 def test_model_stage_cache_detection() -> None:
+    copy_step = "[2/3] STEP 5/9: COPY docker/fetch-models.sh /usr/local/bin/bakehouse-fetch-models\n--> Using cache 99\n"
+    assert model_stage_cached(copy_step + "[2/3] STEP 9/9: RUN bakehouse-fetch-models\ndemo: fetching\n") is False
     podman_hit = "[2/3] STEP 9/9: RUN --mount=type=secret,id=hf_token bakehouse-fetch-models\n--> Using cache 1234\n"
     podman_miss = "[2/3] STEP 9/9: RUN --mount=type=secret,id=hf_token bakehouse-fetch-models\ndemo: fetching 6 of 6 files\n"
     docker_hit = "#12 [models 9/9] RUN --mount=type=secret,id=hf_token bakehouse-fetch-models\n#12 CACHED\n"

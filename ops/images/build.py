@@ -82,7 +82,7 @@ def model_stage_cached(output: str) -> bool | None:
     """
     lines = output.splitlines()
     for i, line in enumerate(lines):
-        if FETCH_STEP in line and ("RUN" in line or "STEP" in line):
+        if FETCH_STEP in line and "RUN" in line and "COPY" not in line:
             following = " ".join(lines[i + 1 : i + 3])
             return "Using cache" in following or "CACHED" in following
     return None

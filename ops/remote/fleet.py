@@ -55,14 +55,25 @@ def build_wheelhouse(project: Path = ROOT, dest: Path | None = None) -> Wheelhou
     """This project's wheel and its light dependencies (no torch): what a host needs to fetch."""
     dest = dest or project / "build" / "wheelhouse"
     dest.mkdir(parents=True, exist_ok=True)
-    for old in dest.glob("bakehouse-*.whl"):
-        old.unlink()
-    run([sys.executable, "-m", "pip", "wheel", "--quiet", "--wheel-dir", str(dest), str(project)])
+    stamp, sources = dest / ".sources", source_digest(project)
+    if not (stamp.exists() and stamp.read_text() == sources):
+        for old in dest.glob("bakehouse-*.whl"):
+            old.unlink()
+        run([sys.executable, "-m", "pip", "wheel", "--quiet", "--wheel-dir", str(dest), str(project)])
+        stamp.write_text(sources)
     wheels = tuple(sorted(p.name for p in dest.glob("*.whl")))
     digest = hashlib.sha256()
     for name in wheels:
         digest.update(name.encode() + wheel_identity(dest / name))
     return Wheelhouse(dest, wheels, digest.hexdigest()[:16])
+
+
+def source_digest(project: Path) -> str:
+    """What the project wheel is built from; the wheelhouse is rebuilt only when it changes."""
+    digest = hashlib.sha256()
+    for path in sorted([project / "pyproject.toml", project / "README.md", *project.glob("ops/**/*.py"), *project.glob("app/**/*.py")]):
+        digest.update(str(path.relative_to(project)).encode() + path.read_bytes())
+    return digest.hexdigest()
 
 
 def wheel_identity(path: Path) -> bytes:
