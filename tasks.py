@@ -10,7 +10,8 @@ from pathlib import Path
 from invoke import Exit, task
 
 from ops.errors import BakehouseError
-from ops.models.cli import configure_logging, parse_models, run_command
+from ops.models.cli import configure_logging, default_lock, parse_models, run_command
+from ops.models.store import default_models_dir
 
 MODEL_HELP = {
     "models": "comma-separated model names; 'all' for every model (default: models.toml's `default`)",
@@ -27,6 +28,7 @@ MODEL_HELP = {
     "host_keys": "strict (default: known_hosts must hold the key) or accept-new (record first-contact keys)",
     "connect_timeout": "SSH connect timeout in seconds (default 10)",
     "known_hosts": "known_hosts file checked for host keys (default ~/.ssh/known_hosts)",
+    "from_local": "fan-out: fetch once on this machine (into --dest), then copy the verified files to every host",
 }
 
 
@@ -53,11 +55,12 @@ def lock_models(c, models=None, manifest=None, lock=None, json=False):
 REMOTE = ("hosts", "group", "inventory", "parallel", "host_keys", "connect_timeout", "known_hosts")
 
 
-@task(help=_help("models", "manifest", "lock", "dest", "json", "workers", *REMOTE))
-def fetch_models(c, models=None, manifest=None, lock=None, dest=None, json=False, workers=8, hosts=None, group=None, inventory=None, parallel=8, host_keys="strict", connect_timeout=10, known_hosts=None):
+@task(help=_help("models", "manifest", "lock", "dest", "json", "workers", "from_local", *REMOTE))
+def fetch_models(c, models=None, manifest=None, lock=None, dest=None, json=False, workers=8, hosts=None, group=None, inventory=None, parallel=8, host_keys="strict", connect_timeout=10, known_hosts=None, from_local=False):
     """Download, fully verify and activate models: into the local store, or on many hosts over SSH."""
     if hosts or group:
-        _fleet("fetch", models, lock, hosts, group, inventory, parallel, host_keys, connect_timeout, known_hosts, json=json)
+        seed = (Path(dest) if dest else default_models_dir()) if from_local else None
+        _fleet("fetch", models, lock, hosts, group, inventory, parallel, host_keys, connect_timeout, known_hosts, json=json, seed=seed)
     else:
         _model_command("fetch", models=models, manifest=manifest, lock=lock, dest=dest, json=json, workers=int(workers))
 
@@ -71,27 +74,15 @@ def verify_models(c, models=None, manifest=None, lock=None, dest=None, full=Fals
         _model_command("verify", models=models, manifest=manifest, lock=lock, dest=dest, full=full, json=json, workers=int(workers))
 
 
-def _fleet(command, models, lock, hosts, group, inventory, parallel, host_keys, connect_timeout, known_hosts, *, json, full=False):
-    import json as jsonlib
-    from dataclasses import asdict
-
-    from ops.models.cli import default_lock
+def _fleet(command, models, lock, hosts, group, inventory, parallel, host_keys, connect_timeout, known_hosts, *, json, full=False, seed=None):
     from ops.remote import fleet
-    from ops.remote.inventory import load_inventory
     from ops.remote.ssh import SshOptions
 
     configure_logging()
-    job = _or_exit(lambda: fleet.FleetJob(
-        command=command,
-        lock=Path(lock) if lock else default_lock(),
-        models=tuple(parse_models(models) or ()),
-        full=full,
-        parallel=int(parallel),
-        ssh=SshOptions(host_key_policy=host_keys, connect_timeout=float(connect_timeout), **({"known_hosts": Path(known_hosts)} if known_hosts else {})),
-    ))
-    selected = _or_exit(lambda: load_inventory(Path(inventory or "inventory/hosts.yml")).select(parse_models(hosts), group))
-    results = _or_exit(lambda: fleet.run_on_hosts(selected, job))
-    print(jsonlib.dumps({"command": command, "exit_code": fleet.exit_code(results), "hosts": [asdict(r) for r in results]}, indent=2) if json else fleet.table(results))
+    ssh = _or_exit(lambda: SshOptions(host_key_policy=host_keys, connect_timeout=float(connect_timeout), **({"known_hosts": Path(known_hosts)} if known_hosts else {})))
+    job = fleet.FleetJob(command=command, lock=Path(lock) if lock else default_lock(), models=tuple(parse_models(models) or ()), full=full, parallel=int(parallel), ssh=ssh, seed=seed)
+    results = _or_exit(lambda: fleet.run_fleet(job, Path(inventory or "inventory/hosts.yml"), hosts=parse_models(hosts), group=group))
+    print(fleet.render(command, results, as_json=json))
     if fleet.exit_code(results):
         raise Exit(code=fleet.exit_code(results))
 

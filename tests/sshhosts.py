@@ -9,6 +9,7 @@ from pathlib import Path
 
 from containers import podman
 from helpers import ROOT
+
 from ops.localhub import free_port
 
 HOST_IMAGE = "localhost/bakehouse-sshhost:bookworm"

@@ -8,11 +8,11 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from helpers import HF_DEMO, HF_SHARDS, ROOT, TOKEN, Hub, Project, manifest
 from proxy import Proxy
 from sshhosts import SshHost, client_keys, ensure_host_image, inventory, start_host
@@ -168,3 +168,20 @@ def test_unknown_host_keys_are_refused_unless_first_contact_is_allowed(fleet_pro
     first = subprocess.run([*base, "--host-keys", "accept-new"], env=fleet_project.env(), capture_output=True, text=True)
     assert first.returncode in (0, 1), first.stdout + first.stderr
     assert "127.0.0.1" in empty.read_text()
+
+
+def test_fan_out_serves_each_file_once_for_three_hosts(fleet_project: Project, keys: Path, hosts: list[SshHost], hub: Hub, tmp_path: Path) -> None:
+    for h in hosts:
+        h.exec("rm", "-rf", "/srv/models/shards", "/srv/models/.staging/shards")
+    proxy = Proxy(hub.endpoint).start()
+    try:
+        r = fleet(fleet_project, keys, "fetch-models", "--hosts", "h1,h2,h3", "--models", "shards", "--from-local", "--dest", str(tmp_path / "seed"),
+                  env=fleet_project.env(HF_ENDPOINT=proxy.url))
+    finally:
+        proxy.stop()
+    assert r.returncode == 0, r.stdout + r.stderr
+    served = sorted(req.path.rsplit("/", 1)[-1] for req in proxy.requests if "/resolve/" in req.path)
+    locked = sorted(f["path"] for f in tomllib.loads((fleet_project.dir / "models.lock").read_text())["models"]["shards"]["files"])
+    assert served == locked
+    v = fleet(fleet_project, keys, "verify-models", "--hosts", "h1,h2,h3", "--models", "shards", "--full")
+    assert v.returncode == 0, v.stdout

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from helpers import ROOT
+
 from ops.errors import ConfigError
 from ops.remote.inventory import load_inventory, parse_inventory
 

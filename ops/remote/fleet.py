@@ -11,20 +11,24 @@ import hashlib
 import json
 import logging
 import os
+import posixpath
 import sys
 import time
 import zipfile
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from fabric import Connection
 
-from ops.errors import EXIT_SOURCE, BakehouseError, redact
+from ops.errors import EXIT_SOURCE, BakehouseError, error_for_exit, redact
+from ops.models.fetch import fetch_models
+from ops.models.lock import LockedModel, load_lock
 from ops.models.report import Outcome
+from ops.models.store import Store
 from ops.remote import commands as rc
-from ops.remote.inventory import Host
+from ops.remote.inventory import Host, load_inventory
 from ops.remote.ssh import RemoteResult, SshOptions, connect, put_file, run_remote
 from ops.runner import run
 from ops.units import format_bytes, format_rate
@@ -110,6 +114,38 @@ class FleetJob:
     parallel: int = 8
     ssh: SshOptions = field(default_factory=SshOptions)
     env: dict[str, str] = field(default_factory=dict)
+    seed: Path | None = None  # fan-out: a local store holding the verified models, copied to each host
+
+
+def seed_locally(job: FleetJob, store: Path) -> FleetJob:
+    """Fan-out: fetch once here (the hub serves each file once), then every host copies from this store."""
+    models = load_lock(job.lock).select(list(job.models) or None)
+    failed = [o for o in fetch_models(models, Store(store)) if not o.ok]
+    if failed:
+        raise error_for_exit(failed[0].exit_code, f"fetching on this machine for fan-out failed: {failed[0].error}")
+    return replace(job, seed=store)
+
+
+def upload_staged(conn: Connection, host: Host, model: LockedModel, store: Path, say: Callable[[str], None]) -> int:
+    """Copy a verified model into the host's staging area; files already there at full size are skipped."""
+    staging = f"{host.models_dir}/.staging/{model.name}/{model.commit}"
+    local = Store(store).commit_dir(model.name, model.commit)
+    sftp = conn.sftp()
+    dirs = sorted({posixpath.dirname(f"{staging}/{f.path}") for f in model.files})
+    _check(run_remote(conn, rc.mkdir_argv(*dirs)), host, "create the staging directory")
+    sent = 0
+    for f in model.files:
+        target = f"{staging}/{f.path}"
+        try:
+            if sftp.stat(target).st_size == f.size:
+                continue
+        except OSError:
+            pass
+        sftp.put(str(local / f.path), f"{target}.part")
+        sftp.posix_rename(f"{target}.part", target)
+        sent += f.size
+    say(f"copied {format_bytes(sent)} of {model.name} into staging")
+    return sent
 
 
 def run_on_hosts(hosts: Sequence[Host], job: FleetJob, *, wheelhouse: Wheelhouse | None = None, on_line: Callable[[str, str], None] | None = None) -> list[HostResult]:
@@ -141,6 +177,10 @@ def _on_host(host: Host, job: FleetJob, wh: Wheelhouse, env: dict[str, str], tok
         state = bootstrap(conn, host, wh)
         say(f"bootstrap: {state}")
         put_file(conn, job.lock, f"{host.prefix}/models.lock")
+        if job.seed is not None and job.command == "fetch":
+            for model in load_lock(job.lock).select(list(job.models) or None):
+                if run_remote(conn, rc.model_argv(host, "verify", models=[model.name], env=env)).exit_code != 0:
+                    upload_staged(conn, host, model, job.seed, say)
         argv = rc.model_argv(host, job.command, models=job.models, env=env, full=job.full)
         result = run_remote(conn, argv, stdin=f"{token}\n" if job.command == "fetch" else None, timeout=job.ssh.command_timeout, on_stderr_line=say)
     finally:
@@ -158,6 +198,20 @@ def _parse_report(stdout: str) -> dict | None:
         return json.loads(stdout)
     except ValueError:
         return None
+
+
+def run_fleet(job: FleetJob, inventory: Path, *, hosts: list[str] | None, group: str | None) -> list[HostResult]:
+    """Select hosts from the inventory, seed locally for fan-out when asked, run the job on every host."""
+    selected = load_inventory(inventory).select(hosts, group)
+    if job.seed is not None and job.command == "fetch":
+        job = seed_locally(job, job.seed)
+    return run_on_hosts(selected, job)
+
+
+def render(command: str, results: Sequence[HostResult], *, as_json: bool) -> str:
+    if as_json:
+        return json.dumps({"command": command, "exit_code": exit_code(results), "hosts": [asdict(r) for r in results]}, indent=2)
+    return table(results)
 
 
 def exit_code(results: Sequence[HostResult]) -> int:
