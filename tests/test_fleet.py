@@ -51,12 +51,15 @@ def fleet(project: Project, keys: Path, command: str, *flags: str, env: dict[str
 
 
 def rows(out: str) -> dict[tuple[str, str], str]:
-    found = {}
-    for line in out.splitlines():
-        parts = line.split()
-        if len(parts) >= 3 and parts[0].startswith(("h", "down")) and parts[0] != "host":
-            found[(parts[0], parts[1])] = " ".join(parts[2:])
-    return found
+    """Table rows by (host, model), each failed row with its reason (printed after the summary line) appended."""
+    lines = out.splitlines()
+    summary = next(i for i, line in enumerate(lines) if " host(s), " in line)
+    table = {(p[0], p[1]): " ".join(p[2:]) for p in (line.split() for line in lines[1:summary] if line.strip())}
+    for reason in lines[summary + 1:]:
+        head, _, text = reason.partition(": ")
+        host, _, model = head.partition(" ")
+        table[(host, model or "-")] += " " + text
+    return table
 
 
 def test_parallel_fetch_then_rerun_changes_nothing(fleet_project: Project, keys: Path, hosts: list[SshHost], hub: Hub) -> None:

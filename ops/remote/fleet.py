@@ -219,16 +219,19 @@ def exit_code(results: Sequence[HostResult]) -> int:
 
 
 def table(results: Sequence[HostResult]) -> str:
-    """host | model | result | bytes | time | rate, one row per host and model."""
+    """host | model | result | bytes | time | rate, one row per host and model; why each failure, below."""
     rows = [("host", "model", "result", "bytes", "time", "rate")]
+    reasons = []
     for r in results:
         if not r.outcomes:
-            rows.append((r.host, "-", f"FAILED: {r.error}", "-", f"{r.seconds:.1f}s", "-"))
+            rows.append((r.host, "-", "FAILED", "-", f"{r.seconds:.1f}s", "-"))
+            reasons.append(f"{r.host}: {(r.error or '').removeprefix(f'{r.host}: ')}")
         for o in r.outcomes:
-            result = o.status if o.ok else f"FAILED: {o.error or '; '.join(o.problems)}"
-            rows.append((r.host, o.model, result, format_bytes(o.bytes), f"{o.seconds:.1f}s", format_rate(o.bytes, o.seconds) if o.bytes else "-"))
-    widths = [max(len(row[i]) for row in rows) for i in range(5)]
-    lines = ["  ".join(cell.ljust(widths[i]) if i < 5 else cell for i, cell in enumerate(row)) for row in rows]
+            rows.append((r.host, o.model, o.status if o.ok else "FAILED", format_bytes(o.bytes), f"{o.seconds:.1f}s", format_rate(o.bytes, o.seconds) if o.bytes else "-"))
+            if not o.ok:
+                reasons.append(f"{r.host} {o.model}: {o.error or '; '.join(o.problems)}")
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows]
     failed = sum(not r.ok for r in results)
     lines.append(f"{len(results)} host(s), {failed} failed" + (f" (exit {exit_code(results)})" if failed else ""))
-    return "\n".join(lines)
+    return "\n".join(lines + reasons)
