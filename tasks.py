@@ -29,6 +29,9 @@ MODEL_HELP = {
     "connect_timeout": "SSH connect timeout in seconds (default 10)",
     "known_hosts": "known_hosts file checked for host keys (default ~/.ssh/known_hosts)",
     "from_local": "fan-out: fetch once on this machine (into --dest), then copy the verified files to every host",
+    "engine": "ssh (default: Fabric, from this process) or ansible (ansible-playbook, same inventory and steps)",
+    "serial": "ansible engine: hosts per batch, a number or a percentage (default 100%)",
+    "max_fail_percentage": "ansible engine: stop the play when more than this share of a batch failed (default 100)",
 }
 
 
@@ -52,36 +55,37 @@ def lock_models(c, models=None, manifest=None, lock=None, json=False):
     _model_command("lock", models=models, manifest=manifest, lock=lock, json=json)
 
 
-REMOTE = ("hosts", "group", "inventory", "parallel", "host_keys", "connect_timeout", "known_hosts")
+REMOTE = ("hosts", "group", "inventory", "parallel", "host_keys", "connect_timeout", "known_hosts", "engine", "serial", "max_fail_percentage")
 
 
 @task(help=_help("models", "manifest", "lock", "dest", "json", "workers", "from_local", *REMOTE))
-def fetch_models(c, models=None, manifest=None, lock=None, dest=None, json=False, workers=8, hosts=None, group=None, inventory=None, parallel=8, host_keys="strict", connect_timeout=10, known_hosts=None, from_local=False):
+def fetch_models(c, models=None, manifest=None, lock=None, dest=None, json=False, workers=8, hosts=None, group=None, inventory=None, parallel=8, host_keys="strict", connect_timeout=10, known_hosts=None, from_local=False, engine="ssh", serial="100%", max_fail_percentage=100):
     """Download, fully verify and activate models: into the local store, or on many hosts over SSH."""
     if hosts or group:
         seed = (Path(dest) if dest else default_models_dir()) if from_local else None
-        _fleet("fetch", models, lock, hosts, group, inventory, parallel, host_keys, connect_timeout, known_hosts, json=json, seed=seed)
+        _fleet("fetch", models, lock, hosts, group, inventory, parallel, host_keys, connect_timeout, known_hosts, json=json, seed=seed, engine=(engine, serial, int(max_fail_percentage)))
     else:
         _model_command("fetch", models=models, manifest=manifest, lock=lock, dest=dest, json=json, workers=int(workers))
 
 
 @task(help=_help("models", "manifest", "lock", "dest", "full", "json", "workers", *REMOTE))
-def verify_models(c, models=None, manifest=None, lock=None, dest=None, full=False, json=False, workers=8, hosts=None, group=None, inventory=None, parallel=8, host_keys="strict", connect_timeout=10, known_hosts=None):
+def verify_models(c, models=None, manifest=None, lock=None, dest=None, full=False, json=False, workers=8, hosts=None, group=None, inventory=None, parallel=8, host_keys="strict", connect_timeout=10, known_hosts=None, engine="ssh", serial="100%", max_fail_percentage=100):
     """Verify the store against models.lock (quick by default, --full re-hashes), locally or on hosts."""
     if hosts or group:
-        _fleet("verify", models, lock, hosts, group, inventory, parallel, host_keys, connect_timeout, known_hosts, json=json, full=full)
+        _fleet("verify", models, lock, hosts, group, inventory, parallel, host_keys, connect_timeout, known_hosts, json=json, full=full, engine=(engine, serial, int(max_fail_percentage)))
     else:
         _model_command("verify", models=models, manifest=manifest, lock=lock, dest=dest, full=full, json=json, workers=int(workers))
 
 
-def _fleet(command, models, lock, hosts, group, inventory, parallel, host_keys, connect_timeout, known_hosts, *, json, full=False, seed=None):
+def _fleet(command, models, lock, hosts, group, inventory, parallel, host_keys, connect_timeout, known_hosts, *, json, engine, full=False, seed=None):
     from ops.remote import fleet
     from ops.remote.ssh import SshOptions
 
     configure_logging()
     ssh = _or_exit(lambda: SshOptions(host_key_policy=host_keys, connect_timeout=float(connect_timeout), **({"known_hosts": Path(known_hosts)} if known_hosts else {})))
     job = fleet.FleetJob(command=command, lock=Path(lock) if lock else default_lock(), models=tuple(parse_models(models) or ()), full=full, parallel=int(parallel), ssh=ssh, seed=seed)
-    results = _or_exit(lambda: fleet.run_fleet(job, Path(inventory or "inventory/hosts.yml"), hosts=parse_models(hosts), group=group))
+    name, serial, max_fail = engine
+    results = _or_exit(lambda: fleet.run_fleet(job, Path(inventory or "inventory/hosts.yml"), hosts=parse_models(hosts), group=group, engine=name, serial=serial, max_fail_percentage=max_fail))
     print(fleet.render(command, results, as_json=json))
     if fleet.exit_code(results):
         raise Exit(code=fleet.exit_code(results))

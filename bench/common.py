@@ -22,10 +22,14 @@ def machine() -> dict[str, str]:
             "python": platform.python_version(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
 
 
-def random_lm(kind: str, out: Path) -> Path:
-    """A random-weight causal LM with the demo tokenizer: `tiny` (GPT-2, 2 layers), `1g` (Llama, ~1 GB fp32), `1b` (Llama, ~1B params, bf16)."""
+def random_lm(kind: str) -> Path:
+    """A random-weight causal LM with the demo tokenizer: `tiny` (GPT-2, 2 layers), `1g` (Llama, ~1 GB fp32), `1b` (Llama, ~1B params, bf16).
+
+    Made once, kept under bench/work/models/ for every benchmark.
+    """
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
+    out = ROOT / "bench" / "work" / "models" / kind
     if out.exists():
         return out
     torch.manual_seed(0)

@@ -81,7 +81,7 @@ def main() -> None:
     args = ap.parse_args()
     ensure_base_image()
     WORK.mkdir(parents=True, exist_ok=True)
-    weights = random_lm(args.model, WORK / f"model-{args.model}")
+    weights = random_lm(args.model)
     model_bytes = sum(p.stat().st_size for p in weights.iterdir())
     shutil.rmtree(WORK / "hub", ignore_errors=True)
     src = source_tree(Path(tempfile.mkdtemp(prefix="bench-src-", dir=WORK)))

@@ -97,7 +97,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     args = ap.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
-    src = random_lm(args.model, WORK / f"src-{args.model}")
+    src = random_lm(args.model)
     shutil.rmtree(WORK / "hub", ignore_errors=True)
     hub = LocalHub(WORK / "hub")
     hub.add_repo(f"bench/{args.model}", {p.name: p for p in src.iterdir()})

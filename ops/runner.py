@@ -34,7 +34,7 @@ def run_streaming(argv: Sequence[str], *, cwd: Path | None = None, env: Mapping[
         sys.stderr.write(redact(line))
     output = "".join(lines)
     if proc.wait() != 0:
-        raise CommandFailed(argv, proc.returncode, output[-4000:])
+        raise CommandFailed(argv, proc.returncode, output)
     return output
 
 

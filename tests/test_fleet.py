@@ -188,3 +188,24 @@ def test_fan_out_serves_each_file_once_for_three_hosts(fleet_project: Project, k
     assert served == locked
     v = fleet(fleet_project, keys, "verify-models", "--hosts", "h1,h2,h3", "--models", "shards", "--full")
     assert v.returncode == 0, v.stdout
+
+
+def test_the_ansible_engine_gives_the_same_result(fleet_project: Project, keys: Path, hosts: list[SshHost]) -> None:
+    for h in hosts:
+        h.exec("rm", "-rf", "/srv/models/demo", "/srv/models/.staging/demo")
+    r = fleet(fleet_project, keys, "fetch-models", "--hosts", "h1,h2,h3", "--models", "demo", "--engine", "ansible", "--serial", "2")
+    assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+    assert "PLAY RECAP" in r.stderr
+    assert all(rows(r.stdout)[(h.name, "demo")].startswith("downloaded") for h in hosts), r.stdout
+    same = fleet(fleet_project, keys, "verify-models", "--hosts", "h1,h2,h3", "--models", "demo", "--full")
+    assert same.returncode == 0 and all(rows(same.stdout)[(h.name, "demo")].startswith("verified (full)") for h in hosts)
+    again = fleet(fleet_project, keys, "fetch-models", "--hosts", "h1,h2,h3", "--models", "demo", "--engine", "ansible")
+    assert all(rows(again.stdout)[(h.name, "demo")].startswith("up-to-date") for h in hosts), again.stdout
+
+
+def test_the_ansible_engine_reports_an_unreachable_host(fleet_project: Project, keys: Path) -> None:
+    r = fleet(fleet_project, keys, "verify-models", "--group", "fleet", "--models", "demo", "--engine", "ansible", "--connect-timeout", "3")
+    assert r.returncode == 3, r.stdout + r.stderr[-2000:]
+    table = rows(r.stdout)
+    assert table[("down", "-")].startswith("FAILED") and "UNREACHABLE" in table[("down", "-")]
+    assert table[("h1", "demo")].startswith("verified")

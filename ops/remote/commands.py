@@ -43,13 +43,13 @@ def touch_marker_argv(host: Host, digest: str) -> list[str]:
     return ["sh", "-c", 'rm -f "$1"/.bakehouse-* && touch "$2"', "sh", f"{host.prefix}/venv", marker(host, digest)]
 
 
-def model_argv(host: Host, command: str, *, models: Sequence[str], env: Mapping[str, str], full: bool = False, progress_seconds: float = 2.0) -> list[str]:
+def model_argv(host: Host, command: str, *, models: Sequence[str], env: Mapping[str, str], full: bool = False, token_stdin: bool = False, progress_seconds: float = 2.0) -> list[str]:
     """`python -m ops.models fetch|verify` on the host, against the uploaded lock, token on stdin."""
     pairs = [f"{k}={env[k]}" for k in FORWARDED_ENV if env.get(k)] + [f"BAKEHOUSE_PROGRESS_SECONDS={progress_seconds:g}"]
     argv = ["env", *pairs, venv_python(host), "-m", "ops.models", command, "--lock", f"{host.prefix}/models.lock", "--dest", host.models_dir, "--json"]
     if models:
         argv += ["--models", ",".join(models)]
-    if command == "fetch":
+    if token_stdin:
         argv.append("--token-stdin")
     if full:
         argv.append("--full")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from fabric import Connection
 
-from ops.errors import EXIT_SOURCE, BakehouseError, error_for_exit, redact
+from ops.errors import EXIT_SOURCE, BakehouseError, ConfigError, error_for_exit, redact
 from ops.models.fetch import fetch_models
 from ops.models.lock import LockedModel, load_lock
 from ops.models.report import Outcome
@@ -181,30 +181,39 @@ def _on_host(host: Host, job: FleetJob, wh: Wheelhouse, env: dict[str, str], tok
             for model in load_lock(job.lock).select(list(job.models) or None):
                 if run_remote(conn, rc.model_argv(host, "verify", models=[model.name], env=env)).exit_code != 0:
                     upload_staged(conn, host, model, job.seed, say)
-        argv = rc.model_argv(host, job.command, models=job.models, env=env, full=job.full)
-        result = run_remote(conn, argv, stdin=f"{token}\n" if job.command == "fetch" else None, timeout=job.ssh.command_timeout, on_stderr_line=say)
+        send_token = bool(token) and job.command == "fetch"
+        argv = rc.model_argv(host, job.command, models=job.models, env=env, full=job.full, token_stdin=send_token)
+        result = run_remote(conn, argv, stdin=f"{token}\n" if send_token else None, timeout=job.ssh.command_timeout, on_stderr_line=say)
     finally:
         conn.close()
-    report = _parse_report(result.stdout)
-    if report is None:
-        tail = result.stderr.strip().splitlines()[-1:] or [f"exit {result.exit_code}"]
-        return HostResult(host=host.name, ok=False, exit_code=result.exit_code or 1, bootstrap=state, error=tail[0])
-    outcomes = [Outcome(**{k: v for k, v in m.items() if k != "ok"}) for m in report.get("models", [])]
-    return HostResult(host=host.name, ok=result.exit_code == 0, exit_code=result.exit_code, bootstrap=state, outcomes=outcomes, error=report.get("error"))
+    return parse_host_report(host.name, result.stdout, result.stderr, bootstrap=state)
 
 
-def _parse_report(stdout: str) -> dict | None:
+def parse_host_report(host: str, stdout: str, stderr: str, *, bootstrap: str = "") -> HostResult:
+    """A host's row from the JSON report its model command printed (both engines)."""
     try:
-        return json.loads(stdout)
+        report = json.loads(stdout)
     except ValueError:
-        return None
+        tail = stderr.strip().splitlines()[-1:] or ["the model command printed no report"]
+        return HostResult(host=host, ok=False, exit_code=1, bootstrap=bootstrap, error=tail[0])
+    code = int(report.get("exit_code", 1))
+    outcomes = [Outcome(**{k: v for k, v in m.items() if k != "ok"}) for m in report.get("models", [])]
+    return HostResult(host=host, ok=code == 0, exit_code=code, bootstrap=bootstrap, outcomes=outcomes, error=report.get("error"))
 
 
-def run_fleet(job: FleetJob, inventory: Path, *, hosts: list[str] | None, group: str | None) -> list[HostResult]:
+def run_fleet(job: FleetJob, inventory: Path, *, hosts: list[str] | None, group: str | None, engine: str = "ssh", serial: str = "100%", max_fail_percentage: int = 100) -> list[HostResult]:
     """Select hosts from the inventory, seed locally for fan-out when asked, run the job on every host."""
     selected = load_inventory(inventory).select(hosts, group)
     if job.seed is not None and job.command == "fetch":
         job = seed_locally(job, job.seed)
+    if engine == "ansible":
+        if job.seed is not None:
+            raise ConfigError("--from-local runs with the ssh engine; drop --engine ansible for fan-out.")
+        from ops.remote.ansible import run_with_ansible
+
+        return run_with_ansible(selected, job, inventory, serial=serial, max_fail_percentage=max_fail_percentage)
+    if engine != "ssh":
+        raise ConfigError(f"--engine {engine!r}: use ssh (default) or ansible.")
     return run_on_hosts(selected, job)
 
 

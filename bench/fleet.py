@@ -1,0 +1,103 @@
+"""Putting a model on 1, 2, 4 and 8 bare hosts: direct fetch vs fan-out vs one host after another.
+
+    .venv/bin/python bench/fleet.py [--model 1g] [--hosts 1,2,4,8] [--modes direct,fanout,sequential]
+
+Hosts are sshd containers with their own filesystems (tests/sshhosts.py); the
+hub is the local olah behind a counting proxy, so "hub bytes" is what the hub
+really served. Writes bench/results/fleet.{json,md} after every measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
+
+from common import machine, random_lm  # noqa: E402
+from helpers import Project  # noqa: E402
+from proxy import Proxy  # noqa: E402
+from sshhosts import client_keys, ensure_host_image, inventory, start_host  # noqa: E402
+
+from ops.localhub import LocalHub  # noqa: E402
+from ops.units import format_bytes  # noqa: E402
+
+WORK = ROOT / "bench" / "work" / "fleet"
+RESULTS = ROOT / "bench" / "results"
+INVOKE = [sys.executable, "-m", "invoke", "--search-root", str(ROOT)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", choices=["1g", "tiny"], default="1g")
+    ap.add_argument("--hosts", default="1,2,4,8")
+    ap.add_argument("--modes", default="direct,fanout,sequential")
+    args = ap.parse_args()
+    counts = [int(n) for n in args.hosts.split(",")]
+    shutil.rmtree(WORK, ignore_errors=True)
+    WORK.mkdir(parents=True)
+    ensure_host_image()
+    weights = random_lm(args.model)
+    keys = client_keys(WORK / "keys")
+    hosts = [start_host(f"h{i}", keys) for i in range(1, max(counts) + 1)]
+    results: list[dict] = []
+    try:
+        with LocalHub(WORK / "hub") as hub:
+            hub.add_repo("bench/model", {p.name: p for p in weights.iterdir()})
+            proxy = Proxy(hub.endpoint).start()
+            project = Project(WORK / "project", proxy.url)
+            project.dir.mkdir()
+            (project.dir / "models.toml").write_text('[models.bench]\nsource = "hf://bench/model"\nrevision = "main"\n')
+            subprocess.run([sys.executable, "-m", "ops.models", "lock"], cwd=project.dir, env=project.env(), check=True, capture_output=True)
+            inv = inventory(project.dir / "hosts.yml", keys, hosts)
+            model_bytes = sum(p.stat().st_size for p in weights.iterdir())
+            for n in counts:
+                for mode in args.modes.split(","):
+                    for h in hosts:
+                        h.exec("rm", "-rf", "/srv/models/bench", "/srv/models/.staging/bench")
+                    shutil.rmtree(WORK / "seed", ignore_errors=True)
+                    flags = {"direct": ["--parallel", str(n)], "sequential": ["--parallel", "1"], "fanout": ["--parallel", str(n), "--from-local", "--dest", str(WORK / "seed")]}[mode]
+                    before = proxy.bytes_served("/resolve/")
+                    start = time.monotonic()
+                    r = subprocess.run([*INVOKE, "fetch-models", "--inventory", str(inv), "--lock", str(project.dir / "models.lock"), "--known-hosts", str(keys / "known_hosts"),
+                                        "--hosts", ",".join(h.name for h in hosts[:n]), *flags], env=project.env(), capture_output=True, text=True)
+                    wall = time.monotonic() - start
+                    if r.returncode != 0:
+                        raise SystemExit(r.stdout + r.stderr[-3000:])
+                    results.append({"hosts": n, "mode": mode, "wall_s": wall, "hub_bytes": proxy.bytes_served("/resolve/") - before})
+                    print(f"{n} host(s) {mode:10s} {wall:7.1f}s  hub {format_bytes(results[-1]['hub_bytes'])}", flush=True)
+                    write(results, model_bytes, args.model)
+            proxy.stop()
+    finally:
+        for h in hosts:
+            h.stop()
+            subprocess.run(["podman", "rm", "-f", h.container], capture_output=True)
+
+
+def write(results: list[dict], model_bytes: int, model: str) -> None:
+    m = machine()
+    one = {r["mode"]: r["wall_s"] for r in results if r["hosts"] == 1}
+    md = [
+        f"# Fleet: a {format_bytes(model_bytes)} model ({model}) onto bare hosts over SSH",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB RAM; every host is an sshd container on this same machine; {m['date']}.",
+        "The hub is the local olah (about 27 MB/s here) behind a counting proxy: hub bytes is what it served.",
+        "",
+        "| hosts | mode | wall time | vs 1 host | hub bytes |",
+        "|---|---|---|---|---|",
+        *[f"| {r['hosts']} | {r['mode']} | {r['wall_s']:.1f} s | {r['wall_s'] / one[r['mode']]:.2f}x | {format_bytes(r['hub_bytes'])} |" for r in results if r["mode"] in one],
+        "",
+    ]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "fleet.md").write_text("\n".join(md))
+    (RESULTS / "fleet.json").write_text(json.dumps({"machine": m, "model_bytes": model_bytes, "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""`--engine ansible`: the fleet steps through ansible-playbook against the same inventory.
+
+Python plans every host's argv (the same builders as the SSH engine) into an
+extra-vars file (0600, removed afterwards: it holds the HF token); the shipped
+playbook only executes them. Each host's JSON report comes back to the control
+machine, so the result table is the same as the SSH engine's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from ops.errors import ConfigError
+from ops.remote import commands as rc
+from ops.remote.fleet import FleetJob, HostResult, Wheelhouse, build_wheelhouse, parse_host_report
+from ops.remote.inventory import Host
+from ops.runner import CommandFailed, run_streaming
+
+PLAYBOOK = Path(__file__).with_name("models-playbook.yml")
+
+
+def host_plan(host: Host, job: FleetJob, wh: Wheelhouse, env: dict[str, str], *, token_stdin: bool) -> dict[str, list[str] | str]:
+    return {
+        "check_marker": rc.check_marker_argv(host, wh.digest),
+        "mkdir": rc.mkdir_argv(rc.wheelhouse(host), host.models_dir),
+        "wheelhouse": rc.wheelhouse(host),
+        "venv": rc.venv_argv(host),
+        "install": rc.install_argv(host, wh.wheels),
+        "touch_marker": rc.touch_marker_argv(host, wh.digest),
+        "lock": f"{host.prefix}/models.lock",
+        "command": rc.model_argv(host, job.command, models=job.models, env=env, full=job.full, token_stdin=token_stdin),
+    }
+
+
+def ansible_playbook() -> str | None:
+    """On PATH, or installed beside this interpreter (a venv that is not activated)."""
+    beside = Path(sys.executable).with_name("ansible-playbook")
+    return shutil.which("ansible-playbook") or (str(beside) if beside.exists() else None)
+
+
+def playbook_argv(inventory: Path, vars_file: Path, *, forks: int, program: str = "ansible-playbook") -> list[str]:
+    return [program, "-i", str(inventory), str(PLAYBOOK), "-e", f"@{vars_file}", "--forks", str(forks)]
+
+
+def ansible_env(job: FleetJob) -> dict[str, str]:
+    """Host keys checked against the same known_hosts, with the same policy as the SSH engine."""
+    strict = "accept-new" if job.ssh.host_key_policy == "accept-new" else "yes"
+    return {
+        "ANSIBLE_HOST_KEY_CHECKING": "True",
+        "ANSIBLE_SSH_ARGS": f"-o UserKnownHostsFile={job.ssh.known_hosts} -o StrictHostKeyChecking={strict} -o ConnectTimeout={int(job.ssh.connect_timeout)}",
+        "ANSIBLE_PYTHON_INTERPRETER": "auto_silent",
+        "ANSIBLE_RETRY_FILES_ENABLED": "False",
+    }
+
+
+def run_with_ansible(hosts: Sequence[Host], job: FleetJob, inventory: Path, *, serial: str = "100%", max_fail_percentage: int = 100) -> list[HostResult]:
+    program = ansible_playbook()
+    if program is None:
+        raise ConfigError("--engine ansible needs ansible-playbook: pip install 'bakehouse[ansible]' (ansible-core).")
+    wh = build_wheelhouse()
+    env = {k: v for k, v in os.environ.items() if k in rc.FORWARDED_ENV}
+    token = os.environ.get("HF_TOKEN", "") if job.command == "fetch" else ""
+    with tempfile.TemporaryDirectory(prefix="bakehouse-ansible-") as tmp:
+        results_dir, vars_file = Path(tmp) / "results", Path(tmp) / "vars.json"
+        results_dir.mkdir()
+        extra = {
+            "bakehouse_hosts": ",".join(h.name for h in hosts),
+            "bakehouse_plan": {h.name: host_plan(h, job, wh, env, token_stdin=bool(token)) for h in hosts},
+            "bakehouse_wheelhouse": str(wh.directory),
+            "bakehouse_wheels": list(wh.wheels),
+            "bakehouse_lock": str(job.lock.resolve()),
+            "bakehouse_results": str(results_dir),
+            "bakehouse_hf_token": token,
+            "bakehouse_serial": serial,
+            "bakehouse_max_fail_percentage": max_fail_percentage,
+        }
+        fd = os.open(vars_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(extra, f)
+        try:
+            run_streaming(playbook_argv(inventory, vars_file, forks=job.parallel, program=program), env=ansible_env(job))
+            failure = ""
+        except CommandFailed as exc:
+            failure = exc.stderr
+        return [_result(h, results_dir / f"{h.name}.json", failure) for h in hosts]
+
+
+def _result(host: Host, report: Path, output: str) -> HostResult:
+    if report.exists():
+        return parse_host_report(host.name, report.read_text(), "")
+    why = next((line.strip() for line in output.splitlines() if f"[{host.name}]" in line and ("UNREACHABLE" in line or "FAILED" in line)), "no report: see the ansible output above")
+    return HostResult(host=host.name, ok=False, exit_code=3 if "UNREACHABLE" in why else 1, error=why[:300])
