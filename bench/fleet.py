@@ -38,6 +38,7 @@ def main() -> None:
     ap.add_argument("--model", choices=["1g", "tiny"], default="1g")
     ap.add_argument("--hosts", default="1,2,4,8")
     ap.add_argument("--modes", default="direct,fanout,sequential")
+    ap.add_argument("--sequential-hosts", default="1,2,4", help="host counts measured one after another (each costs n single fetches)")
     args = ap.parse_args()
     counts = [int(n) for n in args.hosts.split(",")]
     shutil.rmtree(WORK, ignore_errors=True)
@@ -58,7 +59,7 @@ def main() -> None:
             inv = inventory(project.dir / "hosts.yml", keys, hosts)
             model_bytes = sum(p.stat().st_size for p in weights.iterdir())
             for n in counts:
-                for mode in args.modes.split(","):
+                for mode in [m for m in args.modes.split(",") if m != "sequential" or str(n) in args.sequential_hosts.split(",")]:
                     for h in hosts:
                         h.exec("rm", "-rf", "/srv/models/bench", "/srv/models/.staging/bench")
                     shutil.rmtree(WORK / "seed", ignore_errors=True)

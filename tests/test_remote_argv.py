@@ -1,0 +1,55 @@
+"""What runs on hosts, as data: argv builders for the SSH and Ansible engines."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ops.remote import commands as rc
+from ops.remote.ansible import ansible_env, host_plan, playbook_argv
+from ops.remote.fleet import FleetJob, Wheelhouse, parse_host_report, table
+from ops.remote.inventory import Host
+from ops.remote.ssh import SshOptions
+
+HOST = Host(name="gpu-1", address="10.0.0.1", models_dir="/data/models", prefix="/opt/bh", python="/usr/bin/python3")
+WH = Wheelhouse(Path("/build/wheelhouse"), ("bakehouse-0.1.0-py3-none-any.whl", "tqdm-4.70.1-py3-none-any.whl"), "abc123")
+
+
+def test_fetch_argv_forwards_the_endpoint_but_never_the_token() -> None:
+    env = {"HF_ENDPOINT": "http://hub:8090", "HF_TOKEN": "hf_secret", "HOME": "/root"}
+    argv = rc.model_argv(HOST, "fetch", models=["demo"], env=env, token_stdin=True)
+    assert argv[:3] == ["env", "HF_ENDPOINT=http://hub:8090", "BAKEHOUSE_PROGRESS_SECONDS=2"]
+    assert argv[3:] == ["/opt/bh/venv/bin/python", "-m", "ops.models", "fetch", "--lock", "/opt/bh/models.lock", "--dest", "/data/models", "--json", "--models", "demo", "--token-stdin"]
+    assert not any("hf_secret" in a or "HF_TOKEN" in a for a in argv)
+
+
+def test_verify_argv() -> None:
+    argv = rc.model_argv(HOST, "verify", models=[], env={}, full=True)
+    assert argv[-2:] == ["--json", "--full"] and "--token-stdin" not in argv
+
+
+def test_bootstrap_argv_installs_offline_exactly_the_uploaded_wheels() -> None:
+    assert rc.venv_argv(HOST) == ["/usr/bin/python3", "-m", "venv", "/opt/bh/venv"]
+    install = rc.install_argv(HOST, WH.wheels)
+    assert install[:4] == ["/opt/bh/venv/bin/python", "-m", "pip", "install"] and "--no-index" in install
+    assert install[-2:] == ["/opt/bh/wheelhouse/bakehouse-0.1.0-py3-none-any.whl", "/opt/bh/wheelhouse/tqdm-4.70.1-py3-none-any.whl"]
+    assert rc.check_marker_argv(HOST, "abc123") == ["test", "-e", "/opt/bh/venv/.bakehouse-abc123"]
+
+
+def test_the_ansible_plan_is_the_ssh_engines_argv() -> None:
+    job = FleetJob(command="fetch", lock=Path("models.lock"), models=("demo",), parallel=4, ssh=SshOptions(known_hosts=Path("/kh"), host_key_policy="accept-new"))
+    plan = host_plan(HOST, job, WH, {"HF_ENDPOINT": "http://hub"}, token_stdin=True)
+    assert plan["command"] == rc.model_argv(HOST, "fetch", models=("demo",), env={"HF_ENDPOINT": "http://hub"}, token_stdin=True)
+    assert plan["install"] == rc.install_argv(HOST, WH.wheels)
+    argv = playbook_argv(Path("hosts.yml"), Path("/tmp/vars.json"), forks=4)
+    assert argv[0] == "ansible-playbook" and argv[-2:] == ["--forks", "4"] and "@/tmp/vars.json" in argv
+    assert "StrictHostKeyChecking=accept-new" in ansible_env(job)["ANSIBLE_SSH_ARGS"] and "UserKnownHostsFile=/kh" in ansible_env(job)["ANSIBLE_SSH_ARGS"]
+
+
+def test_host_report_and_table() -> None:
+    ok = parse_host_report("gpu-1", '{"exit_code": 0, "models": [{"model": "demo", "status": "downloaded", "bytes": 2000000, "seconds": 2.0, "exit_code": 0, "ok": true}]}', "")
+    bad = parse_host_report("gpu-2", "not json", "Traceback\nOSError: disk on fire")
+    assert ok.ok and ok.outcomes[0].bytes == 2000000
+    assert not bad.ok and bad.error == "OSError: disk on fire"
+    text = table([ok, bad])
+    assert "gpu-1  demo   downloaded  2.0 MB  2.0s  1.0 MB/s" in text
+    assert text.splitlines()[-1] == "gpu-2: OSError: disk on fire" and "2 host(s), 1 failed (exit 1)" in text
