@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import shutil
@@ -12,6 +13,19 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "demo" / "demo-tiny"
+RESULTS = ROOT / "bench" / "results"
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *["| " + " | ".join(row) + " |" for row in rows]]
+
+
+def save_results(name: str, md: list[str], data: dict) -> None:
+    """bench/results/<name>.md (the table for people) and <name>.json (the numbers), printed too."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.md").write_text("\n".join(md) + "\n")
+    (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=2))
+    print("\n".join(md))
 
 
 def machine() -> dict[str, str]:

@@ -15,7 +15,6 @@ Writes bench/results/fetch_verify.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -31,7 +30,7 @@ from safetensors.torch import save_file
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
 
-from common import machine  # noqa: E402
+from common import machine, markdown_table, save_results  # noqa: E402
 from proxy import Proxy  # noqa: E402
 
 from ops.localhub import LocalHub  # noqa: E402
@@ -40,7 +39,6 @@ from ops.models.store import Store  # noqa: E402
 from ops.models.verify import verify  # noqa: E402
 
 WORK = ROOT / "bench" / "work"
-RESULTS = ROOT / "bench" / "results"
 PY = sys.executable
 HF = str(Path(PY).with_name("hf"))
 REPO = "bench/random-1g"
@@ -173,15 +171,9 @@ def write_results(r: dict, m: dict, args: argparse.Namespace) -> None:
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB RAM, Linux {m['kernel']}, Python {m['python']}, huggingface_hub {m['huggingface_hub']}; {m['date']}.",
         f"Medians of {args.runs} runs, bakehouse and reference interleaved in the same run. Verify figures read from the page cache.",
         "",
-        "| measure | time | rate / requests | ratio |",
-        "|---|---|---|---|",
-        *[f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows],
-        "",
+        *markdown_table(["measure", "time", "rate / requests", "ratio"], [list(row) for row in rows]),
     ]
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "fetch_verify.md").write_text("\n".join(md))
-    (RESULTS / "fetch_verify.json").write_text(json.dumps({"machine": m, "results": r, "gb": gb, "shards": args.shards, "runs": args.runs}, indent=2))
-    print("\n".join(md))
+    save_results("fetch_verify", md, {"machine": m, "results": r, "gb": gb, "shards": args.shards, "runs": args.runs})
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ really served. Writes bench/results/fleet.{json,md} after every measurement.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import subprocess
 import sys
@@ -20,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
 
-from common import machine, random_lm  # noqa: E402
+from common import machine, markdown_table, random_lm, save_results  # noqa: E402
 from helpers import Project  # noqa: E402
 from proxy import Proxy  # noqa: E402
 from sshhosts import client_keys, ensure_host_image, inventory, start_host  # noqa: E402
@@ -29,7 +28,6 @@ from ops.localhub import LocalHub  # noqa: E402
 from ops.units import format_bytes  # noqa: E402
 
 WORK = ROOT / "bench" / "work" / "fleet"
-RESULTS = ROOT / "bench" / "results"
 INVOKE = [sys.executable, "-m", "invoke", "--search-root", str(ROOT)]
 
 
@@ -90,14 +88,10 @@ def write(results: list[dict], model_bytes: int, model: str) -> None:
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB RAM; every host is an sshd container on this same machine; {m['date']}.",
         "The hub is the local olah (about 27 MB/s here) behind a counting proxy: hub bytes is what it served.",
         "",
-        "| hosts | mode | wall time | vs 1 host | hub bytes |",
-        "|---|---|---|---|---|",
-        *[f"| {r['hosts']} | {r['mode']} | {r['wall_s']:.1f} s | {r['wall_s'] / one[r['mode']]:.2f}x | {format_bytes(r['hub_bytes'])} |" for r in results if r["mode"] in one],
-        "",
+        *markdown_table(["hosts", "mode", "wall time", "vs 1 host", "hub bytes"],
+                        [[str(r["hosts"]), r["mode"], f"{r['wall_s']:.1f} s", f"{r['wall_s'] / one[r['mode']]:.2f}x", format_bytes(r["hub_bytes"])] for r in results if r["mode"] in one]),
     ]
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "fleet.md").write_text("\n".join(md))
-    (RESULTS / "fleet.json").write_text(json.dumps({"machine": m, "model_bytes": model_bytes, "results": results}, indent=2))
+    save_results("fleet", md, {"machine": m, "model_bytes": model_bytes, "results": results})
 
 
 if __name__ == "__main__":

@@ -26,14 +26,13 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
 
-from common import machine, random_lm  # noqa: E402
+from common import RESULTS, machine, markdown_table, random_lm, save_results  # noqa: E402
 from containers import BASE_IMAGE, ensure_base_image, podman, source_tree  # noqa: E402
 
 from ops.localhub import LocalHub, free_port  # noqa: E402
 from ops.units import format_bytes  # noqa: E402
 
 WORK = ROOT / "bench" / "work" / "images"
-RESULTS = ROOT / "bench" / "results"
 
 
 def build(src: Path, env: dict[str, str], tag: str, *flags: str) -> float:
@@ -150,15 +149,9 @@ def write(r: dict[str, float], args: argparse.Namespace, m: dict[str, str] | Non
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB RAM; torch {m['torch']} (CPU); {m['date']}.",
         "The local hub streams at about 27 MB/s here, which bounds the baked build and the fetch at start.",
         "",
-        "| measure | result |",
-        "|---|---|",
-        *[f"| {a} | {b} |" for a, b in rows],
-        "",
+        *markdown_table(["measure", "result"], [list(row) for row in rows]),
     ]
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "images.md").write_text("\n".join(md))
-    (RESULTS / "images.json").write_text(json.dumps({"machine": m, "results": r, "model": args.model}, indent=2))
-    print("\n".join(md))
+    save_results("images", md, {"machine": m, "results": r, "model": args.model})
 
 
 if __name__ == "__main__":

@@ -25,18 +25,16 @@ import time
 from pathlib import Path
 
 import httpx
-import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
 
 from appserver import start_app  # noqa: E402
-from common import machine, random_lm  # noqa: E402
+from common import machine, markdown_table, random_lm, save_results  # noqa: E402
 
 from ops.localhub import LocalHub  # noqa: E402
 
 WORK = ROOT / "bench" / "work" / "serve"
-RESULTS = ROOT / "bench" / "results"
 
 
 def plain_start(path: Path) -> float:
@@ -135,34 +133,28 @@ def main() -> None:
 
 def write(args: argparse.Namespace, r: dict[str, float]) -> None:
     m = machine()
-    gpu = m["gpu"]
-    device = gpu or f"CPU: {m['cpu']}, {m['cores']} cores"
+    device = m["gpu"] or f"CPU: {m['cpu']}, {m['cores']} cores"
     base = r["plain_sequential_tps"]
+    start_rows = [
+        ["bakehouse: process start to /ready", f"{r['ready_s']:.2f}"],
+        ["— imports and server up (/health answers)", f"{r['health_s']:.2f}"],
+        ["— quick verify", f"{r['verify_s']:.3f}"],
+        ["— load", f"{r['load_s']:.2f}"],
+        ["— warm-up", f"{r['warmup_s']:.2f}"],
+        ["plain script: from_pretrained + first generate", f"{r['plain_start_s']:.2f}"],
+    ]
+    rate_rows = [["plain model.generate, one request at a time", f"{base:.0f}", "1.00x"]]
+    rate_rows += [[f"bakehouse server, concurrency {c}", f"{r[f'served_c{c}_tps']:.0f}", f"{r[f'served_c{c}_tps'] / base:.2f}x"] for c in (1, 8, 32)]
     md = [
         f"# Serving: {args.model} model on {device}",
         "",
-        f"torch {torch.__version__}, {args.requests} requests of {args.max_tokens} tokens each, temperature 0.8; {time.strftime('%Y-%m-%d')}.",
+        f"torch {m['torch']}, {args.requests} requests of {args.max_tokens} tokens each, temperature 0.8; {m['date']}.",
         "",
-        "| start to ready | seconds |",
-        "|---|---|",
-        f"| bakehouse: process start to /ready | {r['ready_s']:.2f} |",
-        f"| — imports and server up (/health answers) | {r['health_s']:.2f} |",
-        f"| — quick verify | {r['verify_s']:.3f} |",
-        f"| — load | {r['load_s']:.2f} |",
-        f"| — warm-up | {r['warmup_s']:.2f} |",
-        f"| plain script: from_pretrained + first generate | {r['plain_start_s']:.2f} |",
+        *markdown_table(["start to ready", "seconds"], start_rows),
         "",
-        "| throughput | generated tokens/s | vs one-by-one |",
-        "|---|---|---|",
-        f"| plain model.generate, one request at a time | {base:.0f} | 1.00x |",
-        *[f"| bakehouse server, concurrency {c} | {r[f'served_c{c}_tps']:.0f} | {r[f'served_c{c}_tps'] / base:.2f}x |" for c in (1, 8, 32)],
-        "",
+        *markdown_table(["throughput", "generated tokens/s", "vs one-by-one"], rate_rows),
     ]
-    tag = f"{args.model}-{'gpu' if gpu else 'cpu'}"
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"serve-{tag}.md").write_text("\n".join(md))
-    (RESULTS / f"serve-{tag}.json").write_text(json.dumps({"device": device, "results": r, "args": vars(args)}, indent=2))
-    print("\n".join(md))
+    save_results(f"serve-{args.model}-{'gpu' if m['gpu'] else 'cpu'}", md, {"device": device, "results": r, "args": vars(args)})
 
 
 if __name__ == "__main__":

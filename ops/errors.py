@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import re
 
-EXIT_OK = 0
 EXIT_VERIFY = 1
 EXIT_USAGE = 2
 EXIT_SOURCE = 3

@@ -52,10 +52,6 @@ class Store:
     def partial_dir(self, name: str, commit: str) -> Path:
         return self.root / STAGING / name / f"{commit}.partial"
 
-    def writable(self) -> bool:
-        probe = self.root if self.root.exists() else self.root.parent
-        return os.access(probe, os.W_OK)
-
     def ensure_root(self) -> None:
         try:
             (self.root / STAGING).mkdir(parents=True, exist_ok=True)

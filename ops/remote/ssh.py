@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import os
 import shlex
-import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,7 +70,7 @@ def connect(host: Host, opts: SshOptions) -> Connection:
         if isinstance(exc, paramiko.AuthenticationException):
             raise HostAuthError(f"{host.name}: SSH authentication refused for {host.user}@{host.address}:{host.port}. Check ansible_user and ansible_ssh_private_key_file.") from None
         raise SourceUnreachableError(f"{host.name}: SSH failed ({exc}).") from None
-    except (OSError, socket.timeout) as exc:
+    except (TimeoutError, OSError) as exc:
         raise SourceUnreachableError(f"{host.name}: cannot reach {host.address}:{host.port} ({exc.strerror or exc}). Is the host up and sshd listening?") from None
     if opts.host_key_policy == "accept-new":
         opts.known_hosts.parent.mkdir(parents=True, exist_ok=True)
