@@ -29,6 +29,7 @@ MODEL_HELP = {
     "connect_timeout": "SSH connect timeout in seconds (default 10)",
     "known_hosts": "known_hosts file checked for host keys (default ~/.ssh/known_hosts)",
     "from_local": "fan-out: fetch once on this machine (into --dest), then copy the verified files to every host",
+    "from_host": "fan-out: fetch on this host first, then copy its verified files to the other hosts",
     "engine": "ssh (default: Fabric, from this process) or ansible (ansible-playbook, same inventory and steps)",
     "serial": "ansible engine: hosts per batch, a number or a percentage (default 100%)",
     "max_fail_percentage": "ansible engine: stop the play when more than this share of a batch failed (default 100)",
@@ -58,12 +59,12 @@ def lock_models(c, models=None, manifest=None, lock=None, json=False):
 REMOTE = ("hosts", "group", "inventory", "parallel", "host_keys", "connect_timeout", "known_hosts", "engine", "serial", "max_fail_percentage")
 
 
-@task(help=_help("models", "manifest", "lock", "dest", "json", "workers", "from_local", *REMOTE))
-def fetch_models(c, models=None, manifest=None, lock=None, dest=None, json=False, workers=8, hosts=None, group=None, inventory=None, parallel=8, host_keys="strict", connect_timeout=10, known_hosts=None, from_local=False, engine="ssh", serial="100%", max_fail_percentage=100):
+@task(help=_help("models", "manifest", "lock", "dest", "json", "workers", "from_local", "from_host", *REMOTE))
+def fetch_models(c, models=None, manifest=None, lock=None, dest=None, json=False, workers=8, hosts=None, group=None, inventory=None, parallel=8, host_keys="strict", connect_timeout=10, known_hosts=None, from_local=False, from_host=None, engine="ssh", serial="100%", max_fail_percentage=100):
     """Download, fully verify and activate models: into the local store, or on many hosts over SSH."""
     if hosts or group:
         seed = (Path(dest) if dest else default_models_dir()) if from_local else None
-        _fleet("fetch", models, lock, hosts, group, inventory, parallel, host_keys, connect_timeout, known_hosts, json=json, seed=seed, engine=(engine, serial, int(max_fail_percentage)))
+        _fleet("fetch", models, lock, hosts, group, inventory, parallel, host_keys, connect_timeout, known_hosts, json=json, seed=seed, from_host=from_host, engine=(engine, serial, int(max_fail_percentage)))
     else:
         _model_command("fetch", models=models, manifest=manifest, lock=lock, dest=dest, json=json, workers=int(workers))
 
@@ -77,13 +78,13 @@ def verify_models(c, models=None, manifest=None, lock=None, dest=None, full=Fals
         _model_command("verify", models=models, manifest=manifest, lock=lock, dest=dest, full=full, json=json, workers=int(workers))
 
 
-def _fleet(command, models, lock, hosts, group, inventory, parallel, host_keys, connect_timeout, known_hosts, *, json, engine, full=False, seed=None):
+def _fleet(command, models, lock, hosts, group, inventory, parallel, host_keys, connect_timeout, known_hosts, *, json, engine, full=False, seed=None, from_host=None):
     from ops.remote import fleet
     from ops.remote.ssh import SshOptions
 
     configure_logging()
     ssh = _or_exit(lambda: SshOptions(host_key_policy=host_keys, connect_timeout=float(connect_timeout), **({"known_hosts": Path(known_hosts)} if known_hosts else {})))
-    job = fleet.FleetJob(command=command, lock=Path(lock) if lock else default_lock(), models=tuple(parse_models(models) or ()), full=full, parallel=int(parallel), ssh=ssh, seed=seed)
+    job = fleet.FleetJob(command=command, lock=Path(lock) if lock else default_lock(), models=tuple(parse_models(models) or ()), full=full, parallel=int(parallel), ssh=ssh, seed=seed, from_host=from_host)
     name, serial, max_fail = engine
     results = _or_exit(lambda: fleet.run_fleet(job, Path(inventory or "inventory/hosts.yml"), hosts=parse_models(hosts), group=group, engine=name, serial=serial, max_fail_percentage=max_fail))
     print(fleet.render(command, results, as_json=json))

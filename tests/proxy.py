@@ -2,7 +2,8 @@
 
 olah (the local hub) always answers 200 with the whole file; the real hub's CDN
 honours Range. Tests put this proxy in front of olah to get CDN behaviour, a
-slow link (so a kill -9 lands mid-file), and a count of what was asked.
+slow link (so a kill -9 lands mid-file), and a count of what was asked and
+sent. Bodies are streamed, never held whole.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import re
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -60,33 +62,40 @@ class Proxy:
                 seen = Seen(self.command, self.path, self.headers.get("Range"), self.headers.get("Authorization"))
                 proxy.requests.append(seen)
                 headers = {k: v for k, v in self.headers.items() if k.lower() in ("authorization", "accept", "user-agent")}
-                r = httpx2.request(self.command, proxy.upstream + self.path, headers=headers, follow_redirects=True, timeout=60)
-                data, status = r.content, r.status_code
-                start, end = 0, len(data)
-                m = _RANGE.match(seen.range or "")
-                if m and status == 200:
-                    start = int(m.group(1))
-                    end = int(m.group(2)) + 1 if m.group(2) else len(data)
-                    status = 206
-                self.send_response(status)
-                for k, v in r.headers.items():
-                    if k.lower() not in ("content-length", "transfer-encoding", "content-encoding", "connection", "date", "server"):
-                        self.send_header(k, v)
-                length = int(r.headers.get("content-length", 0)) if self.command == "HEAD" else end - start
-                self.send_header("Content-Length", str(length))
-                if status == 206:
-                    self.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(data)}")
-                self.end_headers()
-                if body:
-                    self._send_slowly(memoryview(data)[start:end], seen)
+                with httpx2.stream(self.command, proxy.upstream + self.path, headers=headers, follow_redirects=True, timeout=600) as r:
+                    length = r.headers.get("content-length")
+                    if length is None:  # olah streams chunked; its HEAD knows the length
+                        length = httpx2.head(proxy.upstream + self.path, headers=headers, follow_redirects=True, timeout=60).headers.get("content-length", 0)
+                    total = int(length)
+                    m = _RANGE.match(seen.range or "")
+                    start, end, status = 0, total, r.status_code
+                    if m and status == 200:
+                        start, end, status = int(m.group(1)), int(m.group(2)) + 1 if m.group(2) else total, 206
+                    self.send_response(status)
+                    for k, v in r.headers.items():
+                        if k.lower() not in ("content-length", "transfer-encoding", "content-encoding", "connection", "date", "server"):
+                            self.send_header(k, v)
+                    self.send_header("Content-Length", str(total if self.command == "HEAD" else end - start))
+                    if status == 206:
+                        self.send_header("Content-Range", f"bytes {start}-{end - 1}/{total}")
+                    self.end_headers()
+                    if body:
+                        self._relay(r.iter_raw(), start, end, seen)
 
-            def _send_slowly(self, view: memoryview, seen: Seen) -> None:
-                chunk = 64 << 10
-                for i in range(0, len(view), chunk):
-                    self.wfile.write(view[i : i + chunk])
-                    seen.bytes_sent += len(view[i : i + chunk])
-                    if proxy.rate:
-                        time.sleep(chunk / proxy.rate)
+            def _relay(self, chunks: Iterator[bytes], start: int, end: int, seen: Seen) -> None:
+                """Stream the upstream body, sending only [start, end), at `rate` when throttled."""
+                pos = 0
+                for chunk in chunks:
+                    lo, hi = max(start - pos, 0), min(end - pos, len(chunk))
+                    pos += len(chunk)
+                    for i in range(lo, hi, 64 << 10):
+                        piece = chunk[i : min(i + (64 << 10), hi)]
+                        self.wfile.write(piece)
+                        seen.bytes_sent += len(piece)
+                        if proxy.rate:
+                            time.sleep(len(piece) / proxy.rate)
+                    if pos >= end:
+                        return
 
         class Server(ThreadingHTTPServer):
             def handle_error(self, request: object, client_address: object) -> None:

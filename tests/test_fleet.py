@@ -209,3 +209,19 @@ def test_the_ansible_engine_reports_an_unreachable_host(fleet_project: Project, 
     table = rows(r.stdout)
     assert table[("down", "-")].startswith("FAILED") and "UNREACHABLE" in table[("down", "-")]
     assert table[("h1", "demo")].startswith("verified")
+
+
+def test_fan_out_from_one_host(fleet_project: Project, keys: Path, hosts: list[SshHost], hub: Hub) -> None:
+    for h in hosts:
+        h.exec("rm", "-rf", "/srv/models/shards", "/srv/models/.staging/shards")
+    proxy = Proxy(hub.endpoint).start()
+    try:
+        r = fleet(fleet_project, keys, "fetch-models", "--hosts", "h1,h2,h3", "--models", "shards", "--from-host", "h2", env=fleet_project.env(HF_ENDPOINT=proxy.url))
+    finally:
+        proxy.stop()
+    assert r.returncode == 0, r.stdout + r.stderr
+    served = sorted(req.path.rsplit("/", 1)[-1] for req in proxy.requests if "/resolve/" in req.path)
+    assert served == sorted(f["path"] for f in tomllib.loads((fleet_project.dir / "models.lock").read_text())["models"]["shards"]["files"])
+    assert [line.split()[0] for line in r.stdout.splitlines()[1:4]] == ["h2", "h1", "h3"]
+    v = fleet(fleet_project, keys, "verify-models", "--hosts", "h1,h2,h3", "--models", "shards", "--full")
+    assert v.returncode == 0, v.stdout

@@ -13,6 +13,7 @@ import logging
 import os
 import posixpath
 import sys
+import tempfile
 import time
 import zipfile
 from collections.abc import Callable, Sequence
@@ -115,6 +116,7 @@ class FleetJob:
     ssh: SshOptions = field(default_factory=SshOptions)
     env: dict[str, str] = field(default_factory=dict)
     seed: Path | None = None  # fan-out: a local store holding the verified models, copied to each host
+    from_host: str | None = None  # fan-out from this host's verified copy instead of from this machine
 
 
 def seed_locally(job: FleetJob, store: Path) -> FleetJob:
@@ -124,6 +126,32 @@ def seed_locally(job: FleetJob, store: Path) -> FleetJob:
     if failed:
         raise error_for_exit(failed[0].exit_code, f"fetching on this machine for fan-out failed: {failed[0].error}")
     return replace(job, seed=store)
+
+
+def download_model(conn: Connection, host: Host, model: LockedModel, store: Path) -> None:
+    """Copy a host's verified commit directory into a local store, for fan-out from that host."""
+    local = Store(store).commit_dir(model.name, model.commit)
+    sftp = conn.sftp()
+    for f in model.files:
+        (local / f.path).parent.mkdir(parents=True, exist_ok=True)
+        sftp.get(f"{host.models_dir}/{model.name}/{model.commit}/{f.path}", str(local / f.path))
+
+
+def seed_from_host(hosts: Sequence[Host], job: FleetJob, store: Path) -> tuple[list[HostResult], FleetJob]:
+    """Fetch on the seed host first; on success the others are seeded from its verified files."""
+    seed = next((h for h in hosts if h.name == job.from_host), None)
+    if seed is None:
+        raise ConfigError(f"--from-host {job.from_host}: not among the selected hosts ({', '.join(h.name for h in hosts)}).")
+    [first] = run_on_hosts([seed], replace(job, from_host=None))
+    if not first.ok:
+        return [first], job
+    conn = connect(seed, job.ssh)
+    try:
+        for model in load_lock(job.lock).select(list(job.models) or None):
+            download_model(conn, seed, model, store)
+    finally:
+        conn.close()
+    return [first], replace(job, seed=store, from_host=None)
 
 
 def upload_staged(conn: Connection, host: Host, model: LockedModel, store: Path, say: Callable[[str], None]) -> int:
@@ -164,7 +192,7 @@ def run_on_hosts(hosts: Sequence[Host], job: FleetJob, *, wheelhouse: Wheelhouse
         except Exception as exc:  # a host's surprise (SSH dropped mid-command, …) is its own row, not everyone's crash
             result = HostResult(host=host.name, ok=False, exit_code=EXIT_SOURCE, error=redact(f"{type(exc).__name__}: {exc}"))
         result.seconds = time.monotonic() - start
-        say(host.name, "ok" if result.ok else f"FAILED: {result.error}")
+        say(host.name, "ok" if result.ok else f"FAILED: {failure_reason(result)}")
         return result
 
     with ThreadPoolExecutor(max_workers=max(1, job.parallel), thread_name_prefix="host") as pool:
@@ -189,6 +217,11 @@ def _on_host(host: Host, job: FleetJob, wh: Wheelhouse, env: dict[str, str], tok
     return parse_host_report(host.name, result.stdout, result.stderr, bootstrap=state)
 
 
+def failure_reason(result: HostResult) -> str:
+    failed = [o for o in result.outcomes if not o.ok]
+    return result.error or (failed[0].error or "; ".join(failed[0].problems) if failed else f"exit {result.exit_code}")
+
+
 def parse_host_report(host: str, stdout: str, stderr: str, *, bootstrap: str = "") -> HostResult:
     """A host's row from the JSON report its model command printed (both engines)."""
     try:
@@ -204,6 +237,14 @@ def parse_host_report(host: str, stdout: str, stderr: str, *, bootstrap: str = "
 def run_fleet(job: FleetJob, inventory: Path, *, hosts: list[str] | None, group: str | None, engine: str = "ssh", serial: str = "100%", max_fail_percentage: int = 100) -> list[HostResult]:
     """Select hosts from the inventory, seed locally for fan-out when asked, run the job on every host."""
     selected = load_inventory(inventory).select(hosts, group)
+    done: list[HostResult] = []
+    if job.from_host and job.command == "fetch":
+        with tempfile.TemporaryDirectory(prefix="bakehouse-seed-") as tmp:
+            done, job = seed_from_host(selected, job, Path(tmp))
+            others = [h for h in selected if h.name not in {r.host for r in done}]
+            if not done[0].ok:
+                return done + [HostResult(host=h.name, ok=False, exit_code=done[0].exit_code, error=f"not attempted: the seed host {done[0].host} failed") for h in others]
+            return done + run_on_hosts(others, job)
     if job.seed is not None and job.command == "fetch":
         job = seed_locally(job, job.seed)
     if engine == "ansible":
