@@ -59,9 +59,10 @@ HEALTHCHECK --interval=10s --timeout=3s --start-period=30s \
     CMD python -c "import os, urllib.request; urllib.request.urlopen(f'http://127.0.0.1:{os.environ.get(\"PORT\", \"8000\")}/health', timeout=2)"
 ENTRYPOINT ["python", "-m", "app.entrypoint"]
 ARG GIT_REVISION=unknown
+ARG GIT_SOURCE=""
 ARG LOCK_DIGEST=""
 LABEL org.opencontainers.image.title="bakehouse" \
-      org.opencontainers.image.source="https://github.com/bakehouse/bakehouse" \
+      org.opencontainers.image.source="${GIT_SOURCE}" \
       org.opencontainers.image.revision="${GIT_REVISION}" \
       dev.bakehouse.lock-digest="${LOCK_DIGEST}" \
       dev.bakehouse.models="${MODELS}"

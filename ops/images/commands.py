@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from ops.errors import BakehouseError, ConfigError
+from ops.errors import BakehouseError, ConfigError, redact
 from ops.images.build import (
     CPU_BASE,
     GPU_BASE,
@@ -122,7 +122,7 @@ def plan_build(req: BuildRequest, *, token_file: Path | None = None) -> BuildSpe
         ca_bundle=req.ca_bundle,
         proxies=req.proxies,
         network="host" if loopback else "",
-        labels={"GIT_REVISION": revision, "LOCK_DIGEST": lock_digest(lock, models)},
+        labels={"GIT_REVISION": revision, "GIT_SOURCE": git_source(req.context), "LOCK_DIGEST": lock_digest(lock, models)},
         no_cache=req.no_cache,
     )
 
@@ -141,6 +141,14 @@ def git_revision(context: Path) -> str:
     except CommandFailed:
         return "nogit"
     return f"{rev}-dirty" if dirty else rev
+
+
+def git_source(context: Path) -> str:
+    """The checkout's origin URL for the source label, without any credentials in it."""
+    try:
+        return redact(run(["git", "-C", str(context), "remote", "get-url", "origin"]).decode().strip()).replace("***@", "")
+    except CommandFailed:
+        return ""
 
 
 @contextmanager
