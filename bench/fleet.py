@@ -19,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
 
-from common import machine, markdown_table, random_lm, save_results  # noqa: E402
+from common import RESULTS, machine, markdown_table, random_lm, save_results  # noqa: E402
 from helpers import Project  # noqa: E402
 from proxy import Proxy  # noqa: E402
 from sshhosts import client_keys, ensure_host_image, inventory, start_host  # noqa: E402
@@ -36,6 +36,7 @@ def main() -> None:
     ap.add_argument("--model", choices=["1g", "tiny"], default="1g")
     ap.add_argument("--hosts", default="1,2,4,8")
     ap.add_argument("--modes", default="direct,fanout,sequential")
+    ap.add_argument("--keep", action="store_true", help="keep earlier results for host counts not measured this run")
     ap.add_argument("--sequential-hosts", default="1,2,4", help="host counts measured one after another (each costs n single fetches)")
     args = ap.parse_args()
     counts = [int(n) for n in args.hosts.split(",")]
@@ -45,7 +46,8 @@ def main() -> None:
     weights = random_lm(args.model)
     keys = client_keys(WORK / "keys")
     hosts = [start_host(f"h{i}", keys) for i in range(1, max(counts) + 1)]
-    results: list[dict] = []
+    saved = RESULTS / "fleet.json"
+    results: list[dict] = [r for r in json.loads(saved.read_text())["results"] if r["hosts"] not in counts] if args.keep and saved.exists() else []
     try:
         with LocalHub(WORK / "hub") as hub:
             hub.add_repo("bench/model", {p.name: p for p in weights.iterdir()})
@@ -71,6 +73,7 @@ def main() -> None:
                         raise SystemExit(r.stdout + r.stderr[-3000:])
                     results.append({"hosts": n, "mode": mode, "wall_s": wall, "hub_bytes": proxy.bytes_served("/resolve/") - before})
                     print(f"{n} host(s) {mode:10s} {wall:7.1f}s  hub {format_bytes(results[-1]['hub_bytes'])}", flush=True)
+                    results.sort(key=lambda r: (r["hosts"], r["mode"]))
                     write(results, model_bytes, args.model)
             proxy.stop()
     finally:
