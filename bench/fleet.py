@@ -10,6 +10,7 @@ really served. Writes bench/results/fleet.{json,md} after every measurement.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import subprocess
 import sys
