@@ -48,7 +48,8 @@ def main() -> None:
     keys = client_keys(WORK / "keys")
     hosts = [start_host(f"h{i}", keys) for i in range(1, max(counts) + 1)]
     saved = RESULTS / "fleet.json"
-    results: list[dict] = [r for r in json.loads(saved.read_text())["results"] if r["hosts"] not in counts] if args.keep and saved.exists() else []
+    plan = {(n, mode) for n in counts for mode in args.modes.split(",") if mode != "sequential" or str(n) in args.sequential_hosts.split(",")}
+    results: list[dict] = [r for r in json.loads(saved.read_text())["results"] if (r["hosts"], r["mode"]) not in plan] if args.keep and saved.exists() else []
     try:
         with LocalHub(WORK / "hub") as hub:
             hub.add_repo("bench/model", {p.name: p for p in weights.iterdir()})
@@ -60,7 +61,7 @@ def main() -> None:
             inv = inventory(project.dir / "hosts.yml", keys, hosts)
             model_bytes = sum(p.stat().st_size for p in weights.iterdir())
             for n in counts:
-                for mode in [m for m in args.modes.split(",") if m != "sequential" or str(n) in args.sequential_hosts.split(",")]:
+                for mode in [m for m in args.modes.split(",") if (n, m) in plan]:
                     for h in hosts:
                         h.exec("rm", "-rf", "/srv/models/bench", "/srv/models/.staging/bench")
                     shutil.rmtree(WORK / "seed", ignore_errors=True)
