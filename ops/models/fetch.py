@@ -32,7 +32,9 @@ def fetch_models(models: Sequence[LockedModel], store: Store, *, workers: int = 
     outcomes: dict[str, Outcome] = {}
     todo = []
     for m in models:
-        ready = _already_there(store, m)
+        # Under the model's lock: the check may repair (move aside) a damaged copy another fetch is writing.
+        with store.locked(m.name):
+            ready = _already_there(store, m)
         if ready:
             outcomes[m.name] = ready
         else:
