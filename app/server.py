@@ -89,7 +89,9 @@ def create_app(settings: Settings) -> FastAPI:
     @app.middleware("http")
     async def count(request: Request, call_next: Any) -> Response:
         response = await call_next(request)
-        metrics.requests.labels(request.url.path, str(response.status_code)).inc()
+        # Label by route, not raw path: a scanner's random URLs must not grow the series without bound.
+        route = request.scope.get("route")
+        metrics.requests.labels(getattr(route, "path", "unmatched"), str(response.status_code)).inc()
         return response
 
     @app.exception_handler(ApiError)
