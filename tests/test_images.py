@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -185,7 +186,7 @@ def test_unbaked_image_fetches_at_start_then_serves(unbaked: Built, hub: Hub, co
                 break
         except httpx.TransportError:
             pass
-        subprocess.run(["sleep", "0.5"])
+        time.sleep(0.5)
     logs = podman("logs", name).stdout + podman("logs", name).stderr
     assert deadline_ok, logs
     assert "entrypoint: fetch:" in logs
