@@ -87,8 +87,8 @@ class LocalHub:
         conf = self.root / "olah.toml"
         conf.write_text(self.config())
         olah = shutil.which("olah-cli") or str(Path(sys.executable).with_name("olah-cli"))
-        log = open(self.root / "olah.log", "ab")
-        self.process = subprocess.Popen([olah, "-c", str(conf)], cwd=self.root, stdout=log, stderr=subprocess.STDOUT)
+        with open(self.root / "olah.log", "ab") as log:  # the child keeps its own copy of the descriptor
+            self.process = subprocess.Popen([olah, "-c", str(conf)], cwd=self.root, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
