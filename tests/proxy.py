@@ -4,21 +4,31 @@ olah (the local hub) always answers 200 with the whole file; the real hub's CDN
 honours Range. Tests put this proxy in front of olah to get CDN behaviour, a
 slow link (so a kill -9 lands mid-file), and a count of what was asked and
 sent. Bodies are streamed, never held whole.
+
+With `cache_dir`, file downloads (`/resolve/`) are fetched from upstream once,
+kept on disk and served from there, as a CDN edge does: benchmarks use it so
+olah's own speed (about 27 MB/s, one object read whole into memory per
+request) does not stand in for the hub's.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import re
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import httpx2
 
 from ops.localhub import free_port
 
+_HOP_HEADERS = ("content-length", "transfer-encoding", "content-encoding", "connection", "date", "server")
 _RANGE = re.compile(r"bytes=(\d+)-(\d*)")
 
 
@@ -37,6 +47,9 @@ class Proxy:
     rate: float | None = None  # bytes per second per response, None for unthrottled
     port: int = field(default_factory=free_port)
     requests: list[Seen] = field(default_factory=list)
+    cache_dir: Path | None = None
+    _fills: dict[str, threading.Lock] = field(default_factory=dict)
+    _fills_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def url(self) -> str:
@@ -62,6 +75,9 @@ class Proxy:
                 seen = Seen(self.command, self.path, self.headers.get("Range"), self.headers.get("Authorization"))
                 proxy.requests.append(seen)
                 headers = {k: v for k, v in self.headers.items() if k.lower() in ("authorization", "accept", "user-agent")}
+                if proxy.cache_dir and body and "/resolve/" in self.path:
+                    self._serve_cached(proxy._cached(self.path, headers), seen)
+                    return
                 with httpx2.stream(self.command, proxy.upstream + self.path, headers=headers, follow_redirects=True, timeout=600) as r:
                     length = r.headers.get("content-length")
                     if length is None:  # olah streams chunked; its HEAD knows the length
@@ -73,7 +89,7 @@ class Proxy:
                         start, end, status = int(m.group(1)), int(m.group(2)) + 1 if m.group(2) else total, 206
                     self.send_response(status)
                     for k, v in r.headers.items():
-                        if k.lower() not in ("content-length", "transfer-encoding", "content-encoding", "connection", "date", "server"):
+                        if k.lower() not in _HOP_HEADERS:
                             self.send_header(k, v)
                     self.send_header("Content-Length", str(total if self.command == "HEAD" else end - start))
                     if status == 206:
@@ -81,6 +97,28 @@ class Proxy:
                     self.end_headers()
                     if body:
                         self._relay(r.iter_raw(), start, end, seen)
+
+            def _serve_cached(self, cached: tuple[int, dict[str, str], Path], seen: Seen) -> None:
+                status, upstream_headers, path = cached
+                total = path.stat().st_size
+                m = _RANGE.match(seen.range or "")
+                start, end = (int(m.group(1)), int(m.group(2)) + 1 if m.group(2) else total) if m and status == 200 else (0, total)
+                self.send_response(206 if m and status == 200 else status)
+                for k, v in upstream_headers.items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(end - start))
+                if m and status == 200:
+                    self.send_header("Content-Range", f"bytes {start}-{end - 1}/{total}")
+                self.end_headers()
+                with path.open("rb") as f:
+                    self.wfile.flush()
+                    offset = start
+                    while offset < end:
+                        sent = os.sendfile(self.connection.fileno(), f.fileno(), offset, min(end - offset, 8 << 20))
+                        if sent == 0:
+                            break
+                        offset += sent
+                        seen.bytes_sent += sent
 
             def _relay(self, chunks: Iterator[bytes], start: int, end: int, seen: Seen) -> None:
                 """Stream the upstream body, sending only [start, end), at `rate` when throttled."""
@@ -106,6 +144,23 @@ class Proxy:
         self._server.daemon_threads = True
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
         return self
+
+    def _cached(self, path: str, headers: dict[str, str]) -> tuple[int, dict[str, str], Path]:
+        """The upstream answer for `path`, fetched once however many ask at the same time."""
+        key = hashlib.sha256(path.encode()).hexdigest()
+        body, meta = self.cache_dir / key, self.cache_dir / f"{key}.json"
+        with self._fills_lock:
+            lock = self._fills.setdefault(key, threading.Lock())
+        with lock:
+            if not meta.exists():
+                self.cache_dir.mkdir(parents=True, exist_ok=True)
+                with httpx2.stream("GET", self.upstream + path, headers=headers, follow_redirects=True, timeout=600) as r, body.open("wb") as f:
+                    for chunk in r.iter_raw():
+                        f.write(chunk)
+                    kept = {k: v for k, v in r.headers.items() if k.lower() not in _HOP_HEADERS}
+                meta.write_text(json.dumps([r.status_code, kept]))
+        status, kept = json.loads(meta.read_text())
+        return status, kept, body
 
     def stop(self) -> None:
         self._server.shutdown()
