@@ -148,6 +148,50 @@ def push(c, tag=None, engine=None, dry_run=False):
     print("\n".join(shlex.join(a) for a in report.argv) if dry_run else report.render())
 
 
+DEPLOY_HELP = {
+    "hosts": "deploy to these inventory hosts (comma-separated)",
+    "group": "deploy to every host of this inventory group",
+    "inventory": "Ansible-compatible inventory (default inventory/hosts.yml)",
+    "tag": "release version: the image tag on Docker hosts (default: the last build), the release name on bare hosts (default: the git revision)",
+    "serial": "hosts at a time (default 1); a batch with a failed host stops the rollout",
+    "dry_run": "print every command per host without connecting to any",
+    "break_lock": "remove a deploy lock left by a deploy that died (the report says whose it was)",
+    "json": "print one JSON document with a row per host",
+    "host_keys": MODEL_HELP["host_keys"],
+    "connect_timeout": MODEL_HELP["connect_timeout"],
+    "known_hosts": MODEL_HELP["known_hosts"],
+    "lock": "models.lock shipped with bare-host releases (default ./models.lock)",
+    "manifest": "models.toml shipped with bare-host releases (default ./models.toml)",
+}
+
+
+@task(help=DEPLOY_HELP)
+def deploy(c, hosts=None, group=None, inventory=None, tag=None, serial=1, dry_run=False, break_lock=False, json=False, host_keys="strict", connect_timeout=10, known_hosts=None, lock=None, manifest=None):
+    """Put a release on Docker, bare and webhook hosts, gated on /ready, rolled back when it fails."""
+    _deploy("deploy", hosts, group, inventory, tag, serial, dry_run, break_lock, json, host_keys, connect_timeout, known_hosts, lock, manifest)
+
+
+@task(help={k: v for k, v in DEPLOY_HELP.items() if k not in ("tag", "lock", "manifest")})
+def rollback(c, hosts=None, group=None, inventory=None, serial=1, dry_run=False, break_lock=False, json=False, host_keys="strict", connect_timeout=10, known_hosts=None):
+    """Back to the previous release (bare) or image (Docker) on each host, gated on /ready."""
+    _deploy("rollback", hosts, group, inventory, None, serial, dry_run, break_lock, json, host_keys, connect_timeout, known_hosts, None, None)
+
+
+def _deploy(command, hosts, group, inventory, tag, serial, dry_run, break_lock, json, host_keys, connect_timeout, known_hosts, lock, manifest):
+    from ops.deploy import rollout
+    from ops.remote.ssh import SshOptions
+
+    configure_logging()
+    ssh = _or_exit(lambda: SshOptions(host_key_policy=host_keys, connect_timeout=float(connect_timeout), **({"known_hosts": Path(known_hosts)} if known_hosts else {})))
+    text, code = _or_exit(lambda: rollout.run(
+        command, Path(inventory or "inventory/hosts.yml"), hosts=parse_models(hosts), group=group, project=Path.cwd(), tag=tag, serial=int(serial),
+        ssh=ssh, dry_run_only=dry_run, break_lock=break_lock, as_json=json, manifest=Path(manifest) if manifest else None, lock=Path(lock) if lock else None,
+    ))
+    print(text)
+    if code:
+        raise Exit(code=code)
+
+
 def _or_exit(step):
     try:
         return step()

@@ -12,7 +12,9 @@
     │   ├── SourceNotFoundError
     │   └── OfflineError
     ├── VerificationError               exit 1  files do not match the lock
-    └── DiskSpaceError (OSError)        exit 4  not enough free space
+    ├── DiskSpaceError (OSError)        exit 4  not enough free space
+    ├── NotReadyError                   exit 1  a deployed release never answered /ready
+    └── DeployLockedError               exit 5  another deploy holds the host's deploy lock
 
 Messages say what is wrong, then what to do next. They never carry a token:
 anything that may hold credentials goes through `redact` first.
@@ -26,6 +28,7 @@ EXIT_VERIFY = 1
 EXIT_USAGE = 2
 EXIT_SOURCE = 3
 EXIT_DISK = 4
+EXIT_LOCKED = 5
 
 
 class BakehouseError(Exception):
@@ -78,6 +81,14 @@ class VerificationError(BakehouseError):
 
 class DiskSpaceError(BakehouseError, OSError):
     exit_code = EXIT_DISK
+
+
+class NotReadyError(BakehouseError):
+    exit_code = EXIT_VERIFY
+
+
+class DeployLockedError(BakehouseError):
+    exit_code = EXIT_LOCKED
 
 
 def error_for_exit(code: int, message: str) -> BakehouseError:

@@ -1,0 +1,173 @@
+"""A release on a bare host, as argv lists and file texts. Nothing here connects anywhere.
+
+    {prefix}/wheels/              uploaded wheels (kept, so the next release uploads only what changed)
+    {prefix}/deps/<digest>/       a venv with the app's dependencies (torch, transformers, …), shared by releases
+    {prefix}/releases/<version>/  venv (this project only, linked to its deps), models.toml, models.lock
+    {prefix}/current -> releases/<version>   switched atomically (rename over the old link)
+    {prefix}/app.env              the app's environment, secrets included, 0600
+    {prefix}/run/                 the fallback supervisor's pid, state and log
+    {prefix}/history              versions that became ready, oldest first
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from ops.deploy.target import Target
+
+# Runs on the host with the release's python: point the release venv at the shared deps venv.
+_LINK_DEPS = """
+import subprocess, sys, sysconfig
+deps = subprocess.run([sys.argv[1], "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], capture_output=True, text=True, check=True).stdout.strip()
+open(sysconfig.get_path("purelib") + "/_bakehouse_deps.pth", "w").write(deps + "\\n")
+"""
+_PRUNE = (
+    'cd "$1" || exit 0; shift; keep=" $* "; '
+    'for d in releases/*; do [ -e "$d" ] || continue; case "$keep" in *" ${d#releases/} "*) ;; *) rm -rf "$d";; esac; done; '
+    'used=" $(cat releases/*/deps 2>/dev/null | tr "\\n" " ") "; '
+    'for d in deps/*; do [ -e "$d" ] || continue; case "$used" in *" ${d#deps/} "*) ;; *) rm -rf "$d";; esac; done'
+)
+
+
+def release_dir(t: Target, version: str) -> str:
+    return f"{t.prefix}/releases/{version}"
+
+
+def release_python(t: Target, version: str) -> str:
+    return f"{release_dir(t, version)}/venv/bin/python"
+
+
+def deps_dir(t: Target, digest: str) -> str:
+    return f"{t.prefix}/deps/{digest}"
+
+
+def env_path(t: Target) -> str:
+    return f"{t.prefix}/app.env"
+
+
+def current_argv(t: Target) -> list[str]:
+    """The current release's version (empty output when there is none yet)."""
+    return ["sh", "-c", 'v=$(readlink "$1") && basename "$v" || true', "sh", f"{t.prefix}/current"]
+
+
+def exists_argv(path: str) -> list[str]:
+    return ["test", "-e", path]
+
+
+def mkdir_argv(*paths: str) -> list[str]:
+    return ["mkdir", "-p", *paths]
+
+
+def venv_argv(t: Target, path: str, *, system_site_packages: bool = False) -> list[str]:
+    return [t.host.python, "-m", "venv", *(["--system-site-packages"] if system_site_packages else []), path]
+
+
+def pip_install_argv(python: str, wheels: Sequence[str]) -> list[str]:
+    """Exactly these wheels, offline: no index, nothing else pulled in."""
+    return [python, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps", *wheels]
+
+
+def link_deps_argv(t: Target, version: str, digest: str) -> list[str]:
+    return [release_python(t, version), "-c", _LINK_DEPS, f"{deps_dir(t, digest)}/bin/python"]
+
+
+def mark_argv(path: str, text: str = "") -> list[str]:
+    return ["sh", "-c", 'printf "%s" "$2" > "$1"', "sh", path, text]
+
+
+def fetch_argv(t: Target, version: str, env: Mapping[str, str], *, token_stdin: bool) -> list[str]:
+    """Fetch and verify the release's model with the release's own model commands."""
+    pairs = [f"{k}={v}" for k, v in env.items()]
+    argv = ["env", *pairs, release_python(t, version), "-m", "ops.models", "fetch", "--lock", f"{release_dir(t, version)}/models.lock",
+            "--manifest", f"{release_dir(t, version)}/models.toml", "--dest", t.host.models_dir, "--models", t.model, "--json"]
+    return [*argv, "--token-stdin"] if token_stdin else argv
+
+
+def switch_argv(t: Target, version: str) -> list[str]:
+    """Point `current` at the release: a new link renamed over the old one, so it is never missing."""
+    return ["sh", "-c", 'ln -sfn "$2" "$1.new" && mv -T "$1.new" "$1"', "sh", f"{t.prefix}/current", f"releases/{version}"]
+
+
+def prune_argv(t: Target, keep: Sequence[str]) -> list[str]:
+    """Remove releases not in `keep`, then deps venvs no kept release uses."""
+    return ["sh", "-c", _PRUNE, "sh", t.prefix, *keep]
+
+
+def app_env(t: Target) -> dict[str, str]:
+    """The app's settings on a bare host; the models were fetched and verified by the deploy."""
+    return {
+        "MODEL": t.model,
+        "HOST": "0.0.0.0",
+        "PORT": str(t.port),
+        "MODELS_DIR": t.host.models_dir,
+        "BAKEHOUSE_MANIFEST": f"{t.prefix}/current/models.toml",
+        "BAKEHOUSE_LOCK": f"{t.prefix}/current/models.lock",
+        "BAKEHOUSE_AUTO_FETCH": "0",
+        "HF_HUB_OFFLINE": "1",
+        **t.app_env,
+    }
+
+
+def app_argv(t: Target) -> list[str]:
+    return [f"{t.prefix}/current/venv/bin/python", "-m", "app.entrypoint"]
+
+
+# --- systemd -----------------------------------------------------------------
+
+def unit_path(t: Target) -> str:
+    return f"/etc/systemd/system/{t.service}.service"
+
+
+def unit_text(t: Target) -> str:
+    """The service unit. It runs whatever `current` points at, so a switch plus a restart is a deploy."""
+    return "\n".join([
+        "[Unit]",
+        f"Description=bakehouse inference server ({t.model})",
+        "After=network-online.target",
+        "Wants=network-online.target",
+        "StartLimitIntervalSec=60",
+        "StartLimitBurst=3",
+        "",
+        "[Service]",
+        "Type=simple",
+        f"EnvironmentFile={env_path(t)}",
+        f"WorkingDirectory={t.prefix}",
+        "ExecStart=" + " ".join(app_argv(t)),
+        "Restart=on-failure",
+        "RestartSec=2",
+        "TimeoutStopSec=30",
+        "KillMode=mixed",
+        "",
+        "[Install]",
+        "WantedBy=multi-user.target",
+        "",
+    ])
+
+
+def supervise_argv(t: Target, action: str) -> list[str]:
+    """The fallback process manager (ops.deploy.supervise), run by the current release's python."""
+    argv = [f"{t.prefix}/current/venv/bin/python", "-m", "ops.deploy.supervise", action, "--run-dir", f"{t.prefix}/run"]
+    if action in ("start", "restart"):
+        argv += ["--env-file", env_path(t), "--", *app_argv(t)]
+    return argv
+
+
+def restart_argvs(t: Target) -> list[list[str]]:
+    if t.process_manager == "systemd":
+        return [["systemctl", "daemon-reload"], ["systemctl", "enable", "--quiet", t.service], ["systemctl", "restart", t.service]]
+    return [supervise_argv(t, "restart")]
+
+
+def stop_argv(t: Target) -> list[str]:
+    return ["systemctl", "stop", t.service] if t.process_manager == "systemd" else supervise_argv(t, "stop")
+
+
+def alive_argv(t: Target) -> list[str]:
+    """Exit 0 while the app process is up and has not exited since it was (re)started."""
+    return ["systemctl", "is-active", "--quiet", t.service] if t.process_manager == "systemd" else supervise_argv(t, "status")
+
+
+def logs_argv(t: Target) -> list[str]:
+    if t.process_manager == "systemd":
+        return ["journalctl", "-u", t.service, "-n", "20", "--no-pager", "-o", "cat"]
+    return ["tail", "-n", "20", f"{t.prefix}/run/app.log"]

@@ -1,0 +1,265 @@
+"""One host's deploy or rollback, step by step, against a shell (SSH or dry-run).
+
+Kamal's boot loop, adapted to GPU hosts: a GPU rarely holds two copies of a
+model, so the old app stops before the new one starts; the new one must answer
+/ready within `ready_timeout` (failing fast when it crashes), or the previous
+release or container is put back and must answer /ready in its turn.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from ops.deploy import bare, common, docker
+from ops.deploy.release import Release
+from ops.deploy.target import Target
+from ops.errors import ConfigError, NotReadyError, error_for_exit
+from ops.images.registry import Registry
+from ops.remote.fleet import failure_reason, parse_host_report, wheel_identity
+from ops.remote.ssh import RemoteResult
+
+POLL_S = 1.0
+
+
+class Shell(Protocol):
+    def run(self, argv: list[str], *, stdin: str | None = None, kind: str = "action", what: str = "") -> RemoteResult: ...
+    def put(self, local: object, remote: str) -> None: ...
+    def size(self, remote: str) -> int | None: ...
+
+
+@dataclass(frozen=True)
+class Context:
+    """What every host's steps share: the release or image tag, credentials, the environment to forward."""
+
+    release: Release | None = None  # bare hosts
+    tag: str | None = None  # docker hosts
+    registry: Registry | None = None
+    forwarded: Mapping[str, str] = field(default_factory=dict)  # HF_ENDPOINT, … for fetches and containers
+    token: str = ""
+    secrets: Mapping[str, str] = field(default_factory=dict)
+    say: Callable[[str, str], None] = lambda host, line: None
+
+
+@dataclass
+class Outcome:
+    old: str | None
+    new: str | None
+    result: str  # deployed | unchanged | rolled back | reverted | restored | failed
+    error: str | None = None
+    exit_code: int = 0
+
+
+# --- health gate -------------------------------------------------------------
+
+def wait_ready(sh: Shell, t: Target, alive: list[str], logs: list[str]) -> str | None:
+    """None once /ready answers 200; else why not, with the app's last log lines."""
+    deadline = time.monotonic() + t.ready_timeout
+    last = ""
+    while True:
+        answer = sh.run(common.probe_argv(t.host.python, t.port), kind="probe").stdout.strip()
+        if answer.split(" ", 1)[0] == "200":
+            return None
+        last = answer or last
+        if sh.run(alive, kind="query").exit_code != 0:
+            why = "the app exited before it became ready"
+            break
+        if time.monotonic() > deadline:
+            why = f"not ready after {t.ready_timeout:.0f}s (last /ready answer: {last or 'none'})"
+            break
+        time.sleep(POLL_S)
+    tail = sh.run(logs, kind="query").stdout.strip().splitlines()[-5:]
+    return why + (". Last log lines: " + " | ".join(tail) if tail else "")
+
+
+# --- bare hosts --------------------------------------------------------------
+
+def release_identity(rel: Release) -> str:
+    """What makes two releases of the same version name the same: code, deps and lock."""
+    h = hashlib.sha256(wheel_identity(rel.wheel) + rel.deps.digest.encode() + rel.lock.read_bytes() + rel.manifest.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def install_release(sh: Shell, t: Target, rel: Release, say: Callable[[str], None]) -> None:
+    """Deps venv once per digest, then the release venv; both marked complete only at the end (a crash re-does them)."""
+    wheels, deps = f"{t.prefix}/wheels", bare.deps_dir(t, rel.deps.digest)
+    sh.run(bare.mkdir_argv(wheels, f"{t.prefix}/releases", f"{t.prefix}/deps", t.host.models_dir), what="create directories")
+    if t.app_deps == "wheelhouse" and sh.run(bare.exists_argv(f"{deps}/.complete"), kind="query").exit_code != 0:
+        sent = _upload(sh, [rel.deps.directory / w for w in rel.deps.wheels], wheels)
+        say(f"dependencies {rel.deps.digest}: uploaded {sent} wheel(s), installing")
+        sh.run(["rm", "-rf", deps], what="clear a partial deps venv")
+        sh.run(bare.venv_argv(t, deps), what=f"create a venv with {t.host.python} (is python3-venv installed?)")
+        sh.run(bare.pip_install_argv(f"{deps}/bin/python", [f"{wheels}/{w}" for w in rel.deps.wheels]), what="install the dependencies")
+        sh.run(bare.mark_argv(f"{deps}/.complete"), what="mark the deps venv complete")
+    identity = release_identity(rel)
+    done = f"{bare.release_dir(t, rel.version)}/.complete"
+    if sh.run(["sh", "-c", '[ "$(cat "$1" 2>/dev/null)" = "$2" ]', "sh", done, identity], kind="query").exit_code == 0:
+        say(f"release {rel.version}: already installed")
+        return
+    root = bare.release_dir(t, rel.version)
+    _upload(sh, [rel.wheel], wheels)
+    sh.run(["rm", "-rf", root], what="clear a partial release")
+    sh.run(bare.venv_argv(t, f"{root}/venv", system_site_packages=t.app_deps == "system"), what=f"create a venv with {t.host.python}")
+    sh.run(bare.pip_install_argv(bare.release_python(t, rel.version), [f"{wheels}/{rel.wheel.name}"]), what="install the release")
+    if t.app_deps == "wheelhouse":
+        sh.run(bare.link_deps_argv(t, rel.version, rel.deps.digest), what="link the release to its deps")
+        sh.run(bare.mark_argv(f"{root}/deps", rel.deps.digest + "\n"), what="record the release's deps")
+    sh.put(rel.manifest, f"{root}/models.toml")
+    sh.put(rel.lock, f"{root}/models.lock")
+    sh.run(bare.mark_argv(done, identity), what="mark the release complete")
+    say(f"release {rel.version}: installed")
+
+
+def _upload(sh: Shell, files: list, directory: str) -> int:
+    """Upload files a host lacks (same name and size counts as present: wheels are immutable by name)."""
+    sent = 0
+    for path in files:
+        if sh.size(f"{directory}/{path.name}") != path.stat().st_size:
+            sh.put(path, f"{directory}/{path.name}")
+            sent += 1
+    return sent
+
+
+def fetch_release_models(sh: Shell, t: Target, rel: Release, ctx: Context) -> None:
+    """Fetch and verify the release's model before anything stops: a failed download leaves the old app serving."""
+    argv = bare.fetch_argv(t, rel.version, ctx.forwarded, token_stdin=bool(ctx.token))
+    result = sh.run(argv, stdin=f"{ctx.token}\n" if ctx.token else None, kind="query")
+    report = parse_host_report(t.name, result.stdout or '{"exit_code": 0}', result.stderr)
+    if not report.ok:
+        raise error_for_exit(report.exit_code, f"{t.name}: fetching {t.model} failed: {failure_reason(report)}")
+
+
+def start_bare(sh: Shell, t: Target, version: str, ctx: Context) -> str | None:
+    """Switch `current`, restart, wait for /ready; None when ready, else why not."""
+    sh.run(common.write_file_argv(bare.env_path(t)), stdin=common.env_file({**bare.app_env(t), **ctx.secrets}), what="write the env file")
+    if t.process_manager == "systemd":
+        sh.run(common.write_file_argv(bare.unit_path(t)), stdin=bare.unit_text(t), what="write the systemd unit")
+    sh.run(bare.switch_argv(t, version), what="switch current")
+    for argv in bare.restart_argvs(t):
+        sh.run(argv, what="restart the app")
+    return wait_ready(sh, t, bare.alive_argv(t), bare.logs_argv(t))
+
+
+def deploy_bare(sh: Shell, t: Target, ctx: Context, say: Callable[[str], None]) -> Outcome:
+    rel = ctx.release
+    old = sh.run(bare.current_argv(t), kind="query").stdout.strip() or None
+    if old == rel.version and _serving(sh, t, bare.alive_argv(t)) and _installed(sh, t, rel):
+        return Outcome(old, rel.version, "unchanged")
+    install_release(sh, t, rel, say)
+    fetch_release_models(sh, t, rel, ctx)
+    say(f"starting {rel.version}" + (f" in place of {old}" if old else ""))
+    why = start_bare(sh, t, rel.version, ctx)
+    if why is None:
+        sh.run(common.record_argv(t.prefix, rel.version), what="record the release")
+        _prune(sh, t, rel.version, old)
+        return Outcome(old, rel.version, "deployed")
+    return _fall_back(sh, t, old, rel.version, why, say, lambda v: start_bare(sh, t, v, ctx), lambda: sh.run(bare.stop_argv(t), kind="query"))
+
+
+def rollback_bare(sh: Shell, t: Target, ctx: Context, say: Callable[[str], None]) -> Outcome:
+    current = sh.run(bare.current_argv(t), kind="query").stdout.strip() or None
+    target = common.previous_version(sh.run(common.history_argv(t.prefix), kind="query").stdout, current)
+    if target is None or sh.run(bare.exists_argv(f"{bare.release_dir(t, target)}/.complete"), kind="query").exit_code != 0:
+        raise ConfigError(f"{t.name}: no previous release to roll back to (current: {current or 'none'}).")
+    say(f"rolling back {current} -> {target}")
+    why = start_bare(sh, t, target, ctx)
+    if why is None:
+        sh.run(common.record_argv(t.prefix, target), what="record the release")
+        return Outcome(current, target, "reverted")
+    return _fall_back(sh, t, current, target, why, say, lambda v: start_bare(sh, t, v, ctx), lambda: None, back="restored")
+
+
+def _installed(sh: Shell, t: Target, rel: Release) -> bool:
+    done = f"{bare.release_dir(t, rel.version)}/.complete"
+    return sh.run(["sh", "-c", '[ "$(cat "$1" 2>/dev/null)" = "$2" ]', "sh", done, release_identity(rel)], kind="query").exit_code == 0
+
+
+def _prune(sh: Shell, t: Target, new: str, old: str | None) -> None:
+    history = [v.strip() for v in sh.run(common.history_argv(t.prefix), kind="query").stdout.splitlines() if v.strip()]
+    keep = list(dict.fromkeys([new, *([old] if old else []), *reversed(history)]))[: t.keep_releases]
+    sh.run(bare.prune_argv(t, keep), what="prune old releases")
+
+
+# --- docker hosts ------------------------------------------------------------
+
+def start_docker(sh: Shell, t: Target, ref: str, ctx: Context) -> str | None:
+    """Write the env file, set the serving container aside, run the new one, wait for /ready."""
+    env = {**docker.app_env(t, ctx.forwarded), **({"HF_TOKEN": ctx.token} if ctx.token else {}), **ctx.secrets}
+    sh.run(common.write_file_argv(docker.env_path(t)), stdin=common.env_file(env), what="write the env file")
+    for argv in docker.retire_argvs(t):
+        sh.run(argv, what="stop the serving container")
+    sh.run(docker.run_argv(t, ref), what=f"start {ref}")
+    return wait_ready(sh, t, docker.alive_argv(t), docker.logs_argv(t))
+
+
+def deploy_docker(sh: Shell, t: Target, ctx: Context, say: Callable[[str], None]) -> Outcome:
+    ref = docker.image_ref(t, ctx.registry, ctx.tag)
+    old = sh.run(docker.running_image_argv(t), kind="query").stdout.strip() or None
+    sh.run(docker.mkdir_argv(t), what="create directories")
+    if ctx.registry.user:
+        sh.run(docker.login_argv(t, ctx.registry), stdin=ctx.registry.password + "\n", what=f"log in to {ctx.registry.host}")
+    sh.run(docker.pull_argv(t, ctx.registry, ref), what=f"pull {ref}")
+    if old == ref and _serving(sh, t, docker.alive_argv(t)):
+        return Outcome(_tag(old), _tag(ref), "unchanged")
+    say(f"starting {ref}" + (f" in place of {old}" if old else ""))
+    why = start_docker(sh, t, ref, ctx)
+    if why is None:
+        sh.run(docker.remove_argv(t, docker.previous(t)), what="remove the previous container")
+        sh.run(common.record_argv(t.prefix, ref), what="record the release")
+        return Outcome(_tag(old), _tag(ref), "deployed")
+    return _docker_fall_back(sh, t, old, ref, why, say)
+
+
+def rollback_docker(sh: Shell, t: Target, ctx: Context, say: Callable[[str], None]) -> Outcome:
+    current = sh.run(docker.running_image_argv(t), kind="query").stdout.strip() or None
+    target = common.previous_version(sh.run(common.history_argv(t.prefix), kind="query").stdout, current)
+    if target is None:
+        raise ConfigError(f"{t.name}: no previous image to roll back to (current: {current or 'none'}).")
+    if sh.run(["sh", "-c", '"$1" image inspect "$2" >/dev/null 2>&1', "sh", t.engine, target], kind="query").exit_code != 0:
+        if ctx.registry.user:
+            sh.run(docker.login_argv(t, ctx.registry), stdin=ctx.registry.password + "\n", what=f"log in to {ctx.registry.host}")
+        sh.run(docker.pull_argv(t, ctx.registry, target), what=f"pull {target}")
+    say(f"rolling back {current} -> {target}")
+    why = start_docker(sh, t, target, ctx)
+    if why is None:
+        sh.run(docker.remove_argv(t, docker.previous(t)), what="remove the previous container")
+        sh.run(common.record_argv(t.prefix, target), what="record the release")
+        return Outcome(_tag(current), _tag(target), "reverted")
+    return _docker_fall_back(sh, t, current, target, why, say, back="restored")
+
+
+def _docker_fall_back(sh: Shell, t: Target, old: str | None, new: str, why: str, say: Callable[[str], None], back: str = "rolled back") -> Outcome:
+    say(f"{_tag(new)} did not become ready: {why}")
+    if old is None:
+        sh.run(docker.remove_argv(t, t.container), kind="query")
+        return Outcome(None, _tag(new), "failed", why, NotReadyError.exit_code)
+    for argv in docker.restore_argvs(t):
+        sh.run(argv, what="restore the previous container")
+    again = wait_ready(sh, t, docker.alive_argv(t), docker.logs_argv(t))
+    return Outcome(_tag(old), _tag(new), back if again is None else "failed", why + ("" if again is None else f"; the previous container did not come back either: {again}"), NotReadyError.exit_code)
+
+
+def _tag(ref: str | None) -> str | None:
+    return ref.rsplit(":", 1)[-1] if ref and ":" in ref.rsplit("/", 1)[-1] else ref
+
+
+# --- shared ------------------------------------------------------------------
+
+def _serving(sh: Shell, t: Target, alive: list[str]) -> bool:
+    return sh.run(alive, kind="query").exit_code == 0 and sh.run(common.probe_argv(t.host.python, t.port), kind="query").stdout.startswith("200")
+
+
+def _fall_back(sh: Shell, t: Target, old: str | None, new: str, why: str, say: Callable[[str], None],
+               start: Callable[[str], str | None], stop: Callable[[], object], back: str = "rolled back") -> Outcome:
+    """The new release never became ready: put the old one back (it must become ready too)."""
+    say(f"{new} did not become ready: {why}")
+    if old is None:
+        stop()
+        return Outcome(None, new, "failed", why, NotReadyError.exit_code)
+    say(f"switching back to {old}")
+    again = start(old)
+    return Outcome(old, new, back if again is None else "failed", why + ("" if again is None else f"; {old} did not come back either: {again}"), NotReadyError.exit_code)
+
