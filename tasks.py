@@ -184,8 +184,8 @@ def _deploy(command, hosts, group, inventory, tag, serial, dry_run, break_lock, 
     configure_logging()
     ssh = _or_exit(lambda: SshOptions(host_key_policy=host_keys, connect_timeout=float(connect_timeout), **({"known_hosts": Path(known_hosts)} if known_hosts else {})))
     text, code = _or_exit(lambda: rollout.run(
-        command, Path(inventory or "inventory/hosts.yml"), hosts=parse_models(hosts), group=group, project=Path.cwd(), tag=tag, serial=int(serial),
-        ssh=ssh, dry_run_only=dry_run, break_lock=break_lock, as_json=json, manifest=Path(manifest) if manifest else None, lock=Path(lock) if lock else None,
+        command, Path(inventory or "inventory/hosts.yml"), hosts=parse_models(hosts), group=group, project=Path(__file__).resolve().parent, tag=tag, serial=int(serial),
+        ssh=ssh, dry_run_only=dry_run, break_lock=break_lock, as_json=json, manifest=Path(manifest or os.environ.get("BAKEHOUSE_MANIFEST") or "models.toml"), lock=Path(lock) if lock else default_lock(),
     ))
     print(text)
     if code:

@@ -69,3 +69,37 @@ def inventory(path: Path, keys: Path, hosts: list[SshHost]) -> Path:
     lines += ["        down:", "          ansible_host: 127.0.0.1", f"          ansible_port: {free_port()}"]
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+@dataclass
+class LocalSshd:
+    """sshd on loopback for this machine itself: a Docker (podman) host for the deploy tests."""
+
+    process: subprocess.Popen
+    port: int
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=10)
+
+
+def start_local_sshd(directory: Path, keys: Path) -> LocalSshd:
+    directory.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(directory / "host_key")], check=True)
+    (directory / "sshd_config").write_text(
+        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {directory / 'host_key'}\nAuthorizedKeysFile {keys / 'authorized_keys'}\n"
+        f"PidFile {directory / 'sshd.pid'}\nPermitRootLogin prohibit-password\nUsePAM no\nStrictModes no\nPasswordAuthentication no\n"
+    )
+    Path("/run/sshd").mkdir(exist_ok=True)
+    proc = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(directory / "sshd_config")], stderr=(directory / "sshd.log").open("w"))
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        scan = subprocess.run(["ssh-keyscan", "-p", str(port), "-T", "2", "127.0.0.1"], capture_output=True, text=True)
+        if scan.stdout.strip():
+            with open(keys / "known_hosts", "a") as f:
+                f.write(scan.stdout)
+            return LocalSshd(proc, port)
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"local sshd did not come up: {(directory / 'sshd.log').read_text()}")

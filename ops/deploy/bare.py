@@ -23,9 +23,9 @@ open(sysconfig.get_path("purelib") + "/_bakehouse_deps.pth", "w").write(deps + "
 """
 _PRUNE = (
     'cd "$1" || exit 0; shift; keep=" $* "; '
-    'for d in releases/*; do [ -e "$d" ] || continue; case "$keep" in *" ${d#releases/} "*) ;; *) rm -rf "$d";; esac; done; '
+    'for d in releases/*; do [ -e "$d" ] || continue; case "$keep" in *" ${d#releases/} "*) ;; *) rm -rf "$d" || true;; esac; done; '
     'used=" $(cat releases/*/deps 2>/dev/null | tr "\\n" " ") "; '
-    'for d in deps/*; do [ -e "$d" ] || continue; case "$used" in *" ${d#deps/} "*) ;; *) rm -rf "$d";; esac; done'
+    'for d in deps/*; do [ -e "$d" ] || continue; case "$used" in *" ${d#deps/} "*) ;; *) rm -rf "$d" || true;; esac; done'
 )
 
 
@@ -52,6 +52,11 @@ def current_argv(t: Target) -> list[str]:
 
 def exists_argv(path: str) -> list[str]:
     return ["test", "-e", path]
+
+
+def discard_argv(path: str) -> list[str]:
+    """Move a partial directory aside, then remove it: a step still running there from a killed deploy cannot block the new one."""
+    return ["sh", "-c", '[ -e "$1" ] || exit 0; t="$1.abandoned-$$"; mv "$1" "$t" && { rm -rf "$t" 2>/dev/null || true; }', "sh", path]
 
 
 def mkdir_argv(*paths: str) -> list[str]:

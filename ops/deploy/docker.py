@@ -66,7 +66,10 @@ def run_argv(t: Target, ref: str) -> list[str]:
 
 
 def mkdir_argv(t: Target) -> list[str]:
-    return ["mkdir", "-p", t.prefix, *([t.host.models_dir] if t.models_volume else [])]
+    """The deploy's directory, and the models volume owned by the image's user so the app can fetch into it."""
+    if not t.models_volume:
+        return ["mkdir", "-p", t.prefix]
+    return ["sh", "-c", 'mkdir -p "$1" "$2" && chown "$3:$3" "$2"', "sh", t.prefix, t.host.models_dir, str(t.container_uid)]
 
 
 def retire_argvs(t: Target) -> list[list[str]]:
@@ -92,4 +95,4 @@ def alive_argv(t: Target) -> list[str]:
 
 
 def logs_argv(t: Target) -> list[str]:
-    return [t.engine, "logs", "--tail", "20", t.container]
+    return ["sh", "-c", '"$1" logs --tail 20 "$2" 2>&1', "sh", t.engine, t.container]

@@ -66,7 +66,10 @@ class Plan:
 
 def plan(command: str, inventory: Path, *, hosts: list[str] | None, group: str | None, project: Path, tag: str | None,
          serial: int, ssh: SshOptions, break_lock: bool = False, manifest: Path | None = None, lock: Path | None = None) -> Plan:
-    """Check everything that can be checked here (inventory, secrets, registry, release) before touching a host."""
+    """Check everything that can be checked here (inventory, secrets, registry, release) before touching a host.
+
+    `project` is the bakehouse checkout the release is built from; models.toml and models.lock default to it.
+    """
     if serial < 1:
         raise ConfigError(f"--serial {serial}: deploy at least one host at a time.")
     manifest = manifest or project / "models.toml"
@@ -79,7 +82,7 @@ def plan(command: str, inventory: Path, *, hosts: list[str] | None, group: str |
     registry = Registry.from_env() if "docker" in runtimes else None
     release = build_release(project, tag=tag, manifest=manifest, lock=lock) if "bare" in runtimes and command == "deploy" else None
     if "docker" in runtimes and command == "deploy" and not tag:
-        tag = _last_tag(project)
+        tag = _last_tag(Path.cwd())
     context = Context(
         release=release,
         tag=tag,

@@ -90,7 +90,7 @@ def install_release(sh: Shell, t: Target, rel: Release, say: Callable[[str], Non
     if t.app_deps == "wheelhouse" and sh.run(bare.exists_argv(f"{deps}/.complete"), kind="query").exit_code != 0:
         sent = _upload(sh, [rel.deps.directory / w for w in rel.deps.wheels], wheels)
         say(f"dependencies {rel.deps.digest}: uploaded {sent} wheel(s), installing")
-        sh.run(["rm", "-rf", deps], what="clear a partial deps venv")
+        sh.run(bare.discard_argv(deps), what="clear a partial deps venv")
         sh.run(bare.venv_argv(t, deps), what=f"create a venv with {t.host.python} (is python3-venv installed?)")
         sh.run(bare.pip_install_argv(f"{deps}/bin/python", [f"{wheels}/{w}" for w in rel.deps.wheels]), what="install the dependencies")
         sh.run(bare.mark_argv(f"{deps}/.complete"), what="mark the deps venv complete")
@@ -101,7 +101,7 @@ def install_release(sh: Shell, t: Target, rel: Release, say: Callable[[str], Non
         return
     root = bare.release_dir(t, rel.version)
     _upload(sh, [rel.wheel], wheels)
-    sh.run(["rm", "-rf", root], what="clear a partial release")
+    sh.run(bare.discard_argv(root), what="clear a partial release")
     sh.run(bare.venv_argv(t, f"{root}/venv", system_site_packages=t.app_deps == "system"), what=f"create a venv with {t.host.python}")
     sh.run(bare.pip_install_argv(bare.release_python(t, rel.version), [f"{wheels}/{rel.wheel.name}"]), what="install the release")
     if t.app_deps == "wheelhouse":

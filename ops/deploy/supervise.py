@@ -101,14 +101,14 @@ def loop(run_dir: Path, env_file: Path, argv: list[str]) -> int:
         nonlocal stopping
         stopping = True
         if child and child.poll() is None:
-            child.terminate()
+            os.killpg(child.pid, signal.SIGTERM)  # the app's whole process group: no orphan keeps the port or the GPU
 
     signal.signal(signal.SIGTERM, on_term)
     exits: list[float] = []
     starts = 0
     while not stopping:
         env = {k: os.environ[k] for k in ("PATH", "HOME", "LANG") if k in os.environ} | read_env_file(env_file)
-        child = subprocess.Popen(argv, env=env)
+        child = subprocess.Popen(argv, env=env, process_group=0)
         starts += 1
         _write_state(run_dir, starts=starts, exits=len(exits), child=child.pid)
         while True:
@@ -116,7 +116,7 @@ def loop(run_dir: Path, env_file: Path, argv: list[str]) -> int:
                 code = child.wait(timeout=STOP_TIMEOUT_S if stopping else None)
                 break
             except subprocess.TimeoutExpired:
-                child.kill()
+                os.killpg(child.pid, signal.SIGKILL)
         if stopping:
             break
         now = time.monotonic()
@@ -132,13 +132,14 @@ def loop(run_dir: Path, env_file: Path, argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    # Everything after "--" is the app's command line, never parsed as ours.
+    ours, command = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
     ap = argparse.ArgumentParser(prog="python -m ops.deploy.supervise")
     ap.add_argument("action", choices=["start", "stop", "restart", "status", "_loop"])
     ap.add_argument("--run-dir", type=Path, required=True)
     ap.add_argument("--env-file", type=Path)
-    ap.add_argument("command", nargs=argparse.REMAINDER)
-    args = ap.parse_args(argv)
-    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    args = ap.parse_args(ours)
     if args.action in ("start", "restart", "_loop") and (not command or args.env_file is None):
         ap.error(f"{args.action} needs --env-file and the command after --")
     if args.action == "_loop":

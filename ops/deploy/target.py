@@ -39,6 +39,7 @@ class Target:
     image: str | None = None  # repository without tag; default: the registry's bakehouse image
     gpus: str = ""  # "all", "0,1", or "" for none
     models_volume: bool = True  # mount models_dir at /models (False: the image has its models baked)
+    container_uid: int = 10001  # the image's user, who must be able to write the models volume
     # webhook targets
     hook_url_env: str = ""
 
@@ -69,6 +70,7 @@ def target(host: Host, default_model: str) -> Target:
         image=v.get("image"),
         gpus=str(v.get("gpus", "")),
         models_volume=bool(v.get("models_volume", True)),
+        container_uid=_int(host, v, "container_uid", 10001),
         hook_url_env=str(v.get("hook_url_env", "")),
     )
     for name in (*t.secrets, *t.app_env):

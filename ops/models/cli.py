@@ -72,7 +72,7 @@ def run_command(command: str, *, models: str | None = None, manifest: Path | Non
 def configure_logging() -> None:
     """Progress and step lines on stderr; reports on stdout. The HTTP clients' per-request lines are noise here."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    for noisy in ("httpx", "httpx2", "huggingface_hub"):
+    for noisy in ("httpx", "httpx2", "huggingface_hub", "paramiko"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

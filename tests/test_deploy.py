@@ -1,0 +1,266 @@
+"""`invoke deploy` / `invoke rollback` on real hosts: bare hosts as sshd containers, this machine as a podman host, a webhook."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+import pytest
+from containers import source_tree
+from helpers import HF_DEMO, ROOT, TOKEN, Hub, Project, manifest
+from sshhosts import SshHost, client_keys, ensure_host_image, start_host
+
+from ops.localhub import free_port
+
+INVOKE = [sys.executable, "-m", "invoke"]
+SECRET = "app-secret-9f8e7d6c5b4a"
+PREFIX = "/opt/bakehouse"
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    ensure_host_image()
+    return client_keys(tmp_path_factory.mktemp("keys"))
+
+
+@pytest.fixture(scope="module")
+def hosts(keys: Path) -> Iterator[dict[str, SshHost]]:
+    started = {name: start_host(name, keys) for name in ("h1", "h2", "h3")}
+    yield started
+    for h in started.values():
+        h.stop()
+        subprocess.run(["podman", "rm", "-f", h.container], capture_output=True, check=False)
+
+
+@pytest.fixture(scope="module")
+def ports(hosts: dict[str, SshHost]) -> dict[str, int]:
+    """The hosts share this machine's network, so each app listens on its own port."""
+    return {name: free_port() for name in hosts}
+
+
+def write_inventory(path: Path, keys: Path, hosts: dict[str, SshHost], ports: dict[str, int], extra: dict[str, str] | None = None) -> Path:
+    lines = ["all:", "  vars:", f"    ansible_ssh_private_key_file: {keys / 'id'}", "    runtime: bare", "    process_manager: supervise",
+             "    ready_timeout: 180", "    secrets: [APP_SECRET]", "  children:", "    web:", "      hosts:"]
+    for name, h in hosts.items():
+        lines += [f"        {name}:", "          ansible_host: 127.0.0.1", f"          ansible_port: {h.port}", f"          port: {ports[name]}"]
+        lines += [f"          {line}" for line in (extra or {}).get(name, "").splitlines()]
+    lines += ["        down:", "          ansible_host: 127.0.0.1", f"          ansible_port: {free_port()}"]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def site(hub: Hub, tmp_path_factory: pytest.TempPathFactory, keys: Path, hosts: dict[str, SshHost], ports: dict[str, int]) -> Project:
+    p = Project(tmp_path_factory.mktemp("deploy") / "project", hub.endpoint)
+    p.dir.mkdir()
+    p.write_manifest('default = ["demo"]\n\n' + manifest(demo=HF_DEMO))
+    assert p.run("lock").returncode == 0
+    write_inventory(p.dir / "hosts.yml", keys, hosts, ports)
+    return p
+
+
+def deploy(site: Project, keys: Path, command: str, *flags: str, search_root: Path = ROOT, inventory: str = "hosts.yml") -> subprocess.CompletedProcess[str]:
+    argv = [*INVOKE, "--search-root", str(search_root), command, "--inventory", inventory, "--known-hosts", str(keys / "known_hosts"), *flags]
+    return subprocess.run(argv, cwd=site.dir, env=site.env(HF_TOKEN=TOKEN, APP_SECRET=SECRET), capture_output=True, text=True, timeout=900)
+
+
+def table(out: str) -> dict[str, list[str]]:
+    """Rows by host: [runtime, old, new, result…, time]."""
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("host "))
+    end = next(i for i, line in enumerate(lines) if " host(s): " in line)
+    return {line.split()[0]: line.split()[1:] for line in lines[start + 1 : end]}
+
+
+def ready(port: int) -> int:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/ready", timeout=5).status_code
+    except httpx.TransportError:
+        return 0
+
+
+def current(host: SshHost) -> str:
+    return host.exec("sh", "-c", f"basename $(readlink {PREFIX}/current) 2>/dev/null || true").stdout.strip()
+
+
+def app_pid(host: SshHost) -> int:
+    return json.loads(host.exec("cat", f"{PREFIX}/run/state.json").stdout)["child"]
+
+
+def alive(host: SshHost, pid: int) -> bool:
+    return host.exec("kill", "-0", str(pid), check=False).returncode == 0
+
+
+def test_dry_run_prints_every_command_and_touches_no_host(site: Project, keys: Path, hosts: dict[str, SshHost]) -> None:
+    r = deploy(site, keys, "deploy", "--hosts", "h1,down", "--tag", "v1", "--dry-run")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "# h1 (bare, root@127.0.0.1" in r.stdout and "# down (bare" in r.stdout
+    for expected in ("-m venv /opt/bakehouse/releases/v1/venv", "-m ops.models fetch --lock /opt/bakehouse/releases/v1/models.lock",
+                     "ln -sfn", "ops.deploy.supervise restart", "/ready", "deploy.lock"):
+        assert expected in r.stdout, expected
+    assert SECRET not in r.stdout + r.stderr and TOKEN not in r.stdout + r.stderr
+    assert hosts["h1"].exec("test", "-e", PREFIX, check=False).returncode != 0
+
+
+def snapshot_ps(host: SshHost, stop: threading.Event, seen: list[str]) -> None:
+    while not stop.is_set():
+        seen.append(host.exec("ps", "-eo", "args", check=False).stdout)
+        time.sleep(0.2)
+
+
+def test_deploy_serves_the_new_release_and_retires_the_old(site: Project, keys: Path, hosts: dict[str, SshHost], ports: dict[str, int]) -> None:
+    h1 = hosts["h1"]
+    first = deploy(site, keys, "deploy", "--hosts", "h1", "--tag", "v1")
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert table(first.stdout)["h1"][:4] == ["bare", "-", "v1", "deployed"]
+    assert ready(ports["h1"]) == 200 and current(h1) == "v1"
+    old_pid = app_pid(h1)
+
+    stop, seen = threading.Event(), []
+    watcher = threading.Thread(target=snapshot_ps, args=(h1, stop, seen))
+    watcher.start()
+    try:
+        second = deploy(site, keys, "deploy", "--hosts", "h1", "--tag", "v2")
+    finally:
+        stop.set()
+        watcher.join()
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert table(second.stdout)["h1"][:4] == ["bare", "v1", "v2", "deployed"]
+    assert current(h1) == "v2" and ready(ports["h1"]) == 200
+    assert not alive(h1, old_pid), "the old release's app still runs"
+    completion = httpx.post(f"http://127.0.0.1:{ports['h1']}/v1/completions", json={"model": "demo", "prompt": "hello", "max_tokens": 4}, timeout=60)
+    assert completion.status_code == 200 and completion.json()["choices"][0]["text"] is not None
+
+    # Secrets: in the 0600 env file the app reads, nowhere else.
+    assert h1.exec("stat", "-c", "%a", f"{PREFIX}/app.env").stdout.strip() == "600"
+    assert f"APP_SECRET={SECRET}" in h1.exec("cat", f"{PREFIX}/app.env").stdout
+    assert len(seen) > 5 and not any(SECRET in s or TOKEN in s for s in seen)
+    for text in (first.stdout + first.stderr, second.stdout + second.stderr, h1.exec("cat", f"{PREFIX}/run/app.log").stdout):
+        assert SECRET not in text and TOKEN not in text
+
+    again = deploy(site, keys, "deploy", "--hosts", "h1", "--tag", "v2")
+    assert again.returncode == 0 and table(again.stdout)["h1"][3] == "unchanged"
+
+
+@pytest.fixture(scope="module")
+def broken_checkout(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """This project with an app that crashes at start: a release that can never become ready."""
+    src = source_tree(tmp_path_factory.mktemp("broken"))
+    entry = src / "app" / "entrypoint.py"
+    entry.write_text(entry.read_text().replace("def main(", "def main(*args, **kwargs):\n    raise SystemExit('boom: this release is broken')\n\n\ndef _unused_main(", 1))
+    return src
+
+
+def test_release_that_never_becomes_ready_is_rolled_back(site: Project, keys: Path, hosts: dict[str, SshHost], ports: dict[str, int], broken_checkout: Path) -> None:
+    r = deploy(site, keys, "deploy", "--hosts", "h1", "--tag", "broken", search_root=broken_checkout)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert table(r.stdout)["h1"][:5] == ["bare", "v2", "broken", "rolled", "back"]
+    assert "exited before it became ready" in r.stdout and "boom" in r.stdout
+    assert current(hosts["h1"]) == "v2" and ready(ports["h1"]) == 200
+
+
+def test_rollback_returns_to_the_previous_release(site: Project, keys: Path, hosts: dict[str, SshHost], ports: dict[str, int]) -> None:
+    r = deploy(site, keys, "rollback", "--hosts", "h1")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert table(r.stdout)["h1"][:4] == ["bare", "v2", "v1", "reverted"]
+    assert current(hosts["h1"]) == "v1" and ready(ports["h1"]) == 200
+
+
+def test_rolling_deploy_stops_at_the_batch_that_failed(site: Project, keys: Path, hosts: dict[str, SshHost], ports: dict[str, int]) -> None:
+    # h2's settings make the app exit at start; h3 must keep what it has (nothing).
+    write_inventory(site.dir / "rolling.yml", keys, hosts, ports, {"h2": "app_env:\n  BAKEHOUSE_MAX_BATCH: many"})
+    r = deploy(site, keys, "deploy", "--hosts", "h1,h2,h3", "--tag", "v3", "--serial", "1", inventory="rolling.yml")
+    assert r.returncode == 1, r.stdout + r.stderr
+    rows = table(r.stdout)
+    assert rows["h1"][:4] == ["bare", "v1", "v3", "deployed"]
+    assert rows["h2"][3] == "failed" and "BAKEHOUSE_MAX_BATCH" in r.stdout
+    assert rows["h3"][:5] == ["bare", "-", "-", "not", "attempted"]
+    assert hosts["h3"].exec("test", "-e", PREFIX, check=False).returncode != 0
+    assert ready(ports["h2"]) == 0 and ready(ports["h1"]) == 200
+
+
+def wait_for_lock(host: SshHost, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while host.exec("test", "-e", f"{PREFIX}/deploy.lock/owner", check=False).returncode != 0:
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the deploy never took its lock"
+        time.sleep(0.1)
+
+
+def test_concurrent_deploys_are_refused_and_a_stale_lock_names_its_owner(site: Project, keys: Path, hosts: dict[str, SshHost]) -> None:
+    h1 = hosts["h1"]
+    argv = [*INVOKE, "--search-root", str(ROOT), "deploy", "--inventory", "hosts.yml", "--known-hosts", str(keys / "known_hosts"), "--hosts", "h1"]
+    env = site.env(HF_TOKEN=TOKEN, APP_SECRET=SECRET)
+    first = subprocess.Popen([*argv, "--tag", "v4"], cwd=site.dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_lock(h1, first)
+    second = deploy(site, keys, "deploy", "--hosts", "h1", "--tag", "v5")
+    out, err = first.communicate(timeout=600)
+    assert first.returncode == 0, out + err
+    assert second.returncode == 5, second.stdout + second.stderr
+    assert table(second.stdout)["h1"][3] == "locked"
+    assert f"pid {first.pid} since" in second.stdout and "--break-lock" in second.stdout
+    assert current(h1) == "v4"
+
+    crashed = subprocess.Popen([*argv, "--tag", "v5"], cwd=site.dir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_lock(h1, crashed)
+    crashed.send_signal(signal.SIGKILL)
+    crashed.wait()
+    stale = deploy(site, keys, "deploy", "--hosts", "h1", "--tag", "v5")
+    assert stale.returncode == 5 and f"pid {crashed.pid} since" in stale.stdout
+    broken = deploy(site, keys, "deploy", "--hosts", "h1", "--tag", "v5", "--break-lock")
+    assert broken.returncode == 0, broken.stdout + broken.stderr
+    assert table(broken.stdout)["h1"][3] == "deployed" and current(h1) == "v5"
+    assert h1.exec("test", "-e", f"{PREFIX}/deploy.lock", check=False).returncode != 0
+
+
+def test_old_releases_are_pruned_to_keep_releases(site: Project, hosts: dict[str, SshHost]) -> None:
+    kept = hosts["h1"].exec("ls", f"{PREFIX}/releases").stdout.split()
+    assert len(kept) == 3 and "v5" in kept and "v4" in kept, kept
+    assert len(hosts["h1"].exec("ls", f"{PREFIX}/deps").stdout.split()) == 1
+
+
+class Hook(BaseHTTPRequestHandler):
+    calls: list[str] = []
+    status = 200
+
+    def do_POST(self) -> None:
+        Hook.calls.append(self.path)
+        body = json.dumps({"deploy": {"id": "dep-123"}}).encode()
+        self.send_response(Hook.status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_webhook_target_posts_the_hook_and_reports_the_answer(site: Project, keys: Path) -> None:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        (site.dir / "hook.yml").write_text("all:\n  hosts:\n    render:\n      runtime: webhook\n      hook_url_env: RENDER_DEPLOY_HOOK\n")
+        url = f"http://127.0.0.1:{server.server_address[1]}/deploy/srv-abc?key=hook-secret-key"
+        env = site.env(RENDER_DEPLOY_HOOK=url)
+        argv = [*INVOKE, "--search-root", str(ROOT), "deploy", "--inventory", "hook.yml", "--hosts", "render"]
+        ok = subprocess.run(argv, cwd=site.dir, env=env, capture_output=True, text=True, timeout=120)
+        assert ok.returncode == 0, ok.stdout + ok.stderr
+        assert table(ok.stdout)["render"][:4] == ["webhook", "-", "dep-123", "triggered"]
+        assert Hook.calls == ["/deploy/srv-abc?key=hook-secret-key"]
+        Hook.status = 500
+        bad = subprocess.run(argv, cwd=site.dir, env=env, capture_output=True, text=True, timeout=120)
+        assert bad.returncode == 3 and "answered 500" in bad.stdout
+        for r in (ok, bad):
+            assert "hook-secret-key" not in r.stdout + r.stderr
+        missing = subprocess.run(argv, cwd=site.dir, env=site.env(), capture_output=True, text=True, timeout=120)
+        assert missing.returncode == 2 and "RENDER_DEPLOY_HOOK not set" in missing.stderr
+    finally:
+        server.shutdown()

@@ -1,0 +1,137 @@
+"""`invoke deploy` / `rollback` to a Docker host: this machine over SSH, its podman, images pulled from a registry with auth."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from containers import BASE_IMAGE, RegistryServer, ensure_base_image, podman, source_tree, start_registry
+from helpers import ROOT, TOKEN, Hub, Project
+from sshhosts import LocalSshd, client_keys, start_local_sshd
+
+from ops.localhub import free_port
+
+CA = "/etc/ssl/certs/ca-certificates.crt"
+PASSWORD = "deploy-Passw0rd-4e5f"
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryServer]:
+    r = start_registry(tmp_path_factory.mktemp("registry"), "deployer", PASSWORD)
+    yield r
+    r.stop()
+
+
+def registry_env(reg: RegistryServer) -> dict[str, str]:
+    return {"BAKEHOUSE_REGISTRY": reg.host, "BAKEHOUSE_REGISTRY_USER": reg.user, "BAKEHOUSE_REGISTRY_PASSWORD": reg.password, "BAKEHOUSE_REGISTRY_INSECURE": "1"}
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory, hub: Hub, registry: RegistryServer) -> dict[str, str]:
+    """The real unbaked image, and one whose settings make the app exit at start; both pushed."""
+    ensure_base_image()
+    src = source_tree(tmp_path_factory.mktemp("src"))
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("HF_", "BAKEHOUSE_"))}, "HF_ENDPOINT": hub.endpoint, "BAKEHOUSE_BASE_IMAGE": BASE_IMAGE}
+    build = subprocess.run([sys.executable, "-m", "invoke", "build", "--engine", "podman", "--ca-bundle", CA, "--tag", "localhost/bakehouse:deploy-good"],
+                           cwd=src, env=env, capture_output=True, text=True, timeout=1200)
+    assert build.returncode == 0, build.stderr[-3000:]
+    (src / "Bad.Containerfile").write_text("FROM localhost/bakehouse:deploy-good\nENV BAKEHOUSE_MAX_BATCH=many\n")
+    podman("build", "--format", "docker", "-t", "localhost/bakehouse:deploy-bad", "-f", str(src / "Bad.Containerfile"), str(src))
+    podman("tag", "localhost/bakehouse:deploy-good", "localhost/bakehouse:deploy-good2")
+    for tag in ("deploy-good", "deploy-bad", "deploy-good2"):
+        push = subprocess.run([sys.executable, "-m", "invoke", "push", "--engine", "podman", "--tag", f"localhost/bakehouse:{tag}"],
+                              cwd=src, env={**env, **registry_env(registry)}, capture_output=True, text=True, timeout=600)
+        assert push.returncode == 0, push.stdout + push.stderr
+    return {"good": "deploy-good", "bad": "deploy-bad", "good2": "deploy-good2"}
+
+
+@pytest.fixture(scope="module")
+def dock(tmp_path_factory: pytest.TempPathFactory, hub: Hub) -> Iterator[tuple[Project, Path, int, str]]:
+    """A project whose inventory holds one Docker host: this machine, reached over SSH, running podman."""
+    root = tmp_path_factory.mktemp("dock")
+    keys = client_keys(root / "keys")
+    sshd: LocalSshd = start_local_sshd(root / "sshd", keys)
+    project = Project(root / "project", hub.endpoint)
+    project.dir.mkdir()
+    port = free_port()
+    container = f"bakehouse-deploy-{port}"
+    (project.dir / "hosts.yml").write_text(
+        "all:\n  children:\n    gpu:\n      hosts:\n        dock:\n"
+        f"          ansible_host: 127.0.0.1\n          ansible_port: {sshd.port}\n          ansible_ssh_private_key_file: {keys / 'id'}\n"
+        f"          runtime: docker\n          engine: podman\n          port: {port}\n          container: {container}\n"
+        f"          prefix: {root / 'opt'}\n          models_dir: {root / 'models'}\n          ready_timeout: 240\n"
+    )
+    yield project, keys, port, container
+    podman("rm", "-f", container, f"{container}-previous", check=False)
+    sshd.stop()
+
+
+def deploy(dock: tuple[Project, Path, int, str], registry: RegistryServer, command: str, *flags: str) -> subprocess.CompletedProcess[str]:
+    project, keys, _, _ = dock
+    argv = [sys.executable, "-m", "invoke", "--search-root", str(ROOT), command, "--inventory", "hosts.yml", "--known-hosts", str(keys / "known_hosts"), "--hosts", "dock", *flags]
+    env = project.env(HF_TOKEN=TOKEN, **registry_env(registry))
+    return subprocess.run(argv, cwd=project.dir, env=env, capture_output=True, text=True, timeout=900)
+
+
+def row(out: str) -> list[str]:
+    return next(line.split() for line in out.splitlines() if line.startswith("dock "))
+
+
+def running_image(container: str) -> str:
+    return podman("inspect", "--format", "{{.Config.Image}}", container).stdout.strip()
+
+
+def ready(port: int) -> int:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/ready", timeout=5).status_code
+    except httpx.TransportError:
+        return 0
+
+
+def test_docker_host_deploy_health_gate_rollback(dock: tuple[Project, Path, int, str], registry: RegistryServer, images: dict[str, str]) -> None:
+    _, _, port, container = dock
+    seen: list[str] = []
+    stop = threading.Event()
+
+    def watch() -> None:  # every process on this machine (the Docker host) while deploys run
+        while not stop.is_set():
+            seen.append(subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=False).stdout)
+            time.sleep(0.2)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        good = deploy(dock, registry, "deploy", "--tag", images["good"])
+        bad = deploy(dock, registry, "deploy", "--tag", images["bad"])
+    finally:
+        stop.set()
+        watcher.join()
+    assert good.returncode == 0, good.stdout + good.stderr
+    assert row(good.stdout)[:5] == ["dock", "docker", "-", "deploy-good", "deployed"]
+    assert re.search(r"bakehouse:deploy-good$", running_image(container))
+
+    assert bad.returncode == 1, bad.stdout + bad.stderr
+    assert row(bad.stdout)[:6] == ["dock", "docker", "deploy-good", "deploy-bad", "rolled", "back"]
+    assert "BAKEHOUSE_MAX_BATCH" in bad.stdout
+    assert running_image(container).endswith(":deploy-good") and ready(port) == 200
+    assert podman("container", "exists", f"{container}-previous", check=False).returncode != 0
+
+    for text in [*seen, good.stdout + good.stderr, bad.stdout + bad.stderr]:
+        assert PASSWORD not in text and TOKEN not in text
+
+    newer = deploy(dock, registry, "deploy", "--tag", images["good2"])
+    assert newer.returncode == 0 and row(newer.stdout)[:5] == ["dock", "docker", "deploy-good", "deploy-good2", "deployed"]
+    back = deploy(dock, registry, "rollback")
+    assert back.returncode == 0, back.stdout + back.stderr
+    assert row(back.stdout)[:5] == ["dock", "docker", "deploy-good2", "deploy-good", "reverted"]
+    assert running_image(container).endswith(":deploy-good") and ready(port) == 200
+    completion = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"model": "demo", "prompt": "hi", "max_tokens": 3}, timeout=60)
+    assert completion.status_code == 200
