@@ -27,6 +27,7 @@ MODEL_HELP = {
     "parallel": "hosts at a time (default 8)",
     "host_keys": "strict (default: known_hosts must hold the key) or accept-new (record first-contact keys)",
     "connect_timeout": "SSH connect timeout in seconds (default 10)",
+    "command_timeout": "seconds each remote command may run before its host fails (default: no limit)",
     "known_hosts": "known_hosts file checked for host keys (default ~/.ssh/known_hosts)",
     "from_local": "fan-out: fetch once on this machine (into --dest), then copy the verified files to every host",
     "from_host": "fan-out: fetch on this host first, then copy its verified files to the other hosts",
@@ -56,34 +57,41 @@ def lock_models(c, models=None, manifest=None, lock=None, json=False):
     _model_command("lock", models=models, manifest=manifest, lock=lock, json=json)
 
 
-REMOTE = ("hosts", "group", "inventory", "parallel", "host_keys", "connect_timeout", "known_hosts", "engine", "serial", "max_fail_percentage")
+REMOTE = ("hosts", "group", "inventory", "parallel", "host_keys", "connect_timeout", "command_timeout", "known_hosts", "engine", "serial", "max_fail_percentage")
 
 
 @task(help=_help("models", "manifest", "lock", "dest", "json", "workers", "from_local", "from_host", *REMOTE))
-def fetch_models(c, models=None, manifest=None, lock=None, dest=None, json=False, workers=8, hosts=None, group=None, inventory=None, parallel=8, host_keys="strict", connect_timeout=10, known_hosts=None, from_local=False, from_host=None, engine="ssh", serial="100%", max_fail_percentage=100):
+def fetch_models(c, models=None, manifest=None, lock=None, dest=None, json=False, workers=8, hosts=None, group=None, inventory=None, parallel=8, host_keys="strict", connect_timeout=10, command_timeout=None, known_hosts=None, from_local=False, from_host=None, engine="ssh", serial="100%", max_fail_percentage=100):
     """Download, fully verify and activate models: into the local store, or on many hosts over SSH."""
     if hosts or group:
         seed = (Path(dest) if dest else default_models_dir()) if from_local else None
-        _fleet("fetch", models, lock, hosts, group, inventory, parallel, host_keys, connect_timeout, known_hosts, json=json, seed=seed, from_host=from_host, engine=(engine, serial, int(max_fail_percentage)))
+        _fleet("fetch", models, lock, hosts, group, inventory, parallel, host_keys, (connect_timeout, command_timeout), known_hosts, json=json, seed=seed, from_host=from_host, engine=(engine, serial, int(max_fail_percentage)))
     else:
         _model_command("fetch", models=models, manifest=manifest, lock=lock, dest=dest, json=json, workers=int(workers))
 
 
 @task(help=_help("models", "manifest", "lock", "dest", "full", "json", "workers", *REMOTE))
-def verify_models(c, models=None, manifest=None, lock=None, dest=None, full=False, json=False, workers=8, hosts=None, group=None, inventory=None, parallel=8, host_keys="strict", connect_timeout=10, known_hosts=None, engine="ssh", serial="100%", max_fail_percentage=100):
+def verify_models(c, models=None, manifest=None, lock=None, dest=None, full=False, json=False, workers=8, hosts=None, group=None, inventory=None, parallel=8, host_keys="strict", connect_timeout=10, command_timeout=None, known_hosts=None, engine="ssh", serial="100%", max_fail_percentage=100):
     """Verify the store against models.lock (quick by default, --full re-hashes), locally or on hosts."""
     if hosts or group:
-        _fleet("verify", models, lock, hosts, group, inventory, parallel, host_keys, connect_timeout, known_hosts, json=json, full=full, engine=(engine, serial, int(max_fail_percentage)))
+        _fleet("verify", models, lock, hosts, group, inventory, parallel, host_keys, (connect_timeout, command_timeout), known_hosts, json=json, full=full, engine=(engine, serial, int(max_fail_percentage)))
     else:
         _model_command("verify", models=models, manifest=manifest, lock=lock, dest=dest, full=full, json=json, workers=int(workers))
 
 
-def _fleet(command, models, lock, hosts, group, inventory, parallel, host_keys, connect_timeout, known_hosts, *, json, engine, full=False, seed=None, from_host=None):
-    from ops.remote import fleet
+def _ssh_options(host_keys, timeouts, known_hosts):
     from ops.remote.ssh import SshOptions
 
+    connect_timeout, command_timeout = timeouts
+    return _or_exit(lambda: SshOptions(host_key_policy=host_keys, connect_timeout=float(connect_timeout), command_timeout=float(command_timeout) if command_timeout else None,
+                                       **({"known_hosts": Path(known_hosts)} if known_hosts else {})))
+
+
+def _fleet(command, models, lock, hosts, group, inventory, parallel, host_keys, timeouts, known_hosts, *, json, engine, full=False, seed=None, from_host=None):
+    from ops.remote import fleet
+
     configure_logging()
-    ssh = _or_exit(lambda: SshOptions(host_key_policy=host_keys, connect_timeout=float(connect_timeout), **({"known_hosts": Path(known_hosts)} if known_hosts else {})))
+    ssh = _ssh_options(host_keys, timeouts, known_hosts)
     job = fleet.FleetJob(command=command, lock=Path(lock) if lock else default_lock(), models=tuple(parse_models(models) or ()), full=full, parallel=int(parallel), ssh=ssh, seed=seed, from_host=from_host)
     name, serial, max_fail = engine
     results = _or_exit(lambda: fleet.run_fleet(job, Path(inventory or "inventory/hosts.yml"), hosts=parse_models(hosts), group=group, engine=name, serial=serial, max_fail_percentage=max_fail))
@@ -159,6 +167,7 @@ DEPLOY_HELP = {
     "json": "print one JSON document with a row per host",
     "host_keys": MODEL_HELP["host_keys"],
     "connect_timeout": MODEL_HELP["connect_timeout"],
+    "command_timeout": MODEL_HELP["command_timeout"],
     "known_hosts": MODEL_HELP["known_hosts"],
     "lock": "models.lock shipped with bare-host releases (default ./models.lock)",
     "manifest": "models.toml shipped with bare-host releases (default ./models.toml)",
@@ -166,23 +175,22 @@ DEPLOY_HELP = {
 
 
 @task(help=DEPLOY_HELP)
-def deploy(c, hosts=None, group=None, inventory=None, tag=None, serial=1, dry_run=False, break_lock=False, json=False, host_keys="strict", connect_timeout=10, known_hosts=None, lock=None, manifest=None):
+def deploy(c, hosts=None, group=None, inventory=None, tag=None, serial=1, dry_run=False, break_lock=False, json=False, host_keys="strict", connect_timeout=10, command_timeout=None, known_hosts=None, lock=None, manifest=None):
     """Put a release on Docker, bare and webhook hosts, gated on /ready, rolled back when it fails."""
-    _deploy("deploy", hosts, group, inventory, tag, serial, dry_run, break_lock, json, host_keys, connect_timeout, known_hosts, lock, manifest)
+    _deploy("deploy", hosts, group, inventory, tag, serial, dry_run, break_lock, json, host_keys, (connect_timeout, command_timeout), known_hosts, lock, manifest)
 
 
 @task(help={k: v for k, v in DEPLOY_HELP.items() if k not in ("tag", "lock", "manifest")})
-def rollback(c, hosts=None, group=None, inventory=None, serial=1, dry_run=False, break_lock=False, json=False, host_keys="strict", connect_timeout=10, known_hosts=None):
+def rollback(c, hosts=None, group=None, inventory=None, serial=1, dry_run=False, break_lock=False, json=False, host_keys="strict", connect_timeout=10, command_timeout=None, known_hosts=None):
     """Back to the previous release (bare) or image (Docker) on each host, gated on /ready."""
-    _deploy("rollback", hosts, group, inventory, None, serial, dry_run, break_lock, json, host_keys, connect_timeout, known_hosts, None, None)
+    _deploy("rollback", hosts, group, inventory, None, serial, dry_run, break_lock, json, host_keys, (connect_timeout, command_timeout), known_hosts, None, None)
 
 
-def _deploy(command, hosts, group, inventory, tag, serial, dry_run, break_lock, json, host_keys, connect_timeout, known_hosts, lock, manifest):
+def _deploy(command, hosts, group, inventory, tag, serial, dry_run, break_lock, json, host_keys, timeouts, known_hosts, lock, manifest):
     from ops.deploy import rollout
-    from ops.remote.ssh import SshOptions
 
     configure_logging()
-    ssh = _or_exit(lambda: SshOptions(host_key_policy=host_keys, connect_timeout=float(connect_timeout), **({"known_hosts": Path(known_hosts)} if known_hosts else {})))
+    ssh = _ssh_options(host_keys, timeouts, known_hosts)
     text, code = _or_exit(lambda: rollout.run(
         command, Path(inventory or "inventory/hosts.yml"), hosts=parse_models(hosts), group=group, project=Path(__file__).resolve().parent, tag=tag, serial=int(serial),
         ssh=ssh, dry_run_only=dry_run, break_lock=break_lock, as_json=json, manifest=Path(manifest or os.environ.get("BAKEHOUSE_MANIFEST") or "models.toml"), lock=Path(lock) if lock else default_lock(),

@@ -178,6 +178,7 @@ def test_rolling_deploy_stops_at_the_batch_that_failed(site: Project, keys: Path
     # h2's settings make the app exit at start; h3 must keep what it has (nothing).
     write_inventory(site.dir / "rolling.yml", keys, hosts, ports, {"h2": "app_env:\n  BAKEHOUSE_MAX_BATCH: many"})
     r = deploy(site, keys, "deploy", "--hosts", "h1,h2,h3", "--tag", "v3", "--serial", "1", inventory="rolling.yml")
+    print(r.stdout)  # the README shows this table
     assert r.returncode == 1, r.stdout + r.stderr
     rows = table(r.stdout)
     assert rows["h1"][:4] == ["bare", "v1", "v3", "deployed"]

@@ -162,6 +162,18 @@ def test_kill_the_control_process_mid_fetch_then_rerun_converges(fleet_project: 
     assert v.returncode == 0, v.stdout
 
 
+def test_a_command_timeout_fails_that_host_with_the_reason(fleet_project: Project, keys: Path, hosts: list[SshHost], hub: Hub) -> None:
+    hosts[0].exec("rm", "-rf", "/srv/models/shards", "/srv/models/.staging/shards")
+    slow = Proxy(hub.endpoint, rate=500_000).start()
+    try:
+        r = fleet(fleet_project, keys, "fetch-models", "--hosts", "h1", "--models", "shards", "--command-timeout", "3", env=fleet_project.env(HF_ENDPOINT=slow.url))
+    finally:
+        slow.stop()
+    assert r.returncode == 3, r.stdout + r.stderr
+    assert "did not finish within 3s (--command-timeout)" in rows(r.stdout)[("h1", "-")]
+    assert hosts[0].exec("test", "-e", "/srv/models/shards/current", check=False).returncode != 0
+
+
 def test_unknown_host_keys_are_refused_unless_first_contact_is_allowed(fleet_project: Project, keys: Path, tmp_path: Path) -> None:
     empty = tmp_path / "known_hosts"
     empty.write_text("")

@@ -48,6 +48,7 @@ class HostDeploy:
     seconds: float = 0.0
     error: str | None = None
     exit_code: int = 0
+    downtime: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -118,8 +119,8 @@ def _one(p: Plan, t: Target, say: Callable[[str, str], None]) -> HostDeploy:
     start = time.monotonic()
     row = HostDeploy(t.name, t.host.runtime)
     try:
-        outcome = _webhook(t) if t.host.runtime == "webhook" else _over_ssh(p, t, lambda line: say(t.name, line))
-        row = replace(row, old=outcome.old, new=outcome.new, result=outcome.result, error=outcome.error, exit_code=outcome.exit_code)
+        outcome = _webhook(p, t) if t.host.runtime == "webhook" else _over_ssh(p, t, lambda line: say(t.name, line))
+        row = replace(row, old=outcome.old, new=outcome.new, result=outcome.result, error=outcome.error, exit_code=outcome.exit_code, downtime=outcome.downtime)
     except BakehouseError as exc:
         row = replace(row, result="failed" if not isinstance(exc, DeployLockedError) else "locked", error=redact(str(exc)), exit_code=exc.exit_code)
     except Exception as exc:  # noqa: BLE001  (an SSH connection dropped mid-step: this host's row, not everyone's crash)
@@ -160,8 +161,10 @@ def _steps(p: Plan, t: Target) -> Callable[..., Outcome]:
             ("rollback", "bare"): rollback_bare, ("rollback", "docker"): rollback_docker}[(p.command, t.host.runtime)]
 
 
-def _webhook(t: Target) -> Outcome:
+def _webhook(p: Plan, t: Target) -> Outcome:
     """POST the deploy hook (Render and the like); the URL is a secret, only its host is ever shown."""
+    if p.command == "rollback":
+        raise ConfigError(f"{t.name}: a deploy hook cannot roll back; use the service's own rollback (Render: the deploy list, Rollback).")
     url = os.environ[t.hook_url_env]
     where = urlsplit(url).netloc or "the hook"
     try:
@@ -188,7 +191,7 @@ def dry_run(p: Plan) -> str:
     for t in p.targets:
         out.append(f"# {t.name} ({t.host.runtime}, {t.host.user}@{t.host.address}:{t.host.port})")
         if t.host.runtime == "webhook":
-            out.append(f"POST ${t.hook_url_env}    # URL not shown")
+            out.append(f"POST ${t.hook_url_env}    # URL not shown" if p.command == "deploy" else "# a deploy hook cannot roll back: use the service's own rollback")
             continue
         sh = DryShell(t.name)
         me = owner(p.command)
@@ -208,9 +211,9 @@ def exit_code(results: Sequence[HostDeploy]) -> int:
 def render(command: str, results: Sequence[HostDeploy], *, as_json: bool) -> str:
     if as_json:
         return json.dumps({"command": command, "exit_code": exit_code(results), "hosts": [asdict(r) for r in results]}, indent=2)
-    rows = [("host", "runtime", "old", "new", "result", "time")]
-    rows += [(r.host, r.runtime, r.old or "-", r.new or "-", r.result, f"{r.seconds:.1f}s") for r in results]
-    widths = [max(len(row[i]) for row in rows) for i in range(6)]
+    rows = [("host", "runtime", "old", "new", "result", "time", "down")]
+    rows += [(r.host, r.runtime, r.old or "-", r.new or "-", r.result, f"{r.seconds:.1f}s", "-" if r.downtime is None else f"{r.downtime:.1f}s") for r in results]
+    widths = [max(len(row[i]) for row in rows) for i in range(7)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows]
     failed = sum(not r.ok for r in results)
     skipped = sum(r.result == "not attempted" for r in results)

@@ -22,7 +22,7 @@ from ops.images.registry import Registry
 from ops.remote.fleet import failure_reason, parse_host_report, wheel_identity
 from ops.remote.ssh import RemoteResult
 
-POLL_S = 1.0
+POLL_S = 0.25  # a probe is one SSH round trip; the gap it adds to the measured downtime stays small
 
 
 class Shell(Protocol):
@@ -51,6 +51,12 @@ class Outcome:
     result: str  # deployed | unchanged | rolled back | reverted | restored | failed
     error: str | None = None
     exit_code: int = 0
+    downtime: float | None = None  # from stopping the old app to /ready of the new (or of the old, put back)
+
+
+def _down_since(outcome: Outcome, since: float) -> Outcome:
+    outcome.downtime = time.monotonic() - since
+    return outcome
 
 
 # --- health gate -------------------------------------------------------------
@@ -151,12 +157,14 @@ def deploy_bare(sh: Shell, t: Target, ctx: Context, say: Callable[[str], None]) 
     install_release(sh, t, rel, say)
     fetch_release_models(sh, t, rel, ctx)
     say(f"starting {rel.version}" + (f" in place of {old}" if old else ""))
+    since = time.monotonic()
     why = start_bare(sh, t, rel.version, ctx)
     if why is None:
+        outcome = _down_since(Outcome(old, rel.version, "deployed"), since)
         sh.run(common.record_argv(t.prefix, rel.version), what="record the release")
         _prune(sh, t, rel.version, old)
-        return Outcome(old, rel.version, "deployed")
-    return _fall_back(sh, t, old, rel.version, why, say, lambda v: start_bare(sh, t, v, ctx), lambda: sh.run(bare.stop_argv(t), kind="query"))
+        return outcome
+    return _down_since(_fall_back(sh, t, old, rel.version, why, say, lambda v: start_bare(sh, t, v, ctx), lambda: sh.run(bare.stop_argv(t), kind="query")), since)
 
 
 def rollback_bare(sh: Shell, t: Target, ctx: Context, say: Callable[[str], None]) -> Outcome:
@@ -165,11 +173,13 @@ def rollback_bare(sh: Shell, t: Target, ctx: Context, say: Callable[[str], None]
     if target is None or sh.run(bare.exists_argv(f"{bare.release_dir(t, target)}/.complete"), kind="query").exit_code != 0:
         raise ConfigError(f"{t.name}: no previous release to roll back to (current: {current or 'none'}).")
     say(f"rolling back {current} -> {target}")
+    since = time.monotonic()
     why = start_bare(sh, t, target, ctx)
     if why is None:
+        outcome = _down_since(Outcome(current, target, "reverted"), since)
         sh.run(common.record_argv(t.prefix, target), what="record the release")
-        return Outcome(current, target, "reverted")
-    return _fall_back(sh, t, current, target, why, say, lambda v: start_bare(sh, t, v, ctx), lambda: None, back="restored")
+        return outcome
+    return _down_since(_fall_back(sh, t, current, target, why, say, lambda v: start_bare(sh, t, v, ctx), lambda: None, back="restored"), since)
 
 
 def _installed(sh: Shell, t: Target, rel: Release) -> bool:
@@ -205,12 +215,14 @@ def deploy_docker(sh: Shell, t: Target, ctx: Context, say: Callable[[str], None]
     if old == ref and _serving(sh, t, docker.alive_argv(t)):
         return Outcome(_tag(old), _tag(ref), "unchanged")
     say(f"starting {ref}" + (f" in place of {old}" if old else ""))
+    since = time.monotonic()
     why = start_docker(sh, t, ref, ctx)
     if why is None:
+        outcome = _down_since(Outcome(_tag(old), _tag(ref), "deployed"), since)
         sh.run(docker.remove_argv(t, docker.previous(t)), what="remove the previous container")
         sh.run(common.record_argv(t.prefix, ref), what="record the release")
-        return Outcome(_tag(old), _tag(ref), "deployed")
-    return _docker_fall_back(sh, t, old, ref, why, say)
+        return outcome
+    return _down_since(_docker_fall_back(sh, t, old, ref, why, say), since)
 
 
 def rollback_docker(sh: Shell, t: Target, ctx: Context, say: Callable[[str], None]) -> Outcome:
@@ -223,12 +235,14 @@ def rollback_docker(sh: Shell, t: Target, ctx: Context, say: Callable[[str], Non
             sh.run(docker.login_argv(t, ctx.registry), stdin=ctx.registry.password + "\n", what=f"log in to {ctx.registry.host}")
         sh.run(docker.pull_argv(t, ctx.registry, target), what=f"pull {target}")
     say(f"rolling back {current} -> {target}")
+    since = time.monotonic()
     why = start_docker(sh, t, target, ctx)
     if why is None:
+        outcome = _down_since(Outcome(_tag(current), _tag(target), "reverted"), since)
         sh.run(docker.remove_argv(t, docker.previous(t)), what="remove the previous container")
         sh.run(common.record_argv(t.prefix, target), what="record the release")
-        return Outcome(_tag(current), _tag(target), "reverted")
-    return _docker_fall_back(sh, t, current, target, why, say, back="restored")
+        return outcome
+    return _down_since(_docker_fall_back(sh, t, current, target, why, say, back="restored"), since)
 
 
 def _docker_fall_back(sh: Shell, t: Target, old: str | None, new: str, why: str, say: Callable[[str], None], back: str = "rolled back") -> Outcome:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import paramiko
 from fabric import Connection
+from invoke.exceptions import CommandTimedOut
 
 from ops.errors import BakehouseError, ConfigError, SourceUnreachableError, redact
 from ops.remote.inventory import Host
@@ -23,6 +24,10 @@ class HostKeyError(ConfigError):
 
 
 class HostAuthError(BakehouseError):
+    exit_code = 3
+
+
+class RemoteTimeoutError(BakehouseError):
     exit_code = 3
 
 
@@ -97,7 +102,13 @@ class _Lines(io.TextIOBase):
 def run_remote(conn: Connection, argv: Sequence[str], *, stdin: str | None = None, timeout: float | None = None, on_stderr_line: Callable[[str], None] | None = None) -> RemoteResult:
     """Run argv on the host; stdin (a secret, say) is written to the process, never to its argv."""
     out, err = _Lines(None), _Lines(on_stderr_line)
-    result = conn.run(shlex.join(argv), hide=True, warn=True, timeout=timeout, in_stream=io.StringIO(stdin) if stdin is not None else False, out_stream=out, err_stream=err)
+    try:
+        result = conn.run(shlex.join(argv), hide=True, warn=True, timeout=timeout, in_stream=io.StringIO(stdin) if stdin is not None else False, out_stream=out, err_stream=err)
+    except CommandTimedOut:
+        raise RemoteTimeoutError(
+            f"{conn.host}: `{shlex.join(argv)[:80]}` did not finish within {timeout:g}s (--command-timeout). "
+            "It may still be running there; raise the timeout and re-run: the work done so far is kept."
+        ) from None
     return RemoteResult(result.exited, "".join(out.text), redact("".join(err.text)))
 
 

@@ -1,0 +1,176 @@
+"""Deploy's pure parts as data: host variables, argv builders, env files, the history, the table; host scripts run with sh here."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from ops.deploy import bare, common, docker
+from ops.deploy.rollout import HostDeploy, render
+from ops.deploy.shell import DryShell
+from ops.deploy.steps import Outcome, wait_ready
+from ops.deploy.target import target
+from ops.errors import ConfigError
+from ops.images.registry import Registry
+from ops.remote.inventory import parse_inventory
+
+
+def host_target(**hostvars: object):
+    inv = parse_inventory({"all": {"hosts": {"gpu-1": {"ansible_host": "10.0.0.1", **hostvars}}}}, Path("hosts.yml"))
+    return target(inv.hosts["gpu-1"], "demo")
+
+
+def sh(argv: list[str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, input=stdin, capture_output=True, text=True, check=False)
+
+
+def test_host_variables_have_defaults_and_bad_values_stop_the_run() -> None:
+    t = host_target()
+    assert (t.port, t.model, t.process_manager, t.app_deps, t.keep_releases, t.engine) == (8000, "demo", "systemd", "wheelhouse", 3, "docker")
+    for bad, message in [({"process_manager": "pm2"}, "process_manager 'pm2' is not one of systemd, supervise"),
+                         ({"keep_releases": 1}, "at least 2"),
+                         ({"port": "http"}, "port must be a number"),
+                         ({"secrets": ["HF-TOKEN"]}, "not an environment variable name"),
+                         ({"runtime": "webhook"}, "needs hook_url_env")]:
+        with pytest.raises(ConfigError, match=message):
+            host_target(**bad)
+
+
+def test_previous_version_reads_the_history() -> None:
+    assert common.previous_version("v1\nv2\n", "v2") == "v1"
+    assert common.previous_version("v1\nv2\nv1\n", "v1") == "v2"  # rollback of a rollback goes forward again
+    assert common.previous_version("v1\n", "v1") is None
+    assert common.previous_version("", None) is None
+
+
+def test_env_file_is_key_value_lines_and_refuses_line_breaks() -> None:
+    assert common.env_file({"MODEL": "demo", "PORT": "8000"}) == "MODEL=demo\nPORT=8000\n"
+    with pytest.raises(ConfigError, match="APP_KEY holds a line break"):
+        common.env_file({"APP_KEY": "a\nb"})
+
+
+def test_secrets_travel_on_stdin_never_in_argv(tmp_path: Path) -> None:
+    t = host_target(runtime="docker", engine="podman")
+    reg = Registry("reg.example:5000", "deployer", "s3cret-pw")
+    assert docker.login_argv(t, reg) == ["podman", "login", "--username", "deployer", "--password-stdin", "reg.example:5000"]
+    target_file = tmp_path / "deep" / "app.env"
+    assert sh(common.write_file_argv(str(target_file)), stdin="HF_TOKEN=hf_x\n").returncode == 0
+    assert target_file.read_text() == "HF_TOKEN=hf_x\n" and oct(target_file.stat().st_mode & 0o777) == "0o600"
+
+
+def test_docker_run_argv_and_gpu_flags() -> None:
+    t = host_target(runtime="docker", engine="docker", gpus="0,1", models_dir="/data/models", port=9000)
+    argv = docker.run_argv(t, "reg/bakehouse:v2")
+    assert argv[:8] == ["docker", "run", "--detach", "--name", "bakehouse", "--network", "host", "--restart"]
+    assert ["--volume", "/data/models:/models"] == argv[argv.index("--volume") : argv.index("--volume") + 2]
+    assert argv[-1] == "reg/bakehouse:v2" and '"device=0,1"' in argv
+    assert docker.gpu_flags("podman", "all") == ["--device=nvidia.com/gpu=all"]
+    assert docker.gpu_flags("docker", "all") == ["--gpus", "all"]
+    assert docker.gpu_flags("podman", "") == []
+    assert "--volume" not in docker.run_argv(host_target(runtime="docker", models_volume=False), "x:1")
+    assert docker.image_ref(t, Registry("reg.example:5000", "", ""), "v2") == "reg.example:5000/bakehouse:v2"
+
+
+def test_bare_app_environment_points_at_current_and_never_fetches() -> None:
+    t = host_target(prefix="/srv/bh", port=8100, app_env={"BAKEHOUSE_MAX_BATCH": "8"})
+    env = bare.app_env(t)
+    assert env["BAKEHOUSE_LOCK"] == "/srv/bh/current/models.lock" and env["BAKEHOUSE_AUTO_FETCH"] == "0" and env["HF_HUB_OFFLINE"] == "1"
+    assert env["PORT"] == "8100" and env["BAKEHOUSE_MAX_BATCH"] == "8"
+    assert bare.app_argv(t) == ["/srv/bh/current/venv/bin/python", "-m", "app.entrypoint"]
+    argv = bare.fetch_argv(t, "v3", {"HF_ENDPOINT": "http://hub"}, token_stdin=True)
+    assert argv[:2] == ["env", "HF_ENDPOINT=http://hub"] and argv[-1] == "--token-stdin" and "--models" in argv
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
+def test_systemd_unit_passes_systemd_analyze(tmp_path: Path) -> None:
+    t = host_target(prefix=str(tmp_path), service="bakehouse-test")
+    (tmp_path / "current" / "venv" / "bin").mkdir(parents=True)
+    (tmp_path / "current" / "venv" / "bin" / "python").symlink_to(shutil.which("python3"))
+    unit = tmp_path / "bakehouse-test.service"
+    unit.write_text(bare.unit_text(t))
+    r = sh(["systemd-analyze", "verify", str(unit)])
+    assert r.returncode == 0, r.stderr
+    assert f"EnvironmentFile={tmp_path}/app.env" in unit.read_text() and "Restart=on-failure" in unit.read_text()
+
+
+def test_lock_is_exclusive_names_its_owner_and_only_the_owner_unlocks(tmp_path: Path) -> None:
+    prefix = str(tmp_path / "opt")
+    assert sh(common.lock_argv(prefix, "alice@ctl pid 1 since T")).returncode == 0
+    second = sh(common.lock_argv(prefix, "bob@ctl pid 2 since T"))
+    assert second.returncode == common.LOCKED and second.stdout.strip() == "alice@ctl pid 1 since T"
+    sh(common.unlock_argv(prefix, "bob@ctl pid 2 since T"))
+    assert (tmp_path / "opt" / "deploy.lock").exists()
+    assert sh(common.break_lock_argv(prefix)).stdout.strip() == "alice@ctl pid 1 since T"
+    assert sh(common.lock_argv(prefix, "bob@ctl pid 2 since T")).returncode == 0
+    sh(common.unlock_argv(prefix, "bob@ctl pid 2 since T"))
+    assert not (tmp_path / "opt" / "deploy.lock").exists()
+
+
+def test_switch_and_prune_on_a_real_tree(tmp_path: Path) -> None:
+    t = host_target(prefix=str(tmp_path))
+    for version, deps in (("v1", "d1"), ("v2", "d1"), ("v3", "d2"), ("v4", "d2"), ("v5.abandoned-77", "d3")):
+        (tmp_path / "releases" / version).mkdir(parents=True)
+        (tmp_path / "releases" / version / "deps").write_text(deps + "\n")
+    for deps in ("d1", "d2", "d3"):
+        (tmp_path / "deps" / deps).mkdir(parents=True)
+    assert sh(bare.switch_argv(t, "v3")).returncode == 0
+    assert sh(bare.switch_argv(t, "v4")).returncode == 0
+    assert os.readlink(tmp_path / "current") == "releases/v4"
+    assert sh(bare.current_argv(t)).stdout.strip() == "v4"
+    assert sh(bare.prune_argv(t, ["v4", "v3", "v1"])).returncode == 0
+    assert sorted(p.name for p in (tmp_path / "releases").iterdir()) == ["v1", "v3", "v4"]
+    assert sorted(p.name for p in (tmp_path / "deps").iterdir()) == ["d1", "d2"]
+    assert sh(bare.discard_argv(str(tmp_path / "releases" / "v1"))).returncode == 0
+    assert not any(p.name.startswith("v1") for p in (tmp_path / "releases").iterdir())
+
+
+def test_dry_shell_assumes_a_fresh_host_and_a_ready_app() -> None:
+    shell = DryShell("gpu-1")
+    t = host_target()
+    assert wait_ready(shell, t, bare.alive_argv(t), bare.logs_argv(t)) is None
+    assert shell.run(bare.current_argv(t), kind="query").stdout == ""
+    assert shell.run(common.write_file_argv("/x"), stdin="SECRET=1").exit_code == 0
+    assert "SECRET" not in "\n".join(shell.lines) and shell.lines[-1].endswith("# stdin: (not shown)")
+
+
+def test_table_lists_every_host_with_old_new_result_time_and_downtime() -> None:
+    rows = [HostDeploy("h1", "bare", "v1", "v2", "deployed", 12.3, downtime=4.2),
+            HostDeploy("h2", "bare", "v1", "v2", "rolled back", 30.0, "h2: the app exited before it became ready", 1, 9.9),
+            HostDeploy("h3", "bare")]
+    text = render("deploy", rows, as_json=False)
+    lines = text.splitlines()
+    assert lines[0].split() == ["host", "runtime", "old", "new", "result", "time", "down"]
+    assert lines[1].split() == ["h1", "bare", "v1", "v2", "deployed", "12.3s", "4.2s"]
+    assert lines[3].split() == ["h3", "bare", "-", "-", "not", "attempted", "0.0s", "-"]
+    assert "3 host(s): 1 failed, 1 not attempted (exit 1)" in text and "h2: the app exited before it became ready" in text
+    assert Outcome("a", "b", "deployed").downtime is None
+
+
+def test_the_example_inventory_is_valid_for_deploys() -> None:
+    from helpers import ROOT
+
+    from ops.remote.inventory import load_inventory
+
+    inv = load_inventory(ROOT / "inventory" / "hosts.yml")
+    targets = {name: target(h, "demo") for name, h in inv.hosts.items()}
+    assert {t.host.runtime for t in targets.values()} == {"bare", "docker", "webhook"}
+    assert targets["gpu-2"].gpus == "all" and targets["render-web"].hook_url_env == "RENDER_DEPLOY_HOOK"
+
+
+def test_a_webhook_target_refuses_rollback_and_dry_run_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    from helpers import ROOT
+
+    from ops.deploy.rollout import Plan, _one, dry_run
+    from ops.deploy.steps import Context
+    from ops.remote.ssh import SshOptions
+
+    monkeypatch.setenv("RENDER_DEPLOY_HOOK", "http://127.0.0.1:9/never-called")
+    t = host_target(runtime="webhook", hook_url_env="RENDER_DEPLOY_HOOK")
+    p = Plan("rollback", (t,), Context(), SshOptions(known_hosts=ROOT / "missing"))
+    row = _one(p, t, lambda host, line: None)
+    assert (row.result, row.exit_code) == ("failed", 2) and "cannot roll back" in row.error
+    assert "cannot roll back" in dry_run(p)
