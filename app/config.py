@@ -6,10 +6,25 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from ops.errors import ConfigError
 from ops.models.cli import default_lock, default_manifest
 from ops.models.store import default_models_dir
 
 _TRUE = {"1", "true", "yes", "on"}
+
+
+def env_number(name: str, default: float, kind: type = int) -> float:
+    """A numeric setting; a bad value stops the app with the variable's name, not a traceback."""
+    value = os.environ.get(name) or ""
+    if not value.strip():
+        return kind(default)
+    try:
+        number = kind(value)
+    except ValueError:
+        raise ConfigError(f"{name}={value!r} is not a {'whole ' if kind is int else ''}number. Fix it in the environment (or the host's app_env) and restart.") from None
+    if number <= 0:
+        raise ConfigError(f"{name}={value!r} must be above zero.")
+    return number
 
 
 def env_flag(name: str, default: bool) -> bool:
@@ -38,10 +53,10 @@ class Settings:
             "lock": default_lock(),
             "manifest": default_manifest(),
             "host": os.environ.get("HOST") or "0.0.0.0",
-            "port": int(os.environ.get("PORT") or 8000),
-            "max_batch": int(os.environ.get("BAKEHOUSE_MAX_BATCH") or 16),
-            "max_wait_ms": float(os.environ.get("BAKEHOUSE_MAX_WAIT_MS") or 10),
-            "max_tokens_limit": int(os.environ.get("BAKEHOUSE_MAX_TOKENS") or 512),
+            "port": env_number("PORT", 8000),
+            "max_batch": env_number("BAKEHOUSE_MAX_BATCH", 16),
+            "max_wait_ms": env_number("BAKEHOUSE_MAX_WAIT_MS", 10, float),
+            "max_tokens_limit": env_number("BAKEHOUSE_MAX_TOKENS", 512),
             "allow_pickle": env_flag("BAKEHOUSE_ALLOW_PICKLE", False),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})

@@ -99,9 +99,8 @@ def _step(title: str, fn: Callable[[], T]) -> T:
 def main(**overrides: object) -> int:
     """Run the entrypoint; `overrides` (model, port, …) win over the environment."""
     configure_logging()
-    settings = Settings.from_env(**overrides)
     try:
-        settings = ensure_model(settings)
+        settings = ensure_model(Settings.from_env(**overrides))
     except BakehouseError as exc:
         log.error("error: %s", exc)
         return exc.exit_code

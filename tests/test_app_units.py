@@ -40,3 +40,19 @@ def test_first_stop() -> None:
     assert first_stop("locked, fetched", [",", "fetched"]) == 6
     assert first_stop("locked", [","]) is None
     assert first_stop("x", [""]) is None
+
+
+def test_bad_numeric_settings_name_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    from app.config import Settings
+    from ops.errors import ConfigError
+
+    monkeypatch.setenv("BAKEHOUSE_MAX_BATCH", "many")
+    with pytest.raises(ConfigError, match="BAKEHOUSE_MAX_BATCH='many' is not a whole number"):
+        Settings.from_env()
+    monkeypatch.setenv("BAKEHOUSE_MAX_BATCH", "0")
+    with pytest.raises(ConfigError, match="must be above zero"):
+        Settings.from_env()
+    monkeypatch.setenv("BAKEHOUSE_MAX_BATCH", "8")
+    monkeypatch.setenv("BAKEHOUSE_MAX_WAIT_MS", "2.5")
+    s = Settings.from_env()
+    assert (s.max_batch, s.max_wait_ms) == (8, 2.5)

@@ -138,15 +138,16 @@ def fetch_release_models(sh: Shell, t: Target, rel: Release, ctx: Context) -> No
         raise error_for_exit(report.exit_code, f"{t.name}: fetching {t.model} failed: {failure_reason(report)}")
 
 
-def start_bare(sh: Shell, t: Target, version: str, ctx: Context) -> str | None:
-    """Switch `current`, restart, wait for /ready; None when ready, else why not."""
+def start_bare(sh: Shell, t: Target, version: str, ctx: Context) -> tuple[str | None, float]:
+    """Switch `current`, restart, wait for /ready: (None when ready, else why not; when the old app was stopped)."""
     sh.run(common.write_file_argv(bare.env_path(t)), stdin=common.env_file({**bare.app_env(t), **ctx.secrets}), what="write the env file")
     if t.process_manager == "systemd":
         sh.run(common.write_file_argv(bare.unit_path(t)), stdin=bare.unit_text(t), what="write the systemd unit")
     sh.run(bare.switch_argv(t, version), what="switch current")
+    stopped = time.monotonic()
     for argv in bare.restart_argvs(t):
         sh.run(argv, what="restart the app")
-    return wait_ready(sh, t, bare.alive_argv(t), bare.logs_argv(t))
+    return wait_ready(sh, t, bare.alive_argv(t), bare.logs_argv(t)), stopped
 
 
 def deploy_bare(sh: Shell, t: Target, ctx: Context, say: Callable[[str], None]) -> Outcome:
@@ -157,14 +158,13 @@ def deploy_bare(sh: Shell, t: Target, ctx: Context, say: Callable[[str], None]) 
     install_release(sh, t, rel, say)
     fetch_release_models(sh, t, rel, ctx)
     say(f"starting {rel.version}" + (f" in place of {old}" if old else ""))
-    since = time.monotonic()
-    why = start_bare(sh, t, rel.version, ctx)
+    why, since = start_bare(sh, t, rel.version, ctx)
     if why is None:
         outcome = _down_since(Outcome(old, rel.version, "deployed"), since)
         sh.run(common.record_argv(t.prefix, rel.version), what="record the release")
         _prune(sh, t, rel.version, old)
         return outcome
-    return _down_since(_fall_back(sh, t, old, rel.version, why, say, lambda v: start_bare(sh, t, v, ctx), lambda: sh.run(bare.stop_argv(t), kind="query")), since)
+    return _down_since(_fall_back(sh, t, old, rel.version, why, say, lambda v: start_bare(sh, t, v, ctx)[0], lambda: sh.run(bare.stop_argv(t), kind="query")), since)
 
 
 def rollback_bare(sh: Shell, t: Target, ctx: Context, say: Callable[[str], None]) -> Outcome:
@@ -173,13 +173,12 @@ def rollback_bare(sh: Shell, t: Target, ctx: Context, say: Callable[[str], None]
     if target is None or sh.run(bare.exists_argv(f"{bare.release_dir(t, target)}/.complete"), kind="query").exit_code != 0:
         raise ConfigError(f"{t.name}: no previous release to roll back to (current: {current or 'none'}).")
     say(f"rolling back {current} -> {target}")
-    since = time.monotonic()
-    why = start_bare(sh, t, target, ctx)
+    why, since = start_bare(sh, t, target, ctx)
     if why is None:
         outcome = _down_since(Outcome(current, target, "reverted"), since)
         sh.run(common.record_argv(t.prefix, target), what="record the release")
         return outcome
-    return _down_since(_fall_back(sh, t, current, target, why, say, lambda v: start_bare(sh, t, v, ctx), lambda: None, back="restored"), since)
+    return _down_since(_fall_back(sh, t, current, target, why, say, lambda v: start_bare(sh, t, v, ctx)[0], lambda: None, back="restored"), since)
 
 
 def _installed(sh: Shell, t: Target, rel: Release) -> bool:
@@ -195,14 +194,15 @@ def _prune(sh: Shell, t: Target, new: str, old: str | None) -> None:
 
 # --- docker hosts ------------------------------------------------------------
 
-def start_docker(sh: Shell, t: Target, ref: str, ctx: Context) -> str | None:
+def start_docker(sh: Shell, t: Target, ref: str, ctx: Context) -> tuple[str | None, float]:
     """Write the env file, set the serving container aside, run the new one, wait for /ready."""
     env = {**docker.app_env(t, ctx.forwarded), **({"HF_TOKEN": ctx.token} if ctx.token else {}), **ctx.secrets}
     sh.run(common.write_file_argv(docker.env_path(t)), stdin=common.env_file(env), what="write the env file")
+    stopped = time.monotonic()
     for argv in docker.retire_argvs(t):
         sh.run(argv, what="stop the serving container")
     sh.run(docker.run_argv(t, ref), what=f"start {ref}")
-    return wait_ready(sh, t, docker.alive_argv(t), docker.logs_argv(t))
+    return wait_ready(sh, t, docker.alive_argv(t), docker.logs_argv(t)), stopped
 
 
 def deploy_docker(sh: Shell, t: Target, ctx: Context, say: Callable[[str], None]) -> Outcome:
@@ -215,8 +215,7 @@ def deploy_docker(sh: Shell, t: Target, ctx: Context, say: Callable[[str], None]
     if old == ref and _serving(sh, t, docker.alive_argv(t)):
         return Outcome(_tag(old), _tag(ref), "unchanged")
     say(f"starting {ref}" + (f" in place of {old}" if old else ""))
-    since = time.monotonic()
-    why = start_docker(sh, t, ref, ctx)
+    why, since = start_docker(sh, t, ref, ctx)
     if why is None:
         outcome = _down_since(Outcome(_tag(old), _tag(ref), "deployed"), since)
         sh.run(docker.remove_argv(t, docker.previous(t)), what="remove the previous container")
@@ -235,8 +234,7 @@ def rollback_docker(sh: Shell, t: Target, ctx: Context, say: Callable[[str], Non
             sh.run(docker.login_argv(t, ctx.registry), stdin=ctx.registry.password + "\n", what=f"log in to {ctx.registry.host}")
         sh.run(docker.pull_argv(t, ctx.registry, target), what=f"pull {target}")
     say(f"rolling back {current} -> {target}")
-    since = time.monotonic()
-    why = start_docker(sh, t, target, ctx)
+    why, since = start_docker(sh, t, target, ctx)
     if why is None:
         outcome = _down_since(Outcome(_tag(current), _tag(target), "reverted"), since)
         sh.run(docker.remove_argv(t, docker.previous(t)), what="remove the previous container")
