@@ -33,6 +33,19 @@ class SshHost:
         podman("stop", "-t", "1", self.container, check=False)
 
 
+def trust_host_key(port: int, keys: Path, timeout: float = 30) -> bool:
+    """Wait for sshd on the port and record its key in keys/known_hosts, as an operator would after checking it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        scan = subprocess.run(["ssh-keyscan", "-p", str(port), "-T", "2", "127.0.0.1"], capture_output=True, text=True, check=False)
+        if scan.stdout.strip():
+            with open(keys / "known_hosts", "a") as f:
+                f.write(scan.stdout)
+            return True
+        time.sleep(0.2)
+    return False
+
+
 def start_host(name: str, keys: Path, *, tmpfs_models_mb: int | None = None) -> SshHost:
     port = free_port()
     container = f"bakehouse-{name}-{port}"
@@ -43,14 +56,8 @@ def start_host(name: str, keys: Path, *, tmpfs_models_mb: int | None = None) -> 
     )
     extra = ["--mount", f"type=tmpfs,destination=/srv/models,tmpfs-size={tmpfs_models_mb}m"] if tmpfs_models_mb else []
     podman("run", "-d", "--name", container, "--network", "host", "-v", f"{keys}:/keys:ro", *extra, HOST_IMAGE, "sh", "-c", sshd)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        scan = subprocess.run(["ssh-keyscan", "-p", str(port), "-T", "2", "127.0.0.1"], capture_output=True, text=True)
-        if scan.stdout.strip():
-            with open(keys / "known_hosts", "a") as f:
-                f.write(scan.stdout)
-            return SshHost(name, container, port)
-        time.sleep(0.2)
+    if trust_host_key(port, keys):
+        return SshHost(name, container, port)
     raise RuntimeError(f"sshd in {container} did not come up: {podman('logs', container, check=False).stderr}")
 
 
@@ -93,13 +100,7 @@ def start_local_sshd(directory: Path, keys: Path) -> LocalSshd:
     )
     Path("/run/sshd").mkdir(exist_ok=True)
     proc = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(directory / "sshd_config")], stderr=(directory / "sshd.log").open("w"))
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        scan = subprocess.run(["ssh-keyscan", "-p", str(port), "-T", "2", "127.0.0.1"], capture_output=True, text=True)
-        if scan.stdout.strip():
-            with open(keys / "known_hosts", "a") as f:
-                f.write(scan.stdout)
-            return LocalSshd(proc, port)
-        time.sleep(0.2)
+    if trust_host_key(port, keys):
+        return LocalSshd(proc, port)
     proc.kill()
     raise RuntimeError(f"local sshd did not come up: {(directory / 'sshd.log').read_text()}")

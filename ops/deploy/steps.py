@@ -209,19 +209,11 @@ def deploy_docker(sh: Shell, t: Target, ctx: Context, say: Callable[[str], None]
     ref = docker.image_ref(t, ctx.registry, ctx.tag)
     old = sh.run(docker.running_image_argv(t), kind="query").stdout.strip() or None
     sh.run(docker.mkdir_argv(t), what="create directories")
-    if ctx.registry.user:
-        sh.run(docker.login_argv(t, ctx.registry), stdin=ctx.registry.password + "\n", what=f"log in to {ctx.registry.host}")
-    sh.run(docker.pull_argv(t, ctx.registry, ref), what=f"pull {ref}")
+    _pull(sh, t, ctx, ref)
     if old == ref and _serving(sh, t, docker.alive_argv(t)):
         return Outcome(_tag(old), _tag(ref), "unchanged")
     say(f"starting {ref}" + (f" in place of {old}" if old else ""))
-    why, since = start_docker(sh, t, ref, ctx)
-    if why is None:
-        outcome = _down_since(Outcome(_tag(old), _tag(ref), "deployed"), since)
-        sh.run(docker.remove_argv(t, docker.previous(t)), what="remove the previous container")
-        sh.run(common.record_argv(t.prefix, ref), what="record the release")
-        return outcome
-    return _down_since(_docker_fall_back(sh, t, old, ref, why, say), since)
+    return _swap_container(sh, t, ctx, old, ref, say, done="deployed", back="rolled back")
 
 
 def rollback_docker(sh: Shell, t: Target, ctx: Context, say: Callable[[str], None]) -> Outcome:
@@ -230,17 +222,26 @@ def rollback_docker(sh: Shell, t: Target, ctx: Context, say: Callable[[str], Non
     if target is None:
         raise ConfigError(f"{t.name}: no previous image to roll back to (current: {current or 'none'}).")
     if sh.run(["sh", "-c", '"$1" image inspect "$2" >/dev/null 2>&1', "sh", t.engine, target], kind="query").exit_code != 0:
-        if ctx.registry.user:
-            sh.run(docker.login_argv(t, ctx.registry), stdin=ctx.registry.password + "\n", what=f"log in to {ctx.registry.host}")
-        sh.run(docker.pull_argv(t, ctx.registry, target), what=f"pull {target}")
+        _pull(sh, t, ctx, target)
     say(f"rolling back {current} -> {target}")
-    why, since = start_docker(sh, t, target, ctx)
+    return _swap_container(sh, t, ctx, current, target, say, done="reverted", back="restored")
+
+
+def _swap_container(sh: Shell, t: Target, ctx: Context, old: str | None, ref: str, say: Callable[[str], None], *, done: str, back: str) -> Outcome:
+    """Start `ref` in place of the serving container; keep it if ready, else put the old one back."""
+    why, since = start_docker(sh, t, ref, ctx)
     if why is None:
-        outcome = _down_since(Outcome(_tag(current), _tag(target), "reverted"), since)
+        outcome = _down_since(Outcome(_tag(old), _tag(ref), done), since)
         sh.run(docker.remove_argv(t, docker.previous(t)), what="remove the previous container")
-        sh.run(common.record_argv(t.prefix, target), what="record the release")
+        sh.run(common.record_argv(t.prefix, ref), what="record the release")
         return outcome
-    return _down_since(_docker_fall_back(sh, t, current, target, why, say, back="restored"), since)
+    return _down_since(_docker_fall_back(sh, t, old, ref, why, say, back=back), since)
+
+
+def _pull(sh: Shell, t: Target, ctx: Context, ref: str) -> None:
+    if ctx.registry.user:
+        sh.run(docker.login_argv(t, ctx.registry), stdin=ctx.registry.password + "\n", what=f"log in to {ctx.registry.host}")
+    sh.run(docker.pull_argv(t, ctx.registry, ref), what=f"pull {ref}")
 
 
 def _docker_fall_back(sh: Shell, t: Target, old: str | None, new: str, why: str, say: Callable[[str], None], back: str = "rolled back") -> Outcome:
