@@ -24,12 +24,12 @@ from typing import TypeVar
 import uvicorn
 
 from app.config import Settings, env_flag
-from ops.errors import BakehouseError, ConfigError, error_for_exit
+from ops.errors import BakehouseError, ConfigError, SourceError, error_for_exit
 from ops.models.cli import configure_logging
 from ops.models.commands import verify_one
 from ops.models.fetch import fetch_models
 from ops.models.lock import Lock, LockedModel, load_lock, write_lock
-from ops.models.manifest import ModelSpec
+from ops.models.manifest import ModelSpec, spec_fingerprint
 from ops.models.sources.git import GitSource
 from ops.models.store import Store
 
@@ -83,10 +83,26 @@ def _locked(settings: Settings) -> LockedModel:
 
 
 def _lock_seed_model(settings: Settings, spec: ModelSpec) -> Settings:
-    locked = _step(f"resolve {spec.source}@{spec.revision}", lambda: GitSource(spec.source.removeprefix("git+")).resolve(spec))
-    path = Path(tempfile.mkdtemp(prefix="bakehouse-")) / "models.lock"
-    write_lock(Lock(path=path, models={spec.name: locked}, default=(spec.name,)))
-    return Settings(**{**settings.__dict__, "lock": path, "allow_pickle": settings.allow_pickle or spec.allow_pickle})
+    """Resolve the seed's branch at every start (it may have moved); with the remote down, serve the copy resolved last time."""
+    saved = _seed_lock_path(settings.models_dir, spec)
+    try:
+        locked = _step(f"resolve {spec.source}@{spec.revision}", lambda: GitSource(spec.source.removeprefix("git+")).resolve(spec))
+    except SourceError as exc:
+        if not saved.exists():
+            raise
+        log.warning("%s; serving %s as resolved at the last start (%s)", exc, spec.name, saved)
+    else:
+        saved.parent.mkdir(parents=True, exist_ok=True)
+        write_lock(Lock(path=saved, models={spec.name: locked}, default=(spec.name,)))
+    return Settings(**{**settings.__dict__, "lock": saved, "allow_pickle": settings.allow_pickle or spec.allow_pickle})
+
+
+def _seed_lock_path(models_dir: Path, spec: ModelSpec) -> Path:
+    """Kept in the store (`.seed/`) when it is writable, so a restart without the remote still knows the commit; else in the temp dir."""
+    name = f"{spec.name}-{spec_fingerprint(spec)[:12]}.lock"
+    if os.access(models_dir, os.W_OK) or (not models_dir.exists() and os.access(models_dir.parent, os.W_OK)):
+        return models_dir / ".seed" / name
+    return Path(tempfile.gettempdir()) / "bakehouse-seed" / name
 
 
 def _step(title: str, fn: Callable[[], T]) -> T:

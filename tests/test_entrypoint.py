@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -135,7 +136,8 @@ def test_unknown_model_exits_2(demo_project: Project, tmp_path: Path) -> None:
 
 def test_seed_git_variables_fetch_verify_and_serve(hub: Hub, tmp_path: Path) -> None:
     """The first seed's GIT_REPO_URL / GIT_BRANCH / MODEL_FILE, without any models.lock."""
-    repo = hub.hub.repo_path("bakehouse/demo-tiny")
+    repo = tmp_path / "remote.git"
+    shutil.copytree(hub.hub.repo_path("bakehouse/demo-tiny"), repo)
     env = {"MODELS_DIR": str(tmp_path / "models"), "MODEL": "neuroq", "GIT_REPO_URL": f"file://{repo}", "GIT_BRANCH": "main", "MODEL_FILE": "model.safetensors"}
     server = start_app(env, tmp_path / "log")
     try:
@@ -144,6 +146,15 @@ def test_seed_git_variables_fetch_verify_and_serve(hub: Hub, tmp_path: Path) -> 
         server.stop()
     weights = tmp_path / "models" / "neuroq" / "current" / "model.safetensors"
     assert weights.read_bytes() == (Path(__file__).parent.parent / "demo" / "demo-tiny" / "model.safetensors").read_bytes()
+
+    # The remote is gone: the next start serves the copy resolved and verified last time.
+    repo.rename(tmp_path / "moved.git")
+    again = start_app(env, tmp_path / "log2")
+    try:
+        again.wait()
+    finally:
+        again.stop()
+    assert "serving neuroq as resolved at the last start" in again.output()
 
 
 def test_serverless_handler(demo_project: Project, monkeypatch: pytest.MonkeyPatch) -> None:
