@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import ClassVar
 
 import httpx
 import pytest
@@ -69,7 +70,7 @@ def site(hub: Hub, tmp_path_factory: pytest.TempPathFactory, keys: Path, hosts: 
 
 def deploy(site: Project, keys: Path, command: str, *flags: str, search_root: Path = ROOT, inventory: str = "hosts.yml") -> subprocess.CompletedProcess[str]:
     argv = [*INVOKE, "--search-root", str(search_root), command, "--inventory", inventory, "--known-hosts", str(keys / "known_hosts"), *flags]
-    return subprocess.run(argv, cwd=site.dir, env=site.env(HF_TOKEN=TOKEN, APP_SECRET=SECRET), capture_output=True, text=True, timeout=900)
+    return subprocess.run(argv, cwd=site.dir, env=site.env(HF_TOKEN=TOKEN, APP_SECRET=SECRET), capture_output=True, text=True, timeout=900, check=False)
 
 
 def table(out: str) -> dict[str, list[str]]:
@@ -229,7 +230,7 @@ def test_old_releases_are_pruned_to_keep_releases(site: Project, hosts: dict[str
 
 
 class Hook(BaseHTTPRequestHandler):
-    calls: list[str] = []
+    calls: ClassVar[list[str]] = []
     status = 200
 
     def do_POST(self) -> None:
@@ -252,16 +253,16 @@ def test_webhook_target_posts_the_hook_and_reports_the_answer(site: Project, key
         url = f"http://127.0.0.1:{server.server_address[1]}/deploy/srv-abc?key=hook-secret-key"
         env = site.env(RENDER_DEPLOY_HOOK=url)
         argv = [*INVOKE, "--search-root", str(ROOT), "deploy", "--inventory", "hook.yml", "--hosts", "render"]
-        ok = subprocess.run(argv, cwd=site.dir, env=env, capture_output=True, text=True, timeout=120)
+        ok = subprocess.run(argv, cwd=site.dir, env=env, capture_output=True, text=True, timeout=120, check=False)
         assert ok.returncode == 0, ok.stdout + ok.stderr
         assert table(ok.stdout)["render"][:4] == ["webhook", "-", "dep-123", "triggered"]
         assert Hook.calls == ["/deploy/srv-abc?key=hook-secret-key"]
         Hook.status = 500
-        bad = subprocess.run(argv, cwd=site.dir, env=env, capture_output=True, text=True, timeout=120)
+        bad = subprocess.run(argv, cwd=site.dir, env=env, capture_output=True, text=True, timeout=120, check=False)
         assert bad.returncode == 3 and "answered 500" in bad.stdout
         for r in (ok, bad):
             assert "hook-secret-key" not in r.stdout + r.stderr
-        missing = subprocess.run(argv, cwd=site.dir, env=site.env(), capture_output=True, text=True, timeout=120)
+        missing = subprocess.run(argv, cwd=site.dir, env=site.env(), capture_output=True, text=True, timeout=120, check=False)
         assert missing.returncode == 2 and "RENDER_DEPLOY_HOOK not set" in missing.stderr
     finally:
         server.shutdown()

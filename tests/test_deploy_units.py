@@ -174,3 +174,25 @@ def test_a_webhook_target_refuses_rollback_and_dry_run_says_so(monkeypatch: pyte
     row = _one(p, t, lambda host, line: None)
     assert (row.result, row.exit_code) == ("failed", 2) and "cannot roll back" in row.error
     assert "cannot roll back" in dry_run(p)
+
+
+def test_the_gate_probes_ready_and_liveness_in_one_command() -> None:
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Ready(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200 if self.path == "/ready" else 404)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Ready)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        assert sh(common.gate_argv("python3", server.server_address[1], ["true"])).stdout.split() == ["200", "alive"]
+    finally:
+        server.shutdown()
+    down = sh(common.gate_argv("python3", server.server_address[1], ["false"])).stdout.splitlines()
+    assert down[0].startswith("0 ") and down[-1] == "dead"

@@ -55,6 +55,11 @@ def probe_argv(python: str, port: int) -> list[str]:
     return [python, "-c", _PROBE, f"http://127.0.0.1:{port}/ready"]
 
 
+def gate_argv(python: str, port: int, alive: list[str]) -> list[str]:
+    """The probe and the liveness check in one SSH round trip: prints the /ready answer, then `alive` or `dead`."""
+    return ["sh", "-c", '"$1" -c "$2" "$3"; shift 3; if "$@" >/dev/null 2>&1; then echo alive; else echo dead; fi', "sh", python, _PROBE, f"http://127.0.0.1:{port}/ready", *alive]
+
+
 def history_argv(prefix: str) -> list[str]:
     return ["sh", "-c", 'cat "$1/history" 2>/dev/null || true', "sh", prefix]
 

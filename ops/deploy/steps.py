@@ -66,11 +66,11 @@ def wait_ready(sh: Shell, t: Target, alive: list[str], logs: list[str]) -> str |
     deadline = time.monotonic() + t.ready_timeout
     last = ""
     while True:
-        answer = sh.run(common.probe_argv(t.host.python, t.port), kind="probe").stdout.strip()
-        if answer.split(" ", 1)[0] == "200":
+        answer, _, state = sh.run(common.gate_argv(t.host.python, t.port, alive), kind="probe").stdout.strip().rpartition("\n")
+        if (answer or state).split(" ", 1)[0] == "200":
             return None
         last = answer or last
-        if sh.run(alive, kind="query").exit_code != 0:
+        if state == "dead":
             why = "the app exited before it became ready"
             break
         if time.monotonic() > deadline:
