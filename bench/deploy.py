@@ -121,7 +121,6 @@ def main() -> None:
     finally:
         for h in hosts:
             h.stop()
-            subprocess.run(["podman", "rm", "-f", h.container], capture_output=True, check=False)
     write(results, args.model, args.rounds)
 
 

@@ -87,7 +87,6 @@ def main() -> None:
     finally:
         for h in hosts:
             h.stop()
-            subprocess.run(["podman", "rm", "-f", h.container], capture_output=True)
 
 
 def write(results: list[dict], model_bytes: int, model: str) -> None:

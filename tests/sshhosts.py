@@ -30,7 +30,8 @@ class SshHost:
         return podman("exec", self.container, *argv, check=check)
 
     def stop(self) -> None:
-        podman("stop", "-t", "1", self.container, check=False)
+        """Stop and remove the container: nothing of a test host outlives the test."""
+        podman("rm", "-f", "-t", "1", self.container, check=False)
 
 
 def trust_host_key(port: int, keys: Path, timeout: float = 30) -> bool:

@@ -38,7 +38,6 @@ def hosts(keys: Path) -> Iterator[dict[str, SshHost]]:
     yield started
     for h in started.values():
         h.stop()
-        subprocess.run(["podman", "rm", "-f", h.container], capture_output=True, check=False)
 
 
 @pytest.fixture(scope="module")

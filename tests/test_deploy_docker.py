@@ -70,7 +70,8 @@ def dock(tmp_path_factory: pytest.TempPathFactory, hub: Hub) -> Iterator[tuple[P
         f"          prefix: {root / 'opt'}\n          models_dir: {root / 'models'}\n          ready_timeout: 240\n"
     )
     yield project, keys, port, container
-    podman("rm", "-f", container, f"{container}-previous", check=False)
+    for name in (container, f"{container}-previous"):
+        podman("rm", "-f", name, check=False)
     sshd.stop()
 
 

@@ -32,7 +32,6 @@ def hosts(keys: Path) -> Iterator[list[SshHost]]:
     yield started
     for h in started:
         h.stop()
-        subprocess.run(["podman", "rm", "-f", h.container], capture_output=True)
 
 
 @pytest.fixture(scope="module")
