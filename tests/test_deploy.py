@@ -110,6 +110,15 @@ def test_dry_run_prints_every_command_and_touches_no_host(site: Project, keys: P
     assert hosts["h1"].exec("test", "-e", PREFIX, check=False).returncode != 0
 
 
+def test_an_unreachable_host_fails_with_the_reason_and_stops_the_rollout(site: Project, keys: Path, hosts: dict[str, SshHost]) -> None:
+    r = deploy(site, keys, "deploy", "--hosts", "down,h1", "--tag", "v1")
+    assert r.returncode == 3, r.stdout + r.stderr
+    rows = table(r.stdout)
+    assert rows["down"][3] == "failed" and "cannot reach 127.0.0.1" in r.stdout
+    assert rows["h1"][3:5] == ["not", "attempted"]
+    assert hosts["h1"].exec("test", "-e", PREFIX, check=False).returncode != 0
+
+
 def snapshot_ps(host: SshHost, stop: threading.Event, seen: list[str]) -> None:
     while not stop.is_set():
         seen.append(host.exec("ps", "-eo", "args", check=False).stdout)
