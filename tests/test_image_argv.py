@@ -66,6 +66,10 @@ def test_login_takes_the_password_on_stdin() -> None:
 
 def test_push_argv_and_remote_ref() -> None:
     assert remote_ref(REG, "localhost/bakehouse:abc-demo") == "127.0.0.1:5000/bakehouse:abc-demo"
+    assert remote_ref(REG, "bakehouse:abc-demo") == "127.0.0.1:5000/bakehouse:abc-demo"
+    assert remote_ref(REG, "127.0.0.1:5000/bakehouse:v1") == "127.0.0.1:5000/bakehouse:v1"
+    assert remote_ref(REG, "registry.example.com/team/bakehouse:v1") == "127.0.0.1:5000/team/bakehouse:v1"
+    assert remote_ref(REG, "team/bakehouse:v1") == "127.0.0.1:5000/team/bakehouse:v1"
     assert push_argv("podman", REG, "127.0.0.1:5000/bakehouse:x") == ["podman", "push", "--tls-verify=false", "127.0.0.1:5000/bakehouse:x"]
     assert push_argv("docker", REG, "r/b:x") == ["docker", "push", "r/b:x"]
 

@@ -43,7 +43,11 @@ def login_argv(engine: str, registry: Registry) -> list[str]:
 
 
 def remote_ref(registry: Registry, local: str) -> str:
-    return f"{registry.host}/{local.split('/', 1)[-1] if local.startswith('localhost/') else local}"
+    """The image's name in the registry: a registry part already in the local name (localhost/, another host) is replaced."""
+    first, _, rest = local.partition("/")
+    if rest and (first == "localhost" or "." in first or ":" in first):
+        local = rest
+    return f"{registry.host}/{local}"
 
 
 def tag_argv(engine: str, local: str, remote: str) -> list[str]:
