@@ -1,8 +1,8 @@
 """A release on a bare host, as argv lists and file texts. Nothing here connects anywhere.
 
-    {prefix}/wheels/              uploaded wheels (kept, so the next release uploads only what changed)
+    {prefix}/wheels/              dependency wheels (kept, so the next deps change uploads only what changed)
     {prefix}/deps/<digest>/       a venv with the app's dependencies (torch, transformers, …), shared by releases
-    {prefix}/releases/<version>/  venv (this project only, linked to its deps), models.toml, models.lock
+    {prefix}/releases/<version>/  this project's wheel, its venv (linked to its deps), models.toml, models.lock
     {prefix}/current -> releases/<version>   switched atomically (rename over the old link)
     {prefix}/app.env              the app's environment, secrets included, 0600
     {prefix}/run/                 the fallback supervisor's pid, state and log

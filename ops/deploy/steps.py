@@ -106,10 +106,12 @@ def install_release(sh: Shell, t: Target, rel: Release, say: Callable[[str], Non
         say(f"release {rel.version}: already installed")
         return
     root = bare.release_dir(t, rel.version)
-    _upload(sh, [rel.wheel], wheels)
     sh.run(bare.discard_argv(root), what="clear a partial release")
+    sh.run(bare.mkdir_argv(root), what="create the release directory")
+    # The project's wheel keeps its name from release to release: it goes into the release, never the shared wheels/.
+    sh.put(rel.wheel, f"{root}/{rel.wheel.name}")
     sh.run(bare.venv_argv(t, f"{root}/venv", system_site_packages=t.app_deps == "system"), what=f"create a venv with {t.host.python}")
-    sh.run(bare.pip_install_argv(bare.release_python(t, rel.version), [f"{wheels}/{rel.wheel.name}"]), what="install the release")
+    sh.run(bare.pip_install_argv(bare.release_python(t, rel.version), [f"{root}/{rel.wheel.name}"]), what="install the release")
     if t.app_deps == "wheelhouse":
         sh.run(bare.link_deps_argv(t, rel.version, rel.deps.digest), what="link the release to its deps")
         sh.run(bare.mark_argv(f"{root}/deps", rel.deps.digest + "\n"), what="record the release's deps")
@@ -120,7 +122,7 @@ def install_release(sh: Shell, t: Target, rel: Release, say: Callable[[str], Non
 
 
 def _upload(sh: Shell, files: list, directory: str) -> int:
-    """Upload files a host lacks (same name and size counts as present: wheels are immutable by name)."""
+    """Upload files a host lacks (same name and size counts as present: dependency wheels are immutable by name and version)."""
     sent = 0
     for path in files:
         if sh.size(f"{directory}/{path.name}") != path.stat().st_size:
