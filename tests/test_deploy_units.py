@@ -196,3 +196,12 @@ def test_the_gate_probes_ready_and_liveness_in_one_command() -> None:
         server.shutdown()
     down = sh(common.gate_argv("python3", server.server_address[1], ["false"])).stdout.splitlines()
     assert down[0].startswith("0 ") and down[-1] == "dead"
+
+
+def test_json_report_has_a_row_per_host_and_the_exit_code() -> None:
+    import json
+
+    rows = [HostDeploy("h1", "docker", "v1", "v2", "deployed", 3.0, downtime=1.5), HostDeploy("h2", "bare", error="h2: locked", exit_code=5, result="locked")]
+    doc = json.loads(render("deploy", rows, as_json=True))
+    assert doc["command"] == "deploy" and doc["exit_code"] == 5
+    assert [h["result"] for h in doc["hosts"]] == ["deployed", "locked"] and doc["hosts"][0]["downtime"] == 1.5
