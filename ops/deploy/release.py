@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ops.errors import ConfigError
 from ops.images.commands import git_revision
-from ops.remote.fleet import ROOT, Wheelhouse, build_wheelhouse, wheel_identity
+from ops.remote.fleet import ROOT, Wheelhouse, build_wheelhouse, wheelhouse_of
 from ops.runner import run
 
 _VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -65,11 +65,7 @@ def build_deps(project: Path, cache: Path | None = None) -> Wheelhouse:
         dest.mkdir(parents=True, exist_ok=True)
         run([sys.executable, "-m", "pip", "wheel", "--quiet", "--wheel-dir", str(dest), *reqs])
         (dest / ".complete").touch()
-    wheels = tuple(sorted(p.name for p in dest.glob("*.whl")))
-    digest = hashlib.sha256()
-    for name in wheels:
-        digest.update(name.encode() + wheel_identity(dest / name))
-    return Wheelhouse(dest, wheels, digest.hexdigest()[:16])
+    return wheelhouse_of(dest)
 
 
 def build_release(project: Path = ROOT, *, tag: str | None = None, manifest: Path | None = None, lock: Path | None = None) -> Release:

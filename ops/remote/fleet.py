@@ -66,11 +66,16 @@ def build_wheelhouse(project: Path = ROOT, dest: Path | None = None) -> Wheelhou
             old.unlink()
         run([sys.executable, "-m", "pip", "wheel", "--quiet", "--wheel-dir", str(dest), str(project)])
         stamp.write_text(sources)
-    wheels = tuple(sorted(p.name for p in dest.glob("*.whl")))
+    return wheelhouse_of(dest)
+
+
+def wheelhouse_of(directory: Path) -> Wheelhouse:
+    """The wheels in a directory and a digest of their contents: equal digests, nothing to reinstall."""
+    wheels = tuple(sorted(p.name for p in directory.glob("*.whl")))
     digest = hashlib.sha256()
     for name in wheels:
-        digest.update(name.encode() + wheel_identity(dest / name))
-    return Wheelhouse(dest, wheels, digest.hexdigest()[:16])
+        digest.update(name.encode() + wheel_identity(directory / name))
+    return Wheelhouse(directory, wheels, digest.hexdigest()[:16])
 
 
 def source_digest(project: Path) -> str:
