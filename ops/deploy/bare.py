@@ -80,6 +80,11 @@ def mark_argv(path: str, text: str = "") -> list[str]:
     return ["sh", "-c", 'printf "%s" "$2" > "$1"', "sh", path, text]
 
 
+def marked_argv(path: str, text: str) -> list[str]:
+    """Exit 0 when the mark at `path` holds exactly `text` (a release installed from these very wheels)."""
+    return ["sh", "-c", '[ "$(cat "$1" 2>/dev/null)" = "$2" ]', "sh", path, text]
+
+
 def fetch_argv(t: Target, version: str, env: Mapping[str, str], *, token_stdin: bool) -> list[str]:
     """Fetch and verify the release's model with the release's own model commands."""
     pairs = [f"{k}={v}" for k, v in env.items()]

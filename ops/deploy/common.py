@@ -57,7 +57,7 @@ def probe_argv(python: str, port: int) -> list[str]:
 
 def gate_argv(python: str, port: int, alive: list[str]) -> list[str]:
     """The probe and the liveness check in one SSH round trip: prints the /ready answer, then `alive` or `dead`."""
-    return ["sh", "-c", '"$1" -c "$2" "$3"; shift 3; if "$@" >/dev/null 2>&1; then echo alive; else echo dead; fi', "sh", python, _PROBE, f"http://127.0.0.1:{port}/ready", *alive]
+    return ["sh", "-c", '"$1" "$2" "$3" "$4"; shift 4; if "$@" >/dev/null 2>&1; then echo alive; else echo dead; fi', "sh", *probe_argv(python, port), *alive]
 
 
 def history_argv(prefix: str) -> list[str]:

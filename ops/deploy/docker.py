@@ -38,6 +38,10 @@ def pull_argv(t: Target, registry: Registry, ref: str) -> list[str]:
     return [t.engine, "pull", *_tls(t, registry), "--quiet", ref]
 
 
+def image_present_argv(t: Target, ref: str) -> list[str]:
+    return ["sh", "-c", '"$1" image inspect "$2" >/dev/null 2>&1', "sh", t.engine, ref]
+
+
 def running_image_argv(t: Target) -> list[str]:
     """The image reference the serving container was started from (empty output when there is none)."""
     return ["sh", "-c", '"$1" inspect --format "{{.Config.Image}}" "$2" 2>/dev/null || true', "sh", t.engine, t.container]

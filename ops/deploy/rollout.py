@@ -52,7 +52,7 @@ class HostDeploy:
 
     @property
     def ok(self) -> bool:
-        return self.exit_code == 0 and self.result != "failed"
+        return self.exit_code == 0
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,6 @@ class Context:
     forwarded: Mapping[str, str] = field(default_factory=dict)  # HF_ENDPOINT, … for fetches and containers
     token: str = ""
     secrets: Mapping[str, str] = field(default_factory=dict)
-    say: Callable[[str, str], None] = lambda host, line: None
 
 
 @dataclass
@@ -61,16 +60,22 @@ def _down_since(outcome: Outcome, since: float) -> Outcome:
 
 # --- health gate -------------------------------------------------------------
 
+def gate(sh: Shell, t: Target, alive: list[str]) -> tuple[bool, str, bool]:
+    """One SSH round trip: (ready, the /ready answer, the app process is up)."""
+    answer, _, state = sh.run(common.gate_argv(t.host.python, t.port, alive), kind="probe").stdout.strip().rpartition("\n")
+    return (answer or state).split(" ", 1)[0] == "200", answer, state != "dead"
+
+
 def wait_ready(sh: Shell, t: Target, alive: list[str], logs: list[str]) -> str | None:
     """None once /ready answers 200; else why not, with the app's last log lines."""
     deadline = time.monotonic() + t.ready_timeout
     last = ""
     while True:
-        answer, _, state = sh.run(common.gate_argv(t.host.python, t.port, alive), kind="probe").stdout.strip().rpartition("\n")
-        if (answer or state).split(" ", 1)[0] == "200":
+        ready, answer, up = gate(sh, t, alive)
+        if ready:
             return None
         last = answer or last
-        if state == "dead":
+        if not up:
             why = "the app exited before it became ready"
             break
         if time.monotonic() > deadline:
@@ -100,9 +105,7 @@ def install_release(sh: Shell, t: Target, rel: Release, say: Callable[[str], Non
         sh.run(bare.venv_argv(t, deps), what=f"create a venv with {t.host.python} (is python3-venv installed?)")
         sh.run(bare.pip_install_argv(f"{deps}/bin/python", [f"{wheels}/{w}" for w in rel.deps.wheels]), what="install the dependencies")
         sh.run(bare.mark_argv(f"{deps}/.complete"), what="mark the deps venv complete")
-    identity = release_identity(rel)
-    done = f"{bare.release_dir(t, rel.version)}/.complete"
-    if sh.run(["sh", "-c", '[ "$(cat "$1" 2>/dev/null)" = "$2" ]', "sh", done, identity], kind="query").exit_code == 0:
+    if _installed(sh, t, rel):
         say(f"release {rel.version}: already installed")
         return
     root = bare.release_dir(t, rel.version)
@@ -117,7 +120,7 @@ def install_release(sh: Shell, t: Target, rel: Release, say: Callable[[str], Non
         sh.run(bare.mark_argv(f"{root}/deps", rel.deps.digest + "\n"), what="record the release's deps")
     sh.put(rel.manifest, f"{root}/models.toml")
     sh.put(rel.lock, f"{root}/models.lock")
-    sh.run(bare.mark_argv(done, identity), what="mark the release complete")
+    sh.run(bare.mark_argv(f"{root}/.complete", release_identity(rel)), what="mark the release complete")
     say(f"release {rel.version}: installed")
 
 
@@ -166,7 +169,7 @@ def deploy_bare(sh: Shell, t: Target, ctx: Context, say: Callable[[str], None]) 
         sh.run(common.record_argv(t.prefix, rel.version), what="record the release")
         _prune(sh, t, rel.version, old)
         return outcome
-    return _down_since(_fall_back(sh, t, old, rel.version, why, say, lambda v: start_bare(sh, t, v, ctx)[0], lambda: sh.run(bare.stop_argv(t), kind="query")), since)
+    return _down_since(_fall_back(old, rel.version, why, say, lambda v: start_bare(sh, t, v, ctx)[0], lambda: sh.run(bare.stop_argv(t), kind="query")), since)
 
 
 def rollback_bare(sh: Shell, t: Target, ctx: Context, say: Callable[[str], None]) -> Outcome:
@@ -180,12 +183,11 @@ def rollback_bare(sh: Shell, t: Target, ctx: Context, say: Callable[[str], None]
         outcome = _down_since(Outcome(current, target, "reverted"), since)
         sh.run(common.record_argv(t.prefix, target), what="record the release")
         return outcome
-    return _down_since(_fall_back(sh, t, current, target, why, say, lambda v: start_bare(sh, t, v, ctx)[0], lambda: None, back="restored"), since)
+    return _down_since(_fall_back(current, target, why, say, lambda v: start_bare(sh, t, v, ctx)[0], lambda: None, back="restored"), since)
 
 
 def _installed(sh: Shell, t: Target, rel: Release) -> bool:
-    done = f"{bare.release_dir(t, rel.version)}/.complete"
-    return sh.run(["sh", "-c", '[ "$(cat "$1" 2>/dev/null)" = "$2" ]', "sh", done, release_identity(rel)], kind="query").exit_code == 0
+    return sh.run(bare.marked_argv(f"{bare.release_dir(t, rel.version)}/.complete", release_identity(rel)), kind="query").exit_code == 0
 
 
 def _prune(sh: Shell, t: Target, new: str, old: str | None) -> None:
@@ -223,7 +225,7 @@ def rollback_docker(sh: Shell, t: Target, ctx: Context, say: Callable[[str], Non
     target = common.previous_version(sh.run(common.history_argv(t.prefix), kind="query").stdout, current)
     if target is None:
         raise ConfigError(f"{t.name}: no previous image to roll back to (current: {current or 'none'}).")
-    if sh.run(["sh", "-c", '"$1" image inspect "$2" >/dev/null 2>&1', "sh", t.engine, target], kind="query").exit_code != 0:
+    if sh.run(docker.image_present_argv(t, target), kind="query").exit_code != 0:
         _pull(sh, t, ctx, target)
     say(f"rolling back {current} -> {target}")
     return _swap_container(sh, t, ctx, current, target, say, done="reverted", back="restored")
@@ -237,7 +239,8 @@ def _swap_container(sh: Shell, t: Target, ctx: Context, old: str | None, ref: st
         sh.run(docker.remove_argv(t, docker.previous(t)), what="remove the previous container")
         sh.run(common.record_argv(t.prefix, ref), what="record the release")
         return outcome
-    return _down_since(_docker_fall_back(sh, t, old, ref, why, say, back=back), since)
+    return _down_since(_fall_back(_tag(old), _tag(ref), why, say, lambda _: _restore_container(sh, t),
+                                  lambda: sh.run(docker.remove_argv(t, t.container), kind="query"), back=back), since)
 
 
 def _pull(sh: Shell, t: Target, ctx: Context, ref: str) -> None:
@@ -246,15 +249,10 @@ def _pull(sh: Shell, t: Target, ctx: Context, ref: str) -> None:
     sh.run(docker.pull_argv(t, ctx.registry, ref), what=f"pull {ref}")
 
 
-def _docker_fall_back(sh: Shell, t: Target, old: str | None, new: str, why: str, say: Callable[[str], None], back: str = "rolled back") -> Outcome:
-    say(f"{_tag(new)} did not become ready: {why}")
-    if old is None:
-        sh.run(docker.remove_argv(t, t.container), kind="query")
-        return Outcome(None, _tag(new), "failed", why, NotReadyError.exit_code)
+def _restore_container(sh: Shell, t: Target) -> str | None:
     for argv in docker.restore_argvs(t):
         sh.run(argv, what="restore the previous container")
-    again = wait_ready(sh, t, docker.alive_argv(t), docker.logs_argv(t))
-    return Outcome(_tag(old), _tag(new), back if again is None else "failed", why + ("" if again is None else f"; the previous container did not come back either: {again}"), NotReadyError.exit_code)
+    return wait_ready(sh, t, docker.alive_argv(t), docker.logs_argv(t))
 
 
 def _tag(ref: str | None) -> str | None:
@@ -264,17 +262,18 @@ def _tag(ref: str | None) -> str | None:
 # --- shared ------------------------------------------------------------------
 
 def _serving(sh: Shell, t: Target, alive: list[str]) -> bool:
-    return sh.run(alive, kind="query").exit_code == 0 and sh.run(common.probe_argv(t.host.python, t.port), kind="query").stdout.startswith("200")
+    ready, _, up = gate(sh, t, alive)
+    return ready and up
 
 
-def _fall_back(sh: Shell, t: Target, old: str | None, new: str, why: str, say: Callable[[str], None],
-               start: Callable[[str], str | None], stop: Callable[[], object], back: str = "rolled back") -> Outcome:
-    """The new release never became ready: put the old one back (it must become ready too)."""
+def _fall_back(old: str | None, new: str, why: str, say: Callable[[str], None],
+               restore: Callable[[str], str | None], discard: Callable[[], object], back: str = "rolled back") -> Outcome:
+    """The new release never became ready: put the old one back (it must become ready too), or stop the new one when there is none."""
     say(f"{new} did not become ready: {why}")
     if old is None:
-        stop()
+        discard()
         return Outcome(None, new, "failed", why, NotReadyError.exit_code)
     say(f"switching back to {old}")
-    again = start(old)
+    again = restore(old)
     return Outcome(old, new, back if again is None else "failed", why + ("" if again is None else f"; {old} did not come back either: {again}"), NotReadyError.exit_code)
 
