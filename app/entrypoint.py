@@ -64,7 +64,7 @@ def ensure_model(settings: Settings) -> Settings:
     if outcome.ok:
         return settings
     problems = "; ".join(outcome.problems) or outcome.error or "not verified"
-    read_only = settings.models_dir.exists() and not os.access(settings.models_dir, os.W_OK)
+    read_only = not store.writable()
     if read_only or not env_flag("BAKEHOUSE_AUTO_FETCH", not read_only):
         why = f"the store at {settings.models_dir} is read-only" if read_only else "BAKEHOUSE_AUTO_FETCH is off"
         raise BakehouseError(f"{settings.model} does not verify and {why}: {problems}. Fix the store (invoke fetch-models) or enable auto-fetch.")
@@ -100,7 +100,7 @@ def _lock_seed_model(settings: Settings, spec: ModelSpec) -> Settings:
 def _seed_lock_path(models_dir: Path, spec: ModelSpec) -> Path:
     """Kept in the store (`.seed/`) when it is writable, so a restart without the remote still knows the commit; else in the temp dir."""
     name = f"{spec.name}-{spec_fingerprint(spec)[:12]}.lock"
-    if os.access(models_dir, os.W_OK) or (not models_dir.exists() and os.access(models_dir.parent, os.W_OK)):
+    if Store(models_dir).writable():
         return models_dir / ".seed" / name
     return Path(tempfile.gettempdir()) / "bakehouse-seed" / name
 

@@ -52,6 +52,11 @@ class Store:
     def partial_dir(self, name: str, commit: str) -> Path:
         return self.root / STAGING / name / f"{commit}.partial"
 
+    def writable(self) -> bool:
+        """Whether this process can write the store (or create it, when it does not exist yet)."""
+        probe = self.root if self.root.exists() else self.root.parent
+        return os.access(probe, os.W_OK)
+
     def ensure_root(self) -> None:
         try:
             (self.root / STAGING).mkdir(parents=True, exist_ok=True)
