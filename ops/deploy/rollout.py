@@ -28,7 +28,7 @@ from ops.deploy.shell import DryShell, SshShell
 from ops.deploy.steps import Context, Outcome, deploy_bare, deploy_docker, rollback_bare, rollback_docker
 from ops.deploy.target import Target, target
 from ops.errors import EXIT_SOURCE, BakehouseError, ConfigError, DeployLockedError, redact
-from ops.images.commands import LAST_IMAGE
+from ops.images.commands import last_image
 from ops.images.registry import Registry
 from ops.models.manifest import load_manifest
 from ops.remote import commands as rc
@@ -66,10 +66,11 @@ class Plan:
 
 
 def plan(command: str, inventory: Path, *, hosts: list[str] | None, group: str | None, project: Path, tag: str | None,
-         serial: int, ssh: SshOptions, break_lock: bool = False, manifest: Path | None = None, lock: Path | None = None) -> Plan:
+         serial: int, ssh: SshOptions, break_lock: bool = False, manifest: Path | None = None, lock: Path | None = None, build_context: Path = Path()) -> Plan:
     """Check everything that can be checked here (inventory, secrets, registry, release) before touching a host.
 
     `project` is the bakehouse checkout the release is built from; models.toml and models.lock default to it.
+    `build_context` is where `invoke build` ran: without --tag, Docker hosts get the image it built last.
     """
     if serial < 1:
         raise ConfigError(f"--serial {serial}: deploy at least one host at a time.")
@@ -83,7 +84,7 @@ def plan(command: str, inventory: Path, *, hosts: list[str] | None, group: str |
     registry = Registry.from_env() if "docker" in runtimes else None
     release = build_release(project, tag=tag, manifest=manifest, lock=lock) if "bare" in runtimes and command == "deploy" else None
     if "docker" in runtimes and command == "deploy" and not tag:
-        tag = _last_tag(Path.cwd())
+        tag = last_image(build_context).rsplit(":", 1)[-1]
     context = Context(
         release=release,
         tag=tag,
@@ -93,13 +94,6 @@ def plan(command: str, inventory: Path, *, hosts: list[str] | None, group: str |
         secrets={s: os.environ[s] for t in targets for s in t.secrets},
     )
     return Plan(command, targets, context, ssh, serial, break_lock)
-
-
-def _last_tag(project: Path) -> str:
-    try:
-        return (project / LAST_IMAGE).read_text().strip().rsplit(":", 1)[-1]
-    except FileNotFoundError:
-        raise ConfigError("no image tag: pass --tag, or run `invoke build` (and `invoke push`) first.") from None
 
 
 def execute(p: Plan, *, on_line: Callable[[str, str], None] | None = None) -> list[HostDeploy]:

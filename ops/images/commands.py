@@ -225,7 +225,7 @@ class PushReport:
 def push(context: Path, *, tag: str | None = None, engine: str | None = None, dry_run: bool = False) -> PushReport:
     registry = Registry.from_env()
     eng = detect_engine(engine)
-    local = tag or _last_image(context)
+    local = tag or last_image(context)
     remote = remote_ref(registry, local)
     steps = [login_argv(eng, registry), tag_argv(eng, local, remote), push_argv(eng, registry, remote)]
     if dry_run:
@@ -243,8 +243,9 @@ def push(context: Path, *, tag: str | None = None, engine: str | None = None, dr
     return PushReport(remote=remote, uploaded=result.uploaded, uploaded_bytes=result.uploaded_bytes, existing=result.existing, seconds=time.monotonic() - start, argv=steps)
 
 
-def _last_image(context: Path) -> str:
+def last_image(context: Path) -> str:
+    """The image the last `invoke build` in this checkout made: what push and deploy use without --tag."""
     try:
         return (context / LAST_IMAGE).read_text().strip()
     except FileNotFoundError:
-        raise ConfigError("no image to push: pass --tag, or run `invoke build` first.") from None
+        raise ConfigError("no image: pass --tag, or run `invoke build` (then `invoke push`) first.") from None
