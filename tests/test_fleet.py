@@ -173,6 +173,23 @@ def test_a_command_timeout_fails_that_host_with_the_reason(fleet_project: Projec
     assert hosts[0].exec("test", "-e", "/srv/models/shards/current", check=False).returncode != 0
 
 
+def test_the_ansible_engine_honours_the_command_timeout(fleet_project: Project, keys: Path, hosts: list[SshHost], hub: Hub) -> None:
+    hosts[0].exec("rm", "-rf", "/srv/models/shards", "/srv/models/.staging/shards")
+    fleet(fleet_project, keys, "verify-models", "--hosts", "h1", "--models", "shards")  # bootstrap first: the timeout must cut the fetch
+    slow = Proxy(hub.endpoint, rate=500_000).start()
+    try:
+        start = time.monotonic()
+        r = fleet(fleet_project, keys, "fetch-models", "--hosts", "h1", "--models", "shards", "--engine", "ansible", "--command-timeout", "3",
+                  env=fleet_project.env(HF_ENDPOINT=slow.url))
+        took = time.monotonic() - start
+    finally:
+        slow.stop()
+    assert r.returncode == 3, r.stdout + r.stderr
+    assert "Timed out after 3 second(s)" in rows(r.stdout)[("h1", "-")], r.stdout
+    assert took < 60
+    assert hosts[0].exec("test", "-e", "/srv/models/shards/current", check=False).returncode != 0
+
+
 def test_unknown_host_keys_are_refused_unless_first_contact_is_allowed(fleet_project: Project, keys: Path, tmp_path: Path) -> None:
     empty = tmp_path / "known_hosts"
     empty.write_text("")

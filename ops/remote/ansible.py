@@ -49,14 +49,17 @@ def playbook_argv(inventory: Path, vars_file: Path, *, forks: int, program: str 
 
 
 def ansible_env(job: FleetJob) -> dict[str, str]:
-    """Host keys checked against the same known_hosts, with the same policy as the SSH engine."""
+    """Host keys checked against the same known_hosts, with the same policy and timeouts as the SSH engine."""
     strict = "accept-new" if job.ssh.host_key_policy == "accept-new" else "yes"
-    return {
+    env = {
         "ANSIBLE_HOST_KEY_CHECKING": "True",
         "ANSIBLE_SSH_ARGS": f"-o UserKnownHostsFile={job.ssh.known_hosts} -o StrictHostKeyChecking={strict} -o ConnectTimeout={int(job.ssh.connect_timeout)}",
         "ANSIBLE_PYTHON_INTERPRETER": "auto_silent",
         "ANSIBLE_RETRY_FILES_ENABLED": "False",
     }
+    if job.ssh.command_timeout:
+        env["ANSIBLE_TASK_TIMEOUT"] = str(max(1, round(job.ssh.command_timeout)))  # per task, as --command-timeout is per command
+    return env
 
 
 def run_with_ansible(hosts: Sequence[Host], job: FleetJob, inventory: Path, *, serial: str = "100%", max_fail_percentage: int = 100) -> list[HostResult]:
@@ -94,5 +97,13 @@ def run_with_ansible(hosts: Sequence[Host], job: FleetJob, inventory: Path, *, s
 def _result(host: Host, report: Path, output: str) -> HostResult:
     if report.exists():
         return parse_host_report(host.name, report.read_text(), "")
-    why = next((line.strip() for line in output.splitlines() if f"[{host.name}]" in line and ("UNREACHABLE" in line or "FAILED" in line)), "no report: see the ansible output above")
-    return HostResult(host=host.name, ok=False, exit_code=3 if "UNREACHABLE" in why else 1, error=why[:300])
+    line = next((ln.strip() for ln in output.splitlines() if f"[{host.name}]" in ln and ln.lstrip().startswith(("fatal:", "failed:"))), "")
+    if not line:
+        return HostResult(host=host.name, ok=False, exit_code=1, error="no report: see the ansible output above")
+    try:  # `fatal: [h1]: UNREACHABLE! => {"msg": …}`: Ansible's own reason, not the whole line
+        why = json.loads(line.split("=>", 1)[1]).get("msg", line)
+    except (IndexError, ValueError, AttributeError):
+        why = line
+    if "UNREACHABLE" in line:
+        return HostResult(host=host.name, ok=False, exit_code=3, error=f"UNREACHABLE: {why}"[:300])
+    return HostResult(host=host.name, ok=False, exit_code=3 if "Timed out" in str(why) else 1, error=str(why)[:300])
