@@ -53,3 +53,19 @@ def test_host_report_and_table() -> None:
     text = table([ok, bad])
     assert "gpu-1  demo   downloaded  2.0 MB  2.0s  1.0 MB/s" in text
     assert text.splitlines()[-1] == "gpu-2: OSError: disk on fire" and "2 host(s), 1 failed (exit 1)" in text
+
+
+def test_an_ansible_failure_row_carries_ansibles_reason(tmp_path: Path) -> None:
+    from ops.remote.ansible import _result
+
+    censored = "\n".join([
+        "TASK [Run the model command (the HF token goes on stdin)] ***",
+        "[ERROR]: Task failed: Timed out after 3 second(s).",
+        "Origin: /x/models-playbook.yml:48:7",
+        '48     - name: Run the model command (the HF token goes on stdin)',
+        'fatal: [gpu-1]: FAILED! => {"censored": "the output has been hidden", "changed": false}',
+    ])
+    r = _result(HOST, tmp_path / "none.json", censored)
+    assert (r.exit_code, r.error) == (3, "Task failed: Timed out after 3 second(s).")
+    down = _result(HOST, tmp_path / "none.json", 'fatal: [gpu-1]: UNREACHABLE! => {"msg": "Failed to connect to the host via ssh", "unreachable": true}')
+    assert (down.exit_code, down.error) == (3, "UNREACHABLE: Failed to connect to the host via ssh")

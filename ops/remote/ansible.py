@@ -97,13 +97,31 @@ def run_with_ansible(hosts: Sequence[Host], job: FleetJob, inventory: Path, *, s
 def _result(host: Host, report: Path, output: str) -> HostResult:
     if report.exists():
         return parse_host_report(host.name, report.read_text(), "")
-    line = next((ln.strip() for ln in output.splitlines() if f"[{host.name}]" in ln and ln.lstrip().startswith(("fatal:", "failed:"))), "")
-    if not line:
+    lines = [ln.strip() for ln in output.splitlines()]
+    at = next((i for i, ln in enumerate(lines) if f"[{host.name}]" in ln and ln.startswith(("fatal:", "failed:"))), None)
+    if at is None:
         return HostResult(host=host.name, ok=False, exit_code=1, error="no report: see the ansible output above")
-    try:  # `fatal: [h1]: UNREACHABLE! => {"msg": …}`: Ansible's own reason, not the whole line
-        why = json.loads(line.split("=>", 1)[1]).get("msg", line)
-    except (IndexError, ValueError, AttributeError):
-        why = line
-    if "UNREACHABLE" in line:
+    why = _reason(lines, at)
+    if "UNREACHABLE" in lines[at]:
         return HostResult(host=host.name, ok=False, exit_code=3, error=f"UNREACHABLE: {why}"[:300])
-    return HostResult(host=host.name, ok=False, exit_code=3 if "Timed out" in str(why) else 1, error=str(why)[:300])
+    return HostResult(host=host.name, ok=False, exit_code=3 if "Timed out" in why else 1, error=why[:300])
+
+
+def _reason(lines: list[str], at: int) -> str:
+    """Ansible's own reason for the failure on line `at`: its JSON `msg`, else the `[ERROR]:` block printed just before it.
+
+    The model command's task is `no_log` (the token is on its stdin), so its result's msg is censored; the
+    `[ERROR]: Task failed: Timed out …` line Ansible prints above the result is not.
+    """
+    try:
+        msg = json.loads(lines[at].split("=>", 1)[1]).get("msg")
+    except (IndexError, ValueError, AttributeError):
+        msg = None
+    if msg:
+        return str(msg)
+    for line in reversed(lines[:at]):
+        if line.startswith("[ERROR]:"):
+            return line.removeprefix("[ERROR]:").strip()
+        if line.startswith(("TASK [", "ok:", "changed:", "fatal:", "failed:", "skipping:")):
+            break
+    return lines[at]
