@@ -6,30 +6,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ops.errors import ConfigError
-from ops.models.cli import default_lock, default_manifest
-from ops.models.store import default_models_dir
-
-_TRUE = {"1", "true", "yes", "on"}
-
-
-def env_number(name: str, default: float, kind: type = int) -> float:
-    """A numeric setting; a bad value stops the app with the variable's name, not a traceback."""
-    value = os.environ.get(name) or ""
-    if not value.strip():
-        return kind(default)
-    try:
-        number = kind(value)
-    except ValueError:
-        raise ConfigError(f"{name}={value!r} is not a {'whole ' if kind is int else ''}number. Fix it in the environment (or the host's app_env) and restart.") from None
-    if number <= 0:
-        raise ConfigError(f"{name}={value!r} must be above zero.")
-    return number
-
-
-def env_flag(name: str, default: bool) -> bool:
-    value = os.environ.get(name)
-    return default if value is None or value == "" else value.strip().lower() in _TRUE
+from ops.settings import default_lock, default_manifest, default_models_dir, env_flag, env_number
 
 
 @dataclass(frozen=True)
@@ -53,7 +30,7 @@ class Settings:
             "lock": default_lock(),
             "manifest": default_manifest(),
             "host": os.environ.get("HOST") or "0.0.0.0",
-            "port": env_number("PORT", 8000),
+            "port": env_number("PORT", 8000, maximum=65535),
             "max_batch": env_number("BAKEHOUSE_MAX_BATCH", 16),
             "max_wait_ms": env_number("BAKEHOUSE_MAX_WAIT_MS", 10, float),
             "max_tokens_limit": env_number("BAKEHOUSE_MAX_TOKENS", 512),

@@ -13,20 +13,24 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from ops.errors import ConfigError
-from ops.models.commands import verify_one
+from ops.errors import BakehouseError, ConfigError
+from ops.models.actions import verify_one
 from ops.models.lock import LockedModel, load_lock
 from ops.models.store import Store
 from ops.models.verify import PICKLE_SUFFIXES
 
+if TYPE_CHECKING:
+    from app.config import Settings
+
 log = logging.getLogger("bakehouse.engine")
 
 
-class NotServable(Exception):
+class NotServableError(BakehouseError):
     """The store holds nothing this engine may load; the message says why and what to do."""
 
 
@@ -50,7 +54,7 @@ def check_weights_format(model: LockedModel, allow_pickle: bool) -> bool:
         return True
     pickles = [n for n in names if n.endswith(PICKLE_SUFFIXES)]
     if pickles and not (allow_pickle or model.allow_pickle):
-        raise NotServable(
+        raise NotServableError(
             f"{model.name}: only pickle weights ({', '.join(pickles)}), which can run code when loaded. "
             "Convert them to safetensors, or set allow_pickle = true in models.toml (or BAKEHOUSE_ALLOW_PICKLE=1) if you trust them."
         )
@@ -62,12 +66,37 @@ def verified_path(store: Store, lock_path: Path, name: str) -> tuple[LockedModel
     try:
         model = load_lock(lock_path).select([name])[0]
     except ConfigError as exc:
-        raise NotServable(str(exc)) from None
+        raise NotServableError(str(exc)) from exc
     outcome = verify_one(store, model, full=False)
     if not outcome.ok:
         reasons = "; ".join(outcome.problems) or outcome.error or "verification failed"
-        raise NotServable(f"refusing to load {name}: {reasons}")
+        raise NotServableError(f"refusing to load {name}: {reasons}")
     return model, store.commit_dir(name, model.commit)
+
+
+@dataclass(frozen=True)
+class Loaded:
+    engine: Engine
+    verify_seconds: float
+    warmup_seconds: float
+
+
+def load_verified(settings: Settings, on_state: Callable[[str, str], None] = lambda state, reason: None) -> Loaded:
+    """The one way the app gets a model: wait for a fetch in progress, quick verify, check the format, load, warm up."""
+    store = Store(settings.models_dir)
+    on_state("waiting", f"waiting for a fetch of {settings.model} in progress")
+    with store.reading(settings.model):
+        on_state("verifying", f"verifying {settings.model}")
+        t0 = time.monotonic()
+        model, directory = verified_path(store, settings.lock, settings.model)
+        verify_seconds = time.monotonic() - t0
+        safetensors_only = check_weights_format(model, settings.allow_pickle)
+        on_state("loading", f"loading {settings.model} from {directory}")
+        engine = Engine(directory, name=settings.model, safetensors_only=safetensors_only)
+    on_state("warming", "warming up")
+    t0 = time.monotonic()
+    engine.warm_up()
+    return Loaded(engine, verify_seconds, time.monotonic() - t0)
 
 
 @dataclass(frozen=True)

@@ -23,15 +23,16 @@ from typing import TypeVar
 
 import uvicorn
 
-from app.config import Settings, env_flag
-from ops.errors import BakehouseError, ConfigError, SourceError, error_for_exit
-from ops.models.cli import configure_logging
-from ops.models.commands import verify_one
+from app.config import Settings
+from ops.errors import BakehouseError, ConfigError, SourceError
+from ops.models.actions import verify_one
 from ops.models.fetch import fetch_models
 from ops.models.lock import Lock, LockedModel, load_lock, write_lock
 from ops.models.manifest import ModelSpec, spec_fingerprint
 from ops.models.sources.git import GitSource
 from ops.models.store import Store
+from ops.models.verify import PICKLE_SUFFIXES
+from ops.settings import configure_logging, env_flag
 
 log = logging.getLogger("bakehouse.entrypoint")
 T = TypeVar("T")
@@ -49,7 +50,7 @@ def seed_model(name: str) -> ModelSpec | None:
         source=f"git+{url}",
         revision=os.environ.get("GIT_BRANCH") or "main",
         include=(model_file, *SMALL_FILES),
-        allow_pickle=model_file.endswith((".pt", ".pth", ".bin", ".ckpt")),
+        allow_pickle=model_file.endswith(PICKLE_SUFFIXES),
     )
 
 
@@ -70,8 +71,8 @@ def ensure_model(settings: Settings) -> Settings:
         raise BakehouseError(f"{settings.model} does not verify and {why}: {problems}. Fix the store (invoke fetch-models) or enable auto-fetch.")
     log.info("%s: %s; fetching", settings.model, problems)
     [fetched] = _step("fetch", lambda: fetch_models([model], store))
-    if not fetched.ok:
-        raise error_for_exit(fetched.exit_code, fetched.error or f"fetching {settings.model} failed")
+    if fetched.error is not None:
+        raise fetched.error
     return settings
 
 

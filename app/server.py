@@ -19,21 +19,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app.batching import Batcher, Piece
 from app.config import Settings
-from app.engine import Engine, NotServable, check_weights_format, verified_path
+from app.engine import Engine, NotServableError, load_verified
 from app.metrics import Metrics
-from app.schemas import ChatRequest, CompletionRequest
-from ops.models.store import Store
+from app.schemas import ApiError, ChatRequest, CompletionRequest, prompts_of, sampling, validation_error
 
 log = logging.getLogger("bakehouse.app")
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, *, type_: str = "invalid_request_error", param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-
-    def response(self) -> JSONResponse:
-        return JSONResponse({"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}, status_code=self.status)
 
 
 @dataclass
@@ -46,29 +36,23 @@ class State:
 
 
 def load_model(settings: Settings, state: State, metrics: Metrics) -> None:
-    """Wait for any fetch of this model, quick-verify, load, warm up; /ready reflects each step."""
-    store = Store(settings.models_dir)
+    """Load the verified model in the background; /ready reflects each step."""
+
+    def on_state(status: str, reason: str) -> None:
+        state.status, state.reason = status, reason
+
     try:
-        state.status, state.reason = "waiting", f"waiting for a fetch of {settings.model} in progress"
-        with store.reading(settings.model):
-            state.status, state.reason = "verifying", f"verifying {settings.model}"
-            t0 = time.monotonic()
-            model, directory = verified_path(store, settings.lock, settings.model)
-            metrics.verify_seconds.set(time.monotonic() - t0)
-            safetensors_only = check_weights_format(model, settings.allow_pickle)
-            state.status, state.reason = "loading", f"loading {settings.model} from {directory}"
-            engine = Engine(directory, name=settings.model, safetensors_only=safetensors_only)
+        loaded = load_verified(settings, on_state)
+        engine = loaded.engine
+        metrics.verify_seconds.set(loaded.verify_seconds)
         metrics.load_seconds.set(engine.load_seconds)
-        state.status, state.reason = "warming", "warming up"
-        t0 = time.monotonic()
-        engine.warm_up()
-        metrics.warmup_seconds.set(time.monotonic() - t0)
+        metrics.warmup_seconds.set(loaded.warmup_seconds)
         state.engine = engine
         state.batcher = Batcher(engine, metrics, max_batch=settings.max_batch, max_wait_s=settings.max_wait_ms / 1000)
         state.status, state.reason = "ready", "ready"
         metrics.ready.set(1)
         log.info("ready: serving %s", settings.model)
-    except NotServable as exc:
+    except NotServableError as exc:
         state.status, state.reason = "failed", str(exc)
         log.error("not serving: %s", exc)
     except Exception as exc:  # corrupt weights, out of memory: report through /ready, keep /health up
@@ -123,11 +107,10 @@ def create_app(settings: Settings) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest) -> Response:
         engine, batcher = serving(state, settings, body.model)
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        if not prompts or (body.stream and len(prompts) != 1):
-            raise ApiError(400, "prompt: give one string (or a list of strings without stream)", param="prompt")
-        params = sampling(body, settings, max_tokens=body.max_tokens)
+        prompts = prompts_of(body)
+        params = sampling(body, settings.max_tokens_limit, max_tokens=body.max_tokens)
         ids = [prompt_ids(engine, p) for p in prompts]
+        metrics.prompt_tokens.inc(sum(map(len, ids)))
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
             return sse(completion_chunks(batcher, ids[0], params, rid, created, settings.model))
@@ -139,8 +122,9 @@ def create_app(settings: Settings) -> FastAPI:
     async def chat(body: ChatRequest) -> Response:
         engine, batcher = serving(state, settings, body.model)
         prompt = engine.chat_prompt([m.model_dump(include={"role", "content"}) for m in body.messages])
-        params = sampling(body, settings, max_tokens=body.max_completion_tokens or body.max_tokens or min(256, settings.max_tokens_limit))
+        params = sampling(body, settings.max_tokens_limit, max_tokens=body.max_completion_tokens or body.max_tokens or min(256, settings.max_tokens_limit))
         ids = prompt_ids(engine, prompt)
+        metrics.prompt_tokens.inc(len(ids))
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
             return sse(chat_chunks(batcher, ids, params, rid, created, settings.model))
@@ -161,20 +145,6 @@ def serving(state: State, settings: Settings, model: str) -> tuple[Engine, Batch
     if model != settings.model:
         raise ApiError(404, f"model {model!r} is not served here; this server serves {settings.model!r} (GET /v1/models).", param="model", code="model_not_found")
     return state.engine, state.batcher
-
-
-def sampling(body: CompletionRequest | ChatRequest, settings: Settings, *, max_tokens: int) -> dict[str, Any]:
-    limit = settings.max_tokens_limit
-    if not 1 <= max_tokens <= limit:
-        raise ApiError(400, f"max_tokens must be between 1 and {limit} on this server, got {max_tokens}.", param="max_tokens")
-    if not 0 <= body.temperature <= 2:
-        raise ApiError(400, f"temperature must be between 0 and 2, got {body.temperature}.", param="temperature")
-    if not 0 < body.top_p <= 1:
-        raise ApiError(400, f"top_p must be in (0, 1], got {body.top_p}.", param="top_p")
-    if body.n != 1:
-        raise ApiError(400, "n must be 1 on this server; send several requests instead (they are batched together).", param="n")
-    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    return {"max_tokens": max_tokens, "temperature": body.temperature, "top_p": body.top_p, "stop": stop}
 
 
 def prompt_ids(engine: Engine, prompt: str) -> list[int]:
@@ -221,12 +191,3 @@ async def chat_chunks(batcher: Batcher, ids: list[int], params: dict[str, Any], 
     piece: Piece
     async for piece in batcher.stream(ids, **params):
         yield chunk({"content": piece.text} if piece.text else {}, piece.finish)
-
-
-def validation_error(exc: RequestValidationError) -> ApiError:
-    first = exc.errors()[0] if exc.errors() else {}
-    if first.get("type") == "json_invalid":
-        return ApiError(400, f"the request body is not valid JSON ({first.get('ctx', {}).get('error', 'parse error')}).", code="invalid_json")
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    param = ".".join(loc) or None
-    return ApiError(400, f"{param or 'body'}: {first.get('msg', 'invalid value')}.", param=param)

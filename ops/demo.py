@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 
 from ops.localhub import LocalHub, free_port
-from ops.models.commands import fetch, lock_models, verify_models
+from ops.models.actions import fetch, lock_models, verify_models
 from ops.models.lock import load_lock
 from ops.models.report import Report
 from ops.runner import stop

@@ -1,38 +1,63 @@
 """Every error bakehouse raises on purpose, each mapped to a documented exit code.
 
     BakehouseError                      exit 1 unless a subclass says otherwise
-    ├── ConfigError (ValueError)        exit 2  bad flags, models.toml, models.lock
+    ├── ConfigError (ValueError)        exit 2  bad flags, settings, models.toml, models.lock, inventory
     │   ├── ManifestError
     │   ├── LockError
     │   │   └── StaleLockError
-    │   └── UnsafePathError
+    │   ├── UnsafePathError
+    │   └── HostKeyError                        a host's SSH key is unknown or changed
     ├── SourceError (ConnectionError)   exit 3  hub, git or HTTP source failed
     │   ├── SourceUnreachableError
     │   ├── SourceAuthError
     │   ├── SourceNotFoundError
+    │   ├── SourceRefusedError                  a 4xx other than 401/403/404/429
     │   └── OfflineError
+    ├── RemoteError                     exit 3  a host could not be reached or a step on it failed
+    │   ├── HostUnreachableError
+    │   ├── HostAuthError
+    │   ├── RemoteTimeoutError
+    │   ├── StepFailedError
+    │   └── NoReportError           exit 1  a host's model command ended without its report
+    ├── CommandError                    exit 1  a local command (git, podman, docker, pip) failed
+    │   └── ImageError                          a build or push failed
     ├── VerificationError               exit 1  files do not match the lock
     ├── DiskSpaceError (OSError)        exit 4  not enough free space
     ├── NotReadyError                   exit 1  a deployed release never answered /ready
     └── DeployLockedError               exit 5  another deploy holds the host's deploy lock
 
-Messages say what is wrong, then what to do next. They never carry a token:
-anything that may hold credentials goes through `redact` first.
+The exit code comes from the class, never from a number carried alongside.
+Each error carries its data (`details()`), which `--json` reports; across a
+process boundary (a host's JSON report) `rebuild` turns the report back into
+the same class. Messages say what is wrong, then what to do next. They never
+carry a secret: anything that may hold credentials goes through `redact` first.
 """
 
 from __future__ import annotations
 
+import inspect
 import re
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
+EXIT_OK = 0
 EXIT_VERIFY = 1
 EXIT_USAGE = 2
 EXIT_SOURCE = 3
 EXIT_DISK = 4
 EXIT_LOCKED = 5
+EXIT_INTERRUPTED = 130
 
 
 class BakehouseError(Exception):
-    exit_code = EXIT_VERIFY
+    exit_code: ClassVar[int] = EXIT_VERIFY
+
+    def details(self) -> dict[str, Any]:
+        """The data this error carries, JSON-ready (never a secret)."""
+        return {}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": type(self).__name__, "message": str(self), "exit_code": self.exit_code, **self.details()}
 
 
 class ConfigError(BakehouseError, ValueError):
@@ -52,7 +77,18 @@ class StaleLockError(LockError):
 
 
 class UnsafePathError(ConfigError):
-    """A file path would land outside its model directory."""
+    """A path would land outside its directory, or is not what bakehouse made (a planted link)."""
+
+
+class HostKeyError(ConfigError):
+    """The host's key is unknown (strict policy) or does not match known_hosts."""
+
+    def __init__(self, message: str, *, host: str = "") -> None:
+        super().__init__(message)
+        self.host = host
+
+    def details(self) -> dict[str, Any]:
+        return {"host": self.host}
 
 
 class SourceError(BakehouseError, ConnectionError):
@@ -71,30 +107,128 @@ class SourceNotFoundError(SourceError):
     """The repository, revision or file does not exist at the source."""
 
 
+class SourceRefusedError(SourceError):
+    """The source refused the request for a reason retrying will not fix (a 4xx)."""
+
+
 class OfflineError(SourceError):
     """A download was needed while HF_HUB_OFFLINE is set."""
+
+
+class RemoteError(BakehouseError):
+    """Something on a host failed: which host, and at which step."""
+
+    exit_code = EXIT_SOURCE
+
+    def __init__(self, message: str, *, host: str = "", step: str = "") -> None:
+        super().__init__(message)
+        self.host, self.step = host, step
+
+    def details(self) -> dict[str, Any]:
+        return {"host": self.host, "step": self.step}
+
+
+class HostUnreachableError(RemoteError):
+    """No SSH connection could be made (down, wrong address, firewall)."""
+
+
+class HostAuthError(RemoteError):
+    """sshd refused our key or user."""
+
+
+class RemoteTimeoutError(RemoteError):
+    """A remote command ran past --command-timeout."""
+
+
+class StepFailedError(RemoteError):
+    """A command that had to succeed on the host exited non-zero."""
+
+
+class NoReportError(RemoteError):
+    """A host's model command ended without printing its JSON report (it crashed); its last error line is the message."""
+
+    exit_code = EXIT_VERIFY
+
+
+class CommandError(BakehouseError):
+    """A local command failed; its argv and stderr are kept (redacted in the message)."""
+
+    def __init__(self, message: str, *, argv: Sequence[str] = (), returncode: int = 0, stderr: str = "") -> None:
+        super().__init__(message)
+        self.argv, self.returncode, self.stderr = list(argv), returncode, stderr
+
+    @classmethod
+    def of(cls, argv: Sequence[str], returncode: int, stderr: str) -> CommandError:
+        return cls(f"`{redact(' '.join(argv))}` exited {returncode}: {redact(stderr.strip())[-2000:]}", argv=argv, returncode=returncode, stderr=stderr)
+
+    def details(self) -> dict[str, Any]:
+        return {"argv": redact(" ".join(self.argv)), "returncode": self.returncode}
+
+
+class ImageError(CommandError):
+    """A build or push command failed."""
 
 
 class VerificationError(BakehouseError):
     exit_code = EXIT_VERIFY
 
+    def __init__(self, message: str, *, problems: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.problems = tuple(problems)
+
+    def details(self) -> dict[str, Any]:
+        return {"problems": list(self.problems)}
+
 
 class DiskSpaceError(BakehouseError, OSError):
     exit_code = EXIT_DISK
+
+    def __init__(self, message: str, *, need: int | None = None, have: int | None = None, path: str = "") -> None:
+        super().__init__(message)
+        self.need, self.have, self.path = need, have, path
+
+    def details(self) -> dict[str, Any]:
+        return {"need": self.need, "have": self.have, "path": self.path}
 
 
 class NotReadyError(BakehouseError):
     exit_code = EXIT_VERIFY
 
+    def __init__(self, message: str, *, host: str = "", reason: str = "") -> None:
+        super().__init__(message)
+        self.host, self.reason = host, reason
+
+    def details(self) -> dict[str, Any]:
+        return {"host": self.host, "reason": self.reason}
+
 
 class DeployLockedError(BakehouseError):
     exit_code = EXIT_LOCKED
 
+    def __init__(self, message: str, *, host: str = "", owner: str = "") -> None:
+        super().__init__(message)
+        self.host, self.owner = host, owner
 
-def error_for_exit(code: int, message: str) -> BakehouseError:
-    """Rebuild the error behind a reported exit code (an Outcome carries the code, not the exception)."""
-    cls = {EXIT_USAGE: ConfigError, EXIT_SOURCE: SourceError, EXIT_DISK: DiskSpaceError}.get(code, VerificationError)
-    return cls(message)
+    def details(self) -> dict[str, Any]:
+        return {"host": self.host, "owner": self.owner}
+
+
+def _classes(root: type[BakehouseError] = BakehouseError) -> dict[str, type[BakehouseError]]:
+    found = {root.__name__: root}
+    for sub in root.__subclasses__():
+        found.update(_classes(sub))
+    return found
+
+
+def rebuild(data: dict[str, Any]) -> BakehouseError:
+    """The error a report describes (a host's JSON), as the same class with the same data.
+
+    An unknown type (a newer bakehouse on the host) becomes a plain BakehouseError: its message survives.
+    """
+    cls = _classes().get(str(data.get("type", "")), BakehouseError)
+    params = inspect.signature(cls.__init__).parameters
+    kwargs = {k: v for k, v in data.items() if k in params and params[k].kind is inspect.Parameter.KEYWORD_ONLY}
+    return cls(str(data.get("message", "")), **kwargs)
 
 
 _USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/@\s]+@", re.IGNORECASE)

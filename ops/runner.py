@@ -9,15 +9,9 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from ops.errors import redact
+from ops.errors import CommandError, redact
 
 log = logging.getLogger("bakehouse.runner")
-
-
-class CommandFailed(Exception):
-    def __init__(self, argv: Sequence[str], returncode: int, stderr: str):
-        self.argv, self.returncode, self.stderr = list(argv), returncode, stderr
-        super().__init__(f"`{redact(' '.join(argv))}` exited {returncode}: {redact(stderr.strip())[-2000:]}")
 
 
 def run_streaming(argv: Sequence[str], *, cwd: Path | None = None, env: Mapping[str, str] | None = None, stdin: bytes | None = None) -> str:
@@ -34,17 +28,17 @@ def run_streaming(argv: Sequence[str], *, cwd: Path | None = None, env: Mapping[
         sys.stderr.write(redact(line))
     output = "".join(lines)
     if proc.wait() != 0:
-        raise CommandFailed(argv, proc.returncode, output)
+        raise CommandError.of(argv, proc.returncode, output)
     return output
 
 
 def run(argv: Sequence[str], *, cwd: Path | None = None, env: Mapping[str, str] | None = None, stdin: bytes | None = None) -> bytes:
-    """Run argv, return stdout; raise CommandFailed with stderr on a non-zero exit."""
+    """Run argv, return stdout; raise CommandError with stderr on a non-zero exit."""
     log.debug("run: %s", redact(" ".join(argv)))
     full_env = {**os.environ, **(env or {})}
     proc = subprocess.run(list(argv), cwd=cwd, env=full_env, input=stdin, capture_output=True)
     if proc.returncode != 0:
-        raise CommandFailed(argv, proc.returncode, proc.stderr.decode("utf-8", "replace"))
+        raise CommandError.of(argv, proc.returncode, proc.stderr.decode("utf-8", "replace"))
     return proc.stdout
 
 

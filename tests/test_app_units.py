@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from app.engine import NotServable, check_weights_format, first_stop, pick_device, sample
+from app.engine import NotServableError, check_weights_format, first_stop, pick_device, sample
 from ops.models.lock import LockedFile, LockedModel
 
 
@@ -21,7 +21,7 @@ def test_device_plan() -> None:
 
 def test_safetensors_preferred_and_pickle_refused_unless_allowed() -> None:
     assert check_weights_format(locked("model.safetensors", "pytorch_model.bin"), allow_pickle=False) is True
-    with pytest.raises(NotServable, match="allow_pickle"):
+    with pytest.raises(NotServableError, match="allow_pickle"):
         check_weights_format(locked("config.json", "neuroq_pretrained.pt"), allow_pickle=False)
     assert check_weights_format(locked("neuroq_pretrained.pt", allow_pickle=True), allow_pickle=False) is False
     assert check_weights_format(locked("pytorch_model.bin"), allow_pickle=True) is False

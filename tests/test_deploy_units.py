@@ -10,13 +10,16 @@ from pathlib import Path
 import pytest
 
 from ops.deploy import bare, common, docker
-from ops.deploy.rollout import HostDeploy, render
-from ops.deploy.shell import DryShell
-from ops.deploy.steps import Outcome, wait_ready
+from ops.deploy.gate import wait_ready
+from ops.deploy.rollout import DeployView
+from ops.deploy.steps import Deployment
 from ops.deploy.target import target
-from ops.errors import ConfigError
+from ops.errors import ConfigError, DeployLockedError, NotReadyError
 from ops.images.registry import Registry
-from ops.remote.inventory import parse_inventory
+from ops.remote import commands as rc
+from ops.remote.executor import HostResult, HostResults
+from ops.remote.inventory import Host, parse_inventory
+from ops.remote.shell import DryShell
 
 
 def host_target(**hostvars: object):
@@ -124,30 +127,35 @@ def test_switch_and_prune_on_a_real_tree(tmp_path: Path) -> None:
     assert sh(bare.prune_argv(t, ["v4", "v3", "v1"])).returncode == 0
     assert sorted(p.name for p in (tmp_path / "releases").iterdir()) == ["v1", "v3", "v4"]
     assert sorted(p.name for p in (tmp_path / "deps").iterdir()) == ["d1", "d2"]
-    assert sh(bare.discard_argv(str(tmp_path / "releases" / "v1"))).returncode == 0
+    assert sh(rc.discard_argv(str(tmp_path / "releases" / "v1"))).returncode == 0
     assert not any(p.name.startswith("v1") for p in (tmp_path / "releases").iterdir())
 
 
 def test_dry_shell_assumes_a_fresh_host_and_a_ready_app() -> None:
-    shell = DryShell("gpu-1")
     t = host_target()
+    shell = DryShell(t.host)
     assert wait_ready(shell, t, bare.alive_argv(t), bare.logs_argv(t)) is None
     assert shell.run(bare.current_argv(t), kind="query").stdout == ""
     assert shell.run(common.write_file_argv("/x"), stdin="SECRET=1").exit_code == 0
     assert "SECRET" not in "\n".join(shell.lines) and shell.lines[-1].endswith("# stdin: (not shown)")
 
 
+def row(name: str, runtime: str, deployment: Deployment | None = None, seconds: float = 0.0, **kw: object) -> HostResult[Deployment]:
+    return HostResult(Host(name=name, address="10.0.0.1", runtime=runtime), deployment, seconds=seconds, **kw)  # type: ignore[arg-type]
+
+
 def test_table_lists_every_host_with_old_new_result_time_and_downtime() -> None:
-    rows = [HostDeploy("h1", "bare", "v1", "v2", "deployed", 12.3, downtime=4.2),
-            HostDeploy("h2", "bare", "v1", "v2", "rolled back", 30.0, "h2: the app exited before it became ready", 1, 9.9),
-            HostDeploy("h3", "bare")]
-    text = render("deploy", rows, as_json=False)
+    why = NotReadyError("h2: the app exited before it became ready", host="h2", reason="the app exited before it became ready")
+    rows = [row("h1", "bare", Deployment("v1", "v2", "deployed", downtime=4.2), 12.3),
+            row("h2", "bare", Deployment("v1", "v2", "rolled back", why, 9.9), 30.0),
+            row("h3", "bare", attempted=False)]
+    text = HostResults("deploy", rows, DeployView()).render(as_json=False)
     lines = text.splitlines()
     assert lines[0].split() == ["host", "runtime", "old", "new", "result", "time", "down"]
     assert lines[1].split() == ["h1", "bare", "v1", "v2", "deployed", "12.3s", "4.2s"]
     assert lines[3].split() == ["h3", "bare", "-", "-", "not", "attempted", "0.0s", "-"]
     assert "3 host(s): 1 failed, 1 not attempted (exit 1)" in text and "h2: the app exited before it became ready" in text
-    assert Outcome("a", "b", "deployed").downtime is None
+    assert Deployment("a", "b", "deployed").downtime is None
 
 
 def test_the_example_inventory_is_valid_for_deploys() -> None:
@@ -164,16 +172,16 @@ def test_the_example_inventory_is_valid_for_deploys() -> None:
 def test_a_webhook_target_refuses_rollback_and_dry_run_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
     from helpers import ROOT
 
-    from ops.deploy.rollout import Plan, _one, dry_run
+    from ops.deploy.rollout import Plan, execute, result_of
     from ops.deploy.steps import Context
     from ops.remote.ssh import SshOptions
 
     monkeypatch.setenv("RENDER_DEPLOY_HOOK", "http://127.0.0.1:9/never-called")
     t = host_target(runtime="webhook", hook_url_env="RENDER_DEPLOY_HOOK")
     p = Plan("rollback", (t,), Context(), SshOptions(known_hosts=ROOT / "missing"))
-    row = _one(p, t, lambda host, line: None)
-    assert (row.result, row.exit_code) == ("failed", 2) and "cannot roll back" in row.error
-    assert "cannot roll back" in dry_run(p)
+    r = execute(p)["gpu-1"]
+    assert (result_of(r), r.exit_code) == ("failed", 2) and "cannot roll back" in str(r.error)
+    assert "cannot roll back" in execute(p, dry_run=True).render(dry_run=True)
 
 
 def test_the_gate_probes_ready_and_liveness_in_one_command() -> None:
@@ -201,7 +209,7 @@ def test_the_gate_probes_ready_and_liveness_in_one_command() -> None:
 def test_json_report_has_a_row_per_host_and_the_exit_code() -> None:
     import json
 
-    rows = [HostDeploy("h1", "docker", "v1", "v2", "deployed", 3.0, downtime=1.5), HostDeploy("h2", "bare", error="h2: locked", exit_code=5, result="locked")]
-    doc = json.loads(render("deploy", rows, as_json=True))
+    rows = [row("h1", "docker", Deployment("v1", "v2", "deployed", downtime=1.5), 3.0), row("h2", "bare", error=DeployLockedError("h2: locked", host="h2", owner="x"))]
+    doc = json.loads(HostResults("deploy", rows, DeployView()).render(as_json=True))
     assert doc["command"] == "deploy" and doc["exit_code"] == 5
     assert [h["result"] for h in doc["hosts"]] == ["deployed", "locked"] and doc["hosts"][0]["downtime"] == 1.5

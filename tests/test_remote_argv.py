@@ -4,11 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
+from ops.errors import NoReportError
 from ops.remote import commands as rc
 from ops.remote.ansible import ansible_env, host_plan, playbook_argv
-from ops.remote.fleet import FleetJob, Wheelhouse, parse_host_report, table
+from ops.remote.executor import HostResult, HostResults, Rollout
+from ops.remote.hostmodels import HostModels, ModelsView, parse_report
 from ops.remote.inventory import Host
+from ops.remote.job import FleetJob
 from ops.remote.ssh import SshOptions
+from ops.remote.wheelhouse import Wheelhouse
 
 HOST = Host(name="gpu-1", address="10.0.0.1", models_dir="/data/models", prefix="/opt/bh", python="/usr/bin/python3")
 WH = Wheelhouse(Path("/build/wheelhouse"), ("bakehouse-0.1.0-py3-none-any.whl", "tqdm-4.70.1-py3-none-any.whl"), "abc123")
@@ -28,29 +34,35 @@ def test_verify_argv() -> None:
 
 
 def test_bootstrap_argv_installs_offline_exactly_the_uploaded_wheels() -> None:
-    assert rc.venv_argv(HOST) == ["/usr/bin/python3", "-m", "venv", "/opt/bh/venv"]
-    install = rc.install_argv(HOST, WH.wheels)
-    assert install[:4] == ["/opt/bh/venv/bin/python", "-m", "pip", "install"] and "--no-index" in install
-    assert install[-2:] == ["/opt/bh/wheelhouse/bakehouse-0.1.0-py3-none-any.whl", "/opt/bh/wheelhouse/tqdm-4.70.1-py3-none-any.whl"]
-    assert rc.check_marker_argv(HOST, "abc123") == ["test", "-e", "/opt/bh/venv/.bakehouse-abc123"]
+    boot = rc.bootstrap(HOST, WH.wheels, WH.digest)
+    assert boot.venv == ["/usr/bin/python3", "-m", "venv", "/opt/bh/venv"]
+    assert boot.install == ["/opt/bh/venv/bin/python", "-m", "pip", "install", "--quiet", "--no-index", "--no-deps", "--force-reinstall",
+                            "/opt/bh/wheelhouse/bakehouse-0.1.0-py3-none-any.whl", "/opt/bh/wheelhouse/tqdm-4.70.1-py3-none-any.whl"]
+    assert boot.mkdir == ["mkdir", "-p", "/opt/bh/wheelhouse", "/data/models"]
+    assert boot.check == ["sh", "-c", '[ "$(cat "$1" 2>/dev/null)" = "$2" ]', "sh", "/opt/bh/venv/.bakehouse-wheelhouse", "abc123"]
+    assert boot.mark == ["sh", "-c", 'printf "%s" "$2" > "$1"', "sh", "/opt/bh/venv/.bakehouse-wheelhouse", "abc123"]
 
 
 def test_the_ansible_plan_is_the_ssh_engines_argv() -> None:
-    job = FleetJob(command="fetch", lock=Path("models.lock"), models=("demo",), parallel=4, ssh=SshOptions(known_hosts=Path("/kh"), host_key_policy="accept-new"))
+    job = FleetJob(command="fetch", lock=Path("models.lock"), models=("demo",), rollout=Rollout(parallel=4), ssh=SshOptions(known_hosts=Path("/kh"), host_key_policy="accept-new"))
     plan = host_plan(HOST, job, WH, {"HF_ENDPOINT": "http://hub"}, token_stdin=True)
     assert plan["command"] == rc.model_argv(HOST, "fetch", models=("demo",), env={"HF_ENDPOINT": "http://hub"}, token_stdin=True)
-    assert plan["install"] == rc.install_argv(HOST, WH.wheels)
+    boot = rc.bootstrap(HOST, WH.wheels, WH.digest)
+    assert (plan["check_marker"], plan["install"], plan["touch_marker"]) == (boot.check, boot.install, boot.mark)
     argv = playbook_argv(Path("hosts.yml"), Path("/tmp/vars.json"), forks=4)
     assert argv[0] == "ansible-playbook" and argv[-2:] == ["--forks", "4"] and "@/tmp/vars.json" in argv
     assert "StrictHostKeyChecking=accept-new" in ansible_env(job)["ANSIBLE_SSH_ARGS"] and "UserKnownHostsFile=/kh" in ansible_env(job)["ANSIBLE_SSH_ARGS"]
 
 
 def test_host_report_and_table() -> None:
-    ok = parse_host_report("gpu-1", '{"exit_code": 0, "models": [{"model": "demo", "status": "downloaded", "bytes": 2000000, "seconds": 2.0, "exit_code": 0, "ok": true}]}', "")
-    bad = parse_host_report("gpu-2", "not json", "Traceback\nOSError: disk on fire")
-    assert ok.ok and ok.outcomes[0].bytes == 2000000
-    assert not bad.ok and bad.error == "OSError: disk on fire"
-    text = table([ok, bad])
+    report = parse_report("gpu-1", '{"exit_code": 0, "models": [{"model": "demo", "status": "downloaded", "bytes": 2000000, "seconds": 2.0, "exit_code": 0, "ok": true}]}', "")
+    with pytest.raises(NoReportError) as caught:
+        parse_report("gpu-2", "not json", "Traceback\nOSError: disk on fire")
+    ok = HostResult(HOST, HostModels("installed", report))
+    bad = HostResult(Host(name="gpu-2", address="10.0.0.2"), error=caught.value)
+    assert ok.ok and report.outcomes[0].bytes == 2000000
+    assert not bad.ok and str(bad.error) == "OSError: disk on fire"
+    text = HostResults("fetch", [ok, bad], ModelsView()).table()
     assert "gpu-1  demo   downloaded  2.0 MB  2.0s  1.0 MB/s" in text
     assert text.splitlines()[-1] == "gpu-2: OSError: disk on fire" and "2 host(s), 1 failed (exit 1)" in text
 
@@ -66,6 +78,6 @@ def test_an_ansible_failure_row_carries_ansibles_reason(tmp_path: Path) -> None:
         'fatal: [gpu-1]: FAILED! => {"censored": "the output has been hidden", "changed": false}',
     ])
     r = _result(HOST, tmp_path / "none.json", censored)
-    assert (r.exit_code, r.error) == (3, "Task failed: Timed out after 3 second(s).")
+    assert (r.exit_code, str(r.error)) == (3, "Task failed: Timed out after 3 second(s).")
     down = _result(HOST, tmp_path / "none.json", 'fatal: [gpu-1]: UNREACHABLE! => {"msg": "Failed to connect to the host via ssh", "unreachable": true}')
-    assert (down.exit_code, down.error) == (3, "UNREACHABLE: Failed to connect to the host via ssh")
+    assert (down.exit_code, str(down.error)) == (3, "UNREACHABLE: Failed to connect to the host via ssh")

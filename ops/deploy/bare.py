@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from ops.deploy.target import Target
+from ops.remote.commands import venv_python
 
 # Runs on the host with the release's python: point the release venv at the shared deps venv.
 _LINK_DEPS = """
@@ -34,7 +35,7 @@ def release_dir(t: Target, version: str) -> str:
 
 
 def release_python(t: Target, version: str) -> str:
-    return f"{release_dir(t, version)}/venv/bin/python"
+    return venv_python(f"{release_dir(t, version)}/venv")
 
 
 def deps_dir(t: Target, digest: str) -> str:
@@ -50,39 +51,8 @@ def current_argv(t: Target) -> list[str]:
     return ["sh", "-c", 'v=$(readlink "$1") && basename "$v" || true', "sh", f"{t.prefix}/current"]
 
 
-def exists_argv(path: str) -> list[str]:
-    return ["test", "-e", path]
-
-
-def discard_argv(path: str) -> list[str]:
-    """Move a partial directory aside, then remove it: a step still running there from a killed deploy cannot block the new one."""
-    return ["sh", "-c", '[ -e "$1" ] || exit 0; t="$1.abandoned-$$"; mv "$1" "$t" && { rm -rf "$t" 2>/dev/null || true; }', "sh", path]
-
-
-def mkdir_argv(*paths: str) -> list[str]:
-    return ["mkdir", "-p", *paths]
-
-
-def venv_argv(t: Target, path: str, *, system_site_packages: bool = False) -> list[str]:
-    return [t.host.python, "-m", "venv", *(["--system-site-packages"] if system_site_packages else []), path]
-
-
-def pip_install_argv(python: str, wheels: Sequence[str]) -> list[str]:
-    """Exactly these wheels, offline: no index, nothing else pulled in."""
-    return [python, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps", *wheels]
-
-
 def link_deps_argv(t: Target, version: str, digest: str) -> list[str]:
     return [release_python(t, version), "-c", _LINK_DEPS, f"{deps_dir(t, digest)}/bin/python"]
-
-
-def mark_argv(path: str, text: str = "") -> list[str]:
-    return ["sh", "-c", 'printf "%s" "$2" > "$1"', "sh", path, text]
-
-
-def marked_argv(path: str, text: str) -> list[str]:
-    """Exit 0 when the mark at `path` holds exactly `text` (a release installed from these very wheels)."""
-    return ["sh", "-c", '[ "$(cat "$1" 2>/dev/null)" = "$2" ]', "sh", path, text]
 
 
 def fetch_argv(t: Target, version: str, env: Mapping[str, str], *, token_stdin: bool) -> list[str]:

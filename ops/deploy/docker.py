@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from ops.deploy.target import Target
+from ops.images import registry as reg
 from ops.images.registry import Registry, remote_ref
 
 
@@ -25,17 +26,13 @@ def image_ref(t: Target, registry: Registry, tag: str) -> str:
     return f"{t.image or remote_ref(registry, 'bakehouse')}:{tag}"
 
 
-def _tls(t: Target, registry: Registry) -> list[str]:
-    return ["--tls-verify=false"] if t.engine == "podman" and registry.insecure else []
-
-
 def login_argv(t: Target, registry: Registry) -> list[str]:
     """The password goes on stdin, never in argv."""
-    return [t.engine, "login", *_tls(t, registry), "--username", registry.user, "--password-stdin", registry.host]
+    return reg.login_argv(t.engine, registry)
 
 
 def pull_argv(t: Target, registry: Registry, ref: str) -> list[str]:
-    return [t.engine, "pull", *_tls(t, registry), "--quiet", ref]
+    return [t.engine, "pull", *reg.tls_flags(t.engine, registry), "--quiet", ref]
 
 
 def image_present_argv(t: Target, ref: str) -> list[str]:

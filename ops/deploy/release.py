@@ -20,8 +20,8 @@ from importlib import metadata
 from pathlib import Path
 
 from ops.errors import ConfigError
-from ops.images.commands import git_revision
-from ops.remote.fleet import ROOT, Wheelhouse, build_wheelhouse, wheelhouse_of
+from ops.images.actions import git_revision
+from ops.remote.wheelhouse import ROOT, Wheelhouse, build_wheelhouse, wheelhouse_of
 from ops.runner import run
 
 _VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -51,8 +51,8 @@ def app_requirements(project: Path) -> list[str]:
         name = re.split(r"[<>=!~\[; ]", req, maxsplit=1)[0]
         try:
             pinned.append(f"{name}=={metadata.version(name)}")
-        except metadata.PackageNotFoundError:
-            raise ConfigError(f"{name} is not installed here; run scripts/setup.sh (deploy ships the versions the tests ran with).") from None
+        except metadata.PackageNotFoundError as exc:
+            raise ConfigError(f"{name} is not installed here; run scripts/setup.sh (deploy ships the versions the tests ran with).") from exc
     return sorted(pinned)
 
 

@@ -12,23 +12,22 @@ import hashlib
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from pathlib import Path
+from typing import Any, Literal
 
 from ops.deploy import bare, common, docker
+from ops.deploy.gate import serving, wait_ready
 from ops.deploy.release import Release
 from ops.deploy.target import Target
-from ops.errors import ConfigError, NotReadyError, error_for_exit
+from ops.errors import EXIT_OK, BakehouseError, ConfigError, NotReadyError, rebuild
 from ops.images.registry import Registry
-from ops.remote.fleet import failure_reason, parse_host_report, wheel_identity
-from ops.remote.ssh import RemoteResult
+from ops.remote import commands as rc
+from ops.remote.hostmodels import parse_report
+from ops.remote.shell import Shell
+from ops.remote.wheelhouse import wheel_identity
 
-POLL_S = 0.25  # a probe is one SSH round trip; the gap it adds to the measured downtime stays small
-
-
-class Shell(Protocol):
-    def run(self, argv: list[str], *, stdin: str | None = None, kind: str = "action", what: str = "") -> RemoteResult: ...
-    def put(self, local: object, remote: str) -> None: ...
-    def size(self, remote: str) -> int | None: ...
+DeployCommand = Literal["deploy", "rollback"]
+Result = Literal["deployed", "unchanged", "rolled back", "reverted", "restored", "failed", "triggered"]
 
 
 @dataclass(frozen=True)
@@ -44,46 +43,29 @@ class Context:
 
 
 @dataclass
-class Outcome:
+class Deployment:
+    """What a deploy or rollback did on one host."""
+
     old: str | None
     new: str | None
-    result: str  # deployed | unchanged | rolled back | reverted | restored | failed
-    error: str | None = None
-    exit_code: int = 0
+    result: Result
+    error: BakehouseError | None = None  # why it was rolled back or failed
     downtime: float | None = None  # from stopping the old app to /ready of the new (or of the old, put back)
 
+    @property
+    def exit_code(self) -> int:
+        return self.error.exit_code if self.error else EXIT_OK
 
-def _down_since(outcome: Outcome, since: float) -> Outcome:
-    outcome.downtime = time.monotonic() - since
-    return outcome
+    def summary(self) -> str:
+        return self.result + (f": {self.error}" if self.error else "")
 
-
-# --- health gate -------------------------------------------------------------
-
-def gate(sh: Shell, t: Target, alive: list[str]) -> tuple[bool, str, bool]:
-    """One SSH round trip: (ready, the /ready answer, the app process is up)."""
-    answer, _, state = sh.run(common.gate_argv(t.host.python, t.port, alive), kind="probe").stdout.strip().rpartition("\n")
-    return (answer or state).split(" ", 1)[0] == "200", answer, state != "dead"
+    def to_dict(self) -> dict[str, Any]:
+        return {"old": self.old, "new": self.new, "result": self.result, "downtime": self.downtime}
 
 
-def wait_ready(sh: Shell, t: Target, alive: list[str], logs: list[str]) -> str | None:
-    """None once /ready answers 200; else why not, with the app's last log lines."""
-    deadline = time.monotonic() + t.ready_timeout
-    last = ""
-    while True:
-        ready, answer, up = gate(sh, t, alive)
-        if ready:
-            return None
-        last = answer or last
-        if not up:
-            why = "the app exited before it became ready"
-            break
-        if time.monotonic() > deadline:
-            why = f"not ready after {t.ready_timeout:.0f}s (last /ready answer: {last or 'none'})"
-            break
-        time.sleep(POLL_S)
-    tail = sh.run(logs, kind="query").stdout.strip().splitlines()[-5:]
-    return why + (". Last log lines: " + " | ".join(tail) if tail else "")
+def _down_since(d: Deployment, since: float) -> Deployment:
+    d.downtime = time.monotonic() - since
+    return d
 
 
 # --- bare hosts --------------------------------------------------------------
@@ -94,37 +76,37 @@ def release_identity(rel: Release) -> str:
     return h.hexdigest()[:16]
 
 
-def install_release(sh: Shell, t: Target, rel: Release, say: Callable[[str], None]) -> None:
+def install_release(sh: Shell, t: Target, rel: Release) -> None:
     """Deps venv once per digest, then the release venv; both marked complete only at the end (a crash re-does them)."""
     wheels, deps = f"{t.prefix}/wheels", bare.deps_dir(t, rel.deps.digest)
-    sh.run(bare.mkdir_argv(wheels, f"{t.prefix}/releases", f"{t.prefix}/deps", t.host.models_dir), what="create directories")
-    if t.app_deps == "wheelhouse" and sh.run(bare.exists_argv(f"{deps}/.complete"), kind="query").exit_code != 0:
+    sh.run(rc.mkdir_argv(wheels, f"{t.prefix}/releases", f"{t.prefix}/deps", t.host.models_dir), what="create directories")
+    if t.app_deps == "wheelhouse" and sh.run(rc.exists_argv(f"{deps}/.complete"), kind="query").exit_code != 0:
         sent = _upload(sh, [rel.deps.directory / w for w in rel.deps.wheels], wheels)
-        say(f"dependencies {rel.deps.digest}: uploaded {sent} wheel(s), installing")
-        sh.run(bare.discard_argv(deps), what="clear a partial deps venv")
-        sh.run(bare.venv_argv(t, deps), what=f"create a venv with {t.host.python} (is python3-venv installed?)")
-        sh.run(bare.pip_install_argv(f"{deps}/bin/python", [f"{wheels}/{w}" for w in rel.deps.wheels]), what="install the dependencies")
-        sh.run(bare.mark_argv(f"{deps}/.complete"), what="mark the deps venv complete")
+        sh.say(f"dependencies {rel.deps.digest}: uploaded {sent} wheel(s), installing")
+        sh.run(rc.discard_argv(deps), what="clear a partial deps venv")
+        sh.run(rc.venv_argv(t.host.python, deps), what=f"create a venv with {t.host.python} (is python3-venv installed?)")
+        sh.run(rc.pip_install_argv(rc.venv_python(deps), [f"{wheels}/{w}" for w in rel.deps.wheels]), what="install the dependencies")
+        sh.run(rc.mark_argv(f"{deps}/.complete"), what="mark the deps venv complete")
     if _installed(sh, t, rel):
-        say(f"release {rel.version}: already installed")
+        sh.say(f"release {rel.version}: already installed")
         return
     root = bare.release_dir(t, rel.version)
-    sh.run(bare.discard_argv(root), what="clear a partial release")
-    sh.run(bare.mkdir_argv(root), what="create the release directory")
+    sh.run(rc.discard_argv(root), what="clear a partial release")
+    sh.run(rc.mkdir_argv(root), what="create the release directory")
     # The project's wheel keeps its name from release to release: it goes into the release, never the shared wheels/.
     sh.put(rel.wheel, f"{root}/{rel.wheel.name}")
-    sh.run(bare.venv_argv(t, f"{root}/venv", system_site_packages=t.app_deps == "system"), what=f"create a venv with {t.host.python}")
-    sh.run(bare.pip_install_argv(bare.release_python(t, rel.version), [f"{root}/{rel.wheel.name}"]), what="install the release")
+    sh.run(rc.venv_argv(t.host.python, f"{root}/venv", system_site_packages=t.app_deps == "system"), what=f"create a venv with {t.host.python}")
+    sh.run(rc.pip_install_argv(bare.release_python(t, rel.version), [f"{root}/{rel.wheel.name}"]), what="install the release")
     if t.app_deps == "wheelhouse":
         sh.run(bare.link_deps_argv(t, rel.version, rel.deps.digest), what="link the release to its deps")
-        sh.run(bare.mark_argv(f"{root}/deps", rel.deps.digest + "\n"), what="record the release's deps")
+        sh.run(rc.mark_argv(f"{root}/deps", rel.deps.digest + "\n"), what="record the release's deps")
     sh.put(rel.manifest, f"{root}/models.toml")
     sh.put(rel.lock, f"{root}/models.lock")
-    sh.run(bare.mark_argv(f"{root}/.complete", release_identity(rel)), what="mark the release complete")
-    say(f"release {rel.version}: installed")
+    sh.run(rc.mark_argv(f"{root}/.complete", release_identity(rel)), what="mark the release complete")
+    sh.say(f"release {rel.version}: installed")
 
 
-def _upload(sh: Shell, files: list, directory: str) -> int:
+def _upload(sh: Shell, files: list[Path], directory: str) -> int:
     """Upload files a host lacks (same name and size counts as present: dependency wheels are immutable by name and version)."""
     sent = 0
     for path in files:
@@ -138,9 +120,11 @@ def fetch_release_models(sh: Shell, t: Target, rel: Release, ctx: Context) -> No
     """Fetch and verify the release's model before anything stops: a failed download leaves the old app serving."""
     argv = bare.fetch_argv(t, rel.version, ctx.forwarded, token_stdin=bool(ctx.token))
     result = sh.run(argv, stdin=f"{ctx.token}\n" if ctx.token else None, kind="query")
-    report = parse_host_report(t.name, result.stdout or '{"exit_code": 0}', result.stderr)
-    if not report.ok:
-        raise error_for_exit(report.exit_code, f"{t.name}: fetching {t.model} failed: {failure_reason(report)}")
+    if sh.dry_run:
+        return
+    failures = parse_report(t.name, result.stdout, result.stderr).failures()
+    if failures:
+        raise rebuild({**failures[0].to_dict(), "message": f"{t.name}: fetching {t.model} failed: {failures[0]}"}) from failures[0]
 
 
 def start_bare(sh: Shell, t: Target, version: str, ctx: Context) -> tuple[str | None, float]:
@@ -155,39 +139,40 @@ def start_bare(sh: Shell, t: Target, version: str, ctx: Context) -> tuple[str | 
     return wait_ready(sh, t, bare.alive_argv(t), bare.logs_argv(t)), stopped
 
 
-def deploy_bare(sh: Shell, t: Target, ctx: Context, say: Callable[[str], None]) -> Outcome:
+def deploy_bare(sh: Shell, t: Target, ctx: Context) -> Deployment:
     rel = ctx.release
+    assert rel is not None  # plan() builds one whenever a bare host is deployed
     old = sh.run(bare.current_argv(t), kind="query").stdout.strip() or None
-    if old == rel.version and _serving(sh, t, bare.alive_argv(t)) and _installed(sh, t, rel):
-        return Outcome(old, rel.version, "unchanged")
-    install_release(sh, t, rel, say)
+    if old == rel.version and serving(sh, t, bare.alive_argv(t)) and _installed(sh, t, rel):
+        return Deployment(old, rel.version, "unchanged")
+    install_release(sh, t, rel)
     fetch_release_models(sh, t, rel, ctx)
-    say(f"starting {rel.version}" + (f" in place of {old}" if old else ""))
+    sh.say(f"starting {rel.version}" + (f" in place of {old}" if old else ""))
     why, since = start_bare(sh, t, rel.version, ctx)
     if why is None:
-        outcome = _down_since(Outcome(old, rel.version, "deployed"), since)
+        done = _down_since(Deployment(old, rel.version, "deployed"), since)
         sh.run(common.record_argv(t.prefix, rel.version), what="record the release")
         _prune(sh, t, rel.version, old)
-        return outcome
-    return _down_since(_fall_back(old, rel.version, why, say, lambda v: start_bare(sh, t, v, ctx)[0], lambda: sh.run(bare.stop_argv(t), kind="query")), since)
+        return done
+    return _down_since(fall_back(sh, t, old, rel.version, why, lambda v: start_bare(sh, t, v, ctx)[0], lambda: sh.run(bare.stop_argv(t), kind="query")), since)
 
 
-def rollback_bare(sh: Shell, t: Target, ctx: Context, say: Callable[[str], None]) -> Outcome:
+def rollback_bare(sh: Shell, t: Target, ctx: Context) -> Deployment:
     current = sh.run(bare.current_argv(t), kind="query").stdout.strip() or None
     target = common.previous_version(sh.run(common.history_argv(t.prefix), kind="query").stdout, current)
-    if target is None or sh.run(bare.exists_argv(f"{bare.release_dir(t, target)}/.complete"), kind="query").exit_code != 0:
+    if target is None or sh.run(rc.exists_argv(f"{bare.release_dir(t, target)}/.complete"), kind="query").exit_code != 0:
         raise ConfigError(f"{t.name}: no previous release to roll back to (current: {current or 'none'}).")
-    say(f"rolling back {current} -> {target}")
+    sh.say(f"rolling back {current} -> {target}")
     why, since = start_bare(sh, t, target, ctx)
     if why is None:
-        outcome = _down_since(Outcome(current, target, "reverted"), since)
+        done = _down_since(Deployment(current, target, "reverted"), since)
         sh.run(common.record_argv(t.prefix, target), what="record the release")
-        return outcome
-    return _down_since(_fall_back(current, target, why, say, lambda v: start_bare(sh, t, v, ctx)[0], lambda: None, back="restored"), since)
+        return done
+    return _down_since(fall_back(sh, t, current, target, why, lambda v: start_bare(sh, t, v, ctx)[0], lambda: None, back="restored"), since)
 
 
 def _installed(sh: Shell, t: Target, rel: Release) -> bool:
-    return sh.run(bare.marked_argv(f"{bare.release_dir(t, rel.version)}/.complete", release_identity(rel)), kind="query").exit_code == 0
+    return sh.run(rc.marked_argv(f"{bare.release_dir(t, rel.version)}/.complete", release_identity(rel)), kind="query").exit_code == 0
 
 
 def _prune(sh: Shell, t: Target, new: str, old: str | None) -> None:
@@ -209,41 +194,43 @@ def start_docker(sh: Shell, t: Target, ref: str, ctx: Context) -> tuple[str | No
     return wait_ready(sh, t, docker.alive_argv(t), docker.logs_argv(t)), stopped
 
 
-def deploy_docker(sh: Shell, t: Target, ctx: Context, say: Callable[[str], None]) -> Outcome:
+def deploy_docker(sh: Shell, t: Target, ctx: Context) -> Deployment:
+    assert ctx.registry is not None and ctx.tag is not None  # plan() sets both whenever a Docker host is deployed
     ref = docker.image_ref(t, ctx.registry, ctx.tag)
     old = sh.run(docker.running_image_argv(t), kind="query").stdout.strip() or None
     sh.run(docker.mkdir_argv(t), what="create directories")
     _pull(sh, t, ctx, ref)
-    if old == ref and _serving(sh, t, docker.alive_argv(t)):
-        return Outcome(_tag(old), _tag(ref), "unchanged")
-    say(f"starting {ref}" + (f" in place of {old}" if old else ""))
-    return _swap_container(sh, t, ctx, old, ref, say, done="deployed", back="rolled back")
+    if old == ref and serving(sh, t, docker.alive_argv(t)):
+        return Deployment(_tag(old), _tag(ref), "unchanged")
+    sh.say(f"starting {ref}" + (f" in place of {old}" if old else ""))
+    return _swap_container(sh, t, ctx, old, ref, done="deployed", back="rolled back")
 
 
-def rollback_docker(sh: Shell, t: Target, ctx: Context, say: Callable[[str], None]) -> Outcome:
+def rollback_docker(sh: Shell, t: Target, ctx: Context) -> Deployment:
     current = sh.run(docker.running_image_argv(t), kind="query").stdout.strip() or None
     target = common.previous_version(sh.run(common.history_argv(t.prefix), kind="query").stdout, current)
     if target is None:
         raise ConfigError(f"{t.name}: no previous image to roll back to (current: {current or 'none'}).")
     if sh.run(docker.image_present_argv(t, target), kind="query").exit_code != 0:
         _pull(sh, t, ctx, target)
-    say(f"rolling back {current} -> {target}")
-    return _swap_container(sh, t, ctx, current, target, say, done="reverted", back="restored")
+    sh.say(f"rolling back {current} -> {target}")
+    return _swap_container(sh, t, ctx, current, target, done="reverted", back="restored")
 
 
-def _swap_container(sh: Shell, t: Target, ctx: Context, old: str | None, ref: str, say: Callable[[str], None], *, done: str, back: str) -> Outcome:
+def _swap_container(sh: Shell, t: Target, ctx: Context, old: str | None, ref: str, *, done: Result, back: Result) -> Deployment:
     """Start `ref` in place of the serving container; keep it if ready, else put the old one back."""
     why, since = start_docker(sh, t, ref, ctx)
     if why is None:
-        outcome = _down_since(Outcome(_tag(old), _tag(ref), done), since)
+        d = _down_since(Deployment(_tag(old), _tag(ref), done), since)
         sh.run(docker.remove_argv(t, docker.previous(t)), what="remove the previous container")
         sh.run(common.record_argv(t.prefix, ref), what="record the release")
-        return outcome
-    return _down_since(_fall_back(_tag(old), _tag(ref), why, say, lambda _: _restore_container(sh, t),
-                                  lambda: sh.run(docker.remove_argv(t, t.container), kind="query"), back=back), since)
+        return d
+    d = fall_back(sh, t, _tag(old), _tag(ref), why, lambda _: _restore_container(sh, t), lambda: sh.run(docker.remove_argv(t, t.container), kind="query"), back=back)
+    return _down_since(d, since)
 
 
 def _pull(sh: Shell, t: Target, ctx: Context, ref: str) -> None:
+    assert ctx.registry is not None
     if ctx.registry.user:
         sh.run(docker.login_argv(t, ctx.registry), stdin=ctx.registry.password + "\n", what=f"log in to {ctx.registry.host}")
     sh.run(docker.pull_argv(t, ctx.registry, ref), what=f"pull {ref}")
@@ -259,21 +246,26 @@ def _tag(ref: str | None) -> str | None:
     return ref.rsplit(":", 1)[-1] if ref and ":" in ref.rsplit("/", 1)[-1] else ref
 
 
-# --- shared ------------------------------------------------------------------
+# --- both --------------------------------------------------------------------
 
-def _serving(sh: Shell, t: Target, alive: list[str]) -> bool:
-    ready, _, up = gate(sh, t, alive)
-    return ready and up
-
-
-def _fall_back(old: str | None, new: str, why: str, say: Callable[[str], None],
-               restore: Callable[[str], str | None], discard: Callable[[], object], back: str = "rolled back") -> Outcome:
+def fall_back(sh: Shell, t: Target, old: str | None, new: str | None, why: str, restore: Callable[[str], str | None], discard: Callable[[], object],
+              back: Result = "rolled back") -> Deployment:
     """The new release never became ready: put the old one back (it must become ready too), or stop the new one when there is none."""
-    say(f"{new} did not become ready: {why}")
+    sh.say(f"{new} did not become ready: {why}")
     if old is None:
         discard()
-        return Outcome(None, new, "failed", why, NotReadyError.exit_code)
-    say(f"switching back to {old}")
+        return Deployment(None, new, "failed", NotReadyError(f"{t.name}: {why}", host=t.name, reason=why))
+    sh.say(f"switching back to {old}")
     again = restore(old)
-    return Outcome(old, new, back if again is None else "failed", why + ("" if again is None else f"; {old} did not come back either: {again}"), NotReadyError.exit_code)
+    if again is None:
+        return Deployment(old, new, back, NotReadyError(f"{t.name}: {why}", host=t.name, reason=why))
+    reason = f"{why}; {old} did not come back either: {again}"
+    return Deployment(old, new, "failed", NotReadyError(f"{t.name}: {reason}", host=t.name, reason=reason))
 
+
+STEPS: dict[tuple[DeployCommand, str], Callable[[Shell, Target, Context], Deployment]] = {
+    ("deploy", "bare"): deploy_bare,
+    ("deploy", "docker"): deploy_docker,
+    ("rollback", "bare"): rollback_bare,
+    ("rollback", "docker"): rollback_docker,
+}

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, TypeVar
 
 from ops.errors import ConfigError
+from ops.images.build import ENGINES, ContainerEngine
 from ops.remote.inventory import Host
 
-PROCESS_MANAGERS = ("systemd", "supervise")
-APP_DEPS = ("wheelhouse", "system")
-ENGINES = ("docker", "podman")
+ProcessManager = Literal["systemd", "supervise"]
+AppDeps = Literal["wheelhouse", "system"]  # system: the host's own site-packages (a CUDA torch installed there)
+PROCESS_MANAGERS: tuple[ProcessManager, ...] = ("systemd", "supervise")
+APP_DEPS: tuple[AppDeps, ...] = ("wheelhouse", "system")
+C = TypeVar("C", bound=str)
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -30,11 +33,11 @@ class Target:
     secrets: tuple[str, ...] = ()  # names of variables copied from this machine's environment into the host's 0600 env file
     app_env: dict[str, str] = field(default_factory=dict)  # plain settings for the app (BAKEHOUSE_MAX_BATCH, …)
     # bare hosts
-    process_manager: str = "systemd"
+    process_manager: ProcessManager = "systemd"
     service: str = "bakehouse"
-    app_deps: str = "wheelhouse"
+    app_deps: AppDeps = "wheelhouse"
     # docker hosts
-    engine: str = "docker"
+    engine: ContainerEngine = "docker"
     container: str = "bakehouse"
     image: str | None = None  # repository without tag; default: the registry's bakehouse image
     gpus: str = ""  # "all", "0,1", or "" for none
@@ -86,15 +89,15 @@ def target(host: Host, default_model: str) -> Target:
 def _int(host: Host, v: dict[str, Any], key: str, default: int) -> int:
     try:
         return int(v.get(key, default))
-    except (TypeError, ValueError):
-        raise ConfigError(f"{host.name}: {key} must be a number, not {v.get(key)!r}.") from None
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{host.name}: {key} must be a number, not {v.get(key)!r}.") from exc
 
 
-def _choice(host: Host, v: dict[str, Any], key: str, choices: tuple[str, ...]) -> str:
+def _choice(host: Host, v: dict[str, Any], key: str, choices: tuple[C, ...]) -> C:
     value = str(v.get(key, choices[0]))
     if value not in choices:
         raise ConfigError(f"{host.name}: {key} {value!r} is not one of {', '.join(choices)}.")
-    return value
+    return next(c for c in choices if c == value)
 
 
 def _list(host: Host, v: dict[str, Any], key: str) -> list[str]:

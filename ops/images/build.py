@@ -5,6 +5,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
+
+ContainerEngine = Literal["docker", "podman"]
+ENGINES: tuple[ContainerEngine, ...] = ("docker", "podman")
 
 CPU_BASE = "python:3.11-slim"
 GPU_BASE = "pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime"
@@ -14,7 +18,7 @@ FETCH_STEP = "bakehouse-fetch-models"
 
 @dataclass(frozen=True)
 class BuildSpec:
-    engine: str  # "docker" | "podman"
+    engine: ContainerEngine
     tags: tuple[str, ...]
     context: Path
     models: tuple[str, ...] = ()
@@ -61,7 +65,7 @@ def build_argv(spec: BuildSpec) -> list[str]:
     return [*argv, str(spec.context)]
 
 
-def build_env(engine: str) -> dict[str, str]:
+def build_env(engine: ContainerEngine) -> dict[str, str]:
     return {"DOCKER_BUILDKIT": "1"} if engine == "docker" else {}
 
 

@@ -34,12 +34,14 @@ class Registry:
         return f"Registry(host={self.host!r}, user={self.user!r}, insecure={self.insecure})"
 
 
-def _tls(engine: str, registry: Registry) -> list[str]:
+def tls_flags(engine: str, registry: Registry) -> list[str]:
+    """podman talks plain HTTP to an insecure registry only when told; Docker decides by its daemon's insecure-registries."""
     return ["--tls-verify=false"] if engine == "podman" and registry.insecure else []
 
 
 def login_argv(engine: str, registry: Registry) -> list[str]:
-    return [engine, "login", *_tls(engine, registry), "--username", registry.user, "--password-stdin", registry.host]
+    """The password goes on stdin, never in argv."""
+    return [engine, "login", *tls_flags(engine, registry), "--username", registry.user, "--password-stdin", registry.host]
 
 
 def remote_ref(registry: Registry, local: str) -> str:
@@ -55,7 +57,7 @@ def tag_argv(engine: str, local: str, remote: str) -> list[str]:
 
 
 def push_argv(engine: str, registry: Registry, remote: str) -> list[str]:
-    return [engine, "push", *_tls(engine, registry), remote]
+    return [engine, "push", *tls_flags(engine, registry), remote]
 
 
 MANIFEST_TYPES = ", ".join([

@@ -90,7 +90,8 @@ def preflight(store: Store, models: Sequence[LockedModel]) -> None:
         names = ", ".join(m.name for m in models)
         raise DiskSpaceError(
             f"not enough disk space for {names}: need {format_bytes(need)}, have {format_bytes(have)} at {store.root}. "
-            f"Free {format_bytes(need - have)} or more, or pass --dest DIR (MODELS_DIR) on a larger disk."
+            f"Free {format_bytes(need - have)} or more, or pass --dest DIR (MODELS_DIR) on a larger disk.",
+            need=need, have=have, path=str(store.root),
         )
 
 
@@ -112,7 +113,8 @@ def _fetch_one(store: Store, m: LockedModel, *, workers: int, tty: bool | None) 
             known = source_for(m.source).fetch(m, needed, job) if needed else {}
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
-                raise DiskSpaceError(f"{m.name}: the disk at {store.root} filled up while downloading. Completed bytes are kept in .staging; free space and re-run.") from None
+                raise DiskSpaceError(f"{m.name}: the disk at {store.root} filled up while downloading. Completed bytes are kept in .staging; free space and re-run.",
+                                     path=str(store.root)) from exc
             raise
         finally:
             job.cancel.set()

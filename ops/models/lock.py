@@ -109,15 +109,15 @@ def safe_relpath(path: str) -> str:
 def load_lock(path: Path) -> Lock:
     try:
         text = path.read_text()
-    except FileNotFoundError:
+    except FileNotFoundError as exc:
         raise LockError(
             f"{path}: not found. Run `invoke lock-models` (or `python -m ops.models lock`), "
             "or pass --lock FILE (or set BAKEHOUSE_LOCK)."
-        ) from None
+        ) from exc
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise LockError(f"{path}: invalid TOML: {exc}. Regenerate it with `invoke lock-models`.") from None
+        raise LockError(f"{path}: invalid TOML: {exc}. Regenerate it with `invoke lock-models`.") from exc
     return parse_lock(data, path)
 
 
@@ -129,8 +129,8 @@ def parse_lock(data: dict[str, Any], path: Path) -> Lock:
         default = tuple(data.get("default", ()))
     except (KeyError, TypeError, ValueError) as exc:
         if isinstance(exc, UnsafePathError):
-            raise UnsafePathError(f"{path}: {exc}") from None
-        raise LockError(f"{path}: malformed entry ({exc!r}). Regenerate it with `invoke lock-models`.") from None
+            raise UnsafePathError(f"{path}: {exc}") from exc
+        raise LockError(f"{path}: malformed entry ({exc!r}). Regenerate it with `invoke lock-models`.") from exc
     return Lock(path=path, models=models, default=default)
 
 

@@ -59,12 +59,12 @@ def load_manifest(path: Path) -> Manifest:
     """Parse and validate models.toml; errors name the line or the key."""
     try:
         data = tomllib.loads(path.read_text())
-    except FileNotFoundError:
+    except FileNotFoundError as exc:
         raise ManifestError(
             f"{path}: not found. Run from the project directory or pass --manifest FILE (or set BAKEHOUSE_MANIFEST)."
-        ) from None
+        ) from exc
     except tomllib.TOMLDecodeError as exc:
-        raise ManifestError(f"{path}: invalid TOML: {exc}. Fix that line and re-run.") from None
+        raise ManifestError(f"{path}: invalid TOML: {exc}. Fix that line and re-run.") from exc
     return parse_manifest(data, path)
 
 

@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import threading
 import time
 
 from tqdm import tqdm
 
+from ops.settings import progress_seconds
 from ops.units import format_bytes, format_rate
 
 log = logging.getLogger("bakehouse.progress")
-
-
-def log_interval() -> float:
-    return float(os.environ.get("BAKEHOUSE_PROGRESS_SECONDS") or 5.0)
 
 
 class Progress:
@@ -26,7 +22,7 @@ class Progress:
         self.label, self.total, self.done = label, total, 0
         self._lock = threading.Lock()
         self._start = self._last_log = time.monotonic()
-        self._every = log_interval()
+        self._every = progress_seconds()
         use_bar = sys.stderr.isatty() if tty is None else tty
         self._bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc=label, leave=False) if use_bar else None
 

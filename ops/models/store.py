@@ -23,16 +23,9 @@ STAGING = ".staging"
 CURRENT = "current"
 
 
-def default_models_dir() -> Path:
-    return Path(os.environ.get("MODELS_DIR") or "models")
-
-
 @dataclass(frozen=True)
 class Store:
     root: Path
-
-    def model_dir(self, name: str) -> Path:
-        return self.root / name
 
     def commit_dir(self, name: str, commit: str) -> Path:
         return self.root / name / commit
@@ -61,7 +54,7 @@ class Store:
         try:
             (self.root / STAGING).mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise ConfigError(f"cannot create the model store at {self.root}: {exc.strerror}. Pass --dest DIR or set MODELS_DIR to a writable directory.") from None
+            raise ConfigError(f"cannot create the model store at {self.root}: {exc.strerror}. Pass --dest DIR or set MODELS_DIR to a writable directory.") from exc
 
     @contextlib.contextmanager
     def locked(self, name: str) -> Iterator[None]:

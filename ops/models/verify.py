@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from ops.models.hashing import sha256_files
 from ops.models.lock import LockedModel
@@ -31,11 +32,15 @@ class LfsPointer:
     size: int
 
 
+ObservedKind = Literal["file", "missing", "symlink", "other"]
+ProblemKind = Literal["missing", "size", "sha256", "lfs-pointer", "symlink", "not-a-file"]
+
+
 @dataclass(frozen=True)
 class Observed:
     """One locked path as found on disk."""
 
-    kind: str  # "file" | "missing" | "symlink" | "other"
+    kind: ObservedKind
     size: int = 0
     sha256: str | None = None
     pointer: LfsPointer | None = None
@@ -44,7 +49,7 @@ class Observed:
 @dataclass(frozen=True)
 class Problem:
     path: str
-    kind: str  # "missing" | "size" | "sha256" | "lfs-pointer" | "symlink" | "not-a-file"
+    kind: ProblemKind
     message: str
 
 
@@ -55,8 +60,6 @@ class VerifyResult:
     directory: str
     mode: str
     problems: tuple[Problem, ...] = ()
-    extra: tuple[str, ...] = ()
-    files_hashed: int = 0
     bytes_hashed: int = 0
     seconds: float = 0.0
     warnings: tuple[str, ...] = field(default=())
@@ -114,7 +117,7 @@ def observe(directory: Path, model: LockedModel, hash_paths: set[str], known: Ma
     """Stat every locked file; hash those in `hash_paths`; reuse `known` hashes for the rest."""
     root = os.path.realpath(directory)
     stats: dict[str, os.stat_result | None] = {}
-    kinds: dict[str, str] = {}
+    kinds: dict[str, ObservedKind] = {}
     for f in model.files:
         kinds[f.path], stats[f.path] = _classify(directory / f.path, root)
     sizes = {f.path: f.size for f in model.files}
@@ -131,7 +134,7 @@ def observe(directory: Path, model: LockedModel, hash_paths: set[str], known: Ma
     return observed, sum(stats[p].st_size for p in to_hash)
 
 
-def _classify(path: Path, root: str) -> tuple[str, os.stat_result | None]:
+def _classify(path: Path, root: str) -> tuple[ObservedKind, os.stat_result | None]:
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -185,8 +188,6 @@ def verify(directory: Path, model: LockedModel, *, full: bool, workers: int | No
         directory=str(directory),
         mode="full" if full else "quick",
         problems=tuple(problems),
-        extra=tuple(extra),
-        files_hashed=len([p for p in hash_paths if observed[p].sha256]),
         bytes_hashed=nbytes,
         seconds=time.monotonic() - start,
         warnings=tuple(warnings),

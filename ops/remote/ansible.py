@@ -16,24 +16,29 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from ops.errors import ConfigError
+from ops.errors import BakehouseError, CommandError, ConfigError, HostUnreachableError, NoReportError, RemoteTimeoutError
 from ops.remote import commands as rc
-from ops.remote.fleet import FleetJob, HostResult, Wheelhouse, build_wheelhouse, parse_host_report
+from ops.remote.executor import HostResult, HostResults
+from ops.remote.hostmodels import HostModels, ModelsView, parse_report
 from ops.remote.inventory import Host
-from ops.runner import CommandFailed, run_streaming
+from ops.remote.job import FleetJob
+from ops.remote.wheelhouse import Wheelhouse, build_wheelhouse
+from ops.runner import run_streaming
 
 PLAYBOOK = Path(__file__).with_name("models-playbook.yml")
 
 
 def host_plan(host: Host, job: FleetJob, wh: Wheelhouse, env: dict[str, str], *, token_stdin: bool) -> dict[str, list[str] | str]:
+    """The SSH engine's bootstrap and model command for one host, as the playbook's variables."""
+    boot = rc.bootstrap(host, wh.wheels, wh.digest)
     return {
-        "check_marker": rc.check_marker_argv(host, wh.digest),
-        "mkdir": rc.mkdir_argv(rc.wheelhouse(host), host.models_dir),
-        "wheelhouse": rc.wheelhouse(host),
-        "venv": rc.venv_argv(host),
-        "install": rc.install_argv(host, wh.wheels),
-        "touch_marker": rc.touch_marker_argv(host, wh.digest),
-        "lock": f"{host.prefix}/models.lock",
+        "check_marker": boot.check,
+        "mkdir": boot.mkdir,
+        "wheelhouse": boot.wheelhouse,
+        "venv": boot.venv,
+        "install": boot.install,
+        "touch_marker": boot.mark,
+        "lock": rc.lock_path(host),
         "command": rc.model_argv(host, job.command, models=job.models, env=env, full=job.full, token_stdin=token_stdin),
     }
 
@@ -62,7 +67,7 @@ def ansible_env(job: FleetJob) -> dict[str, str]:
     return env
 
 
-def run_with_ansible(hosts: Sequence[Host], job: FleetJob, inventory: Path, *, serial: str = "100%", max_fail_percentage: int = 100) -> list[HostResult]:
+def run_with_ansible(hosts: Sequence[Host], job: FleetJob, inventory: Path) -> HostResults[HostModels]:
     program = ansible_playbook()
     if program is None:
         raise ConfigError("--engine ansible needs ansible-playbook: pip install 'bakehouse[ansible]' (ansible-core).")
@@ -80,31 +85,41 @@ def run_with_ansible(hosts: Sequence[Host], job: FleetJob, inventory: Path, *, s
             "bakehouse_lock": str(job.lock.resolve()),
             "bakehouse_results": str(results_dir),
             "bakehouse_hf_token": token,
-            "bakehouse_serial": serial,
-            "bakehouse_max_fail_percentage": max_fail_percentage,
+            "bakehouse_serial": job.ansible.serial,
+            "bakehouse_max_fail_percentage": job.ansible.max_fail_percentage,
         }
         fd = os.open(vars_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             json.dump(extra, f)
         try:
-            run_streaming(playbook_argv(inventory, vars_file, forks=job.parallel, program=program), env=ansible_env(job))
+            run_streaming(playbook_argv(inventory, vars_file, forks=job.rollout.parallel, program=program), env=ansible_env(job))
             failure = ""
-        except CommandFailed as exc:
+        except CommandError as exc:
             failure = exc.stderr
-        return [_result(h, results_dir / f"{h.name}.json", failure) for h in hosts]
+        return HostResults(job.command, [_result(h, results_dir / f"{h.name}.json", failure) for h in hosts], ModelsView())
 
 
-def _result(host: Host, report: Path, output: str) -> HostResult:
-    if report.exists():
-        return parse_host_report(host.name, report.read_text(), "")
+def _result(host: Host, report: Path, output: str) -> HostResult[HostModels]:
+    """A host's row: its report when the playbook brought one back, else Ansible's own reason."""
+    try:
+        if report.exists():
+            return HostResult(host, HostModels("", parse_report(host.name, report.read_text(), "")))
+        raise _failure(host, output)
+    except BakehouseError as exc:
+        return HostResult(host, error=exc)
+
+
+def _failure(host: Host, output: str) -> BakehouseError:
     lines = [ln.strip() for ln in output.splitlines()]
     at = next((i for i, ln in enumerate(lines) if f"[{host.name}]" in ln and ln.startswith(("fatal:", "failed:"))), None)
     if at is None:
-        return HostResult(host=host.name, ok=False, exit_code=1, error="no report: see the ansible output above")
+        return NoReportError("no report: see the ansible output above", host=host.name, step="ansible-playbook")
     why = _reason(lines, at)
     if "UNREACHABLE" in lines[at]:
-        return HostResult(host=host.name, ok=False, exit_code=3, error=f"UNREACHABLE: {why}"[:300])
-    return HostResult(host=host.name, ok=False, exit_code=3 if "Timed out" in why else 1, error=why[:300])
+        return HostUnreachableError(f"UNREACHABLE: {why}"[:300], host=host.name, step="ansible-playbook")
+    if "Timed out" in why:
+        return RemoteTimeoutError(why[:300], host=host.name, step="model command")
+    return NoReportError(why[:300], host=host.name, step="model command")
 
 
 def _reason(lines: list[str], at: int) -> str:

@@ -1,8 +1,14 @@
-"""What runs on a bare host, as argv lists. Nothing here connects anywhere."""
+"""What runs on a host, as argv lists: the building blocks every remote step uses. Nothing here connects anywhere.
+
+Values travel as positional parameters ("$1", "$2") of fixed `sh -c` scripts,
+never spliced into a script, so a path or a version cannot become shell code.
+Fleet bootstrap and bare-host releases install with the same blocks.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 from ops.remote.inventory import Host
 
@@ -10,43 +16,84 @@ from ops.remote.inventory import Host
 FORWARDED_ENV = ("HF_ENDPOINT", "HF_HUB_OFFLINE", "HF_HUB_DISABLE_XET", "HF_HUB_DISABLE_TELEMETRY")
 
 
-def venv_python(host: Host) -> str:
-    return f"{host.prefix}/venv/bin/python"
-
-
-def wheelhouse(host: Host) -> str:
-    return f"{host.prefix}/wheelhouse"
-
-
-def marker(host: Host, digest: str) -> str:
-    return f"{host.prefix}/venv/.bakehouse-{digest}"
-
-
-def check_marker_argv(host: Host, digest: str) -> list[str]:
-    return ["test", "-e", marker(host, digest)]
-
-
 def mkdir_argv(*paths: str) -> list[str]:
     return ["mkdir", "-p", *paths]
 
 
-def venv_argv(host: Host) -> list[str]:
-    return [host.python, "-m", "venv", f"{host.prefix}/venv"]
+def exists_argv(path: str) -> list[str]:
+    return ["test", "-e", path]
 
 
-def install_argv(host: Host, wheels: Sequence[str]) -> list[str]:
-    """Install exactly the uploaded wheels, offline: no index, nothing else pulled in."""
-    return [venv_python(host), "-m", "pip", "install", "--quiet", "--no-index", "--no-deps", "--force-reinstall", *[f"{wheelhouse(host)}/{w}" for w in wheels]]
+def discard_argv(path: str) -> list[str]:
+    """Move a partial directory aside, then remove it: a step still running there from a killed run cannot block the next one."""
+    return ["sh", "-c", '[ -e "$1" ] || exit 0; t="$1.abandoned-$$"; mv "$1" "$t" && { rm -rf "$t" 2>/dev/null || true; }', "sh", path]
 
 
-def touch_marker_argv(host: Host, digest: str) -> list[str]:
-    return ["sh", "-c", 'rm -f "$1"/.bakehouse-* && touch "$2"', "sh", f"{host.prefix}/venv", marker(host, digest)]
+def venv_python(venv: str) -> str:
+    return f"{venv}/bin/python"
+
+
+def venv_argv(python: str, venv: str, *, system_site_packages: bool = False) -> list[str]:
+    return [python, "-m", "venv", *(["--system-site-packages"] if system_site_packages else []), venv]
+
+
+def pip_install_argv(python: str, wheels: Sequence[str], *, force_reinstall: bool = False) -> list[str]:
+    """Exactly these wheels, offline: no index, nothing else pulled in."""
+    return [python, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps", *(["--force-reinstall"] if force_reinstall else []), *wheels]
+
+
+def mark_argv(path: str, text: str = "") -> list[str]:
+    """Write `text` to the mark at `path`: what was installed there, written last so a crash never leaves a false mark."""
+    return ["sh", "-c", 'printf "%s" "$2" > "$1"', "sh", path, text]
+
+
+def marked_argv(path: str, text: str) -> list[str]:
+    """Exit 0 when the mark at `path` holds exactly `text`."""
+    return ["sh", "-c", '[ "$(cat "$1" 2>/dev/null)" = "$2" ]', "sh", path, text]
+
+
+# --- the fleet's private venv: what `fetch-models --hosts` installs -------------
+
+def fleet_venv(host: Host) -> str:
+    return f"{host.prefix}/venv"
+
+
+def wheelhouse_dir(host: Host) -> str:
+    return f"{host.prefix}/wheelhouse"
+
+
+def lock_path(host: Host) -> str:
+    return f"{host.prefix}/models.lock"
+
+
+@dataclass(frozen=True)
+class Bootstrap:
+    """The steps that make a host's venv hold exactly one wheelhouse (SSH and Ansible engines run these same argv)."""
+
+    check: list[str]  # exit 0: already installed
+    mkdir: list[str]
+    wheelhouse: str  # where the wheels are uploaded
+    venv: list[str]
+    install: list[str]
+    mark: list[str]
+
+
+def bootstrap(host: Host, wheels: Sequence[str], digest: str) -> Bootstrap:
+    venv, marker = fleet_venv(host), f"{fleet_venv(host)}/.bakehouse-wheelhouse"
+    return Bootstrap(
+        check=marked_argv(marker, digest),
+        mkdir=mkdir_argv(wheelhouse_dir(host), host.models_dir),
+        wheelhouse=wheelhouse_dir(host),
+        venv=venv_argv(host.python, venv),
+        install=pip_install_argv(venv_python(venv), [f"{wheelhouse_dir(host)}/{w}" for w in wheels], force_reinstall=True),
+        mark=mark_argv(marker, digest),
+    )
 
 
 def model_argv(host: Host, command: str, *, models: Sequence[str], env: Mapping[str, str], full: bool = False, token_stdin: bool = False, progress_seconds: float = 2.0) -> list[str]:
     """`python -m ops.models fetch|verify` on the host, against the uploaded lock, token on stdin."""
     pairs = [f"{k}={env[k]}" for k in FORWARDED_ENV if env.get(k)] + [f"BAKEHOUSE_PROGRESS_SECONDS={progress_seconds:g}"]
-    argv = ["env", *pairs, venv_python(host), "-m", "ops.models", command, "--lock", f"{host.prefix}/models.lock", "--dest", host.models_dir, "--json"]
+    argv = ["env", *pairs, venv_python(fleet_venv(host)), "-m", "ops.models", command, "--lock", lock_path(host), "--dest", host.models_dir, "--json"]
     if models:
         argv += ["--models", ",".join(models)]
     if token_stdin:

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 from ops.errors import ConfigError
 
-RUNTIMES = ("bare", "docker", "webhook")
+Runtime = Literal["bare", "docker", "webhook"]
+RUNTIMES: tuple[Runtime, ...] = ("bare", "docker", "webhook")
+DEFAULT_INVENTORY = Path("inventory/hosts.yml")
 
 
 @dataclass(frozen=True)
@@ -26,7 +28,7 @@ class Host:
     port: int = 22
     user: str = "root"
     key_file: str | None = None
-    runtime: str = "bare"
+    runtime: Runtime = "bare"
     models_dir: str = "/srv/models"
     python: str = "python3"
     prefix: str = "/opt/bakehouse"
@@ -58,10 +60,10 @@ class Inventory:
 def load_inventory(path: Path) -> Inventory:
     try:
         data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: inventory not found. Pass --inventory FILE (default inventory/hosts.yml).") from None
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: inventory not found. Pass --inventory FILE (default {DEFAULT_INVENTORY}).") from exc
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: invalid YAML: {exc}. Fix that line and re-run.") from None
+        raise ConfigError(f"{path}: invalid YAML: {exc}. Fix that line and re-run.") from exc
     return parse_inventory(data or {}, path)
 
 
@@ -96,8 +98,8 @@ def _host(name: str, v: dict[str, Any], groups: tuple[str, ...], path: Path) -> 
         raise ConfigError(f"{path}: host {name!r}: runtime {runtime!r} is not one of {', '.join(RUNTIMES)}.")
     try:
         port = int(v.get("ansible_port", 22))
-    except (TypeError, ValueError):
-        raise ConfigError(f"{path}: host {name!r}: ansible_port must be a number.") from None
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{path}: host {name!r}: ansible_port must be a number.") from exc
     return Host(
         name=name,
         address=str(v.get("ansible_host", name)),

@@ -1,4 +1,4 @@
-"""SSH to hosts through Fabric, with known host keys checked. The one place remote commands run."""
+"""SSH to hosts through Fabric, with known host keys checked: the one place remote commands run."""
 
 from __future__ import annotations
 
@@ -8,39 +8,29 @@ import shlex
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import paramiko
 from fabric import Connection
 from invoke.exceptions import CommandTimedOut
 
-from ops.errors import BakehouseError, ConfigError, SourceUnreachableError, redact
+from ops.errors import HostAuthError, HostKeyError, HostUnreachableError, RemoteTimeoutError, redact
 from ops.remote.inventory import Host
+from ops.settings import choice
 
-HOST_KEY_POLICIES = ("strict", "accept-new")
-
-
-class HostKeyError(ConfigError):
-    """The host's key is unknown (strict policy) or does not match known_hosts."""
-
-
-class HostAuthError(BakehouseError):
-    exit_code = 3
-
-
-class RemoteTimeoutError(BakehouseError):
-    exit_code = 3
+HostKeyPolicy = Literal["strict", "accept-new"]
+HOST_KEY_POLICIES: tuple[HostKeyPolicy, ...] = ("strict", "accept-new")
 
 
 @dataclass(frozen=True)
 class SshOptions:
     known_hosts: Path = Path("~/.ssh/known_hosts").expanduser()
-    host_key_policy: str = "strict"  # "accept-new": trust and record a first-contact key, as `ssh -o StrictHostKeyChecking=accept-new`
+    host_key_policy: HostKeyPolicy = "strict"  # accept-new: trust and record a first-contact key, as `ssh -o StrictHostKeyChecking=accept-new`
     connect_timeout: float = 10.0
     command_timeout: float | None = None
 
     def __post_init__(self) -> None:
-        if self.host_key_policy not in HOST_KEY_POLICIES:
-            raise ConfigError(f"--host-keys {self.host_key_policy!r}: use one of {', '.join(HOST_KEY_POLICIES)}.")
+        choice("--host-keys", self.host_key_policy, HOST_KEY_POLICIES)
 
 
 @dataclass(frozen=True)
@@ -65,18 +55,22 @@ def connect(host: Host, opts: SshOptions) -> Connection:
     if opts.known_hosts.exists():
         client.load_host_keys(str(opts.known_hosts))
     client.set_missing_host_key_policy(paramiko.AutoAddPolicy() if opts.host_key_policy == "accept-new" else paramiko.RejectPolicy())
+    where = f"{host.address}:{host.port}"
     try:
         conn.open()
-    except paramiko.BadHostKeyException:
-        raise HostKeyError(f"{host.name}: the host key does not match {opts.known_hosts}. If the host was rebuilt, remove its old key (ssh-keygen -R); otherwise stop: this may not be your host.") from None
+    except paramiko.BadHostKeyException as exc:
+        raise HostKeyError(f"{host.name}: the host key does not match {opts.known_hosts}. If the host was rebuilt, remove its old key (ssh-keygen -R); "
+                           "otherwise stop: this may not be your host.", host=host.name) from exc
+    except paramiko.AuthenticationException as exc:
+        raise HostAuthError(f"{host.name}: SSH authentication refused for {host.user}@{where}. Check ansible_user and ansible_ssh_private_key_file.",
+                            host=host.name, step="connect") from exc
     except paramiko.SSHException as exc:
         if "not found in known_hosts" in str(exc):
-            raise HostKeyError(f"{host.name}: unknown host key ({host.address}:{host.port} is not in {opts.known_hosts}). Add it (ssh-keyscan) or pass --host-keys accept-new for first contact.") from None
-        if isinstance(exc, paramiko.AuthenticationException):
-            raise HostAuthError(f"{host.name}: SSH authentication refused for {host.user}@{host.address}:{host.port}. Check ansible_user and ansible_ssh_private_key_file.") from None
-        raise SourceUnreachableError(f"{host.name}: SSH failed ({exc}).") from None
-    except (TimeoutError, OSError) as exc:
-        raise SourceUnreachableError(f"{host.name}: cannot reach {host.address}:{host.port} ({exc.strerror or exc}). Is the host up and sshd listening?") from None
+            raise HostKeyError(f"{host.name}: unknown host key ({where} is not in {opts.known_hosts}). Add it (ssh-keyscan) or pass --host-keys accept-new for first contact.",
+                               host=host.name) from exc
+        raise HostUnreachableError(f"{host.name}: SSH failed ({exc}).", host=host.name, step="connect") from exc
+    except OSError as exc:
+        raise HostUnreachableError(f"{host.name}: cannot reach {where} ({exc.strerror or exc}). Is the host up and sshd listening?", host=host.name, step="connect") from exc
     if opts.host_key_policy == "accept-new":
         opts.known_hosts.parent.mkdir(parents=True, exist_ok=True)
         client.save_host_keys(str(opts.known_hosts))
@@ -99,16 +93,18 @@ class _Lines(io.TextIOBase):
         return len(s)
 
 
-def run_remote(conn: Connection, argv: Sequence[str], *, stdin: str | None = None, timeout: float | None = None, on_stderr_line: Callable[[str], None] | None = None) -> RemoteResult:
+def run_remote(conn: Connection, argv: Sequence[str], *, host: str, stdin: str | None = None, timeout: float | None = None,
+               on_stderr_line: Callable[[str], None] | None = None) -> RemoteResult:
     """Run argv on the host; stdin (a secret, say) is written to the process, never to its argv."""
     out, err = _Lines(None), _Lines(on_stderr_line)
     try:
         result = conn.run(shlex.join(argv), hide=True, warn=True, timeout=timeout, in_stream=io.StringIO(stdin) if stdin is not None else False, out_stream=out, err_stream=err)
-    except CommandTimedOut:
+    except CommandTimedOut as exc:
         raise RemoteTimeoutError(
-            f"{conn.host}: `{shlex.join(argv)[:80]}` did not finish within {timeout:g}s (--command-timeout). "
-            "It may still be running there; raise the timeout and re-run: the work done so far is kept."
-        ) from None
+            f"{host}: `{shlex.join(argv)[:80]}` did not finish within {timeout:g}s (--command-timeout). "
+            "It may still be running there; raise the timeout and re-run: the work done so far is kept.",
+            host=host, step=shlex.join(argv[:4]),
+        ) from exc
     return RemoteResult(result.exited, "".join(out.text), redact("".join(err.text)))
 
 
@@ -116,4 +112,4 @@ def put_file(conn: Connection, local: Path, remote: str) -> None:
     """Upload to a temporary name, then rename: a reader never sees half a file."""
     tmp = f"{remote}.tmp-{os.getpid()}"
     conn.put(str(local), tmp)
-    conn.run(shlex.join(["mv", "-f", tmp, remote]), hide=True)
+    conn.sftp().posix_rename(tmp, remote)

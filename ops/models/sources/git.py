@@ -16,12 +16,12 @@ from dataclasses import dataclass
 from fnmatch import fnmatch
 from pathlib import Path
 
-from ops.errors import SourceError, SourceNotFoundError, SourceUnreachableError, UnsafePathError, redact
+from ops.errors import CommandError, SourceError, SourceNotFoundError, SourceUnreachableError, UnsafePathError, redact
 from ops.models.lock import LockedFile, LockedModel, safe_relpath
 from ops.models.manifest import ModelSpec, spec_fingerprint
 from ops.models.sources.base import Cancelled, FetchJob
 from ops.models.verify import parse_lfs_pointer
-from ops.runner import CommandFailed, run
+from ops.runner import run
 
 # Never prompt for credentials (CI has no terminal) and never smudge: LFS objects come via `git lfs fetch`.
 GIT_ENV = {"GIT_TERMINAL_PROMPT": "0", "GIT_LFS_SKIP_SMUDGE": "1"}
@@ -98,8 +98,8 @@ class GitSource:
     def _git(self, argv: list[str], stdin: bytes | None = None) -> bytes:
         try:
             return run(argv, env=GIT_ENV, stdin=stdin)
-        except CommandFailed as exc:
-            raise _source_error(self.url, exc) from None
+        except CommandError as exc:
+            raise _source_error(self.url, exc) from exc
 
     def _fetch_commit(self, repo: Path, revision: str) -> str:
         if _SHA1.match(revision) and self._has_commit(repo, revision):
@@ -111,7 +111,7 @@ class GitSource:
         try:
             run(["git", "-C", str(repo), "cat-file", "-e", f"{commit}^{{commit}}"], env=GIT_ENV)
             return True
-        except CommandFailed:
+        except CommandError:
             return False
 
     def _blobs(self, repo: Path, commit: str, paths: Sequence[str]) -> list[bytes]:
@@ -177,7 +177,7 @@ def _write(dest: Path, data: bytes) -> None:
     os.replace(tmp, dest)
 
 
-def _source_error(url: str, exc: CommandFailed) -> SourceError:
+def _source_error(url: str, exc: CommandError) -> SourceError:
     err = redact(exc.stderr.strip().splitlines()[-1] if exc.stderr.strip() else f"exit {exc.returncode}")
     where = redact(url)
     if "couldn't find remote ref" in exc.stderr or "not our ref" in exc.stderr:

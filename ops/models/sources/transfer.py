@@ -141,20 +141,20 @@ def translate_http_errors(source: str) -> Iterator[None]:
         raise SourceNotFoundError(
             f"{source}: {_first_line(exc)}. Check the repository, revision and file names in models.toml; "
             "for a private or gated repository set HF_TOKEN to a token with access."
-        ) from None
-    except hf_errors.GatedRepoError:
-        raise SourceAuthError(f"{source}: the repository is gated. Accept its terms on the hub, then set HF_TOKEN to a token of that account.") from None
+        ) from exc
+    except hf_errors.GatedRepoError as exc:
+        raise SourceAuthError(f"{source}: the repository is gated. Accept its terms on the hub, then set HF_TOKEN to a token of that account.") from exc
     except hf_errors.HfHubHTTPError as exc:
-        raise _from_status(source, exc.response.status_code if exc.response is not None else 0, _first_line(exc)) from None
+        raise _from_status(source, exc.response.status_code if exc.response is not None else 0, _first_line(exc)) from exc
     except httpx2.HTTPStatusError as exc:
-        raise _from_status(source, exc.response.status_code, str(exc)) from None
+        raise _from_status(source, exc.response.status_code, str(exc)) from exc
     except (httpx2.TransportError, OSError) as exc:
         if isinstance(exc, OSError) and not isinstance(exc, (ConnectionError, TimeoutError)) and "Consistency check" not in str(exc):
             raise
         raise SourceUnreachableError(
             f"{source}: cannot download ({redact(str(exc)) or type(exc).__name__}). Check that the server is up and reachable, "
             "HF_ENDPOINT, and proxy settings (https_proxy); then re-run: completed bytes are kept."
-        ) from None
+        ) from exc
 
 
 def _from_status(source: str, status: int, detail: str) -> SourceError:

@@ -13,12 +13,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from ops.errors import BakehouseError, ConfigError, redact
+from ops.errors import CommandError, ConfigError, ImageError, redact
 from ops.images.build import (
     CPU_BASE,
+    ENGINES,
     GPU_BASE,
     TORCH_CPU,
     BuildSpec,
+    ContainerEngine,
     build_argv,
     build_env,
     image_tag,
@@ -28,28 +30,24 @@ from ops.images.build import (
 from ops.images.registry import Registry, RegistryApi, compare_layers, login_argv, push_argv, remote_ref, split_ref, tag_argv
 from ops.models.lock import Lock, load_lock
 from ops.models.manifest import load_manifest
-from ops.runner import CommandFailed, run, run_streaming
+from ops.runner import run, run_streaming
 from ops.units import format_bytes
 
 LAST_IMAGE = Path("build") / "last-image"
 WHEELS = Path("build") / "wheels"
 
 
-class ImageError(BakehouseError):
-    """A build or push command failed."""
-
-
-def detect_engine(preferred: str | None = None) -> str:
+def detect_engine(preferred: str | None = None) -> ContainerEngine:
     """Docker (BuildKit) when a Docker engine answers, else podman; `preferred` wins."""
     if preferred:
-        if preferred not in ("docker", "podman"):
+        if preferred not in ENGINES:
             raise ConfigError(f"--engine {preferred!r}: use docker or podman.")
-        return preferred
+        return "docker" if preferred == "docker" else "podman"
     if shutil.which("docker"):
         try:
             run(["docker", "info", "--format", "{{.ServerVersion}}"])
             return "docker"
-        except CommandFailed:
+        except CommandError:
             pass
     if shutil.which("podman"):
         return "podman"
@@ -60,7 +58,7 @@ def detect_engine(preferred: str | None = None) -> str:
 class BuildReport:
     image: str
     tags: list[str]
-    engine: str
+    engine: ContainerEngine
     seconds: float
     size: int
     models: dict[str, int] = field(default_factory=dict)
@@ -138,7 +136,7 @@ def git_revision(context: Path) -> str:
     try:
         rev = run(["git", "-C", str(context), "rev-parse", "--short=12", "HEAD"]).decode().strip()
         dirty = run(["git", "-C", str(context), "status", "--porcelain", "--untracked-files=no"]).strip()
-    except CommandFailed:
+    except CommandError:
         return "nogit"
     return f"{rev}-dirty" if dirty else rev
 
@@ -147,7 +145,7 @@ def git_source(context: Path) -> str:
     """The checkout's origin URL for the source label, without any credentials in it."""
     try:
         return redact(run(["git", "-C", str(context), "remote", "get-url", "origin"]).decode().strip()).replace("***@", "")
-    except CommandFailed:
+    except CommandError:
         return ""
 
 
@@ -189,8 +187,9 @@ def build(req: BuildRequest, *, dry_run: bool = False, echo: bool = True) -> Bui
         start = time.monotonic()
         try:
             output = run_streaming(argv, cwd=req.context, env=build_env(spec.engine)) if echo else run(argv, cwd=req.context, env=build_env(spec.engine)).decode()
-        except CommandFailed as exc:
-            raise ImageError(f"the image build failed (exit {exc.returncode}); the engine's output is above. Common causes: the hub is unreachable from the build (set HF_ENDPOINT, proxies), a missing CA bundle behind a proxy (--ca-bundle).") from None
+        except CommandError as exc:
+            raise ImageError(f"the image build failed (exit {exc.returncode}); the engine's output is above. Common causes: the hub is unreachable from the build "
+                             "(set HF_ENDPOINT, proxies), a missing CA bundle behind a proxy (--ca-bundle).", argv=argv, returncode=exc.returncode) from exc
         seconds = time.monotonic() - start
     image = spec.tags[0]
     size = int(run(inspect_size_argv(spec.engine, image)).decode().strip() or 0)
@@ -237,8 +236,9 @@ def push(context: Path, *, tag: str | None = None, engine: str | None = None, dr
         before = api.known_layers(repo)
         run(steps[1])
         run_streaming(steps[2])
-    except CommandFailed as exc:
-        raise ImageError(f"push to {registry.host} failed: {exc}. Check BAKEHOUSE_REGISTRY, the credentials, and BAKEHOUSE_REGISTRY_INSECURE for a plain-HTTP registry.") from None
+    except CommandError as exc:
+        raise ImageError(f"push to {registry.host} failed: {exc}. Check BAKEHOUSE_REGISTRY, the credentials, and BAKEHOUSE_REGISTRY_INSECURE for a plain-HTTP registry.",
+                         argv=exc.argv, returncode=exc.returncode) from exc
     result = compare_layers(api.layers(repo, remote_tag), before)
     return PushReport(remote=remote, uploaded=result.uploaded, uploaded_bytes=result.uploaded_bytes, existing=result.existing, seconds=time.monotonic() - start, argv=steps)
 
@@ -247,5 +247,5 @@ def last_image(context: Path) -> str:
     """The image the last `invoke build` in this checkout made: what push and deploy use without --tag."""
     try:
         return (context / LAST_IMAGE).read_text().strip()
-    except FileNotFoundError:
-        raise ConfigError("no image: pass --tag, or run `invoke build` (then `invoke push`) first.") from None
+    except FileNotFoundError as exc:
+        raise ConfigError("no image: pass --tag, or run `invoke build` (then `invoke push`) first.") from exc

@@ -1,10 +1,14 @@
-"""The three model commands as functions: lock, fetch, verify. CLI and Invoke tasks both call these."""
+"""The three model commands as functions: lock, fetch, verify. Both command lines (Invoke and `python -m ops.models`) call these."""
 
 from __future__ import annotations
 
+import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
+from ops import settings
 from ops.errors import BakehouseError, VerificationError
 from ops.models.fetch import fetch_models
 from ops.models.lock import Lock, LockedModel, load_lock, write_lock
@@ -13,6 +17,48 @@ from ops.models.report import Outcome, Report
 from ops.models.sources import source_for
 from ops.models.store import Store
 from ops.models.verify import verify
+
+
+ModelCommand = Literal["lock", "fetch", "verify"]
+MODEL_COMMANDS: tuple[ModelCommand, ...] = ("lock", "fetch", "verify")
+
+
+@dataclass(frozen=True)
+class ModelRequest:
+    """One model command and its options, as both command lines take them (defaults written here only)."""
+
+    command: ModelCommand
+    names: tuple[str, ...] = ()  # empty: models.toml's `default`; ("all",) for every model
+    manifest: Path | None = None  # None: $BAKEHOUSE_MANIFEST, else ./models.toml
+    lock: Path | None = None  # None: $BAKEHOUSE_LOCK, else ./models.lock
+    dest: Path | None = None  # None: $MODELS_DIR, else ./models
+    full: bool = False
+    workers: int = 8
+
+    @classmethod
+    def parse(cls, command: str, *, models: str | None = None, manifest: str | Path | None = None, lock: str | Path | None = None,
+              dest: str | Path | None = None, full: bool = False, workers: object = None) -> ModelRequest:
+        """From flag values as a command line gives them (strings or None)."""
+        return cls(
+            command=settings.choice("command", command, MODEL_COMMANDS),  # type: ignore[arg-type]
+            names=settings.names(models),
+            manifest=Path(manifest) if manifest else None,
+            lock=Path(lock) if lock else None,
+            dest=Path(dest) if dest else None,
+            full=full,
+            workers=int(settings.number("--workers", workers, default=cls.workers, maximum=256)),
+        )
+
+
+def run(req: ModelRequest) -> Report:
+    """Run one model command in this process."""
+    common = {"manifest_path": req.manifest or settings.default_manifest(), "lock_path": req.lock or settings.default_lock(), "names": list(req.names) or None}
+    if req.command == "lock":
+        return lock_models(**common)
+    where = {"dest": req.dest or settings.default_models_dir(), "manifest_explicit": req.manifest is not None or "BAKEHOUSE_MANIFEST" in os.environ, "workers": req.workers}
+    if req.command == "fetch":
+        return fetch(**common, **where)
+    return verify_models(**common, **where, full=req.full)
 
 
 def _manifest_if_present(path: Path, explicit: bool) -> Manifest | None:
@@ -75,6 +121,7 @@ def verify_one(store: Store, m: LockedModel, *, full: bool, workers: int | None 
     problems = [p.message for p in result.problems]
     if current != m.commit:
         problems.append(f"current points at {current or 'nothing'}, models.lock pins {m.commit[:12]}. Run `invoke fetch-models --models {m.name}` to activate it.")
+    error = VerificationError(f"{m.name} does not match models.lock: " + "; ".join(problems), problems=problems) if problems else None
     return Outcome(
         model=m.name,
         status=f"verified ({result.mode})" if not problems else "failed",
@@ -84,6 +131,5 @@ def verify_one(store: Store, m: LockedModel, *, full: bool, workers: int | None 
         bytes=result.bytes_hashed,
         seconds=result.seconds,
         warnings=list(result.warnings),
-        problems=problems,
-        exit_code=VerificationError.exit_code if problems else 0,
+        error=error,
     )

@@ -1,0 +1,42 @@
+"""A model command for many hosts: what to run, where the lock is, how to reach and walk the hosts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from ops.remote.executor import Rollout
+from ops.remote.ssh import SshOptions
+
+FleetCommand = Literal["fetch", "verify"]
+Engine = Literal["ssh", "ansible"]
+ENGINES: tuple[Engine, ...] = ("ssh", "ansible")
+
+
+@dataclass(frozen=True)
+class FanOut:
+    """The hub serves each file once: fetched into `store` on this machine (or first on `from_host`), then copied to the hosts."""
+
+    store: Path
+    from_host: str | None = None
+
+
+@dataclass(frozen=True)
+class AnsibleOptions:
+    serial: str = "100%"  # hosts per batch, a number or a percentage
+    max_fail_percentage: int = 100
+
+
+@dataclass(frozen=True)
+class FleetJob:
+    command: FleetCommand
+    lock: Path
+    models: tuple[str, ...] = ()
+    full: bool = False
+    ssh: SshOptions = field(default_factory=SshOptions)
+    rollout: Rollout = field(default_factory=Rollout)
+    fan_out: FanOut | None = None
+    engine: Engine = "ssh"
+    ansible: AnsibleOptions = field(default_factory=AnsibleOptions)
+    dry_run: bool = False

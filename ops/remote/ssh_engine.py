@@ -1,0 +1,65 @@
+"""The SSH engine: a model command on every host, from this process, through Fabric.
+
+On each host: bootstrap a private venv from the wheelhouse (once per version),
+upload models.lock (and, for fan-out, the verified files), then run the same
+`python -m ops.models fetch|verify --json` as everywhere else. HF_TOKEN goes
+on the command's stdin, never in its argv or environment.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from ops.models.lock import load_lock
+from ops.models.report import Report
+from ops.remote import commands as rc
+from ops.remote.executor import HostResults, run_each
+from ops.remote.fanout import upload_staged
+from ops.remote.hostmodels import HostModels, ModelsView, parse_report
+from ops.remote.inventory import Host
+from ops.remote.job import FleetJob
+from ops.remote.shell import Shell, shell_factory
+from ops.remote.wheelhouse import Wheelhouse, build_wheelhouse
+
+
+def forwarded_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k in rc.FORWARDED_ENV}
+
+
+def bootstrap(sh: Shell, wh: Wheelhouse) -> str:
+    """Make sure the host's venv holds exactly this wheelhouse; a second run changes nothing."""
+    plan = rc.bootstrap(sh.host, wh.wheels, wh.digest)
+    if sh.run(plan.check, kind="query").exit_code == 0:
+        return "unchanged"
+    sh.run(plan.mkdir, what="create directories")
+    for name in wh.wheels:
+        sh.put(wh.directory / name, f"{plan.wheelhouse}/{name}")
+    sh.run(plan.venv, what=f"create a venv with {sh.host.python} (is python3-venv installed?)")
+    sh.run(plan.install, what="install the wheels")
+    sh.run(plan.mark, what="record the installed version")
+    return "installed"
+
+
+def model_command(sh: Shell, job: FleetJob, env: Mapping[str, str], token: str, *, seed: Path | None) -> HostModels:
+    """Bootstrap, upload the lock (and fan-out files), run the model command; the host's report."""
+    state = bootstrap(sh, build_wheelhouse())
+    sh.say(f"bootstrap: {state}")
+    sh.put(job.lock, rc.lock_path(sh.host))
+    if seed is not None and job.command == "fetch":
+        for model in load_lock(job.lock).select(list(job.models) or None):
+            if sh.run(rc.model_argv(sh.host, "verify", models=[model.name], env=env), kind="query").exit_code != 0:
+                upload_staged(sh, model, seed)
+    send_token = bool(token) and job.command == "fetch"
+    argv = rc.model_argv(sh.host, job.command, models=job.models, env=env, full=job.full, token_stdin=send_token)
+    result = sh.run(argv, stdin=f"{token}\n" if send_token else None, kind="query", on_stderr_line=sh.say)
+    if sh.dry_run:
+        return HostModels(state, Report(job.command))
+    return HostModels(state, parse_report(sh.host.name, result.stdout, result.stderr))
+
+
+def run_with_ssh(hosts: Sequence[Host], job: FleetJob, *, seed: Path | None = None) -> HostResults[HostModels]:
+    env, token = forwarded_env(), os.environ.get("HF_TOKEN", "")
+    return run_each(job.command, hosts, lambda sh: model_command(sh, job, env, token, seed=seed),
+                    shells=shell_factory(job.ssh, dry_run=job.dry_run), view=ModelsView(), rollout=job.rollout)

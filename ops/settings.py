@@ -1,0 +1,95 @@
+"""Settings: where models.toml, models.lock and the store are, and how a flag or an environment value is read.
+
+Every value that comes from a flag or the environment is parsed here, at the
+boundary, into the type its user needs; a bad value is a ConfigError (exit 2)
+naming the flag or variable, never a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from ops.errors import ConfigError
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def default_manifest() -> Path:
+    return Path(os.environ.get("BAKEHOUSE_MANIFEST") or "models.toml")
+
+
+def default_lock() -> Path:
+    return Path(os.environ.get("BAKEHOUSE_LOCK") or "models.lock")
+
+
+def default_models_dir() -> Path:
+    return Path(os.environ.get("MODELS_DIR") or "models")
+
+
+def names(value: str | Sequence[str] | None) -> tuple[str, ...]:
+    """A comma-separated list of names (models, hosts); empty when none."""
+    parts = value.split(",") if isinstance(value, str) else (value or ())
+    return tuple(n.strip() for n in parts if n.strip())
+
+
+def number(label: str, value: object, *, default: float, kind: type[int] | type[float] = int, minimum: float | None = None, maximum: float | None = None,
+           hint: str = "Fix it and re-run.") -> int | float:
+    """A whole or decimal number from a flag or variable (`label` names it): above zero, or inside [minimum, maximum]."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return kind(default)
+    try:
+        parsed = kind(value) if not isinstance(value, bool) else None
+    except (TypeError, ValueError, OverflowError):
+        parsed = None
+    if parsed is None or (isinstance(parsed, float) and not math.isfinite(parsed)):
+        raise ConfigError(f"{label}={value!r} is not a {'whole ' if kind is int else ''}number. {hint}")
+    if (parsed <= 0) if minimum is None else (parsed < minimum):
+        raise ConfigError(f"{label}={value!r} must be {'above zero' if minimum is None else f'at least {minimum:g}'}. {hint}")
+    if maximum is not None and parsed > maximum:
+        raise ConfigError(f"{label}={value!r} must be at most {maximum:g}. {hint}")
+    return parsed
+
+
+def choice(label: str, value: str | None, choices: Sequence[str], *, default: str | None = None) -> str:
+    picked = default if value is None else value
+    if picked not in choices:
+        raise ConfigError(f"{label}={picked!r}: use one of {', '.join(choices)}.")
+    return picked
+
+
+def flag(label: str, value: str | None, *, default: bool) -> bool:
+    if value is None or not value.strip():
+        return default
+    lowered = value.strip().lower()
+    if lowered in _TRUE | _FALSE:
+        return lowered in _TRUE
+    raise ConfigError(f"{label}={value!r} is not a yes/no value: use 1 or 0.")
+
+
+def env_number(name: str, default: float, kind: type[int] | type[float] = int, *, minimum: float | None = None, maximum: float | None = None,
+               env: Mapping[str, str] | None = None) -> int | float:
+    """A numeric setting; a bad value stops with the variable's name, not a traceback."""
+    return number(name, (env if env is not None else os.environ).get(name), default=default, kind=kind, minimum=minimum, maximum=maximum,
+                  hint="Fix it in the environment (or the host's app_env) and restart.")
+
+
+def env_flag(name: str, default: bool, *, env: Mapping[str, str] | None = None) -> bool:
+    return flag(name, (env if env is not None else os.environ).get(name), default=default)
+
+
+def progress_seconds() -> float:
+    """How often progress lines are logged when not on a terminal."""
+    return float(env_number("BAKEHOUSE_PROGRESS_SECONDS", 5.0, float))
+
+
+def configure_logging() -> None:
+    """Progress and step lines on stderr; reports on stdout. The HTTP and SSH clients' per-request lines are noise here."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    for noisy in ("httpx", "httpx2", "huggingface_hub", "paramiko"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
