@@ -8,6 +8,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ops.errors import BakehouseError
+
 
 class _Request(BaseModel):
     # Unknown OpenAI parameters (user, logprobs, …) are accepted and ignored, as most servers do.
@@ -39,7 +41,9 @@ class ChatRequest(_Request):
     max_completion_tokens: int | None = None
 
 
-class ApiError(Exception):
+class ApiError(BakehouseError):
+    """A request the API refuses: its HTTP status and the OpenAI-style error body."""
+
     def __init__(self, status: int, message: str, *, type_: str = "invalid_request_error", param: str | None = None, code: str | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code

@@ -44,7 +44,7 @@ def number(label: str, value: object, *, default: float, kind: type[int] | type[
     if value is None or (isinstance(value, str) and not value.strip()):
         return kind(default)
     try:
-        parsed = kind(value) if not isinstance(value, bool) else None
+        parsed = kind(str(value)) if not isinstance(value, bool) else None
     except (TypeError, ValueError, OverflowError):
         parsed = None
     if parsed is None or (isinstance(parsed, float) and not math.isfinite(parsed)):
@@ -58,7 +58,7 @@ def number(label: str, value: object, *, default: float, kind: type[int] | type[
 
 def choice(label: str, value: str | None, choices: Sequence[str], *, default: str | None = None) -> str:
     picked = default if value is None else value
-    if picked not in choices:
+    if picked is None or picked not in choices:
         raise ConfigError(f"{label}={picked!r}: use one of {', '.join(choices)}.")
     return picked
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 from appserver import AppServer, start_app
-from helpers import HF_DEMO, HF_RANDOM_LM, Hub, Project, manifest
+from helpers import DEMO, HF_DEMO, HF_RANDOM_LM, Hub, Project, manifest
 from openai import AsyncOpenAI, BadRequestError, NotFoundError, OpenAI
 
 
@@ -59,6 +59,13 @@ def test_chat_uses_the_chat_template(client: OpenAI) -> None:
     assert r.choices[0].message.role == "assistant"
     assert isinstance(r.choices[0].message.content, str) and r.choices[0].message.content
     assert r.choices[0].finish_reason in ("stop", "length")
+    # The demo template renders "<|user|>Hello!\n<|assistant|>": the same prompt sent raw must see the same tokens and answer.
+    rendered = (DEMO / "chat_template.jinja").read_text().replace("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}", "<|user|>Hello!\n")
+    rendered = rendered.replace("{% if add_generation_prompt %}<|assistant|>{% endif %}", "<|assistant|>")
+    assert rendered == "<|user|>Hello!\n<|assistant|>"
+    raw = client.completions.create(model="demo", prompt=rendered, max_tokens=20, temperature=0)
+    assert r.usage.prompt_tokens == raw.usage.prompt_tokens
+    assert r.choices[0].message.content == raw.choices[0].text
 
 
 def test_streaming_matches_the_whole_answer(client: OpenAI) -> None:

@@ -91,6 +91,26 @@ def current(host: SshHost) -> str:
     return host.exec("sh", "-c", f"basename $(readlink {PREFIX}/current) 2>/dev/null || true").stdout.strip()
 
 
+def fresh(host: SshHost) -> None:
+    """Nothing deployed (no app, release, history or lock); the shared dependency venvs stay, as on a host that had them once."""
+    stop = f"[ -x {PREFIX}/current/venv/bin/python ] && {PREFIX}/current/venv/bin/python -m ops.deploy.supervise stop --run-dir {PREFIX}/run"
+    host.exec("sh", "-c", f"{stop}; pkill -f app.entrypoint; rm -rf {PREFIX}/releases {PREFIX}/current {PREFIX}/history {PREFIX}/deploy.lock {PREFIX}/run {PREFIX}/app.env",
+              check=False)
+
+
+def serving_versions(site: Project, keys: Path, host: SshHost, *versions: str) -> None:
+    """The host serves the last of `versions`, deployed in order from nothing: each test sets up its own history."""
+    fresh(host)
+    for version in versions:
+        r = deploy(site, keys, "deploy", "--hosts", host.name, "--tag", version)
+        assert r.returncode == 0, r.stdout + r.stderr
+
+
+def state(host: SshHost) -> str:
+    """Everything under the host's prefix, to show a command left it alone."""
+    return host.exec("sh", "-c", f"find {PREFIX} -exec ls -ld --time-style=full-iso {{}} + 2>/dev/null || echo absent", check=False).stdout
+
+
 def app_pid(host: SshHost) -> int:
     return json.loads(host.exec("cat", f"{PREFIX}/run/state.json").stdout)["child"]
 
@@ -100,6 +120,7 @@ def alive(host: SshHost, pid: int) -> bool:
 
 
 def test_dry_run_prints_every_command_and_touches_no_host(site: Project, keys: Path, hosts: dict[str, SshHost]) -> None:
+    before = state(hosts["h1"])
     r = deploy(site, keys, "deploy", "--hosts", "h1,down", "--tag", "v1", "--dry-run")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "# h1 (bare, root@127.0.0.1" in r.stdout and "# down (bare" in r.stdout
@@ -107,16 +128,17 @@ def test_dry_run_prints_every_command_and_touches_no_host(site: Project, keys: P
                      "ln -sfn", "ops.deploy.supervise restart", "/ready", "deploy.lock"):
         assert expected in r.stdout, expected
     assert SECRET not in r.stdout + r.stderr and TOKEN not in r.stdout + r.stderr
-    assert hosts["h1"].exec("test", "-e", PREFIX, check=False).returncode != 0
+    assert state(hosts["h1"]) == before
 
 
 def test_an_unreachable_host_fails_with_the_reason_and_stops_the_rollout(site: Project, keys: Path, hosts: dict[str, SshHost]) -> None:
+    before = state(hosts["h1"])
     r = deploy(site, keys, "deploy", "--hosts", "down,h1", "--tag", "v1")
     assert r.returncode == 3, r.stdout + r.stderr
     rows = table(r.stdout)
     assert rows["down"][3] == "failed" and "cannot reach 127.0.0.1" in r.stdout
     assert rows["h1"][3:5] == ["not", "attempted"]
-    assert hosts["h1"].exec("test", "-e", PREFIX, check=False).returncode != 0
+    assert state(hosts["h1"]) == before
 
 
 def snapshot_ps(host: SshHost, stop: threading.Event, seen: list[str]) -> None:
@@ -127,6 +149,7 @@ def snapshot_ps(host: SshHost, stop: threading.Event, seen: list[str]) -> None:
 
 def test_deploy_serves_the_new_release_and_retires_the_old(site: Project, keys: Path, hosts: dict[str, SshHost], ports: dict[str, int]) -> None:
     h1 = hosts["h1"]
+    fresh(h1)
     first = deploy(site, keys, "deploy", "--hosts", "h1", "--tag", "v1")
     assert first.returncode == 0, first.stdout + first.stderr
     assert table(first.stdout)["h1"][:4] == ["bare", "-", "v1", "deployed"]
@@ -169,6 +192,7 @@ def broken_checkout(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_release_that_never_becomes_ready_is_rolled_back(site: Project, keys: Path, hosts: dict[str, SshHost], ports: dict[str, int], broken_checkout: Path) -> None:
+    serving_versions(site, keys, hosts["h1"], "v2")
     r = deploy(site, keys, "deploy", "--hosts", "h1", "--tag", "broken", search_root=broken_checkout)
     assert r.returncode == 1, r.stdout + r.stderr
     assert table(r.stdout)["h1"][:5] == ["bare", "v2", "broken", "rolled", "back"]
@@ -177,6 +201,7 @@ def test_release_that_never_becomes_ready_is_rolled_back(site: Project, keys: Pa
 
 
 def test_rollback_returns_to_the_previous_release(site: Project, keys: Path, hosts: dict[str, SshHost], ports: dict[str, int]) -> None:
+    serving_versions(site, keys, hosts["h1"], "v1", "v2")
     r = deploy(site, keys, "rollback", "--hosts", "h1")
     assert r.returncode == 0, r.stdout + r.stderr
     assert table(r.stdout)["h1"][:4] == ["bare", "v2", "v1", "reverted"]
@@ -185,6 +210,9 @@ def test_rollback_returns_to_the_previous_release(site: Project, keys: Path, hos
 
 def test_rolling_deploy_stops_at_the_batch_that_failed(site: Project, keys: Path, hosts: dict[str, SshHost], ports: dict[str, int]) -> None:
     # h2's settings make the app exit at start; h3 must keep what it has (nothing).
+    serving_versions(site, keys, hosts["h1"], "v1")
+    fresh(hosts["h2"])
+    hosts["h3"].exec("rm", "-rf", PREFIX)
     write_inventory(site.dir / "rolling.yml", keys, hosts, ports, {"h2": "app_env:\n  BAKEHOUSE_MAX_BATCH: many"})
     r = deploy(site, keys, "deploy", "--hosts", "h1,h2,h3", "--tag", "v3", "--serial", "1", inventory="rolling.yml")
     print(r.stdout)  # the README shows this table
@@ -231,7 +259,8 @@ def test_concurrent_deploys_are_refused_and_a_stale_lock_names_its_owner(site: P
     assert h1.exec("test", "-e", f"{PREFIX}/deploy.lock", check=False).returncode != 0
 
 
-def test_old_releases_are_pruned_to_keep_releases(site: Project, hosts: dict[str, SshHost]) -> None:
+def test_old_releases_are_pruned_to_keep_releases(site: Project, keys: Path, hosts: dict[str, SshHost]) -> None:
+    serving_versions(site, keys, hosts["h1"], "v2", "v3", "v4", "v5")
     kept = hosts["h1"].exec("ls", f"{PREFIX}/releases").stdout.split()
     assert len(kept) == 3 and "v5" in kept and "v4" in kept, kept
     assert len(hosts["h1"].exec("ls", f"{PREFIX}/deps").stdout.split()) == 1

@@ -67,10 +67,10 @@ def test_secrets_travel_on_stdin_never_in_argv(tmp_path: Path) -> None:
 
 def test_docker_run_argv_and_gpu_flags() -> None:
     t = host_target(runtime="docker", engine="docker", gpus="0,1", models_dir="/data/models", port=9000)
-    argv = docker.run_argv(t, "reg/bakehouse:v2")
-    assert argv[:8] == ["docker", "run", "--detach", "--name", "bakehouse", "--network", "host", "--restart"]
-    assert ["--volume", "/data/models:/models"] == argv[argv.index("--volume") : argv.index("--volume") + 2]
-    assert argv[-1] == "reg/bakehouse:v2" and '"device=0,1"' in argv
+    assert docker.run_argv(t, "reg/bakehouse:v2") == [
+        "docker", "run", "--detach", "--name", "bakehouse", "--network", "host", "--restart", "on-failure:3", "--env-file", "/opt/bakehouse/bakehouse.env",
+        "--volume", "/data/models:/models", "--gpus", '"device=0,1"', "--label", "bakehouse.deploy=1", "reg/bakehouse:v2",
+    ]
     assert docker.gpu_flags("podman", "all") == ["--device=nvidia.com/gpu=all"]
     assert docker.gpu_flags("docker", "all") == ["--gpus", "all"]
     assert docker.gpu_flags("podman", "") == []
@@ -84,8 +84,10 @@ def test_bare_app_environment_points_at_current_and_never_fetches() -> None:
     assert env["BAKEHOUSE_LOCK"] == "/srv/bh/current/models.lock" and env["BAKEHOUSE_AUTO_FETCH"] == "0" and env["HF_HUB_OFFLINE"] == "1"
     assert env["PORT"] == "8100" and env["BAKEHOUSE_MAX_BATCH"] == "8"
     assert bare.app_argv(t) == ["/srv/bh/current/venv/bin/python", "-m", "app.entrypoint"]
-    argv = bare.fetch_argv(t, "v3", {"HF_ENDPOINT": "http://hub"}, token_stdin=True)
-    assert argv[:2] == ["env", "HF_ENDPOINT=http://hub"] and argv[-1] == "--token-stdin" and "--models" in argv
+    assert bare.fetch_argv(t, "v3", {"HF_ENDPOINT": "http://hub"}, token_stdin=True) == [
+        "env", "HF_ENDPOINT=http://hub", "/srv/bh/releases/v3/venv/bin/python", "-m", "ops.models", "fetch", "--lock", "/srv/bh/releases/v3/models.lock",
+        "--manifest", "/srv/bh/releases/v3/models.toml", "--dest", "/srv/models", "--models", "demo", "--json", "--token-stdin",
+    ]
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
@@ -213,3 +215,59 @@ def test_json_report_has_a_row_per_host_and_the_exit_code() -> None:
     doc = json.loads(HostResults("deploy", rows, DeployView()).render(as_json=True))
     assert doc["command"] == "deploy" and doc["exit_code"] == 5
     assert [h["result"] for h in doc["hosts"]] == ["deployed", "locked"] and doc["hosts"][0]["downtime"] == 1.5
+
+
+def rollback_script(t, *, previous_comes_back: bool) -> list:
+    """rollback_bare on a host serving v2 whose previous release v1 crashes at start."""
+    from scripted import ok
+
+    def start(version: str, gate_answer: str, logs: str | None = None) -> list:
+        steps = [(common.write_file_argv(bare.env_path(t)), ok()), (bare.switch_argv(t, version), ok()), (bare.supervise_argv(t, "restart"), ok()),
+                 (common.gate_argv(t.host.python, t.port, bare.alive_argv(t)), ok(gate_answer))]
+        return steps + ([(bare.logs_argv(t), ok(logs))] if logs is not None else [])
+
+    return [
+        (bare.current_argv(t), ok("v2\n")),
+        (common.history_argv(t.prefix), ok("v1\nv2\n")),
+        (rc.exists_argv(f"{t.prefix}/releases/v1/.complete"), ok()),
+        *start("v1", "0 connection refused\ndead", "boom: v1 cannot start"),
+        *(start("v2", "200\nalive") if previous_comes_back else start("v2", "0 connection refused\ndead", "boom: v2 is gone too")),
+    ]
+
+
+def test_a_rollback_whose_target_never_starts_restores_the_current_release() -> None:
+    from scripted import ScriptedShell
+
+    from ops.deploy.steps import Context, rollback_bare
+
+    t = host_target(process_manager="supervise", prefix="/opt/bh")
+    sh = ScriptedShell(t.host, rollback_script(t, previous_comes_back=True))
+    d = rollback_bare(sh, t, Context())
+    sh.done()
+    assert (d.old, d.new, d.result, d.exit_code) == ("v2", "v1", "restored", 1)
+    assert "the app exited before it became ready. Last log lines: boom: v1 cannot start" in str(d.error)
+    assert "switching back to v2" in sh.said
+
+
+def test_a_rollback_where_neither_release_starts_says_so() -> None:
+    from scripted import ScriptedShell
+
+    from ops.deploy.steps import Context, rollback_bare
+
+    t = host_target(process_manager="supervise", prefix="/opt/bh")
+    sh = ScriptedShell(t.host, rollback_script(t, previous_comes_back=False))
+    d = rollback_bare(sh, t, Context())
+    sh.done()
+    assert (d.result, d.exit_code) == ("failed", 1)
+    assert "v2 did not come back either: the app exited before it became ready. Last log lines: boom: v2 is gone too" in str(d.error)
+
+
+def test_the_scripted_shell_fails_on_an_unexpected_command() -> None:
+    from scripted import ScriptedShell, ok
+
+    from ops.deploy.steps import Context, rollback_bare
+
+    t = host_target(process_manager="supervise")
+    sh = ScriptedShell(t.host, [(bare.current_argv(t), ok("v2\n")), (["true"], ok())])
+    with pytest.raises(AssertionError, match="expected \\['true'\\]"):
+        rollback_bare(sh, t, Context())

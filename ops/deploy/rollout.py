@@ -27,11 +27,11 @@ from ops.errors import ConfigError, DeployLockedError, RemoteError, StepFailedEr
 from ops.images.actions import last_image
 from ops.images.registry import Registry
 from ops.models.manifest import load_manifest
+from ops.remote import commands as rc
 from ops.remote.executor import HostResult, HostResults, Rollout, run_each
 from ops.remote.inventory import Host
 from ops.remote.shell import Shell, shell_factory
 from ops.remote.ssh import SshOptions
-from ops.remote.ssh_engine import forwarded_env
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ def plan(command: DeployCommand, hosts: Sequence[Host], *, project: Path, tag: s
         release=release,
         tag=tag,
         registry=registry,
-        forwarded=forwarded_env(),
+        forwarded=rc.forwarded_env(),
         token=os.environ.get("HF_TOKEN", ""),
         secrets={s: os.environ[s] for t in targets for s in t.secrets},
     )
@@ -158,7 +158,7 @@ def result_of(r: HostResult[Deployment]) -> str:
 class DeployView:
     """host | runtime | old | new | result | time | down; why each host failed, below."""
 
-    header = ("host", "runtime", "old", "new", "result", "time", "down")
+    header: tuple[str, ...] = ("host", "runtime", "old", "new", "result", "time", "down")
 
     def rows(self, r: HostResult[Deployment]) -> list[tuple[str, ...]]:
         d = r.value

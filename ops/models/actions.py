@@ -18,7 +18,6 @@ from ops.models.sources import source_for
 from ops.models.store import Store
 from ops.models.verify import verify
 
-
 ModelCommand = Literal["lock", "fetch", "verify"]
 MODEL_COMMANDS: tuple[ModelCommand, ...] = ("lock", "fetch", "verify")
 
@@ -52,13 +51,13 @@ class ModelRequest:
 
 def run(req: ModelRequest) -> Report:
     """Run one model command in this process."""
-    common = {"manifest_path": req.manifest or settings.default_manifest(), "lock_path": req.lock or settings.default_lock(), "names": list(req.names) or None}
+    manifest, lock, names = req.manifest or settings.default_manifest(), req.lock or settings.default_lock(), list(req.names) or None
     if req.command == "lock":
-        return lock_models(**common)
-    where = {"dest": req.dest or settings.default_models_dir(), "manifest_explicit": req.manifest is not None or "BAKEHOUSE_MANIFEST" in os.environ, "workers": req.workers}
+        return lock_models(manifest_path=manifest, lock_path=lock, names=names)
+    dest, explicit = req.dest or settings.default_models_dir(), req.manifest is not None or "BAKEHOUSE_MANIFEST" in os.environ
     if req.command == "fetch":
-        return fetch(**common, **where)
-    return verify_models(**common, **where, full=req.full)
+        return fetch(manifest_path=manifest, lock_path=lock, names=names, dest=dest, workers=req.workers, manifest_explicit=explicit)
+    return verify_models(manifest_path=manifest, lock_path=lock, names=names, dest=dest, workers=req.workers, manifest_explicit=explicit, full=req.full)
 
 
 def _manifest_if_present(path: Path, explicit: bool) -> Manifest | None:

@@ -7,6 +7,7 @@ Fleet bootstrap and bare-host releases install with the same blocks.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -14,6 +15,11 @@ from ops.remote.inventory import Host
 
 # Only these reach the remote model commands; HF_TOKEN goes on stdin instead.
 FORWARDED_ENV = ("HF_ENDPOINT", "HF_HUB_OFFLINE", "HF_HUB_DISABLE_XET", "HF_HUB_DISABLE_TELEMETRY")
+
+
+def forwarded_env() -> dict[str, str]:
+    """This machine's hub settings that hosts' model commands and containers get."""
+    return {k: v for k, v in os.environ.items() if k in FORWARDED_ENV}
 
 
 def mkdir_argv(*paths: str) -> list[str]:

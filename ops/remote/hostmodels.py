@@ -48,7 +48,7 @@ def parse_report(host: str, stdout: str, stderr: str) -> Report:
 class ModelsView:
     """host | model | result | bytes | time | rate, one row per host and model; why each failure, below."""
 
-    header = ("host", "model", "result", "bytes", "time", "rate")
+    header: tuple[str, ...] = ("host", "model", "result", "bytes", "time", "rate")
 
     def rows(self, r: HostResult[HostModels]) -> list[tuple[str, ...]]:
         outcomes = r.value.report.outcomes if r.value is not None else []

@@ -43,7 +43,8 @@ class Shell(Protocol):
     def close(self) -> None: ...
 
 
-def _check(host: Host, argv: Sequence[str], result: RemoteResult, kind: Kind, what: str, allow: Sequence[int]) -> RemoteResult:
+def checked(host: Host, argv: Sequence[str], result: RemoteResult, kind: Kind, what: str, allow: Sequence[int]) -> RemoteResult:
+    """The result, or StepFailedError when an action failed: what every shell does with an answer."""
     if kind == "action" and result.exit_code != 0 and result.exit_code not in allow:
         detail = (result.stderr.strip() or result.stdout.strip())[-500:] or f"exit {result.exit_code}"
         step = what or shlex.join(argv)[:120]
@@ -70,7 +71,7 @@ class SshShell:
     def run(self, argv: Sequence[str], *, stdin: str | None = None, kind: Kind = "action", what: str = "", allow: Sequence[int] = (),
             on_stderr_line: Say | None = None) -> RemoteResult:
         result = run_remote(self.conn, argv, host=self.host.name, stdin=stdin, timeout=self.options.command_timeout, on_stderr_line=on_stderr_line)
-        return _check(self.host, argv, result, kind, what, allow)
+        return checked(self.host, argv, result, kind, what, allow)
 
     def put(self, local: Path, remote: str) -> None:
         put_file(self.conn, local, remote)

@@ -24,10 +24,6 @@ from ops.remote.shell import Shell, shell_factory
 from ops.remote.wheelhouse import Wheelhouse, build_wheelhouse
 
 
-def forwarded_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k in rc.FORWARDED_ENV}
-
-
 def bootstrap(sh: Shell, wh: Wheelhouse) -> str:
     """Make sure the host's venv holds exactly this wheelhouse; a second run changes nothing."""
     plan = rc.bootstrap(sh.host, wh.wheels, wh.digest)
@@ -42,9 +38,9 @@ def bootstrap(sh: Shell, wh: Wheelhouse) -> str:
     return "installed"
 
 
-def model_command(sh: Shell, job: FleetJob, env: Mapping[str, str], token: str, *, seed: Path | None) -> HostModels:
+def model_command(sh: Shell, job: FleetJob, wh: Wheelhouse, env: Mapping[str, str], token: str, *, seed: Path | None) -> HostModels:
     """Bootstrap, upload the lock (and fan-out files), run the model command; the host's report."""
-    state = bootstrap(sh, build_wheelhouse())
+    state = bootstrap(sh, wh)
     sh.say(f"bootstrap: {state}")
     sh.put(job.lock, rc.lock_path(sh.host))
     if seed is not None and job.command == "fetch":
@@ -60,6 +56,6 @@ def model_command(sh: Shell, job: FleetJob, env: Mapping[str, str], token: str, 
 
 
 def run_with_ssh(hosts: Sequence[Host], job: FleetJob, *, seed: Path | None = None) -> HostResults[HostModels]:
-    env, token = forwarded_env(), os.environ.get("HF_TOKEN", "")
-    return run_each(job.command, hosts, lambda sh: model_command(sh, job, env, token, seed=seed),
+    env, token, wh = rc.forwarded_env(), os.environ.get("HF_TOKEN", ""), build_wheelhouse()
+    return run_each(job.command, hosts, lambda sh: model_command(sh, job, wh, env, token, seed=seed),
                     shells=shell_factory(job.ssh, dry_run=job.dry_run), view=ModelsView(), rollout=job.rollout)
