@@ -25,7 +25,7 @@ import uvicorn
 
 from app.config import Settings
 from ops.errors import BakehouseError, ConfigError, SourceError
-from ops.models.actions import verify_one
+from ops.models.verify import verify_one
 from ops.models.fetch import fetch_models
 from ops.models.lock import Lock, LockedModel, load_lock, write_lock
 from ops.models.manifest import ModelSpec, spec_fingerprint
@@ -51,6 +51,7 @@ def seed_model(name: str) -> ModelSpec | None:
         revision=os.environ.get("GIT_BRANCH") or "main",
         include=(model_file, *SMALL_FILES),
         allow_pickle=model_file.endswith(PICKLE_SUFFIXES),
+        strict_include=False,
     )
 
 

@@ -22,6 +22,7 @@
     ├── CommandError                    exit 1  a local command (git, podman, docker, pip) failed
     │   └── ImageError                          a build or push failed
     ├── VerificationError               exit 1  files do not match the lock
+    │   └── PlantedLinkError                    a symlink in the store that bakehouse did not make
     ├── DiskSpaceError (OSError)        exit 4  not enough free space
     ├── NotReadyError                   exit 1  a deployed release never answered /ready
     └── DeployLockedError               exit 5  another deploy holds the host's deploy lock
@@ -178,6 +179,23 @@ class VerificationError(BakehouseError):
 
     def details(self) -> dict[str, Any]:
         return {"problems": list(self.problems)}
+
+
+class PlantedLinkError(VerificationError):
+    """A symlink where the store holds only real files and directories: reported by path, never followed."""
+
+    def __init__(self, message: str, *, paths: Sequence[str] = ()) -> None:
+        super().__init__(message, problems=[f"{p}: is a symlink bakehouse did not make; remove the link itself, then re-run" for p in paths])
+        self.paths = tuple(paths)
+
+    @classmethod
+    def at(cls, *paths: object) -> PlantedLinkError:
+        where = ", ".join(str(p) for p in paths)
+        return cls(f"{where}: a symbolic link where the store holds only real files and directories; bakehouse never follows it. "
+                   f"Remove the link itself (`rm {str(paths[0])!r}`, not rm -r on its target) and re-run.", paths=[str(p) for p in paths])
+
+    def details(self) -> dict[str, Any]:
+        return {"paths": list(self.paths)}
 
 
 class DiskSpaceError(BakehouseError, OSError):

@@ -88,6 +88,20 @@ def progress_seconds() -> float:
     return float(env_number("BAKEHOUSE_PROGRESS_SECONDS", 5.0, float))
 
 
+def read_text(path: Path, error: type[ConfigError], what: str, hint: str) -> str:
+    """A config file's text; any reason it cannot be read is `error` naming the path, then `hint`."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise error(f"{path}: not found. {hint}") from exc
+    except IsADirectoryError as exc:
+        raise error(f"{path}: is a directory, not {what}. {hint}") from exc
+    except UnicodeDecodeError as exc:
+        raise error(f"{path}: is not UTF-8 text (byte {exc.start}: {exc.reason}); {what} is a UTF-8 text file. {hint}") from exc
+    except OSError as exc:
+        raise error(f"{path}: cannot be read ({exc.strerror}). {hint}") from exc
+
+
 def configure_logging() -> None:
     """Progress and step lines on stderr; reports on stdout. The HTTP and SSH clients' per-request lines are noise here."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)

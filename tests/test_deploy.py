@@ -94,7 +94,7 @@ def current(host: SshHost) -> str:
 def fresh(host: SshHost) -> None:
     """Nothing deployed (no app, release, history or lock); the shared dependency venvs stay, as on a host that had them once."""
     stop = f"[ -x {PREFIX}/current/venv/bin/python ] && {PREFIX}/current/venv/bin/python -m ops.deploy.supervise stop --run-dir {PREFIX}/run"
-    host.exec("sh", "-c", f"{stop}; pkill -f app.entrypoint; rm -rf {PREFIX}/releases {PREFIX}/current {PREFIX}/history {PREFIX}/deploy.lock {PREFIX}/run {PREFIX}/app.env",
+    host.exec("sh", "-c", f"{stop}; pkill -f '[a]pp.entrypoint'; rm -rf {PREFIX}/releases {PREFIX}/current {PREFIX}/history {PREFIX}/deploy.lock {PREFIX}/run {PREFIX}/app.env",
               check=False)
 
 

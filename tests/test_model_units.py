@@ -19,7 +19,7 @@ POINTER = b"version https://git-lfs.github.com/spec/v1\noid sha256:" + b"a" * 64
 
 
 def model(*files: tuple[str, int, str]) -> LockedModel:
-    return LockedModel(name="m", source="hf://o/r", revision="main", commit="c" * 40, spec="s", files=tuple(LockedFile(*f) for f in files))
+    return LockedModel(name="m", source="hf://o/r", revision="main", commit="c" * 40, spec="0" * 16, files=tuple(LockedFile(*f) for f in files))
 
 
 def test_manifest_parses_every_source_kind() -> None:
@@ -77,13 +77,13 @@ def test_lock_round_trips_and_sorts() -> None:
 
 
 def test_lock_with_escaping_path_is_refused() -> None:
-    data = {"version": 1, "models": {"m": {"source": "hf://o/r", "commit": "c", "spec": "s", "files": [{"path": "../../etc/cron.d/x", "size": 1, "sha256": "a" * 64}]}}}
+    data = {"version": 1, "models": {"m": {"source": "hf://o/r", "commit": "c" * 40, "spec": "0" * 16, "files": [{"path": "../../etc/cron.d/x", "size": 1, "sha256": "a" * 64}]}}}
     with pytest.raises(UnsafePathError, match="etc/cron.d"):
         parse_lock(data, Path("models.lock"))
 
 
 def test_lock_with_bad_hash_is_refused() -> None:
-    data = {"version": 1, "models": {"m": {"source": "hf://o/r", "commit": "c", "spec": "s", "files": [{"path": "a", "size": 1, "sha256": "nothex"}]}}}
+    data = {"version": 1, "models": {"m": {"source": "hf://o/r", "commit": "c" * 40, "spec": "0" * 16, "files": [{"path": "a", "size": 1, "sha256": "nothex"}]}}}
     with pytest.raises(LockError, match="lock-models"):
         parse_lock(data, Path("models.lock"))
 
@@ -125,8 +125,8 @@ def test_diff_reports_each_problem_kind() -> None:
 
 def test_git_argv_builders() -> None:
     repo = Path("/s/m.partial")
-    assert fetch_argv(repo, "file:///r", "main") == ["git", "-C", "/s/m.partial", "fetch", "--quiet", "--depth", "1", "--no-tags", "file:///r", "main"]
-    assert lfs_fetch_argv(repo, "abc", ["a.pt", "b.pt"]) == ["git", "-C", "/s/m.partial", "lfs", "fetch", "origin", "abc", "--include", "a.pt,b.pt"]
+    assert fetch_argv(repo, "file:///r", "main") == ["git", "-C", "/s/m.partial", "fetch", "--quiet", "--depth", "1", "--no-tags", "--end-of-options", "file:///r", "main"]
+    assert lfs_fetch_argv(repo, "abc", ["a.pt", "b.pt"]) == ["git", "-C", "/s/m.partial", "lfs", "fetch", "--include=a.pt,b.pt", "--", "origin", "abc"]
     assert cat_file_argv(repo)[-2:] == ["cat-file", "--batch"]
 
 

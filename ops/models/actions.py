@@ -9,14 +9,14 @@ from pathlib import Path
 from typing import Literal
 
 from ops import settings
-from ops.errors import BakehouseError, VerificationError
+from ops.errors import BakehouseError
 from ops.models.fetch import fetch_models
 from ops.models.lock import Lock, LockedModel, load_lock, write_lock
 from ops.models.manifest import Manifest, load_manifest
 from ops.models.report import Outcome, Report
 from ops.models.sources import source_for
 from ops.models.store import Store
-from ops.models.verify import verify
+from ops.models.verify import verify_one
 
 ModelCommand = Literal["lock", "fetch", "verify"]
 MODEL_COMMANDS: tuple[ModelCommand, ...] = ("lock", "fetch", "verify")
@@ -106,29 +106,3 @@ def verify_models(*, manifest_path: Path, lock_path: Path, dest: Path, names: li
     report = Report("verify", [verify_one(store, m, full=full, workers=workers) for m in models])
     report.seconds = time.monotonic() - start
     return report
-
-
-def verify_one(store: Store, m: LockedModel, *, full: bool, workers: int | None = None) -> Outcome:
-    """Verify the locked commit of one model in the store, and that `current` points at it."""
-    directory = store.commit_dir(m.name, m.commit)
-    current = store.current_commit(m.name)
-    if not directory.is_dir():
-        hint = f" (current points at {current[:12]})" if current else ""
-        err = VerificationError(f"{m.name}: commit {m.commit[:12]} is not in the store at {store.root}{hint}. Run `invoke fetch-models --models {m.name}`.")
-        return Outcome.failed(m.name, err, commit=m.commit)
-    result = verify(directory, m, full=full, workers=workers)
-    problems = [p.message for p in result.problems]
-    if current != m.commit:
-        problems.append(f"current points at {current or 'nothing'}, models.lock pins {m.commit[:12]}. Run `invoke fetch-models --models {m.name}` to activate it.")
-    error = VerificationError(f"{m.name} does not match models.lock: " + "; ".join(problems), problems=problems) if problems else None
-    return Outcome(
-        model=m.name,
-        status=f"verified ({result.mode})" if not problems else "failed",
-        commit=m.commit,
-        path=str(directory),
-        files=len(m.files),
-        bytes=result.bytes_hashed,
-        seconds=result.seconds,
-        warnings=list(result.warnings),
-        error=error,
-    )

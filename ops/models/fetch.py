@@ -13,14 +13,15 @@ import shutil
 import time
 from collections.abc import Sequence
 
-from ops.errors import BakehouseError, DiskSpaceError, VerificationError
+from ops.errors import BakehouseError, ConfigError, DiskSpaceError, VerificationError
+from ops.models import safefs
 from ops.models.lock import LockedFile, LockedModel
 from ops.models.progress import Progress
 from ops.models.report import Outcome
 from ops.models.sources import FetchJob, source_for
 from ops.models.stamp import STAMP_NAME
 from ops.models.store import Store
-from ops.models.verify import verify
+from ops.models.verify import verify, verify_one
 from ops.units import format_bytes, format_rate
 
 log = logging.getLogger("bakehouse.fetch")
@@ -28,13 +29,20 @@ log = logging.getLogger("bakehouse.fetch")
 
 def fetch_models(models: Sequence[LockedModel], store: Store, *, workers: int = 8, tty: bool | None = None) -> list[Outcome]:
     """Fetch every model; one model's failure is reported and does not stop the others."""
+    if not store.writable():
+        return [_read_only(store, m) for m in models]
     store.ensure_root()
     outcomes: dict[str, Outcome] = {}
     todo = []
     for m in models:
-        # Under the model's lock: the check may repair (move aside) a damaged copy another fetch is writing.
-        with store.locked(m.name):
-            ready = _already_there(store, m)
+        try:
+            store.check_links(m.name)
+            # Under the model's lock: the check may repair (move aside) a damaged copy another fetch is writing.
+            with store.locked(m.name):
+                ready = _already_there(store, m)
+        except (BakehouseError, OSError) as exc:
+            outcomes[m.name] = Outcome.failed(m.name, _as_error(store, m, exc), commit=m.commit)
+            continue
         if ready:
             outcomes[m.name] = ready
         else:
@@ -43,9 +51,37 @@ def fetch_models(models: Sequence[LockedModel], store: Store, *, workers: int = 
     for m in todo:
         try:
             outcomes[m.name] = _fetch_one(store, m, workers=workers, tty=tty)
-        except BakehouseError as exc:
-            outcomes[m.name] = Outcome.failed(m.name, exc, commit=m.commit)
+        except (BakehouseError, OSError) as exc:
+            outcomes[m.name] = Outcome.failed(m.name, _as_error(store, m, exc), commit=m.commit)
     return [outcomes[m.name] for m in models]
+
+
+def _as_error(store: Store, m: LockedModel, exc: BaseException) -> BakehouseError:
+    """An OS error while changing the store, said as what it means and what to do."""
+    if isinstance(exc, BakehouseError):
+        return exc
+    assert isinstance(exc, OSError)
+    where = exc.filename or store.root
+    if exc.errno == errno.ENOSPC:
+        error: BakehouseError = DiskSpaceError(f"{m.name}: the disk at {store.root} filled up. Completed bytes are kept in .staging; free space and re-run.",
+                                               path=str(store.root))
+    elif exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        error = ConfigError(f"{m.name}: cannot write {where} ({exc.strerror}). Pass --dest DIR (MODELS_DIR) on a store this user can write.")
+    else:
+        error = BakehouseError(f"{m.name}: the store could not be changed at {where} ({exc.strerror}). Check that path, then re-run: nothing half-done was activated.")
+    error.__cause__ = exc
+    return error
+
+
+def _read_only(store: Store, m: LockedModel) -> Outcome:
+    """A store this process cannot write (a read-only mount): up to date when it already verifies, else what is wrong."""
+    outcome = verify_one(store, m, full=False)
+    if outcome.ok:
+        return Outcome(model=m.name, status="up-to-date", commit=m.commit, path=str(store.current_link(m.name)), files=len(m.files),
+                       seconds=outcome.seconds, warnings=outcome.warnings)
+    why = "; ".join(outcome.problems) or str(outcome.error)
+    return Outcome.failed(m.name, ConfigError(f"{m.name}: the store at {store.root} is read-only and does not hold a verified copy ({why}). "
+                                              "Fetch into a writable store (--dest, MODELS_DIR), or mount one that holds the model."), commit=m.commit)
 
 
 def _already_there(store: Store, m: LockedModel) -> Outcome | None:
@@ -59,7 +95,7 @@ def _already_there(store: Store, m: LockedModel) -> Outcome | None:
         store.reclaim(m.name, m.commit)
         staging = store.staging_dir(m.name, m.commit)
         for path in [*(p.path for p in result.problems), STAMP_NAME]:
-            (staging / path).unlink(missing_ok=True)
+            store.remove(staging / path)
         return None
     status = "up-to-date"
     if store.current_commit(m.name) != m.commit:
@@ -102,27 +138,22 @@ def _fetch_one(store: Store, m: LockedModel, *, workers: int, tty: bool | None) 
         if ready:
             return ready
         staging, partial = store.staging_dir(m.name, m.commit), store.partial_dir(m.name, m.commit)
-        staging.mkdir(parents=True, exist_ok=True)
-        partial.mkdir(parents=True, exist_ok=True)
+        safefs.makedirs(store.root, staging)
+        safefs.makedirs(store.root, partial)
         needed = _missing(store, m)
         total = sum(f.size for f in needed)
         log.info("%s: fetching %d of %d files (%s) from %s", m.name, len(needed), len(m.files), format_bytes(total), m.source)
         progress = Progress(f"fetch {m.name}", total, tty=tty)
-        job = FetchJob(staging=staging, partial=partial, progress=progress, workers=workers)
+        job = FetchJob(root=store.root, staging=staging, partial=partial, progress=progress, workers=workers)
         try:
             known = source_for(m.source).fetch(m, needed, job) if needed else {}
-        except OSError as exc:
-            if exc.errno == errno.ENOSPC:
-                raise DiskSpaceError(f"{m.name}: the disk at {store.root} filled up while downloading. Completed bytes are kept in .staging; free space and re-run.",
-                                     path=str(store.root)) from exc
-            raise
         finally:
             job.cancel.set()
             progress.close()
         result = verify(staging, m, full=True, known=known, workers=workers)
         if not result.ok:
             for p in result.problems:
-                (staging / p.path).unlink(missing_ok=True)
+                store.remove(staging / p.path)
             raise VerificationError(f"{m.name}: files in staging do not match models.lock, nothing was activated: " + "; ".join(p.message for p in result.problems))
         store.promote(m.name, m.commit)
         store.activate(m.name, m.commit)

@@ -17,10 +17,13 @@ from typing import Any
 import tomli_w
 
 from ops.errors import LockError, StaleLockError, UnsafePathError
+from ops.models import values
 from ops.models.manifest import Manifest, spec_fingerprint
+from ops.settings import read_text
 
 LOCK_VERSION = 1
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_SPEC = re.compile(r"^[0-9a-f]{16}$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _HEADER = "# models.lock: written by `invoke lock-models`; commit it, do not edit it.\n"
 
 
@@ -80,11 +83,15 @@ class Lock:
 
 
 def check_fresh(model: LockedModel, manifest: Manifest) -> None:
+    """The lock entry was resolved from this very models.toml entry: same fingerprint, source, revision (and sha256)."""
     spec = manifest.models.get(model.name)
-    if spec is None or spec_fingerprint(spec) != model.spec:
+    same = spec is not None and spec_fingerprint(spec) == model.spec and spec.source == model.source and spec.revision == model.revision
+    if same and spec is not None and values.is_direct(spec.source):
+        same = spec.sha256 == model.commit
+    if not same:
         raise StaleLockError(
-            f"models.lock entry {model.name!r} was resolved from a different models.toml entry "
-            f"(source, revision, include or exclude changed). Run `invoke lock-models --models {model.name}` and commit models.lock."
+            f"models.lock entry {model.name!r} does not match its models.toml entry "
+            f"(source, revision, include, exclude or sha256 differ). Run `invoke lock-models --models {model.name}` and commit models.lock."
         )
 
 
@@ -94,26 +101,22 @@ def safe_relpath(path: str) -> str:
     if (
         not path
         or "\\" in path
-        or "\0" in path
+        or _CONTROL.search(path)
         or pure.is_absolute()
-        or any(part in ("..", ".", "") for part in path.split("/"))
-        or pure.name == ".verified"
+        or any(part in ("..", ".", "") or len(part.encode()) > 255 for part in path.split("/"))
+        or len(path) > 1024
+        or pure.name.startswith(".verified")
     ):
         raise UnsafePathError(
-            f"refusing file path {path!r}: it is absolute, empty, reserved or contains '..'; "
+            f"refusing file path {path!r}: it is absolute, empty, too long, reserved, has control characters or contains '..'; "
             "a model's files must stay inside its directory. Check the source repository."
         )
     return path
 
 
 def load_lock(path: Path) -> Lock:
-    try:
-        text = path.read_text()
-    except FileNotFoundError as exc:
-        raise LockError(
-            f"{path}: not found. Run `invoke lock-models` (or `python -m ops.models lock`), "
-            "or pass --lock FILE (or set BAKEHOUSE_LOCK)."
-        ) from exc
+    """Parse and validate models.lock. Any bytes in: a Lock or a LockError out."""
+    text = read_text(path, LockError, "models.lock", "Run `invoke lock-models` (or `python -m ops.models lock`), or pass --lock FILE (or set BAKEHOUSE_LOCK).")
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -124,36 +127,70 @@ def load_lock(path: Path) -> Lock:
 def parse_lock(data: dict[str, Any], path: Path) -> Lock:
     if data.get("version") != LOCK_VERSION:
         raise LockError(f"{path}: lock format version {data.get('version')!r} is not {LOCK_VERSION}. Regenerate it with `invoke lock-models`.")
-    try:
-        models = {name: _parse_model(name, entry) for name, entry in data.get("models", {}).items()}
-        default = tuple(data.get("default", ()))
-    except (KeyError, TypeError, ValueError) as exc:
-        if isinstance(exc, UnsafePathError):
-            raise UnsafePathError(f"{path}: {exc}") from exc
-        raise LockError(f"{path}: malformed entry ({exc!r}). Regenerate it with `invoke lock-models`.") from exc
-    return Lock(path=path, models=models, default=default)
+    tables = data.get("models", {})
+    if not isinstance(tables, dict):
+        raise LockError(f"{path}: 'models' must be a table of [models.NAME] entries, got {type(tables).__name__}. Regenerate it with `invoke lock-models`.")
+    models = {name: _parse_model(name, entry, f"{path}: models.{name}") for name, entry in tables.items()}
+    default = data.get("default", [])
+    if not isinstance(default, list) or not all(isinstance(d, str) and d in models for d in default):
+        raise LockError(f"{path}: 'default' must list model names that have an entry. Regenerate it with `invoke lock-models`.")
+    return Lock(path=path, models=models, default=tuple(default))
 
 
-def _parse_model(name: str, entry: dict[str, Any]) -> LockedModel:
-    files = tuple(_parse_file(f) for f in entry["files"])
+def _bad(where: str, what: str) -> LockError:
+    return LockError(f"{where}: {what}. models.lock is written by `invoke lock-models`: regenerate it rather than editing it.")
+
+
+def _field(entry: dict[str, Any], key: str, kind: type, where: str, *, required: bool = True) -> Any:
+    if key not in entry:
+        if required:
+            raise _bad(where, f"missing key {key!r}")
+        return None
+    value = entry[key]
+    if not isinstance(value, kind) or isinstance(value, bool) is not (kind is bool):
+        raise _bad(f"{where}.{key}", f"expected {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _parse_model(name: str, entry: Any, where: str) -> LockedModel:
+    if (problem := values.name_problem(name)) is not None:
+        raise _bad(where, f"the model name {problem}")
+    if not isinstance(entry, dict):
+        raise _bad(where, "must be a table")
+    source = _field(entry, "source", str, where)
+    if (problem := values.source_problem(source)) is not None:
+        raise _bad(f"{where}.source", f"{source!r} {problem}")
+    revision = _field(entry, "revision", str, where, required=False)
+    if revision is not None and (problem := values.revision_problem(revision)) is not None:
+        raise _bad(f"{where}.revision", f"{revision!r} {problem}")
+    commit = _field(entry, "commit", str, where)
+    if (problem := values.commit_problem(source, commit)) is not None:
+        raise _bad(f"{where}.commit", f"{commit!r} {problem}")
+    spec = _field(entry, "spec", str, where)
+    if not _SPEC.match(spec):
+        raise _bad(f"{where}.spec", f"{spec!r} is not a spec fingerprint (16 hex digits)")
+    raw_files = _field(entry, "files", list, where)
+    files = tuple(_parse_file(f, f"{where}.files[{i}]") for i, f in enumerate(raw_files))
+    if not files:
+        raise _bad(f"{where}.files", "lists no file; a model has at least one")
     if len({f.path for f in files}) != len(files):
-        raise ValueError(f"model {name!r} lists a file twice")
-    return LockedModel(
-        name=name,
-        source=str(entry["source"]),
-        revision=entry.get("revision"),
-        commit=str(entry["commit"]),
-        spec=str(entry["spec"]),
-        files=files,
-        allow_pickle=bool(entry.get("allow_pickle", False)),
-    )
+        raise _bad(f"{where}.files", "lists a file twice")
+    return LockedModel(name=name, source=source, revision=revision, commit=commit, spec=spec, files=files,
+                       allow_pickle=bool(_field(entry, "allow_pickle", bool, where, required=False)))
 
 
-def _parse_file(entry: dict[str, Any]) -> LockedFile:
-    size, sha = entry["size"], entry["sha256"]
-    if not isinstance(size, int) or size < 0 or not isinstance(sha, str) or not _SHA256.match(sha):
-        raise ValueError(f"bad size or sha256 for {entry.get('path')!r}")
-    return LockedFile(path=safe_relpath(str(entry["path"])), size=size, sha256=sha)
+def _parse_file(entry: Any, where: str) -> LockedFile:
+    if not isinstance(entry, dict):
+        raise _bad(where, "must be a table with path, size and sha256")
+    path, size, sha = _field(entry, "path", str, where), _field(entry, "size", int, where), _field(entry, "sha256", str, where)
+    if size < 0:
+        raise _bad(f"{where}.size", f"{size} is negative")
+    if not values.SHA256.match(sha):
+        raise _bad(f"{where}.sha256", f"{sha!r} is not 64 lowercase hex digits")
+    try:
+        return LockedFile(path=safe_relpath(path), size=size, sha256=sha)
+    except UnsafePathError as exc:
+        raise UnsafePathError(f"{where}.path: {exc}") from exc
 
 
 def dump_lock(lock: Lock) -> str:

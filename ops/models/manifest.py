@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import hashlib
-import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ops.errors import ManifestError
+from ops.models import values
+from ops.settings import read_text
 
-SCHEMES = ("hf://", "git+https://", "git+http://", "git+file://", "https://", "http://")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _KEYS = {"source", "revision", "include", "exclude", "bake", "sha256", "allow_pickle"}
 
 
@@ -29,10 +27,11 @@ class ModelSpec:
     bake: bool = False
     sha256: str | None = None
     allow_pickle: bool = False
+    strict_include: bool = True  # every include glob must match a file (False: the entrypoint's optional small-file globs)
 
     @property
     def scheme(self) -> str:
-        return next(s for s in SCHEMES if self.source.startswith(s))
+        return values.scheme_of(self.source) or ""
 
 
 @dataclass(frozen=True)
@@ -56,13 +55,10 @@ class Manifest:
 
 
 def load_manifest(path: Path) -> Manifest:
-    """Parse and validate models.toml; errors name the line or the key."""
+    """Parse and validate models.toml; errors name the line or the key. Any bytes in: a Manifest or a ManifestError out."""
+    text = read_text(path, ManifestError, "models.toml", "Run from the project directory or pass --manifest FILE (or set BAKEHOUSE_MANIFEST).")
     try:
-        data = tomllib.loads(path.read_text())
-    except FileNotFoundError as exc:
-        raise ManifestError(
-            f"{path}: not found. Run from the project directory or pass --manifest FILE (or set BAKEHOUSE_MANIFEST)."
-        ) from exc
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ManifestError(f"{path}: invalid TOML: {exc}. Fix that line and re-run.") from exc
     return parse_manifest(data, path)
@@ -87,16 +83,16 @@ def parse_manifest(data: dict[str, Any], path: Path) -> Manifest:
 
 def _parse_model(name: str, table: Any, path: Path) -> ModelSpec:
     where = f"{path}: models.{name}"
-    if not _NAME.match(name):
-        raise ManifestError(f"{where}: model names may use letters, digits, '.', '_' and '-' only.")
+    if values.name_problem(name):
+        raise ManifestError(f"{where}: model names may use letters, digits, '.', '_' and '-' only, starting with a letter or digit.")
     if not isinstance(table, dict):
         raise ManifestError(f"{where}: must be a table, e.g. [models.{name}].")
     unknown = set(table) - _KEYS
     if unknown:
         raise ManifestError(f"{where}.{sorted(unknown)[0]}: unknown key; valid keys are {', '.join(sorted(_KEYS))}.")
     source = _typed(table, "source", str, where, required=True)
-    if not source.startswith(SCHEMES):
-        raise ManifestError(f"{where}.source: {source!r} has an unsupported scheme; use hf://ORG/REPO, git+https://…, git+file://… or https://….")
+    if problem := values.source_problem(source):
+        raise ManifestError(f"{where}.source: {source!r} {problem}.")
     spec = ModelSpec(
         name=name,
         source=source,
@@ -112,15 +108,17 @@ def _parse_model(name: str, table: Any, path: Path) -> ModelSpec:
 
 
 def _check_source_rules(spec: ModelSpec, where: str) -> None:
-    direct = spec.scheme in ("https://", "http://")
-    if direct and not (spec.sha256 and _SHA256.match(spec.sha256)):
+    direct = values.is_direct(spec.source)
+    if direct and not (spec.sha256 and values.SHA256.match(spec.sha256)):
         raise ManifestError(f"{where}.sha256: https:// sources need the file's sha256 (64 lowercase hex digits); get it with `sha256sum FILE`.")
     if not direct and spec.sha256:
         raise ManifestError(f"{where}.sha256: only https:// sources take a sha256; hub and git sources are pinned by models.lock.")
     if not direct and not spec.revision:
         raise ManifestError(f"{where}.revision: required for {spec.scheme} sources (a branch, tag or commit, e.g. \"main\").")
-    if spec.scheme == "hf://" and spec.source[len("hf://"):].count("/") != 1:
-        raise ManifestError(f"{where}.source: {spec.source!r} must look like hf://ORG/REPO.")
+    if direct and spec.revision:
+        raise ManifestError(f"{where}.revision: https:// sources are pinned by their sha256; remove the revision.")
+    if spec.revision and (problem := values.revision_problem(spec.revision)):
+        raise ManifestError(f"{where}.revision: {spec.revision!r} {problem}.")
 
 
 def _typed(table: dict[str, Any], key: str, kind: type, where: str, *, required: bool = False) -> Any:
@@ -136,7 +134,7 @@ def _typed(table: dict[str, Any], key: str, kind: type, where: str, *, required:
 
 def _globs(table: dict[str, Any], key: str, where: str) -> list[str]:
     value = table.get(key, [])
-    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+    if not isinstance(value, list) or not all(isinstance(v, str) and not values.glob_problem(v) for v in value):
         raise ManifestError(f"{where}.{key}: expected a list of glob strings, e.g. [\"*.safetensors\", \"*.json\"].")
     return value
 

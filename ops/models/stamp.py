@@ -6,6 +6,7 @@ recorded here; anything else is hashed again.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -66,6 +67,10 @@ def write_stamp(directory: Path, lock_digest: str, hashes: dict[str, str]) -> St
     stamp = Stamp(lock_digest=lock_digest, verified_at=time.time(), files=files)
     body = {"lock_digest": stamp.lock_digest, "verified_at": stamp.verified_at, "files": {p: asdict(e) for p, e in sorted(files.items())}}
     tmp = directory / f"{STAMP_NAME}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(body, indent=1))
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    # O_EXCL|O_NOFOLLOW: a link planted at the temporary name is never written through.
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644), "w") as f:
+        f.write(json.dumps(body, indent=1))
     os.replace(tmp, directory / STAMP_NAME)
     return stamp

@@ -2,25 +2,38 @@
 
     $MODELS_DIR/<name>/<commit>/...files    immutable once verified
     $MODELS_DIR/<name>/<commit>/.verified   stamp
-    $MODELS_DIR/<name>/current -> <commit>  switched atomically
+    $MODELS_DIR/<name>/current -> <commit>  switched atomically (the only symlink bakehouse makes)
+    $MODELS_DIR/.staging/<name>.lock        one writer per model; its holder is written inside
     $MODELS_DIR/.staging/<name>/<commit>/   complete files awaiting activation
     $MODELS_DIR/.staging/<name>/<commit>.partial/  bytes still arriving
+
+Names and commits come validated from models.lock, so every path here stays
+below the root; every write goes through `safefs`, so none follows a link.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
+import getpass
+import logging
 import os
-import shutil
+import socket
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
-from ops.errors import ConfigError
+from ops.errors import ConfigError, PlantedLinkError
+from ops.models import safefs
+from ops.models.values import GIT_COMMIT, SHA256
+from ops.settings import progress_seconds
 
 STAGING = ".staging"
 CURRENT = "current"
+log = logging.getLogger("bakehouse.store")
 
 
 @dataclass(frozen=True)
@@ -34,16 +47,21 @@ class Store:
         return self.root / name / CURRENT
 
     def current_commit(self, name: str) -> str | None:
+        """The commit `current` points at; None when there is none, or it points anywhere but a commit directory beside it."""
         try:
-            return os.readlink(self.current_link(name))
+            target = os.readlink(self.current_link(name))
         except OSError:
             return None
+        return target if GIT_COMMIT.match(target) or SHA256.match(target) else None
 
     def staging_dir(self, name: str, commit: str) -> Path:
         return self.root / STAGING / name / commit
 
     def partial_dir(self, name: str, commit: str) -> Path:
         return self.root / STAGING / name / f"{commit}.partial"
+
+    def lock_file(self, name: str) -> Path:
+        return self.root / STAGING / f"{name}.lock"
 
     def writable(self) -> bool:
         """Whether this process can write the store (or create it, when it does not exist yet)."""
@@ -52,35 +70,77 @@ class Store:
 
     def ensure_root(self) -> None:
         try:
-            (self.root / STAGING).mkdir(parents=True, exist_ok=True)
+            self.root.mkdir(parents=True, exist_ok=True)
+            safefs.makedirs(self.root, self.root / STAGING)
         except OSError as exc:
             raise ConfigError(f"cannot create the model store at {self.root}: {exc.strerror}. Pass --dest DIR or set MODELS_DIR to a writable directory.") from exc
 
+    def planted_links(self, name: str) -> list[Path]:
+        """Symlinks where this model's files, staging and lock live, other than `current`: none of them is bakehouse's."""
+        found = [p for p in (self.root / STAGING, self.lock_file(name)) if p.is_symlink()]
+        found += safefs.links_under(self.root / STAGING / name)
+        found += safefs.links_under(self.root / name, skip=(CURRENT,))
+        current = self.current_link(name)
+        if current.exists() and not current.is_symlink():
+            raise ConfigError(f"{current}: a real file or directory where the store keeps its `current` link. Move it out of the store and re-run.")
+        return found
+
+    def check_links(self, name: str) -> None:
+        links = self.planted_links(name)
+        if links:
+            raise PlantedLinkError.at(*links)
+
     @contextlib.contextmanager
-    def locked(self, name: str) -> Iterator[None]:
-        """One writer per model at a time; a second fetch waits instead of interleaving."""
-        lock_path = self.root / STAGING / f"{name}.lock"
-        with open(lock_path, "w") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
+    def locked(self, name: str, purpose: str = "fetch") -> Iterator[None]:
+        """One writer per model at a time; a second one waits, saying every few seconds whose turn it is."""
+        fd = safefs.open_file(self.root, self.lock_file(name), os.O_RDWR | os.O_CREAT)
+        try:
+            self._acquire(fd, fcntl.LOCK_EX, name)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{getpass.getuser()}@{socket.gethostname()} pid {os.getpid()} since {datetime.now(UTC).isoformat(timespec='seconds')} ({purpose})\n".encode(), 0)
             yield
+        finally:
+            os.close(fd)
 
     @contextlib.contextmanager
     def reading(self, name: str) -> Iterator[None]:
         """Wait while a fetch of this model holds its lock; works on read-only stores (no lock file, no wait)."""
         try:
-            fh = open(self.root / STAGING / f"{name}.lock")
-        except OSError:
+            fd = os.open(self.lock_file(name), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise PlantedLinkError.at(self.lock_file(name)) from exc
             yield
             return
-        with fh:
-            fcntl.flock(fh, fcntl.LOCK_SH)
+        try:
+            self._acquire(fd, fcntl.LOCK_SH, name)
             yield
+        finally:
+            os.close(fd)
+
+    def _acquire(self, fd: int, mode: int, name: str) -> None:
+        try:
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            pass
+        every, last = progress_seconds(), 0.0
+        while True:
+            if time.monotonic() - last >= every:
+                holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip() or "another process"
+                log.info("%s: waiting for %s, which holds %s", name, holder, self.lock_file(name))
+                last = time.monotonic()
+            try:
+                fcntl.flock(fd, mode | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                time.sleep(0.1)
 
     def promote(self, name: str, commit: str) -> Path:
         """Move a verified staging directory into place (a rename on one filesystem)."""
         target = self.commit_dir(name, commit)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if target.exists():
+        safefs.makedirs(self.root, target.parent)
+        if os.path.lexists(target):
             self.discard(target)
         os.rename(self.staging_dir(name, commit), target)
         _fsync_dir(target.parent)
@@ -97,22 +157,26 @@ class Store:
         _fsync_dir(link.parent)
 
     def reclaim(self, name: str, commit: str) -> None:
-        """Turn a failed commit directory back into staging so its good files are reused."""
+        """Turn a damaged commit directory back into staging so its good files are reused."""
         source, staging = self.commit_dir(name, commit), self.staging_dir(name, commit)
-        staging.parent.mkdir(parents=True, exist_ok=True)
-        if staging.exists():
+        safefs.makedirs(self.root, staging.parent)
+        if os.path.lexists(staging):
             self.discard(source)
         else:
             os.rename(source, staging)
 
     def discard(self, path: Path) -> None:
-        """Move aside, then delete, so a crash never leaves a half-deleted tree in place."""
+        """Move aside into .staging, then delete, so a crash never leaves a half-deleted tree in place."""
+        safefs.check_no_link(self.root, path)
         trash = self.root / STAGING / f"trash-{os.getpid()}-{path.name}"
         os.rename(path, trash)
-        shutil.rmtree(trash, ignore_errors=True)
+        safefs.remove(self.root, trash)
+
+    def remove(self, path: Path) -> None:
+        safefs.remove(self.root, path)
 
     def clean_partial(self, name: str, commit: str) -> None:
-        shutil.rmtree(self.partial_dir(name, commit), ignore_errors=True)
+        safefs.remove(self.root, self.partial_dir(name, commit))
 
 
 def _fsync_dir(path: Path) -> None:

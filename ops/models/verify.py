@@ -16,9 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from ops.errors import ConfigError, PlantedLinkError, VerificationError
 from ops.models.hashing import sha256_files
 from ops.models.lock import LockedModel
+from ops.models.report import Outcome
 from ops.models.stamp import STAMP_NAME, FileStat, read_stamp, write_stamp
+from ops.models.store import Store
 from ops.units import format_bytes
 
 LFS_SPEC = b"version https://git-lfs.github.com/spec/v1"
@@ -219,3 +222,35 @@ def _restamp(directory: Path, model: LockedModel, observed: Mapping[str, Observe
             return [f"{directory} is read-only: verified, but the stamp was not updated (the next quick verify hashes again)"]
         raise
     return []
+
+
+def verify_one(store: Store, m: LockedModel, *, full: bool, workers: int | None = None) -> Outcome:
+    """Verify the locked commit of one model in the store, and that `current` points at it."""
+    directory = store.commit_dir(m.name, m.commit)
+    try:
+        links = store.planted_links(m.name)
+    except ConfigError as exc:
+        return Outcome.failed(m.name, exc, commit=m.commit)
+    if links:
+        return Outcome.failed(m.name, PlantedLinkError.at(*links), commit=m.commit)
+    current = store.current_commit(m.name)
+    if not directory.is_dir():
+        hint = f" (current points at {current[:12]})" if current else ""
+        err = VerificationError(f"{m.name}: commit {m.commit[:12]} is not in the store at {store.root}{hint}. Run `invoke fetch-models --models {m.name}`.")
+        return Outcome.failed(m.name, err, commit=m.commit)
+    result = verify(directory, m, full=full, workers=workers)
+    problems = [p.message for p in result.problems]
+    if current != m.commit:
+        problems.append(f"current points at {current or 'nothing'}, models.lock pins {m.commit[:12]}. Run `invoke fetch-models --models {m.name}` to activate it.")
+    error = VerificationError(f"{m.name} does not match models.lock: " + "; ".join(problems), problems=problems) if problems else None
+    return Outcome(
+        model=m.name,
+        status=f"verified ({result.mode})" if not problems else "failed",
+        commit=m.commit,
+        path=str(directory),
+        files=len(m.files),
+        bytes=result.bytes_hashed,
+        seconds=result.seconds,
+        warnings=list(result.warnings),
+        error=error,
+    )

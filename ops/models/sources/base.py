@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from ops.errors import ManifestError
 from ops.models.lock import LockedFile, LockedModel
 from ops.models.manifest import ModelSpec
 from ops.models.progress import Progress
@@ -17,10 +18,21 @@ class Cancelled(Exception):
     """Another worker failed or the user pressed Ctrl-C; stop at the next chunk."""
 
 
+def check_selection(spec: ModelSpec, commit: str, paths: Sequence[str], selected: Sequence[str], matches: Callable[[str, str], bool]) -> None:
+    """At lock time: every `include` glob matches a file of the commit, and the model has at least one file."""
+    at = f"{spec.source} at {commit[:12]}"
+    for glob in spec.include if spec.strict_include else ():
+        if not any(matches(p, glob) for p in paths):
+            raise ManifestError(f"models.{spec.name}.include: {glob!r} matches no file in {at}. Fix the glob (or the revision) in models.toml.")
+    if not selected:
+        raise ManifestError(f"models.{spec.name}: include/exclude leave no file of {at} to lock. Fix the globs in models.toml.")
+
+
 @dataclass
 class FetchJob:
-    """Where a source writes: complete files under `staging`, bytes in flight under `partial`."""
+    """Where a source writes: complete files under `staging`, bytes in flight under `partial`, both below the store `root`."""
 
+    root: Path
     staging: Path
     partial: Path
     progress: Progress

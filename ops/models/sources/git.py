@@ -16,16 +16,18 @@ from dataclasses import dataclass
 from fnmatch import fnmatch
 from pathlib import Path
 
-from ops.errors import CommandError, SourceError, SourceNotFoundError, SourceUnreachableError, UnsafePathError, redact
+from ops.errors import CommandError, SourceAuthError, SourceError, SourceNotFoundError, SourceUnreachableError, UnsafePathError, redact
+from ops.models import safefs
 from ops.models.lock import LockedFile, LockedModel, safe_relpath
 from ops.models.manifest import ModelSpec, spec_fingerprint
-from ops.models.sources.base import Cancelled, FetchJob
+from ops.models.sources.base import Cancelled, FetchJob, check_selection
+from ops.models.values import GIT_COMMIT
 from ops.models.verify import parse_lfs_pointer
 from ops.runner import run
 
 # Never prompt for credentials (CI has no terminal) and never smudge: LFS objects come via `git lfs fetch`.
 GIT_ENV = {"GIT_TERMINAL_PROMPT": "0", "GIT_LFS_SKIP_SMUDGE": "1"}
-_SHA1 = re.compile(r"^[0-9a-f]{40}$")
+_AUTH = re.compile(r"Authentication failed|could not read (Username|Password)|Access denied|returned error: 40[13]|Permission denied \(publickey", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -41,7 +43,8 @@ def init_argv(repo: Path) -> list[str]:
 
 
 def fetch_argv(repo: Path, url: str, ref: str) -> list[str]:
-    return ["git", "-C", str(repo), "fetch", "--quiet", "--depth", "1", "--no-tags", url, ref]
+    """`--end-of-options`: a URL or ref from models.toml can never be read as an option (`--upload-pack=…`)."""
+    return ["git", "-C", str(repo), "fetch", "--quiet", "--depth", "1", "--no-tags", "--end-of-options", url, ref]
 
 
 def set_remote_argv(repo: Path, url: str) -> list[str]:
@@ -49,11 +52,11 @@ def set_remote_argv(repo: Path, url: str) -> list[str]:
 
 
 def lfs_fetch_argv(repo: Path, commit: str, paths: Sequence[str]) -> list[str]:
-    return ["git", "-C", str(repo), "lfs", "fetch", "origin", commit, "--include", ",".join(paths)]
+    return ["git", "-C", str(repo), "lfs", "fetch", f"--include={','.join(paths)}", "--", "origin", commit]
 
 
 def ls_tree_argv(repo: Path, commit: str) -> list[str]:
-    return ["git", "-C", str(repo), "ls-tree", "-r", "-l", "-z", commit]
+    return ["git", "-C", str(repo), "ls-tree", "-r", "-l", "-z", "--end-of-options", commit]
 
 
 def cat_file_argv(repo: Path) -> list[str]:
@@ -102,10 +105,13 @@ class GitSource:
             raise _source_error(self.url, exc) from exc
 
     def _fetch_commit(self, repo: Path, revision: str) -> str:
-        if _SHA1.match(revision) and self._has_commit(repo, revision):
+        if GIT_COMMIT.match(revision) and self._has_commit(repo, revision):
             return revision
         self._git(fetch_argv(repo, self.url, revision))
-        return self._git(["git", "-C", str(repo), "rev-parse", "FETCH_HEAD"]).decode().strip()
+        commit = self._git(["git", "-C", str(repo), "rev-parse", "FETCH_HEAD"]).decode().strip()
+        if not GIT_COMMIT.match(commit):
+            raise SourceError(f"git {redact(self.url)}: {revision} resolved to {commit[:80]!r}, not a commit id. Check `revision` in models.toml.")
+        return commit
 
     def _has_commit(self, repo: Path, commit: str) -> bool:
         try:
@@ -123,7 +129,9 @@ class GitSource:
             repo = Path(tmp)
             self._git(init_argv(repo))
             commit = self._fetch_commit(repo, spec.revision or "HEAD")
-            entries = select(parse_ls_tree(self._git(ls_tree_argv(repo, commit))), spec.include, spec.exclude)
+            tree = parse_ls_tree(self._git(ls_tree_argv(repo, commit)))
+            entries = select(tree, spec.include, spec.exclude)
+            check_selection(spec, commit, [e.path for e in tree if e.kind == "blob"], [e.path for e in entries], fnmatch)
             files = tuple(_locked_file(e.path, blob) for e, blob in zip(entries, self._blobs(repo, commit, [e.path for e in entries]), strict=True))
         return LockedModel(name=spec.name, source=spec.source, revision=spec.revision, commit=commit, spec=spec_fingerprint(spec), files=files, allow_pickle=spec.allow_pickle)
 
@@ -144,11 +152,10 @@ class GitSource:
                 raise Cancelled()
             pointer = parse_lfs_pointer(blobs[f.path])
             dest = job.staging / f.path
-            dest.parent.mkdir(parents=True, exist_ok=True)
             if pointer:
-                _place(repo / ".git" / "lfs" / "objects" / pointer.oid[:2] / pointer.oid[2:4] / pointer.oid, dest)
+                _place(job.root, repo / ".git" / "lfs" / "objects" / pointer.oid[:2] / pointer.oid[2:4] / pointer.oid, dest)
             else:
-                _write(dest, blobs[f.path])
+                safefs.write_file(job.root, dest, blobs[f.path])
                 known[f.path] = hashlib.sha256(blobs[f.path]).hexdigest()
             job.progress.update(f.size)
         return known
@@ -161,25 +168,25 @@ def _locked_file(path: str, blob: bytes) -> LockedFile:
     return LockedFile(path=safe_relpath(path), size=len(blob), sha256=hashlib.sha256(blob).hexdigest())
 
 
-def _place(obj: Path, dest: Path) -> None:
+def _place(root: Path, obj: Path, dest: Path) -> None:
     """Hard-link the LFS object (no copy); the git dir is deleted after activation."""
+    safefs.makedirs(root, dest.parent)
     tmp = dest.with_name(f".{dest.name}.tmp")
+    safefs.remove(root, tmp)
     try:
         os.link(obj, tmp)
     except OSError:
-        shutil.copyfile(obj, tmp)
-    os.replace(tmp, dest)
-
-
-def _write(dest: Path, data: bytes) -> None:
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    tmp.write_bytes(data)
+        with open(obj, "rb") as src, os.fdopen(safefs.open_file(root, tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL), "wb") as out:
+            shutil.copyfileobj(src, out, 8 << 20)
     os.replace(tmp, dest)
 
 
 def _source_error(url: str, exc: CommandError) -> SourceError:
     err = redact(exc.stderr.strip().splitlines()[-1] if exc.stderr.strip() else f"exit {exc.returncode}")
     where = redact(url)
+    if _AUTH.search(exc.stderr):
+        return SourceAuthError(f"git {where}: authentication refused ({err}). Give git credentials for this remote (a credential helper, GIT_ASKPASS, "
+                               "or a token in the URL, which bakehouse never prints), then re-run.")
     if "couldn't find remote ref" in exc.stderr or "not our ref" in exc.stderr:
         return SourceNotFoundError(f"git {where}: revision not found ({err}). Check `revision` in models.toml, or re-lock if the commit was rewritten.")
     if "does not appear to be a git repository" in exc.stderr or "not found" in exc.stderr.lower():

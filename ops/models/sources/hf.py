@@ -13,11 +13,12 @@ from huggingface_hub.file_download import http_get
 from huggingface_hub.hf_api import RepoFile
 from huggingface_hub.utils import build_hf_headers, filter_repo_objects
 
-from ops.errors import OfflineError
+from ops.errors import OfflineError, SourceError
 from ops.models.lock import LockedFile, LockedModel, safe_relpath
 from ops.models.manifest import ModelSpec, spec_fingerprint
-from ops.models.sources.base import FetchJob
+from ops.models.sources.base import FetchJob, check_selection
 from ops.models.sources.transfer import Download, HashingWriter, download_all, translate_http_errors
+from ops.models.values import GIT_COMMIT
 
 _TRUE = {"1", "ON", "YES", "TRUE"}
 
@@ -33,6 +34,11 @@ def offline() -> bool:
 
 def _token() -> str | None:
     return os.environ.get("HF_TOKEN") or None
+
+
+def _hf_match(path: str, glob: str) -> bool:
+    """The hub client's own glob rules (a pattern ending in '/' is a folder), one pattern at a time."""
+    return bool(list(filter_repo_objects([path], allow_patterns=[glob])))
 
 
 @dataclass(frozen=True)
@@ -54,9 +60,12 @@ class HfSource:
         self._check_online()
         api = HfApi(endpoint=endpoint(), token=_token())
         with translate_http_errors(self.label):
-            commit = api.model_info(self.repo_id, revision=spec.revision).sha
+            commit = api.model_info(self.repo_id, revision=spec.revision).sha or ""
+            if not GIT_COMMIT.match(commit):
+                raise SourceError(f"{self.label}: the hub answered {commit[:80]!r} for revision {spec.revision!r}, not a commit id. Check HF_ENDPOINT.")
             tree = [e for e in api.list_repo_tree(self.repo_id, revision=commit, recursive=True) if isinstance(e, RepoFile)]
         selected = list(filter_repo_objects(tree, allow_patterns=list(spec.include) or None, ignore_patterns=list(spec.exclude) or None, key=lambda e: e.path))
+        check_selection(spec, commit, [e.path for e in tree], [e.path for e in selected], _hf_match)
         small = [e for e in selected if e.lfs is None]
         with ThreadPoolExecutor(max_workers=8) as pool:
             hashed = dict(zip([e.path for e in small], pool.map(lambda e: self._hash_remote(e.path, commit), small), strict=True))

@@ -24,10 +24,12 @@ from ops.errors import (
     SourceAuthError,
     SourceError,
     SourceNotFoundError,
+    SourceRefusedError,
     SourceUnreachableError,
     VerificationError,
     redact,
 )
+from ops.models import safefs
 from ops.models.lock import LockedFile
 from ops.models.sources.base import Cancelled, FetchJob
 
@@ -88,8 +90,7 @@ class Download:
 def download_file(d: Download, job: FetchJob, *, source: str) -> str:
     """Stream one file into staging, resuming from bytes already under job.partial."""
     partial, final = job.partial / d.file.path, job.staging / d.file.path
-    partial.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(partial, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = safefs.open_file(job.root, partial, os.O_RDWR | os.O_CREAT)
     with os.fdopen(fd, "r+b") as f:
         have = f.seek(0, os.SEEK_END)
         if have > d.file.size:
@@ -108,7 +109,7 @@ def download_file(d: Download, job: FetchJob, *, source: str) -> str:
             f"{d.file.path}: downloaded sha256 {sha}, models.lock pins {d.file.sha256}. The source now serves other bytes "
             f"at this commit: nothing was activated. If the change is intended, re-run `invoke lock-models` and review the diff."
         )
-    final.parent.mkdir(parents=True, exist_ok=True)
+    safefs.makedirs(job.root, final.parent)
     os.replace(partial, final)
     return sha
 
@@ -158,11 +159,18 @@ def translate_http_errors(source: str) -> Iterator[None]:
 
 
 def _from_status(source: str, status: int, detail: str) -> SourceError:
+    detail = redact(detail)
     if status in (401, 403):
-        return SourceAuthError(f"{source}: access refused (HTTP {status}). Set HF_TOKEN to a token with read access to this repository.")
+        return SourceAuthError(f"{source}: authentication refused (HTTP {status}). Set HF_TOKEN to a token with read access to this repository "
+                               "(for gated models, accept the terms on the hub first); for an https:// source, check the credentials it needs.")
     if status == 404:
         return SourceNotFoundError(f"{source}: not found (HTTP 404). Check the names in models.toml and the lock's commit.")
-    return SourceError(f"{source}: the server answered HTTP {status} ({redact(detail)}). Retry later; completed bytes are kept.")
+    if status == 429:
+        return SourceError(f"{source}: rate limited (HTTP 429). Retry later, or use a token (HF_TOKEN) with a higher limit; completed bytes are kept.")
+    if 400 <= status < 500:
+        return SourceRefusedError(f"{source}: the server refused the request (HTTP {status}: {detail}). Retrying will not change that: "
+                                  "check HF_ENDPOINT, the source URL and any proxy in between.")
+    return SourceError(f"{source}: the server answered HTTP {status} ({detail}). Retry later; completed bytes are kept.")
 
 
 def _first_line(exc: Exception) -> str:
