@@ -1,10 +1,10 @@
-# syntax=docker/dockerfile:1
 # bakehouse image: base -> models (optional bake) -> runtime.
 #
 # The `models` stage copies only what fetching needs (the model commands,
 # models.toml, models.lock), so a change to the app never invalidates the model
-# layer. The HF token and an extra CA bundle arrive as build secrets, never as
-# build arguments or environment: they are in no layer and no history.
+# layer. The HF token, the hub endpoint (it may carry credentials) and an extra
+# CA bundle arrive as build secrets, never as build arguments or environment:
+# they are in no layer, no history and no cache key.
 # Build with `invoke build [--bake]`; it fills in every argument below.
 
 ARG BASE_IMAGE=python:3.11-slim
@@ -25,9 +25,9 @@ COPY ops/models /app/ops/models
 COPY models.toml models.lock /app/
 COPY docker/fetch-models.sh /usr/local/bin/bakehouse-fetch-models
 ARG MODELS=""
-ARG HF_ENDPOINT=""
 ARG HF_HUB_DISABLE_XET=""
 RUN --mount=type=secret,id=hf_token,required=false \
+    --mount=type=secret,id=hf_endpoint,required=false \
     --mount=type=secret,id=ca_bundle,required=false \
     bakehouse-fetch-models
 

@@ -19,10 +19,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from ops.errors import BakehouseError, ConfigError
-from ops.models.verify import verify_one
 from ops.models.lock import LockedModel, load_lock
 from ops.models.store import Store
-from ops.models.verify import PICKLE_SUFFIXES
+from ops.models.verify import PICKLE_SUFFIXES, verify_one
 
 if TYPE_CHECKING:
     from app.config import Settings

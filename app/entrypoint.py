@@ -25,13 +25,12 @@ import uvicorn
 
 from app.config import Settings
 from ops.errors import BakehouseError, ConfigError, SourceError
-from ops.models.verify import verify_one
 from ops.models.fetch import fetch_models
 from ops.models.lock import Lock, LockedModel, load_lock, write_lock
 from ops.models.manifest import ModelSpec, spec_fingerprint
 from ops.models.sources.git import GitSource
 from ops.models.store import Store
-from ops.models.verify import PICKLE_SUFFIXES
+from ops.models.verify import PICKLE_SUFFIXES, verify_one
 from ops.settings import configure_logging, env_flag
 
 log = logging.getLogger("bakehouse.entrypoint")

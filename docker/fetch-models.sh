@@ -1,7 +1,8 @@
 #!/bin/sh
 # The `models` stage: fetch (download + full verify + activate) the models named
 # in $MODELS into /models; with none, leave an empty store (an unbaked image).
-# The HF token is read from the `hf_token` build secret into this process only.
+# The HF token and endpoint (which may carry credentials) are read from the
+# `hf_token` and `hf_endpoint` build secrets into this process only.
 set -eu
 mkdir -p /models
 if [ -z "${MODELS:-}" ]; then
@@ -12,9 +13,12 @@ if [ -s /run/secrets/hf_token ]; then
   HF_TOKEN="$(cat /run/secrets/hf_token)"
   export HF_TOKEN
 fi
+if [ -s /run/secrets/hf_endpoint ]; then
+  HF_ENDPOINT="$(cat /run/secrets/hf_endpoint)"
+  export HF_ENDPOINT
+fi
 if [ -s /run/secrets/ca_bundle ]; then
   export SSL_CERT_FILE=/run/secrets/ca_bundle
 fi
-[ -n "${HF_ENDPOINT:-}" ] || unset HF_ENDPOINT
 cd /app
 exec python -m ops.models fetch --models "$MODELS" --dest /models

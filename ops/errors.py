@@ -191,7 +191,7 @@ class PlantedLinkError(VerificationError):
     @classmethod
     def at(cls, *paths: object) -> PlantedLinkError:
         where = ", ".join(str(p) for p in paths)
-        return cls(f"{where}: a symbolic link where the store holds only real files and directories; bakehouse never follows it. "
+        return cls(f"{where}: is a symlink where the store holds only real files and directories; bakehouse never follows it. "
                    f"Remove the link itself (`rm {str(paths[0])!r}`, not rm -r on its target) and re-run.", paths=[str(p) for p in paths])
 
     def details(self) -> dict[str, Any]:

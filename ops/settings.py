@@ -13,8 +13,9 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TextIO
 
-from ops.errors import ConfigError
+from ops.errors import ConfigError, redact
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
@@ -102,8 +103,47 @@ def read_text(path: Path, error: type[ConfigError], what: str, hint: str) -> str
         raise error(f"{path}: cannot be read ({exc.strerror}). {hint}") from exc
 
 
+# What a model command takes on stdin with --env-stdin: settings that may hold secrets (a token, an
+# endpoint with credentials in it) reach a remote host this way, never through its argv or environment.
+STDIN_ENV = ("HF_TOKEN", "HF_ENDPOINT", "HF_HUB_OFFLINE", "HF_HUB_DISABLE_XET", "HF_HUB_DISABLE_TELEMETRY", "BAKEHOUSE_PROGRESS_SECONDS")
+
+
+def env_lines(env: Mapping[str, str]) -> str:
+    """KEY=VALUE lines, then a blank line: the --env-stdin format."""
+    for key, value in env.items():
+        if key not in STDIN_ENV:
+            raise ConfigError(f"{key} cannot be passed on stdin; only {', '.join(STDIN_ENV)}.")
+        if any(c in value for c in "\r\n\0"):
+            raise ConfigError(f"{key} holds a line break or a NUL; fix the variable and re-run.")
+    return "".join(f"{k}={v}\n" for k, v in env.items() if v) + "\n"
+
+
+def read_env_lines(stream: TextIO) -> dict[str, str]:
+    """Read --env-stdin lines up to a blank line (or the end); an unknown or malformed line is a ConfigError."""
+    env: dict[str, str] = {}
+    for line in iter(stream.readline, ""):
+        line = line.rstrip("\n")
+        if not line:
+            break
+        key, sep, value = line.partition("=")
+        if not sep or key not in STDIN_ENV:
+            raise ConfigError(f"--env-stdin: {key[:40]!r} is not one of {', '.join(STDIN_ENV)} (KEY=VALUE lines, then a blank line).")
+        env[key] = value
+    return env
+
+
+class RedactingFormatter(logging.Formatter):
+    """Every log line, ours or a library's (the hub client logs whole URLs), without credentials or tokens."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
+
+
 def configure_logging() -> None:
     """Progress and step lines on stderr; reports on stdout. The HTTP and SSH clients' per-request lines are noise here."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    loggers = [logging.getLogger(), *(lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger))]
+    for handler in {h for lg in loggers for h in lg.handlers}:  # libraries bring their own handlers (huggingface_hub does)
+        handler.setFormatter(RedactingFormatter(handler.formatter._fmt if handler.formatter else "%(message)s"))
     for noisy in ("httpx", "httpx2", "huggingface_hub", "paramiko"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

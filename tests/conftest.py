@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -31,3 +32,20 @@ def project(tmp_path: Path, hub: Hub) -> Project:
     p.write_manifest(manifest(demo=HF_DEMO, shards=HF_SHARDS))
     return p
 
+
+@pytest.fixture
+def read_only(tmp_path: Path) -> Iterator[Callable[[Path], Path]]:
+    """Read-only bind mounts of directories (even root cannot write them), removed after the test."""
+    mounts: list[Path] = []
+
+    def mount(src: Path) -> Path:
+        dst = tmp_path / f"ro{len(mounts)}"
+        dst.mkdir()
+        subprocess.run(["mount", "--bind", str(src), str(dst)], check=True)
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(dst)], check=True)
+        mounts.append(dst)
+        return dst
+
+    yield mount
+    for m in mounts:
+        subprocess.run(["umount", "-l", str(m)], check=False)

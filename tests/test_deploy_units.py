@@ -84,9 +84,9 @@ def test_bare_app_environment_points_at_current_and_never_fetches() -> None:
     assert env["BAKEHOUSE_LOCK"] == "/srv/bh/current/models.lock" and env["BAKEHOUSE_AUTO_FETCH"] == "0" and env["HF_HUB_OFFLINE"] == "1"
     assert env["PORT"] == "8100" and env["BAKEHOUSE_MAX_BATCH"] == "8"
     assert bare.app_argv(t) == ["/srv/bh/current/venv/bin/python", "-m", "app.entrypoint"]
-    assert bare.fetch_argv(t, "v3", {"HF_ENDPOINT": "http://hub"}, token_stdin=True) == [
-        "env", "HF_ENDPOINT=http://hub", "/srv/bh/releases/v3/venv/bin/python", "-m", "ops.models", "fetch", "--lock", "/srv/bh/releases/v3/models.lock",
-        "--manifest", "/srv/bh/releases/v3/models.toml", "--dest", "/srv/models", "--models", "demo", "--json", "--token-stdin",
+    assert bare.fetch_argv(t, "v3") == [
+        "/srv/bh/releases/v3/venv/bin/python", "-m", "ops.models", "fetch", "--lock", "/srv/bh/releases/v3/models.lock",
+        "--manifest", "/srv/bh/releases/v3/models.toml", "--dest", "/srv/models", "--models", "demo", "--json", "--env-stdin",
     ]
 
 

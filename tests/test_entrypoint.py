@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import fcntl
 import shutil
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -35,23 +33,6 @@ def test_fetches_when_missing_then_serves(demo_project: Project, tmp_path: Path)
     log = server.output()
     for step in ("entrypoint: quick verify:", "entrypoint: fetch:", "loaded demo from"):
         assert step in log
-
-
-@pytest.fixture
-def read_only(tmp_path: Path) -> Iterator[callable]:
-    mounts: list[Path] = []
-
-    def mount(src: Path) -> Path:
-        dst = tmp_path / f"ro{len(mounts)}"
-        dst.mkdir()
-        subprocess.run(["mount", "--bind", str(src), str(dst)], check=True)
-        subprocess.run(["mount", "-o", "remount,ro,bind", str(dst)], check=True)
-        mounts.append(dst)
-        return dst
-
-    yield mount
-    for m in mounts:
-        subprocess.run(["umount", "-l", str(m)], check=False)
 
 
 def test_read_only_store_that_verifies_starts_without_network(demo_project: Project, read_only, tmp_path: Path) -> None:

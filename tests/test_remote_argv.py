@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import pytest
 
-from ops.errors import NoReportError
+from ops.errors import ConfigError, NoReportError
 from ops.remote import commands as rc
 from ops.remote.ansible import ansible_env, host_plan, playbook_argv
 from ops.remote.executor import HostResult, HostResults, Rollout
@@ -15,22 +16,29 @@ from ops.remote.inventory import Host
 from ops.remote.job import FleetJob
 from ops.remote.ssh import SshOptions
 from ops.remote.wheelhouse import Wheelhouse
+from ops.settings import env_lines, read_env_lines
 
 HOST = Host(name="gpu-1", address="10.0.0.1", models_dir="/data/models", prefix="/opt/bh", python="/usr/bin/python3")
 WH = Wheelhouse(Path("/build/wheelhouse"), ("bakehouse-0.1.0-py3-none-any.whl", "tqdm-4.70.1-py3-none-any.whl"), "abc123")
 
 
-def test_fetch_argv_forwards_the_endpoint_but_never_the_token() -> None:
-    env = {"HF_ENDPOINT": "http://hub:8090", "HF_TOKEN": "hf_secret", "HOME": "/root"}
-    argv = rc.model_argv(HOST, "fetch", models=["demo"], env=env, token_stdin=True)
-    assert argv[:3] == ["env", "HF_ENDPOINT=http://hub:8090", "BAKEHOUSE_PROGRESS_SECONDS=2"]
-    assert argv[3:] == ["/opt/bh/venv/bin/python", "-m", "ops.models", "fetch", "--lock", "/opt/bh/models.lock", "--dest", "/data/models", "--json", "--models", "demo", "--token-stdin"]
-    assert not any("hf_secret" in a or "HF_TOKEN" in a for a in argv)
+def test_fetch_argv_carries_no_setting_and_the_token_goes_on_stdin(monkeypatch) -> None:
+    monkeypatch.setenv("HF_ENDPOINT", "https://user:pw@hub:8090")
+    monkeypatch.setenv("HOME", "/root")
+    argv = rc.model_argv(HOST, "fetch", models=["demo"])
+    assert argv == ["/opt/bh/venv/bin/python", "-m", "ops.models", "fetch", "--lock", "/opt/bh/models.lock", "--dest", "/data/models", "--json", "--env-stdin", "--models", "demo"]
+    stdin = env_lines(rc.model_env("fetch", "hf_secret"))
+    assert stdin == "HF_ENDPOINT=https://user:pw@hub:8090\nBAKEHOUSE_PROGRESS_SECONDS=2\nHF_TOKEN=hf_secret\n\n"
+    assert read_env_lines(io.StringIO(stdin + "ignored after the blank line\n")) == {"HF_ENDPOINT": "https://user:pw@hub:8090", "BAKEHOUSE_PROGRESS_SECONDS": "2",
+                                                                                   "HF_TOKEN": "hf_secret"}
+    assert "HF_TOKEN" not in env_lines(rc.model_env("verify", "hf_secret"))
+    with pytest.raises(ConfigError, match="LD_PRELOAD"):
+        read_env_lines(io.StringIO("LD_PRELOAD=/tmp/x.so\n\n"))
 
 
 def test_verify_argv() -> None:
-    argv = rc.model_argv(HOST, "verify", models=[], env={}, full=True)
-    assert argv[-2:] == ["--json", "--full"] and "--token-stdin" not in argv
+    argv = rc.model_argv(HOST, "verify", models=[], full=True)
+    assert argv[-3:] == ["--json", "--env-stdin", "--full"]
 
 
 def test_bootstrap_argv_installs_offline_exactly_the_uploaded_wheels() -> None:
@@ -45,8 +53,8 @@ def test_bootstrap_argv_installs_offline_exactly_the_uploaded_wheels() -> None:
 
 def test_the_ansible_plan_is_the_ssh_engines_argv() -> None:
     job = FleetJob(command="fetch", lock=Path("models.lock"), models=("demo",), rollout=Rollout(parallel=4), ssh=SshOptions(known_hosts=Path("/kh"), host_key_policy="accept-new"))
-    plan = host_plan(HOST, job, WH, {"HF_ENDPOINT": "http://hub"}, token_stdin=True)
-    assert plan["command"] == rc.model_argv(HOST, "fetch", models=("demo",), env={"HF_ENDPOINT": "http://hub"}, token_stdin=True)
+    plan = host_plan(HOST, job, WH)
+    assert plan["command"] == rc.model_argv(HOST, "fetch", models=("demo",))
     boot = rc.bootstrap(HOST, WH.wheels, WH.digest)
     assert (plan["check_marker"], plan["install"], plan["touch_marker"]) == (boot.check, boot.install, boot.mark)
     argv = playbook_argv(Path("hosts.yml"), Path("/tmp/vars.json"), forks=4)

@@ -61,11 +61,11 @@ def test_fleet_dry_runs_print_every_host_command_and_connect_to_none(project: Pr
     assert "# gpu-1 (bare, root@192.0.2.1:22)" in out and "# gpu-2 (bare, root@192.0.2.2:22)" in out
     for line in ("/opt/bh/venv/bin/python -m pip install --quiet --no-index --no-deps --force-reinstall /opt/bh/wheelhouse/",
                  " /opt/bh/wheelhouse/bakehouse-0.1.0-py3-none-any.whl ", "python3 -m venv /opt/bh/venv", "# upload models.lock -> /opt/bh/models.lock",
-                 "/opt/bh/venv/bin/python -m ops.models fetch --lock /opt/bh/models.lock --dest /srv/models --json --models demo --token-stdin    # stdin: (not shown)",
-                 "--dest /nvme/models --json --models demo --token-stdin"):
+                 "/opt/bh/venv/bin/python -m ops.models fetch --lock /opt/bh/models.lock --dest /srv/models --json --env-stdin --models demo    # stdin: (not shown)",
+                 "--dest /nvme/models --json --env-stdin --models demo"):
         assert line in out, line
     assert "hf_DryRunSecret" not in out + fetch.stderr and "cannot reach" not in out
     verify = subprocess.run([*INVOKE, "verify-models", *base, "--full"], cwd=project.dir, env=env, capture_output=True, text=True, timeout=300)
     assert verify.returncode == 0, verify.stdout + verify.stderr
-    assert "ops.models verify --lock /opt/bakehouse/models.lock --dest /nvme/models --json --models demo --full" in verify.stdout
-    assert "--token-stdin" not in verify.stdout
+    assert "ops.models verify --lock /opt/bakehouse/models.lock --dest /nvme/models --json --env-stdin --models demo --full    # stdin: (not shown)" in verify.stdout
+    assert "hf_DryRunSecret" not in verify.stdout + verify.stderr

@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 from ops.deploy.target import Target
 from ops.remote.commands import venv_python
@@ -55,12 +55,10 @@ def link_deps_argv(t: Target, version: str, digest: str) -> list[str]:
     return [release_python(t, version), "-c", _LINK_DEPS, f"{deps_dir(t, digest)}/bin/python"]
 
 
-def fetch_argv(t: Target, version: str, env: Mapping[str, str], *, token_stdin: bool) -> list[str]:
-    """Fetch and verify the release's model with the release's own model commands."""
-    pairs = [f"{k}={v}" for k, v in env.items()]
-    argv = ["env", *pairs, release_python(t, version), "-m", "ops.models", "fetch", "--lock", f"{release_dir(t, version)}/models.lock",
-            "--manifest", f"{release_dir(t, version)}/models.toml", "--dest", t.host.models_dir, "--models", t.model, "--json"]
-    return [*argv, "--token-stdin"] if token_stdin else argv
+def fetch_argv(t: Target, version: str) -> list[str]:
+    """Fetch and verify the release's model with the release's own model commands (settings and token on stdin)."""
+    return [release_python(t, version), "-m", "ops.models", "fetch", "--lock", f"{release_dir(t, version)}/models.lock",
+            "--manifest", f"{release_dir(t, version)}/models.toml", "--dest", t.host.models_dir, "--models", t.model, "--json", "--env-stdin"]
 
 
 def switch_argv(t: Target, version: str) -> list[str]:

@@ -25,6 +25,7 @@ from ops.deploy.steps import STEPS, Context, DeployCommand, Deployment
 from ops.deploy.target import Target, target
 from ops.errors import ConfigError, DeployLockedError, RemoteError, StepFailedError, redact
 from ops.images.actions import last_image
+from ops.images.build import check_reference
 from ops.images.registry import Registry
 from ops.models.manifest import load_manifest
 from ops.remote import commands as rc
@@ -64,6 +65,8 @@ def plan(command: DeployCommand, hosts: Sequence[Host], *, project: Path, tag: s
     release = build_release(project, tag=tag, manifest=manifest, lock=lock) if "bare" in runtimes and command == "deploy" else None
     if "docker" in runtimes and command == "deploy" and not tag:
         tag = last_image(build_context).rsplit(":", 1)[-1]
+    if tag:
+        check_reference("--tag", tag)
     context = Context(
         release=release,
         tag=tag,
@@ -127,7 +130,7 @@ def webhook(p: Plan, t: Target, sh: Shell) -> Deployment:
         sh.note(f"POST ${t.hook_url_env}    # URL not shown")
         return Deployment(None, None, "triggered")
     url = os.environ[t.hook_url_env]
-    where = urlsplit(url).netloc or "the hook"
+    where = _host_of(url)
     try:
         r = httpx.post(url, timeout=30)
     except httpx.HTTPError as exc:
@@ -136,6 +139,15 @@ def webhook(p: Plan, t: Target, sh: Shell) -> Deployment:
         return Deployment(None, _hook_id(r), "triggered")
     error = RemoteError(f"the deploy hook at {where} answered {r.status_code}: {redact(r.text[:200])}. Check {t.hook_url_env}.", host=t.name, step="webhook")
     return Deployment(None, None, "failed", error)
+
+
+def _host_of(url: str) -> str:
+    """Only the URL's host (and port) is ever shown: the path and any user:password in it are the secret."""
+    try:
+        parts = urlsplit(url)
+        return f"{parts.hostname}:{parts.port}" if parts.port else parts.hostname or "the hook"
+    except ValueError:
+        return "the hook"
 
 
 def _hook_id(r: httpx.Response) -> str | None:

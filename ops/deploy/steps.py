@@ -25,6 +25,7 @@ from ops.remote import commands as rc
 from ops.remote.hostmodels import parse_report
 from ops.remote.shell import Shell
 from ops.remote.wheelhouse import wheel_identity
+from ops.settings import env_lines
 
 DeployCommand = Literal["deploy", "rollback"]
 Result = Literal["deployed", "unchanged", "rolled back", "reverted", "restored", "failed", "triggered"]
@@ -118,8 +119,8 @@ def _upload(sh: Shell, files: list[Path], directory: str) -> int:
 
 def fetch_release_models(sh: Shell, t: Target, rel: Release, ctx: Context) -> None:
     """Fetch and verify the release's model before anything stops: a failed download leaves the old app serving."""
-    argv = bare.fetch_argv(t, rel.version, ctx.forwarded, token_stdin=bool(ctx.token))
-    result = sh.run(argv, stdin=f"{ctx.token}\n" if ctx.token else None, kind="query")
+    env = {**ctx.forwarded, **({"HF_TOKEN": ctx.token} if ctx.token else {})}
+    result = sh.run(bare.fetch_argv(t, rel.version), stdin=env_lines(env), kind="query")
     if sh.dry_run:
         return
     failures = parse_report(t.name, result.stdout, result.stderr).failures()

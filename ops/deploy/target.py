@@ -13,6 +13,7 @@ from typing import Any, Literal, TypeVar
 
 from ops.errors import ConfigError
 from ops.images.build import ENGINES, ContainerEngine
+from ops.models.values import NAME
 from ops.remote.inventory import Host
 
 ProcessManager = Literal["systemd", "supervise"]
@@ -56,41 +57,75 @@ class Target:
 
 
 def target(host: Host, default_model: str) -> Target:
+    """The host's deploy variables, each checked: a value that could become an option, a path or a line of shell never gets through."""
     v = host.vars
     t = Target(
         host=host,
-        port=_int(host, v, "port", 8000),
-        model=str(v.get("model", default_model)),
-        ready_timeout=float(_int(host, v, "ready_timeout", 300)),
-        keep_releases=_int(host, v, "keep_releases", 3),
-        secrets=tuple(_list(host, v, "secrets")),
-        app_env={str(k): str(val) for k, val in (v.get("app_env") or {}).items()},
+        port=_int(host, v, "port", 8000, 1, 65535),
+        model=_match(host, v, "model", NAME, default_model),
+        ready_timeout=float(_int(host, v, "ready_timeout", 300, 1, 86400)),
+        keep_releases=_int(host, v, "keep_releases", 3, 2, 1000),
+        secrets=tuple(_env_name(host, "secrets", x) for x in _list(host, v, "secrets")),
+        app_env=_app_env(host, v.get("app_env")),
         process_manager=_choice(host, v, "process_manager", PROCESS_MANAGERS),
-        service=str(v.get("service", "bakehouse")),
+        service=_match(host, v, "service", _UNIT_NAME, "bakehouse"),
         app_deps=_choice(host, v, "app_deps", APP_DEPS),
         engine=_choice(host, v, "engine", ENGINES),
-        container=str(v.get("container", "bakehouse")),
-        image=v.get("image"),
-        gpus=str(v.get("gpus", "")),
-        models_volume=bool(v.get("models_volume", True)),
-        container_uid=_int(host, v, "container_uid", 10001),
-        hook_url_env=str(v.get("hook_url_env", "")),
+        container=_match(host, v, "container", _CONTAINER_NAME, "bakehouse"),
+        image=_match(host, v, "image", _IMAGE_REPO, None),
+        gpus=_match(host, v, "gpus", _GPUS, ""),
+        models_volume=_bool(host, v, "models_volume", True),
+        container_uid=_int(host, v, "container_uid", 10001, 0, 2**31 - 1),
+        hook_url_env=_env_name(host, "hook_url_env", v["hook_url_env"]) if v.get("hook_url_env") else "",
     )
-    for name in (*t.secrets, *t.app_env):
-        if not _ENV_NAME.match(name):
-            raise ConfigError(f"{host.name}: {name!r} is not an environment variable name (secrets, app_env).")
-    if t.keep_releases < 2:
-        raise ConfigError(f"{host.name}: keep_releases must be at least 2, so the previous release stays for rollback.")
     if host.runtime == "webhook" and not t.hook_url_env:
         raise ConfigError(f"{host.name}: a webhook target needs hook_url_env: the name of the environment variable that holds the deploy hook URL.")
     return t
 
 
-def _int(host: Host, v: dict[str, Any], key: str, default: int) -> int:
-    try:
-        return int(v.get(key, default))
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{host.name}: {key} must be a number, not {v.get(key)!r}.") from exc
+_UNIT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,127}$")
+_CONTAINER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_IMAGE_REPO = re.compile(r"^[a-z0-9][a-z0-9._-]*(:[0-9]+)?(/[a-z0-9][a-z0-9._-]*)*$")  # a repository without tag, optionally with a registry host
+_GPUS = re.compile(r"^(|all|none|[A-Za-z0-9-]+(,[A-Za-z0-9-]+)*)$")
+
+
+def _int(host: Host, v: dict[str, Any], key: str, default: int, low: int, high: int) -> int:
+    value = v.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | str) or not str(value).strip().isdigit() or not low <= int(value) <= high:
+        raise ConfigError(f"{host.name}: {key} must be a number (whole, at least {low}, at most {high}), not {value!r}.")
+    return int(value)
+
+
+def _bool(host: Host, v: dict[str, Any], key: str, default: bool) -> bool:
+    value = v.get(key, default)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{host.name}: {key} must be true or false, not {value!r}.")
+    return value
+
+
+def _match(host: Host, v: dict[str, Any], key: str, pattern: re.Pattern[str], default: str | None) -> Any:
+    value = v.get(key, default)
+    if value is None or (isinstance(value, str) and pattern.match(value)):
+        return value
+    raise ConfigError(f"{host.name}: {key} {value!r} is not a valid {key} (letters, digits and a few of ._-@:/, starting with a letter or digit).")
+
+
+def _env_name(host: Host, key: str, name: object) -> str:
+    if not isinstance(name, str) or not _ENV_NAME.match(name):
+        raise ConfigError(f"{host.name}: {name!r} is not an environment variable name ({key}).")
+    return name
+
+
+def _app_env(host: Host, value: object) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(x, str | int | float | bool) for x in value.values()):
+        raise ConfigError(f"{host.name}: app_env must map variable names to plain values (strings or numbers).")
+    env = {_env_name(host, "app_env", k): str(x) for k, x in value.items()}
+    for k, x in env.items():
+        if "\n" in x or "\r" in x or "\0" in x:
+            raise ConfigError(f"{host.name}: app_env {k} holds a line break or a NUL; an env file cannot carry it.")
+    return env
 
 
 def _choice(host: Host, v: dict[str, Any], key: str, choices: tuple[C, ...]) -> C:
@@ -100,8 +135,8 @@ def _choice(host: Host, v: dict[str, Any], key: str, choices: tuple[C, ...]) -> 
     return next(c for c in choices if c == value)
 
 
-def _list(host: Host, v: dict[str, Any], key: str) -> list[str]:
+def _list(host: Host, v: dict[str, Any], key: str) -> list[Any]:
     value = v.get(key) or []
     if not isinstance(value, list):
         raise ConfigError(f"{host.name}: {key} must be a list of names.")
-    return [str(x) for x in value]
+    return value

@@ -21,6 +21,7 @@ from ops.images.build import (
     TORCH_CPU,
     BuildSpec,
     ContainerEngine,
+    check_reference,
     build_argv,
     build_env,
     image_tag,
@@ -94,7 +95,7 @@ class BuildRequest:
     no_cache: bool = False
 
 
-def plan_build(req: BuildRequest, *, token_file: Path | None = None) -> BuildSpec:
+def plan_build(req: BuildRequest, *, token_file: Path | None = None, endpoint_file: Path | None = None) -> BuildSpec:
     """Everything `build_argv` needs, from flags, models.toml/models.lock and the environment."""
     manifest = load_manifest(req.context / "models.toml")
     lock = load_lock(req.context / "models.lock")
@@ -103,19 +104,19 @@ def plan_build(req: BuildRequest, *, token_file: Path | None = None) -> BuildSpe
         names = list(req.models) or [m.name for m in manifest.models.values() if m.bake]
         models = tuple(m.name for m in lock.select(names, manifest))
     revision = git_revision(req.context)
-    tags = [req.tag] if req.tag else []
-    tags.append(image_tag(req.image_name, revision, models))
-    endpoint = os.environ.get("HF_ENDPOINT", "")
-    loopback = urlsplit(endpoint).hostname in ("127.0.0.1", "localhost", "::1")
+    tags = [check_reference("--tag", req.tag)] if req.tag else []
+    tags.append(image_tag(check_reference("BAKEHOUSE_IMAGE", req.image_name), revision, models))
+    loopback = urlsplit(os.environ.get("HF_ENDPOINT", "")).hostname in ("127.0.0.1", "localhost", "::1")
+    base = req.base_image or (GPU_BASE if req.gpu else os.environ.get("BAKEHOUSE_BASE_IMAGE", CPU_BASE))
     return BuildSpec(
         engine=detect_engine(req.engine),
         tags=tuple(tags),
         context=req.context,
         models=models,
-        base_image=req.base_image or (GPU_BASE if req.gpu else os.environ.get("BAKEHOUSE_BASE_IMAGE", CPU_BASE)),
+        base_image=check_reference("--base-image", base),
         torch_spec="" if req.gpu else TORCH_CPU,
         torch_index_url=req.torch_index_url,
-        hf_endpoint=endpoint,
+        endpoint_file=endpoint_file,
         token_file=token_file,
         ca_bundle=req.ca_bundle,
         proxies=req.proxies,
@@ -179,8 +180,8 @@ def stage_wheels(context: Path, source: Path | None) -> None:
 
 def build(req: BuildRequest, *, dry_run: bool = False, echo: bool = True) -> BuildReport:
     stage_wheels(req.context, req.torch_wheels)
-    with secret_file(os.environ.get("HF_TOKEN")) as token_file:
-        spec = plan_build(req, token_file=token_file)
+    with secret_file(os.environ.get("HF_TOKEN")) as token_file, secret_file(os.environ.get("HF_ENDPOINT")) as endpoint_file:
+        spec = plan_build(req, token_file=token_file, endpoint_file=endpoint_file)
         argv = build_argv(spec)
         if dry_run:
             return BuildReport(image=spec.tags[0], tags=list(spec.tags), engine=spec.engine, seconds=0, size=0, argv=argv)

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from ops.errors import ConfigError
+
 ContainerEngine = Literal["docker", "podman"]
 ENGINES: tuple[ContainerEngine, ...] = ("docker", "podman")
 
@@ -25,7 +27,7 @@ class BuildSpec:
     base_image: str = CPU_BASE
     torch_spec: str = TORCH_CPU  # "" when the base image brings torch (GPU bases)
     torch_index_url: str = ""
-    hf_endpoint: str = ""
+    endpoint_file: Path | None = None  # HF_ENDPOINT, as a build secret
     token_file: Path | None = None
     ca_bundle: Path | None = None
     proxies: dict[str, str] = field(default_factory=dict)
@@ -35,34 +37,39 @@ class BuildSpec:
 
 
 def build_argv(spec: BuildSpec) -> list[str]:
-    argv = [spec.engine, "build", "--file", str(spec.context / "Dockerfile"), "--target", "runtime"]
-    if spec.engine == "podman":
-        argv += ["--format", "docker"]  # OCI images drop HEALTHCHECK
-    else:
-        argv += ["--progress", "plain"]
-    for tag in spec.tags:
-        argv += ["--tag", tag]
+    """Every value glued to its option (`--tag=T`), so none can be read as an option of its own."""
+    argv = [spec.engine, "build", f"--file={spec.context / 'Dockerfile'}", "--target=runtime"]
+    argv.append("--format=docker" if spec.engine == "podman" else "--progress=plain")  # podman: OCI images drop HEALTHCHECK
+    argv += [f"--tag={tag}" for tag in spec.tags]
     args = {
         "BASE_IMAGE": spec.base_image,
         "MODELS": ",".join(spec.models),
         "TORCH_SPEC": spec.torch_spec,
         "TORCH_INDEX_URL": spec.torch_index_url,
-        "HF_ENDPOINT": spec.hf_endpoint,
-        "HF_HUB_DISABLE_XET": "1" if spec.hf_endpoint else "",
+        "HF_HUB_DISABLE_XET": "1" if spec.endpoint_file else "",
         **spec.labels,
         **spec.proxies,
     }
-    for key, value in args.items():
-        argv += ["--build-arg", f"{key}={value}"]
-    if spec.token_file:
-        argv += ["--secret", f"id=hf_token,src={spec.token_file}"]
-    if spec.ca_bundle:
-        argv += ["--secret", f"id=ca_bundle,src={spec.ca_bundle}"]
+    argv += [f"--build-arg={key}={value}" for key, value in args.items()]
+    # Build secrets: in no layer, no history, no cache key (the endpoint may carry credentials, and a new one must not rebake).
+    for name, path in (("hf_token", spec.token_file), ("hf_endpoint", spec.endpoint_file), ("ca_bundle", spec.ca_bundle)):
+        if path:
+            argv.append(f"--secret=id={name},src={path}")
     if spec.network:
-        argv += ["--network", spec.network]
+        argv.append(f"--network={spec.network}")
     if spec.no_cache:
         argv.append("--no-cache")
     return [*argv, str(spec.context)]
+
+
+_REFERENCE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@-]{0,254}$")
+
+
+def check_reference(flag: str, value: str) -> str:
+    """An image name or tag as a flag or setting gives it: never empty, never option-like, no spaces."""
+    if not _REFERENCE.match(value):
+        raise ConfigError(f"{flag} {value!r} is not an image reference (letters, digits and ._/:@-, starting with a letter or digit).")
+    return value
 
 
 def build_env(engine: ContainerEngine) -> dict[str, str]:

@@ -8,7 +8,10 @@ from dataclasses import dataclass
 
 import httpx
 
-from ops.errors import ConfigError
+from ops.errors import ConfigError, redact
+
+_HOST = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]*(:[0-9]{1,5})?$")
+_USER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]*$")
 
 
 @dataclass(frozen=True)
@@ -20,12 +23,16 @@ class Registry:
 
     @classmethod
     def from_env(cls) -> Registry:
-        host = os.environ.get("BAKEHOUSE_REGISTRY", "")
+        host, user = os.environ.get("BAKEHOUSE_REGISTRY", ""), os.environ.get("BAKEHOUSE_REGISTRY_USER", "")
         if not host:
             raise ConfigError("no registry configured. Set BAKEHOUSE_REGISTRY (e.g. registry.example.com or 127.0.0.1:5000), BAKEHOUSE_REGISTRY_USER and BAKEHOUSE_REGISTRY_PASSWORD.")
+        if not _HOST.match(host):
+            raise ConfigError(f"BAKEHOUSE_REGISTRY={redact(host)!r} must be a registry host[:port] (registry.example.com, 127.0.0.1:5000), without scheme or credentials.")
+        if user and not _USER.match(user):
+            raise ConfigError(f"BAKEHOUSE_REGISTRY_USER={user!r} must be a user name (letters, digits and ._@-).")
         return cls(
             host=host,
-            user=os.environ.get("BAKEHOUSE_REGISTRY_USER", ""),
+            user=user,
             password=os.environ.get("BAKEHOUSE_REGISTRY_PASSWORD", ""),
             insecure=os.environ.get("BAKEHOUSE_REGISTRY_INSECURE", "").lower() in ("1", "true", "yes"),
         )

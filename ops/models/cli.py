@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from ops.errors import EXIT_INTERRUPTED, EXIT_USAGE, BakehouseError
 from ops.models.actions import MODEL_COMMANDS, ModelRequest, run
 from ops.models.report import Report
-from ops.settings import configure_logging
+from ops.settings import configure_logging, read_env_lines
 
 HELP = {
     "lock": "resolve revisions and write models.lock",
@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--dest", help="store directory (default: $MODELS_DIR or ./models)")
         p.add_argument("--json", action="store_true", help="print one JSON document with per-model results")
         p.add_argument("--workers", help=f"parallel downloads / hashes (default {ModelRequest.workers})")
-        p.add_argument("--token-stdin", action="store_true", help="read HF_TOKEN from the first line of stdin (keeps it out of argv and the environment of the caller)")
+        p.add_argument("--env-stdin", action="store_true",
+                       help="read KEY=VALUE lines (HF_TOKEN, HF_ENDPOINT, …) from stdin up to a blank line: secrets stay out of argv and the caller's environment")
         if name == "verify":
             p.add_argument("--full", action="store_true", help="re-hash every file instead of trusting the stamp")
     return parser
@@ -45,11 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging()
-    if args.token_stdin:
-        token = sys.stdin.readline().strip()
-        if token:
-            os.environ["HF_TOKEN"] = token
     try:
+        if args.env_stdin:
+            os.environ.update(read_env_lines(sys.stdin))
         report = run(ModelRequest.parse(args.command, models=args.models, manifest=args.manifest, lock=args.lock, dest=args.dest,
                                         full=getattr(args, "full", False), workers=args.workers))
     except BakehouseError as exc:

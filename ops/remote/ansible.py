@@ -24,11 +24,12 @@ from ops.remote.inventory import Host
 from ops.remote.job import FleetJob
 from ops.remote.wheelhouse import Wheelhouse, build_wheelhouse
 from ops.runner import run_streaming
+from ops.settings import env_lines
 
 PLAYBOOK = Path(__file__).with_name("models-playbook.yml")
 
 
-def host_plan(host: Host, job: FleetJob, wh: Wheelhouse, env: dict[str, str], *, token_stdin: bool) -> dict[str, list[str] | str]:
+def host_plan(host: Host, job: FleetJob, wh: Wheelhouse) -> dict[str, list[str] | str]:
     """The SSH engine's bootstrap and model command for one host, as the playbook's variables."""
     boot = rc.bootstrap(host, wh.wheels, wh.digest)
     return {
@@ -39,7 +40,7 @@ def host_plan(host: Host, job: FleetJob, wh: Wheelhouse, env: dict[str, str], *,
         "install": boot.install,
         "touch_marker": boot.mark,
         "lock": rc.lock_path(host),
-        "command": rc.model_argv(host, job.command, models=job.models, env=env, full=job.full, token_stdin=token_stdin),
+        "command": rc.model_argv(host, job.command, models=job.models, full=job.full),
     }
 
 
@@ -72,19 +73,18 @@ def run_with_ansible(hosts: Sequence[Host], job: FleetJob, inventory: Path) -> H
     if program is None:
         raise ConfigError("--engine ansible needs ansible-playbook: pip install 'bakehouse[ansible]' (ansible-core).")
     wh = build_wheelhouse()
-    env = {k: v for k, v in os.environ.items() if k in rc.FORWARDED_ENV}
     token = os.environ.get("HF_TOKEN", "") if job.command == "fetch" else ""
     with tempfile.TemporaryDirectory(prefix="bakehouse-ansible-") as tmp:
         results_dir, vars_file = Path(tmp) / "results", Path(tmp) / "vars.json"
         results_dir.mkdir()
         extra = {
             "bakehouse_hosts": ",".join(h.name for h in hosts),
-            "bakehouse_plan": {h.name: host_plan(h, job, wh, env, token_stdin=bool(token)) for h in hosts},
+            "bakehouse_plan": {h.name: host_plan(h, job, wh) for h in hosts},
             "bakehouse_wheelhouse": str(wh.directory),
             "bakehouse_wheels": list(wh.wheels),
             "bakehouse_lock": str(job.lock.resolve()),
             "bakehouse_results": str(results_dir),
-            "bakehouse_hf_token": token,
+            "bakehouse_stdin": env_lines(rc.model_env(job.command, token)),
             "bakehouse_serial": job.ansible.serial,
             "bakehouse_max_fail_percentage": job.ansible.max_fail_percentage,
         }

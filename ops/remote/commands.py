@@ -8,7 +8,7 @@ Fleet bootstrap and bare-host releases install with the same blocks.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ops.remote.inventory import Host
@@ -96,14 +96,16 @@ def bootstrap(host: Host, wheels: Sequence[str], digest: str) -> Bootstrap:
     )
 
 
-def model_argv(host: Host, command: str, *, models: Sequence[str], env: Mapping[str, str], full: bool = False, token_stdin: bool = False, progress_seconds: float = 2.0) -> list[str]:
-    """`python -m ops.models fetch|verify` on the host, against the uploaded lock, token on stdin."""
-    pairs = [f"{k}={env[k]}" for k in FORWARDED_ENV if env.get(k)] + [f"BAKEHOUSE_PROGRESS_SECONDS={progress_seconds:g}"]
-    argv = ["env", *pairs, venv_python(fleet_venv(host)), "-m", "ops.models", command, "--lock", lock_path(host), "--dest", host.models_dir, "--json"]
+def model_env(command: str, token: str, *, progress_seconds: float = 2.0) -> dict[str, str]:
+    """What a host's model command gets on stdin: this machine's hub settings, progress every few seconds, the token for a fetch."""
+    return {**forwarded_env(), "BAKEHOUSE_PROGRESS_SECONDS": f"{progress_seconds:g}", **({"HF_TOKEN": token} if token and command == "fetch" else {})}
+
+
+def model_argv(host: Host, command: str, *, models: Sequence[str], full: bool = False) -> list[str]:
+    """`python -m ops.models fetch|verify` on the host, against the uploaded lock; its settings (and any secret) on stdin."""
+    argv = [venv_python(fleet_venv(host)), "-m", "ops.models", command, "--lock", lock_path(host), "--dest", host.models_dir, "--json", "--env-stdin"]
     if models:
         argv += ["--models", ",".join(models)]
-    if token_stdin:
-        argv.append("--token-stdin")
     if full:
         argv.append("--full")
     return argv

@@ -2,14 +2,14 @@
 
 On each host: bootstrap a private venv from the wheelhouse (once per version),
 upload models.lock (and, for fan-out, the verified files), then run the same
-`python -m ops.models fetch|verify --json` as everywhere else. HF_TOKEN goes
-on the command's stdin, never in its argv or environment.
+`python -m ops.models fetch|verify --json` as everywhere else. HF_TOKEN and
+the hub settings go on the command's stdin, never in its argv or environment.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from ops.models.lock import load_lock
@@ -22,6 +22,7 @@ from ops.remote.inventory import Host
 from ops.remote.job import FleetJob
 from ops.remote.shell import Shell, shell_factory
 from ops.remote.wheelhouse import Wheelhouse, build_wheelhouse
+from ops.settings import env_lines
 
 
 def bootstrap(sh: Shell, wh: Wheelhouse) -> str:
@@ -38,24 +39,24 @@ def bootstrap(sh: Shell, wh: Wheelhouse) -> str:
     return "installed"
 
 
-def model_command(sh: Shell, job: FleetJob, wh: Wheelhouse, env: Mapping[str, str], token: str, *, seed: Path | None) -> HostModels:
+def model_command(sh: Shell, job: FleetJob, wh: Wheelhouse, token: str, *, seed: Path | None) -> HostModels:
     """Bootstrap, upload the lock (and fan-out files), run the model command; the host's report."""
     state = bootstrap(sh, wh)
     sh.say(f"bootstrap: {state}")
     sh.put(job.lock, rc.lock_path(sh.host))
     if seed is not None and job.command == "fetch":
         for model in load_lock(job.lock).select(list(job.models) or None):
-            if sh.run(rc.model_argv(sh.host, "verify", models=[model.name], env=env), kind="query").exit_code != 0:
+            verify = rc.model_argv(sh.host, "verify", models=[model.name])
+            if sh.run(verify, stdin=env_lines(rc.model_env("verify", "")), kind="query").exit_code != 0:
                 upload_staged(sh, model, seed)
-    send_token = bool(token) and job.command == "fetch"
-    argv = rc.model_argv(sh.host, job.command, models=job.models, env=env, full=job.full, token_stdin=send_token)
-    result = sh.run(argv, stdin=f"{token}\n" if send_token else None, kind="query", on_stderr_line=sh.say)
+    argv = rc.model_argv(sh.host, job.command, models=job.models, full=job.full)
+    result = sh.run(argv, stdin=env_lines(rc.model_env(job.command, token)), kind="query", on_stderr_line=sh.say)
     if sh.dry_run:
         return HostModels(state, Report(job.command))
     return HostModels(state, parse_report(sh.host.name, result.stdout, result.stderr))
 
 
 def run_with_ssh(hosts: Sequence[Host], job: FleetJob, *, seed: Path | None = None) -> HostResults[HostModels]:
-    env, token, wh = rc.forwarded_env(), os.environ.get("HF_TOKEN", ""), build_wheelhouse()
-    return run_each(job.command, hosts, lambda sh: model_command(sh, job, wh, env, token, seed=seed),
+    token, wh = os.environ.get("HF_TOKEN", ""), build_wheelhouse()
+    return run_each(job.command, hosts, lambda sh: model_command(sh, job, wh, token, seed=seed),
                     shells=shell_factory(job.ssh, dry_run=job.dry_run), view=ModelsView(), rollout=job.rollout)
