@@ -67,9 +67,9 @@ def site(hub: Hub, tmp_path_factory: pytest.TempPathFactory, keys: Path, hosts: 
     return p
 
 
-def deploy(site: Project, keys: Path, command: str, *flags: str, search_root: Path = ROOT, inventory: str = "hosts.yml") -> subprocess.CompletedProcess[str]:
+def deploy(site: Project, keys: Path, command: str, *flags: str, search_root: Path = ROOT, inventory: str = "hosts.yml", **env: str) -> subprocess.CompletedProcess[str]:
     argv = [*INVOKE, "--search-root", str(search_root), command, "--inventory", inventory, "--known-hosts", str(keys / "known_hosts"), *flags]
-    return subprocess.run(argv, cwd=site.dir, env=site.env(HF_TOKEN=TOKEN, APP_SECRET=SECRET), capture_output=True, text=True, timeout=900, check=False)
+    return subprocess.run(argv, cwd=site.dir, env=site.env(HF_TOKEN=TOKEN, APP_SECRET=SECRET, **env), capture_output=True, text=True, timeout=900, check=False)
 
 
 def table(out: str) -> dict[str, list[str]]:
@@ -121,13 +121,14 @@ def alive(host: SshHost, pid: int) -> bool:
 
 def test_dry_run_prints_every_command_and_touches_no_host(site: Project, keys: Path, hosts: dict[str, SshHost]) -> None:
     before = state(hosts["h1"])
-    r = deploy(site, keys, "deploy", "--hosts", "h1,down", "--tag", "v1", "--dry-run")
+    r = deploy(site, keys, "deploy", "--hosts", "h1,down", "--tag", "v1", "--dry-run", HF_ENDPOINT="https://mirror-user:mirror-pw@hub.example/hf")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "# h1 (bare, root@127.0.0.1" in r.stdout and "# down (bare" in r.stdout
     for expected in ("-m venv /opt/bakehouse/releases/v1/venv", "-m ops.models fetch --lock /opt/bakehouse/releases/v1/models.lock",
                      "ln -sfn", "ops.deploy.supervise restart", "/ready", "deploy.lock"):
         assert expected in r.stdout, expected
-    assert SECRET not in r.stdout + r.stderr and TOKEN not in r.stdout + r.stderr
+    assert SECRET not in r.stdout + r.stderr and TOKEN not in r.stdout + r.stderr and "mirror-pw" not in r.stdout + r.stderr
+    assert "--env-stdin    # stdin: (not shown)" in r.stdout
     assert state(hosts["h1"]) == before
 
 

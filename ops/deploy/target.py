@@ -86,7 +86,7 @@ def target(host: Host, default_model: str) -> Target:
 _UNIT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,127}$")
 _CONTAINER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _IMAGE_REPO = re.compile(r"^[a-z0-9][a-z0-9._-]*(:[0-9]+)?(/[a-z0-9][a-z0-9._-]*)*$")  # a repository without tag, optionally with a registry host
-_GPUS = re.compile(r"^(|all|none|[A-Za-z0-9-]+(,[A-Za-z0-9-]+)*)$")
+_GPUS = re.compile(r"^(|all|none|[A-Za-z0-9][A-Za-z0-9-]*(,[A-Za-z0-9][A-Za-z0-9-]*)*)$")
 
 
 def _int(host: Host, v: dict[str, Any], key: str, default: int, low: int, high: int) -> int:
