@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from containers import PODMAN, Engine, ensure_base_image, load_image, source_tree, start_docker
 from helpers import HF_DEMO, HF_SHARDS, Hub, Project, manifest, start_hub
 
 
@@ -49,3 +52,34 @@ def read_only(tmp_path: Path) -> Iterator[Callable[[Path], Path]]:
     yield mount
     for m in mounts:
         subprocess.run(["umount", "-l", str(m)], check=False)
+
+
+@pytest.fixture(scope="session")
+def docker_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
+    """A Docker engine for the tests: the one answering, else a dockerd of their own, stopped at the end; the local base image loaded."""
+    root = Path(tempfile.mkdtemp(prefix="bh-dockerd-", dir="/tmp"))  # short: the daemon's sockets live under it
+    daemon = start_docker(root)
+    try:
+        load_image(daemon.engine, ensure_base_image())
+        yield daemon.engine
+    finally:
+        daemon.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module", params=["podman", "docker"])
+def engine(request: pytest.FixtureRequest) -> Engine:
+    """Module-scoped and parametrized: a module's podman tests all run, then its Docker tests."""
+    if request.param == "podman":
+        ensure_base_image()
+        return PODMAN
+    return request.getfixturevalue("docker_engine")
+
+
+@pytest.fixture(scope="session")
+def broken_checkout(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """This project with an app that crashes at start: a release that can never become ready."""
+    src = source_tree(tmp_path_factory.mktemp("broken"))
+    entry = src / "app" / "entrypoint.py"
+    entry.write_text(entry.read_text().replace("def main(", "def main(*args, **kwargs):\n    raise SystemExit('boom: this release is broken')\n\n\ndef _unused_main(", 1))
+    return src

@@ -91,13 +91,15 @@ class LocalSshd:
         self.process.wait(timeout=10)
 
 
-def start_local_sshd(directory: Path, keys: Path) -> LocalSshd:
+def start_local_sshd(directory: Path, keys: Path, env: dict[str, str] | None = None) -> LocalSshd:
+    """`env` is set for every SSH session (sshd's SetEnv): a Docker host whose daemon listens on a socket of its own."""
     directory.mkdir(parents=True, exist_ok=True)
     port = free_port()
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(directory / "host_key")], check=True)
     (directory / "sshd_config").write_text(
         f"Port {port}\nListenAddress 127.0.0.1\nHostKey {directory / 'host_key'}\nAuthorizedKeysFile {keys / 'authorized_keys'}\n"
         f"PidFile {directory / 'sshd.pid'}\nPermitRootLogin prohibit-password\nUsePAM no\nStrictModes no\nPasswordAuthentication no\n"
+        + "".join(f"SetEnv {k}={v}\n" for k, v in (env or {}).items())
     )
     Path("/run/sshd").mkdir(exist_ok=True)
     proc = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(directory / "sshd_config")], stderr=(directory / "sshd.log").open("w"))

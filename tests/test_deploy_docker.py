@@ -1,4 +1,4 @@
-"""`invoke deploy` / `rollback` to a Docker host: this machine over SSH, its podman, images pulled from a registry with auth."""
+"""`invoke deploy` / `rollback` to a Docker host: this machine over SSH, with podman and with a Docker engine, images pulled from a registry with auth."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from containers import BASE_IMAGE, RegistryServer, ensure_base_image, podman, source_tree, start_registry
+from containers import BASE_IMAGE, Engine, RegistryServer, source_tree, start_registry
 from helpers import ROOT, TOKEN, Hub, Project
 from sshhosts import LocalSshd, client_keys, start_local_sshd
 
@@ -35,30 +35,33 @@ def registry_env(reg: RegistryServer) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def images(tmp_path_factory: pytest.TempPathFactory, hub: Hub, registry: RegistryServer) -> dict[str, str]:
-    """The real unbaked image, and one whose settings make the app exit at start; both pushed."""
-    ensure_base_image()
+def images(engine: Engine, tmp_path_factory: pytest.TempPathFactory, hub: Hub, registry: RegistryServer) -> dict[str, str]:
+    """The real unbaked image, and one whose settings make the app exit at start; all pushed (the image name is bakehouse, as deploy pulls)."""
     src = source_tree(tmp_path_factory.mktemp("src"))
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("HF_", "BAKEHOUSE_"))}, "HF_ENDPOINT": hub.endpoint, "BAKEHOUSE_BASE_IMAGE": BASE_IMAGE}
-    build = subprocess.run([sys.executable, "-m", "invoke", "build", "--engine", "podman", "--ca-bundle", CA, "--tag", "localhost/bakehouse:deploy-good"],
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("HF_", "BAKEHOUSE_"))}, "HF_ENDPOINT": hub.endpoint, "BAKEHOUSE_BASE_IMAGE": BASE_IMAGE,
+           **engine.env}
+    tags = {"good": f"{engine.name}-good", "bad": f"{engine.name}-bad", "good2": f"{engine.name}-good2"}
+    build = subprocess.run([sys.executable, "-m", "invoke", "build", "--engine", engine.name, "--ca-bundle", CA, "--tag", f"localhost/bakehouse:{tags['good']}"],
                            cwd=src, env=env, capture_output=True, text=True, timeout=1200, check=False)
-    assert build.returncode == 0, build.stderr[-3000:]
-    (src / "Bad.Containerfile").write_text("FROM localhost/bakehouse:deploy-good\nENV BAKEHOUSE_MAX_BATCH=many\n")
-    podman("build", "--format", "docker", "-t", "localhost/bakehouse:deploy-bad", "-f", str(src / "Bad.Containerfile"), str(src))
-    podman("tag", "localhost/bakehouse:deploy-good", "localhost/bakehouse:deploy-good2")
-    for tag in ("deploy-good", "deploy-bad", "deploy-good2"):
-        push = subprocess.run([sys.executable, "-m", "invoke", "push", "--engine", "podman", "--tag", f"localhost/bakehouse:{tag}"],
+    assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
+    (src / "Bad.Containerfile").write_text(f"FROM localhost/bakehouse:{tags['good']}\nENV BAKEHOUSE_MAX_BATCH=many\n")
+    engine.cli("build", *(["--format", "docker"] if engine.name == "podman" else []), "-t", f"localhost/bakehouse:{tags['bad']}", "-f", str(src / "Bad.Containerfile"), str(src))
+    engine.cli("tag", f"localhost/bakehouse:{tags['good']}", f"localhost/bakehouse:{tags['good2']}")
+    for tag in tags.values():
+        push = subprocess.run([sys.executable, "-m", "invoke", "push", "--engine", engine.name, "--tag", f"localhost/bakehouse:{tag}"],
                               cwd=src, env={**env, **registry_env(registry)}, capture_output=True, text=True, timeout=600, check=False)
         assert push.returncode == 0, push.stdout + push.stderr
-    return {"good": "deploy-good", "bad": "deploy-bad", "good2": "deploy-good2"}
+    return tags
 
 
 @pytest.fixture(scope="module")
-def dock(tmp_path_factory: pytest.TempPathFactory, hub: Hub) -> Iterator[tuple[Project, Path, int, str]]:
-    """A project whose inventory holds one Docker host: this machine, reached over SSH, running podman."""
+def dock(engine: Engine, tmp_path_factory: pytest.TempPathFactory, hub: Hub) -> Iterator[tuple[Project, Path, int, str]]:
+    """A project whose inventory holds one Docker host: this machine, reached over SSH, running the engine."""
     root = tmp_path_factory.mktemp("dock")
     keys = client_keys(root / "keys")
-    sshd: LocalSshd = start_local_sshd(root / "sshd", keys)
+    # The engine's daemon may listen on a socket of the tests' own; its client config stays in the test's directory.
+    session_env = {**({"DOCKER_HOST": engine.env["DOCKER_HOST"]} if "DOCKER_HOST" in engine.env else {}), "DOCKER_CONFIG": str(root / "docker-config")}
+    sshd: LocalSshd = start_local_sshd(root / "sshd", keys, env=session_env)
     project = Project(root / "project", hub.endpoint)
     project.dir.mkdir()
     port = free_port()
@@ -66,12 +69,12 @@ def dock(tmp_path_factory: pytest.TempPathFactory, hub: Hub) -> Iterator[tuple[P
     (project.dir / "hosts.yml").write_text(
         "all:\n  children:\n    gpu:\n      hosts:\n        dock:\n"
         f"          ansible_host: 127.0.0.1\n          ansible_port: {sshd.port}\n          ansible_ssh_private_key_file: {keys / 'id'}\n"
-        f"          runtime: docker\n          engine: podman\n          port: {port}\n          container: {container}\n"
+        f"          runtime: docker\n          engine: {engine.name}\n          port: {port}\n          container: {container}\n"
         f"          prefix: {root / 'opt'}\n          models_dir: {root / 'models'}\n          ready_timeout: 240\n"
     )
     yield project, keys, port, container
     for name in (container, f"{container}-previous"):
-        podman("rm", "-f", name, check=False)
+        engine.cli("rm", "-f", name, check=False)
     sshd.stop()
 
 
@@ -86,8 +89,8 @@ def row(out: str) -> list[str]:
     return next(line.split() for line in out.splitlines() if line.startswith("dock "))
 
 
-def running_image(container: str) -> str:
-    return podman("inspect", "--format", "{{.Config.Image}}", container).stdout.strip()
+def running_image(engine: Engine, container: str) -> str:
+    return engine.cli("inspect", "--format", "{{.Config.Image}}", container).stdout.strip()
 
 
 def ready(port: int) -> int:
@@ -97,7 +100,7 @@ def ready(port: int) -> int:
         return 0
 
 
-def test_docker_host_deploy_health_gate_rollback(dock: tuple[Project, Path, int, str], registry: RegistryServer, images: dict[str, str]) -> None:
+def test_docker_host_deploy_health_gate_rollback(engine: Engine, dock: tuple[Project, Path, int, str], registry: RegistryServer, images: dict[str, str]) -> None:
     _, _, port, container = dock
     seen: list[str] = []
     stop = threading.Event()
@@ -116,23 +119,23 @@ def test_docker_host_deploy_health_gate_rollback(dock: tuple[Project, Path, int,
         stop.set()
         watcher.join()
     assert good.returncode == 0, good.stdout + good.stderr
-    assert row(good.stdout)[:5] == ["dock", "docker", "-", "deploy-good", "deployed"]
-    assert re.search(r"bakehouse:deploy-good$", running_image(container))
+    assert row(good.stdout)[:5] == ["dock", "docker", "-", images["good"], "deployed"]
+    assert re.search(rf"bakehouse:{images['good']}$", running_image(engine, container))
 
     assert bad.returncode == 1, bad.stdout + bad.stderr
-    assert row(bad.stdout)[:6] == ["dock", "docker", "deploy-good", "deploy-bad", "rolled", "back"]
+    assert row(bad.stdout)[:6] == ["dock", "docker", images["good"], images["bad"], "rolled", "back"]
     assert "BAKEHOUSE_MAX_BATCH" in bad.stdout
-    assert running_image(container).endswith(":deploy-good") and ready(port) == 200
-    assert podman("container", "exists", f"{container}-previous", check=False).returncode != 0
+    assert running_image(engine, container).endswith(f":{images['good']}") and ready(port) == 200
+    assert not engine.exists(f"{container}-previous")
 
     for text in [*seen, good.stdout + good.stderr, bad.stdout + bad.stderr]:
         assert PASSWORD not in text and TOKEN not in text
 
     newer = deploy(dock, registry, "deploy", "--tag", images["good2"])
-    assert newer.returncode == 0 and row(newer.stdout)[:5] == ["dock", "docker", "deploy-good", "deploy-good2", "deployed"]
+    assert newer.returncode == 0 and row(newer.stdout)[:5] == ["dock", "docker", images["good"], images["good2"], "deployed"]
     back = deploy(dock, registry, "rollback")
     assert back.returncode == 0, back.stdout + back.stderr
-    assert row(back.stdout)[:5] == ["dock", "docker", "deploy-good2", "deploy-good", "reverted"]
-    assert running_image(container).endswith(":deploy-good") and ready(port) == 200
+    assert row(back.stdout)[:5] == ["dock", "docker", images["good2"], images["good"], "reverted"]
+    assert running_image(engine, container).endswith(f":{images['good']}") and ready(port) == 200
     completion = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"model": "demo", "prompt": "hi", "max_tokens": 3}, timeout=60)
     assert completion.status_code == 200

@@ -99,7 +99,7 @@ def test_systemd_unit_passes_systemd_analyze(tmp_path: Path) -> None:
     unit.write_text(bare.unit_text(t))
     r = sh(["systemd-analyze", "verify", str(unit)])
     assert r.returncode == 0, r.stderr
-    assert f"EnvironmentFile={tmp_path}/app.env" in unit.read_text() and "Restart=on-failure" in unit.read_text()
+    assert f"EnvironmentFile={tmp_path}/current/app.env" in unit.read_text() and "Restart=on-failure" in unit.read_text()
 
 
 def test_lock_is_exclusive_names_its_owner_and_only_the_owner_unlocks(tmp_path: Path) -> None:
@@ -222,7 +222,7 @@ def rollback_script(t, *, previous_comes_back: bool) -> list:
     from scripted import ok
 
     def start(version: str, gate_answer: str, logs: str | None = None) -> list:
-        steps = [(common.write_file_argv(bare.env_path(t)), ok()), (bare.switch_argv(t, version), ok()), (bare.supervise_argv(t, "restart"), ok()),
+        steps = [(bare.switch_argv(t, version), ok()), (bare.supervise_argv(t, "restart"), ok()),
                  (common.gate_argv(t.host.python, t.port, bare.alive_argv(t)), ok(gate_answer))]
         return steps + ([(bare.logs_argv(t), ok(logs))] if logs is not None else [])
 
@@ -230,6 +230,7 @@ def rollback_script(t, *, previous_comes_back: bool) -> list:
         (bare.current_argv(t), ok("v2\n")),
         (common.history_argv(t.prefix), ok("v1\nv2\n")),
         (rc.exists_argv(f"{t.prefix}/releases/v1/.complete"), ok()),
+        (rc.exists_argv(f"{t.prefix}/releases/v1/app.env"), ok()),  # v1 has its own configuration: it is not rewritten
         *start("v1", "0 connection refused\ndead", "boom: v1 cannot start"),
         *(start("v2", "200\nalive") if previous_comes_back else start("v2", "0 connection refused\ndead", "boom: v2 is gone too")),
     ]
@@ -271,3 +272,20 @@ def test_the_scripted_shell_fails_on_an_unexpected_command() -> None:
     sh = ScriptedShell(t.host, [(bare.current_argv(t), ok("v2\n")), (["true"], ok())])
     with pytest.raises(AssertionError, match="expected \\['true'\\]"):
         rollback_bare(sh, t, Context())
+
+
+def test_gpu_hosts_are_checked_before_anything_stops() -> None:
+    from scripted import ScriptedShell, fails
+
+    from ops.deploy.steps import check_gpus
+    from ops.errors import StepFailedError
+
+    t = host_target(runtime="docker", engine="docker", gpus="all")
+    assert docker.gpu_check_argv(t) == ["sh", "-c", 'command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && "$1" info --format "{{json .Runtimes}}" '
+                                         "2>/dev/null | grep -q nvidia", "sh", "docker"]
+    assert "nvidia-ctk cdi list" in docker.gpu_check_argv(host_target(runtime="docker", engine="podman", gpus="0"))[2]
+    assert docker.gpu_check_argv(host_target(runtime="docker", gpus="")) is None
+    sh = ScriptedShell(t.host, [(docker.gpu_check_argv(t), fails())])
+    with pytest.raises(StepFailedError, match="nvidia-smi must answer, and docker needs the NVIDIA Container Toolkit"):
+        check_gpus(sh, t)
+    sh.done()

@@ -4,7 +4,8 @@
     {prefix}/deps/<digest>/       a venv with the app's dependencies (torch, transformers, …), shared by releases
     {prefix}/releases/<version>/  this project's wheel, its venv (linked to its deps), models.toml, models.lock
     {prefix}/current -> releases/<version>   switched atomically (rename over the old link)
-    {prefix}/app.env              the app's environment, secrets included, 0600
+    {prefix}/releases/<version>/app.env   the environment that release runs with, secrets included, 0600
+    {prefix}/releases/<version>/config    the digest of that env file (the history shows it, never the values)
     {prefix}/run/                 the fallback supervisor's pid, state and log
     {prefix}/history              versions that became ready, oldest first
 """
@@ -42,8 +43,18 @@ def deps_dir(t: Target, digest: str) -> str:
     return f"{t.prefix}/deps/{digest}"
 
 
-def env_path(t: Target) -> str:
-    return f"{t.prefix}/app.env"
+def env_path(t: Target, version: str) -> str:
+    """A release's own configuration: a rollback restarts the previous release with the settings it ran with."""
+    return f"{release_dir(t, version)}/app.env"
+
+
+def config_mark(t: Target, version: str) -> str:
+    return f"{release_dir(t, version)}/config"
+
+
+def current_env_path(t: Target) -> str:
+    """What the service reads: the env file of whatever release `current` points at."""
+    return f"{t.prefix}/current/app.env"
 
 
 def current_argv(t: Target) -> list[str]:
@@ -108,7 +119,7 @@ def unit_text(t: Target) -> str:
         "",
         "[Service]",
         "Type=simple",
-        f"EnvironmentFile={env_path(t)}",
+        f"EnvironmentFile={current_env_path(t)}",
         f"WorkingDirectory={t.prefix}",
         "ExecStart=" + " ".join(app_argv(t)),
         "Restart=on-failure",
@@ -126,13 +137,15 @@ def supervise_argv(t: Target, action: str) -> list[str]:
     """The fallback process manager (ops.deploy.supervise), run by the current release's python."""
     argv = [f"{t.prefix}/current/venv/bin/python", "-m", "ops.deploy.supervise", action, "--run-dir", f"{t.prefix}/run"]
     if action in ("start", "restart"):
-        argv += ["--env-file", env_path(t), "--", *app_argv(t)]
+        argv += ["--env-file", current_env_path(t), "--", *app_argv(t)]
     return argv
 
 
 def restart_argvs(t: Target) -> list[list[str]]:
     if t.process_manager == "systemd":
-        return [["systemctl", "daemon-reload"], ["systemctl", "enable", "--quiet", t.service], ["systemctl", "restart", t.service]]
+        # reset-failed: a release that crashed moments ago must not use up the start limit of the one that replaces it.
+        return [["systemctl", "daemon-reload"], ["systemctl", "reset-failed", t.service], ["systemctl", "enable", "--quiet", t.service],
+                ["systemctl", "restart", t.service]]
     return [supervise_argv(t, "restart")]
 
 

@@ -64,14 +64,19 @@ def history_argv(prefix: str) -> list[str]:
     return ["sh", "-c", 'cat "$1/history" 2>/dev/null || true', "sh", prefix]
 
 
-def record_argv(prefix: str, version: str) -> list[str]:
-    """Append a version that became ready: the history rollback reads."""
-    return ["sh", "-c", 'printf "%s\\n" "$2" >> "$1/history"', "sh", prefix, version]
+def record_argv(prefix: str, version: str, config_mark: str = "") -> list[str]:
+    """Append a version that became ready, with the digest of the configuration it ran with (from `config_mark`): the history rollback reads."""
+    return ["sh", "-c", 'c=$(cat "$3" 2>/dev/null); printf "%s%s\\n" "$2" "${c:+ config=$c}" >> "$1/history"', "sh", prefix, version, config_mark]
+
+
+def history_versions(history: str) -> list[str]:
+    """The versions in a history file, oldest first (each line: VERSION [config=DIGEST])."""
+    return [line.split()[0] for line in history.splitlines() if line.strip()]
 
 
 def previous_version(history: str, current: str | None) -> str | None:
     """The last deployed version before the current one, from the history file's lines."""
-    versions = [line.strip() for line in history.splitlines() if line.strip()]
+    versions = history_versions(history)
     for version in reversed(versions):
         if version != current:
             return version

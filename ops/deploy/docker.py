@@ -53,6 +53,17 @@ def gpu_flags(engine: str, gpus: str) -> list[str]:
     return [f"--device=nvidia.com/gpu={g.strip()}" for g in gpus.split(",")]
 
 
+def gpu_check_argv(t: Target) -> list[str] | None:
+    """Exit 0 when the host can give the container its GPUs: the driver answers, and for podman a CDI spec names them. None: no GPUs asked."""
+    if not t.gpus or t.gpus == "none":
+        return None
+    driver = "command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1"
+    if t.engine == "docker":
+        return ["sh", "-c", f'{driver} && "$1" info --format "{{{{json .Runtimes}}}}" 2>/dev/null | grep -q nvidia', "sh", t.engine]
+    cdi = "{ nvidia-ctk cdi list 2>/dev/null | grep -q nvidia.com/gpu || ls /etc/cdi/*nvidia* /var/run/cdi/*nvidia* >/dev/null 2>&1; }"
+    return ["sh", "-c", f"{driver} && {cdi}"]
+
+
 def app_env(t: Target, forwarded: Mapping[str, str]) -> dict[str, str]:
     """The container's settings; models come baked or are fetched at start into the mounted store."""
     return {"MODEL": t.model, "HOST": "0.0.0.0", "PORT": str(t.port), **forwarded, **t.app_env}

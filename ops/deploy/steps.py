@@ -19,7 +19,7 @@ from ops.deploy import bare, common, docker
 from ops.deploy.gate import serving, wait_ready
 from ops.deploy.release import Release
 from ops.deploy.target import Target
-from ops.errors import EXIT_OK, BakehouseError, ConfigError, NotReadyError, rebuild
+from ops.errors import EXIT_OK, BakehouseError, ConfigError, NotReadyError, StepFailedError, rebuild
 from ops.images.registry import Registry
 from ops.remote import commands as rc
 from ops.remote.hostmodels import parse_report
@@ -128,9 +128,30 @@ def fetch_release_models(sh: Shell, t: Target, rel: Release, ctx: Context) -> No
         raise rebuild({**failures[0].to_dict(), "message": f"{t.name}: fetching {t.model} failed: {failures[0]}"}) from failures[0]
 
 
-def start_bare(sh: Shell, t: Target, version: str, ctx: Context) -> tuple[str | None, float]:
-    """Switch `current`, restart, wait for /ready: (None when ready, else why not; when the old app was stopped)."""
-    sh.run(common.write_file_argv(bare.env_path(t)), stdin=common.env_file({**bare.app_env(t), **ctx.secrets}), what="write the env file")
+def config_text(t: Target, ctx: Context) -> str:
+    """The env file a release deployed now runs with: its settings and secrets."""
+    return common.env_file({**bare.app_env(t), **ctx.secrets})
+
+
+def config_digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def write_config(sh: Shell, t: Target, version: str, text: str) -> None:
+    """The release's own env file (0600) and its digest: written into the release, so no other release's start can change it."""
+    sh.run(common.write_file_argv(bare.env_path(t, version)), stdin=text, what="write the release's env file")
+    sh.run(rc.mark_argv(bare.config_mark(t, version), config_digest(text)), what="record the configuration's digest")
+
+
+def ensure_config(sh: Shell, t: Target, version: str, ctx: Context) -> None:
+    """A release installed before configurations belonged to releases has none: it gets today's, once."""
+    if sh.run(rc.exists_argv(bare.env_path(t, version)), kind="query").exit_code != 0:
+        sh.say(f"{version} has no configuration of its own; writing the current settings into it")
+        write_config(sh, t, version, config_text(t, ctx))
+
+
+def start_bare(sh: Shell, t: Target, version: str) -> tuple[str | None, float]:
+    """Switch `current` (and with it the configuration), restart, wait for /ready: (None when ready, else why not; when the old app was stopped)."""
     if t.process_manager == "systemd":
         sh.run(common.write_file_argv(bare.unit_path(t)), stdin=bare.unit_text(t), what="write the systemd unit")
     sh.run(bare.switch_argv(t, version), what="switch current")
@@ -143,19 +164,26 @@ def start_bare(sh: Shell, t: Target, version: str, ctx: Context) -> tuple[str | 
 def deploy_bare(sh: Shell, t: Target, ctx: Context) -> Deployment:
     rel = ctx.release
     assert rel is not None  # plan() builds one whenever a bare host is deployed
+    config = config_text(t, ctx)
     old = sh.run(bare.current_argv(t), kind="query").stdout.strip() or None
-    if old == rel.version and serving(sh, t, bare.alive_argv(t)) and _installed(sh, t, rel):
+    if old == rel.version and serving(sh, t, bare.alive_argv(t)) and _installed(sh, t, rel) and _configured(sh, t, rel.version, config):
         return Deployment(old, rel.version, "unchanged")
     install_release(sh, t, rel)
     fetch_release_models(sh, t, rel, ctx)
+    write_config(sh, t, rel.version, config)
     sh.say(f"starting {rel.version}" + (f" in place of {old}" if old else ""))
-    why, since = start_bare(sh, t, rel.version, ctx)
+    why, since = start_bare(sh, t, rel.version)
     if why is None:
         done = _down_since(Deployment(old, rel.version, "deployed"), since)
-        sh.run(common.record_argv(t.prefix, rel.version), what="record the release")
+        sh.run(common.record_argv(t.prefix, rel.version, bare.config_mark(t, rel.version)), what="record the release")
         _prune(sh, t, rel.version, old)
         return done
-    return _down_since(fall_back(sh, t, old, rel.version, why, lambda v: start_bare(sh, t, v, ctx)[0], lambda: sh.run(bare.stop_argv(t), kind="query")), since)
+
+    def restore(version: str) -> str | None:
+        ensure_config(sh, t, version, ctx)
+        return start_bare(sh, t, version)[0]
+
+    return _down_since(fall_back(sh, t, old, rel.version, why, restore, lambda: sh.run(bare.stop_argv(t), kind="query")), since)
 
 
 def rollback_bare(sh: Shell, t: Target, ctx: Context) -> Deployment:
@@ -164,12 +192,17 @@ def rollback_bare(sh: Shell, t: Target, ctx: Context) -> Deployment:
     if target is None or sh.run(rc.exists_argv(f"{bare.release_dir(t, target)}/.complete"), kind="query").exit_code != 0:
         raise ConfigError(f"{t.name}: no previous release to roll back to (current: {current or 'none'}).")
     sh.say(f"rolling back {current} -> {target}")
-    why, since = start_bare(sh, t, target, ctx)
+    ensure_config(sh, t, target, ctx)
+    why, since = start_bare(sh, t, target)
     if why is None:
         done = _down_since(Deployment(current, target, "reverted"), since)
-        sh.run(common.record_argv(t.prefix, target), what="record the release")
+        sh.run(common.record_argv(t.prefix, target, bare.config_mark(t, target)), what="record the release")
         return done
-    return _down_since(fall_back(sh, t, current, target, why, lambda v: start_bare(sh, t, v, ctx)[0], lambda: None, back="restored"), since)
+    return _down_since(fall_back(sh, t, current, target, why, lambda v: start_bare(sh, t, v)[0], lambda: None, back="restored"), since)
+
+
+def _configured(sh: Shell, t: Target, version: str, config: str) -> bool:
+    return sh.run(rc.marked_argv(bare.config_mark(t, version), config_digest(config)), kind="query").exit_code == 0
 
 
 def _installed(sh: Shell, t: Target, rel: Release) -> bool:
@@ -177,7 +210,7 @@ def _installed(sh: Shell, t: Target, rel: Release) -> bool:
 
 
 def _prune(sh: Shell, t: Target, new: str, old: str | None) -> None:
-    history = [v.strip() for v in sh.run(common.history_argv(t.prefix), kind="query").stdout.splitlines() if v.strip()]
+    history = common.history_versions(sh.run(common.history_argv(t.prefix), kind="query").stdout)
     keep = list(dict.fromkeys([new, *([old] if old else []), *reversed(history)]))[: t.keep_releases]
     sh.run(bare.prune_argv(t, keep), what="prune old releases")
 
@@ -218,8 +251,19 @@ def rollback_docker(sh: Shell, t: Target, ctx: Context) -> Deployment:
     return _swap_container(sh, t, ctx, current, target, done="reverted", back="restored")
 
 
+def check_gpus(sh: Shell, t: Target) -> None:
+    """Before anything stops: a host asked for GPUs must be able to give them to a container."""
+    argv = docker.gpu_check_argv(t)
+    if argv is not None and sh.run(argv, kind="query").exit_code != 0:
+        need = ("the NVIDIA Container Toolkit with Docker's nvidia runtime (`nvidia-ctk runtime configure --runtime=docker`, then restart dockerd)"
+                if t.engine == "docker" else "a CDI spec for the GPUs (`nvidia-ctk cdi generate --output=/etc/cdi/nvidia.yaml`)")
+        raise StepFailedError(f"{t.name}: gpus is {t.gpus!r} but the host cannot give GPUs to a container: nvidia-smi must answer, and {t.engine} needs {need}. "
+                              "Install the NVIDIA driver and toolkit there, or set gpus to \"\" for a CPU host.", host=t.name, step="gpu check")
+
+
 def _swap_container(sh: Shell, t: Target, ctx: Context, old: str | None, ref: str, *, done: Result, back: Result) -> Deployment:
     """Start `ref` in place of the serving container; keep it if ready, else put the old one back."""
+    check_gpus(sh, t)
     why, since = start_docker(sh, t, ref, ctx)
     if why is None:
         d = _down_since(Deployment(_tag(old), _tag(ref), done), since)

@@ -189,8 +189,7 @@ def build(req: BuildRequest, *, dry_run: bool = False, echo: bool = True) -> Bui
         try:
             output = run_streaming(argv, cwd=req.context, env=build_env(spec.engine)) if echo else run(argv, cwd=req.context, env=build_env(spec.engine)).decode()
         except CommandError as exc:
-            raise ImageError(f"the image build failed (exit {exc.returncode}); the engine's output is above. Common causes: the hub is unreachable from the build "
-                             "(set HF_ENDPOINT, proxies), a missing CA bundle behind a proxy (--ca-bundle).", argv=argv, returncode=exc.returncode) from exc
+            raise ImageError(build_failure(exc), argv=argv, returncode=exc.returncode) from exc
         seconds = time.monotonic() - start
     image = spec.tags[0]
     size = int(run(inspect_size_argv(spec.engine, image)).decode().strip() or 0)
@@ -206,6 +205,19 @@ def build(req: BuildRequest, *, dry_run: bool = False, echo: bool = True) -> Bui
         model_stage_cached=model_stage_cached(output) if spec.models else None,
         argv=argv,
     )
+
+
+def build_failure(exc: CommandError) -> str:
+    """What a failed build most likely needs, from what the engine printed."""
+    output = exc.stderr
+    if "buildx component is missing" in output or "buildx: not found" in output:
+        return ("this docker CLI has BuildKit on but no buildx plugin, which bakehouse's build secrets need. Install the buildx plugin "
+                "(docker-buildx-plugin), put a docker CLI that builds with BuildKit first on PATH (Debian's docker.io: /usr/bin/docker), or pass --engine podman.")
+    if "failed to resolve source metadata" in output or "pull access denied" in output or "manifest unknown" in output:
+        return (f"the image build failed (exit {exc.returncode}): the engine could not find the base image. Pull or load it first "
+                "(scripts/make-base-image.sh makes a local one), or pass --base-image.")
+    return (f"the image build failed (exit {exc.returncode}); the engine's output is above. Common causes: the hub is unreachable from the build "
+            "(set HF_ENDPOINT, proxies), a missing CA bundle behind a proxy (--ca-bundle).")
 
 
 @dataclass
