@@ -6,8 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # git + git-lfs: the git source; podman & co, debootstrap, docker-registry, htpasswd: the image tests;
-# openssh-server: this machine as a Docker host over SSH in the deploy tests.
-APT_PACKAGES=(git git-lfs podman buildah runc uidmap debootstrap docker-registry apache2-utils openssh-server)
+# openssh-server: this machine as a Docker host over SSH in the deploy tests; docker.io: the Docker engine the image and deploy tests also run on.
+APT_PACKAGES=(git git-lfs podman buildah runc uidmap debootstrap docker-registry apache2-utils openssh-server docker.io)
 sudo=""
 [ "$(id -u)" = 0 ] || sudo=sudo
 missing=()
