@@ -5,8 +5,15 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
-from ops.settings import default_lock, default_manifest, default_models_dir, env_flag, env_number
+import torch
+
+from app.engine import DevicePlan, pick_device
+from ops.settings import choice, default_lock, default_manifest, default_models_dir, env_flag, env_number
+
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+DTYPES: tuple[Dtype, ...] = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -17,10 +24,20 @@ class Settings:
     manifest: Path
     host: str = "0.0.0.0"
     port: int = 8000
-    max_batch: int = 16
-    max_wait_ms: float = 10.0
+    max_batch: int = 32  # running requests (rows) at once
+    step_tokens: int = 512  # tokens one step may process: the running rows plus a chunk of a waiting prompt
+    max_queue: int = 256  # sequences waiting for a row; more is 429 with Retry-After
     max_tokens_limit: int = 512
+    max_body_bytes: int = 4 << 20  # a larger request body is 413, refused before it is read whole
+    max_prompt_chars: int = 200_000  # checked before tokenizing
+    max_choices: int = 64  # prompts x n in one request
+    dtype: Dtype = "auto"
     allow_pickle: bool = False
+
+    def device_plan(self) -> DevicePlan:
+        cuda = torch.cuda.is_available()
+        plan = pick_device(cuda, cuda and torch.cuda.is_bf16_supported())
+        return plan if self.dtype == "auto" else DevicePlan(plan.device, getattr(torch, self.dtype))
 
     @classmethod
     def from_env(cls, **overrides: object) -> Settings:
@@ -31,9 +48,14 @@ class Settings:
             "manifest": default_manifest(),
             "host": os.environ.get("HOST") or "0.0.0.0",
             "port": env_number("PORT", 8000, maximum=65535),
-            "max_batch": env_number("BAKEHOUSE_MAX_BATCH", 16),
-            "max_wait_ms": env_number("BAKEHOUSE_MAX_WAIT_MS", 10, float),
-            "max_tokens_limit": env_number("BAKEHOUSE_MAX_TOKENS", 512),
+            "max_batch": env_number("BAKEHOUSE_MAX_BATCH", cls.max_batch, maximum=1024),
+            "step_tokens": env_number("BAKEHOUSE_STEP_TOKENS", cls.step_tokens, minimum=32),
+            "max_queue": env_number("BAKEHOUSE_MAX_QUEUE", cls.max_queue),
+            "max_tokens_limit": env_number("BAKEHOUSE_MAX_TOKENS", cls.max_tokens_limit),
+            "max_body_bytes": env_number("BAKEHOUSE_MAX_BODY_BYTES", cls.max_body_bytes, minimum=1024),
+            "max_prompt_chars": env_number("BAKEHOUSE_MAX_PROMPT_CHARS", cls.max_prompt_chars),
+            "max_choices": env_number("BAKEHOUSE_MAX_CHOICES", cls.max_choices),
+            "dtype": choice("BAKEHOUSE_DTYPE", os.environ.get("BAKEHOUSE_DTYPE") or None, DTYPES, default="auto"),
             "allow_pickle": env_flag("BAKEHOUSE_ALLOW_PICKLE", False),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})

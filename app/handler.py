@@ -1,4 +1,4 @@
-"""The first seed's serverless handler, on the same verified engine and the same request checks as the HTTP API.
+"""The first seed's serverless handler, on the same verified engine, scheduler and request checks as the HTTP API.
 
     handler({"input": {"prompt": "Hello", "max_tokens": 32}})
     -> {"text": "...", "finish_reason": "length", "usage": {...}}
@@ -15,15 +15,19 @@ from typing import Any
 from pydantic import ValidationError
 
 from app.config import Settings
-from app.engine import Engine, load_verified
-from app.schemas import ApiError, CompletionRequest, prompts_of, sampling, validation_error
+from app.engine import load_verified
+from app.metrics import Metrics
+from app.scheduler import Scheduler, complete
+from app.schemas import ApiError, CompletionRequest, check_text, prompts_of, sampling, validation_error
 
 DEFAULTS = {"max_tokens": 64, "temperature": 0.0}
 
 
 @functools.cache
-def engine() -> Engine:
-    return load_verified(Settings.from_env()).engine
+def scheduler() -> Scheduler:
+    settings = Settings.from_env()
+    engine = load_verified(settings).engine
+    return Scheduler(engine, Metrics(), max_batch=settings.max_batch, step_tokens=settings.step_tokens, max_queue=settings.max_queue)
 
 
 def handler(job: dict[str, Any]) -> dict[str, Any]:
@@ -35,13 +39,18 @@ def handler(job: dict[str, Any]) -> dict[str, Any]:
         body = CompletionRequest.model_validate({**DEFAULTS, **params, "model": settings.model})
         if not isinstance(body.prompt, str):
             raise ApiError(400, "prompt: give one string", param="prompt")
+        check_text(body.prompt, "prompt")
         [prompt] = prompts_of(body)
-        checked = sampling(body, settings.max_tokens_limit, max_tokens=body.max_tokens)
+        checked = sampling(body, settings.max_tokens_limit, max_tokens=body.max_tokens if body.max_tokens is not None else DEFAULTS["max_tokens"])
     except ValidationError as exc:
         return {"error": f"input.{validation_error(exc).message}"}
     except ApiError as exc:
         return {"error": f"input.{exc.message}"}
-    result = engine().complete(prompt, max_tokens=checked["max_tokens"], temperature=checked["temperature"])
+    s = scheduler()
+    ids = s.engine.encode(str(prompt))
+    if len(ids) >= s.engine.context:
+        return {"error": f"input.prompt is {len(ids)} tokens; this model's context is {s.engine.context} tokens"}
+    result = complete(s, ids, checked)
     usage = {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens}
     return {"text": result.text, "finish_reason": result.finish_reason, "usage": usage}
 

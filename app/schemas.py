@@ -1,4 +1,8 @@
-"""OpenAI-compatible request bodies and their checks (HTTP API and serverless handler alike). Strict types: '5' is not a number of tokens."""
+"""OpenAI-compatible request bodies and their checks (HTTP API and serverless handler alike).
+
+Strict types ('5' is not a number of tokens); unknown OpenAI parameters
+(user, …) are accepted and ignored, as OpenAI-compatible servers do.
+"""
 
 from __future__ import annotations
 
@@ -8,77 +12,157 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from app.sampling import SamplingParams
 from ops.errors import BakehouseError
 
+Prompt = str | list[str] | list[int] | list[list[int]]
 
-class _Request(BaseModel):
-    # Unknown OpenAI parameters (user, logprobs, …) are accepted and ignored, as most servers do.
+
+class _Strict(BaseModel):
     model_config = ConfigDict(strict=True, extra="allow")
 
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _Request(_Strict):
     model: str
-    temperature: float = Field(default=1.0)
-    top_p: float = Field(default=1.0)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
     stream: bool = False
+    stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    min_tokens: int = 0
+    ignore_eos: bool = False
     n: int = 1
+    seed: int | None = None
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
 
 
 class CompletionRequest(_Request):
-    prompt: str | list[str]
-    max_tokens: int = 16
+    prompt: Prompt
+    max_tokens: int | None = 16
+    echo: bool = False
+    logprobs: int | None = None
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(strict=True, extra="allow")
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
 
+
+class ChatMessage(_Strict):
     role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str
+    content: str | list[TextPart] | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
 
 
 class ChatRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+
+
+class TokenizeRequest(_Strict):
+    model: str
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = False
+
+
+class DetokenizeRequest(_Strict):
+    model: str
+    tokens: list[int]
 
 
 class ApiError(BakehouseError):
     """A request the API refuses: its HTTP status and the OpenAI-style error body."""
 
-    def __init__(self, status: int, message: str, *, type_: str = "invalid_request_error", param: str | None = None, code: str | None = None):
+    def __init__(self, status: int, message: str, *, type_: str = "invalid_request_error", param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.status, self.message, self.type, self.param, self.code, self.headers = status, message, type_, param, code, headers
 
     def response(self) -> JSONResponse:
-        return JSONResponse({"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}, status_code=self.status)
+        return JSONResponse({"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}, status_code=self.status,
+                            headers=self.headers)
 
 
-def sampling(body: CompletionRequest | ChatRequest, limit: int, *, max_tokens: int) -> dict[str, Any]:
+def _between(name: str, value: float, low: float, high: float, *, low_open: bool = False) -> None:
+    if value < low or value > high or (low_open and value == low):
+        bounds = f"above {low:g} and at most {high:g}" if low_open else f"between {low:g} and {high:g}"
+        raise ApiError(400, f"{name} must be {bounds}, got {value}.", param=name)
+
+
+def sampling(body: CompletionRequest | ChatRequest, limit: int, *, max_tokens: int, logprobs: int | None = None, echo: bool = False) -> SamplingParams:
     """The sampling settings a request asks for, checked against this server's limits."""
     if not 1 <= max_tokens <= limit:
         raise ApiError(400, f"max_tokens must be between 1 and {limit} on this server, got {max_tokens}.", param="max_tokens")
-    if not 0 <= body.temperature <= 2:
-        raise ApiError(400, f"temperature must be between 0 and 2, got {body.temperature}.", param="temperature")
-    if not 0 < body.top_p <= 1:
-        raise ApiError(400, f"top_p must be in (0, 1], got {body.top_p}.", param="top_p")
-    if body.n != 1:
-        raise ApiError(400, "n must be 1 on this server; send several requests instead (they are batched together).", param="n")
+    _between("temperature", body.temperature, 0, 2)
+    _between("top_p", body.top_p, 0, 1, low_open=True)
+    _between("min_p", body.min_p, 0, 1)
+    _between("presence_penalty", body.presence_penalty, -2, 2)
+    _between("frequency_penalty", body.frequency_penalty, -2, 2)
+    _between("repetition_penalty", body.repetition_penalty, 0, 2, low_open=True)
+    if body.top_k < -1:
+        raise ApiError(400, f"top_k must be -1 or 0 (off) or a positive number, got {body.top_k}.", param="top_k")
+    if body.n < 1:
+        raise ApiError(400, f"n must be at least 1, got {body.n}.", param="n")
+    if not 0 <= body.min_tokens <= max_tokens:
+        raise ApiError(400, f"min_tokens must be between 0 and max_tokens ({max_tokens}), got {body.min_tokens}.", param="min_tokens")
+    if logprobs is not None and not 0 <= logprobs <= 20:
+        raise ApiError(400, f"logprobs must be between 0 and 20, got {logprobs}.", param="logprobs")
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    return {"max_tokens": max_tokens, "temperature": body.temperature, "top_p": body.top_p, "stop": stop}
+    if len(stop) > 16 or any(len(s) > 512 for s in stop):
+        raise ApiError(400, "stop: at most 16 strings of at most 512 characters.", param="stop")
+    return SamplingParams(
+        max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=max(body.top_k, 0), min_p=body.min_p,
+        presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty, repetition_penalty=body.repetition_penalty,
+        stop=tuple(s for s in stop if s), stop_token_ids=tuple(body.stop_token_ids or ()), min_tokens=body.min_tokens, ignore_eos=body.ignore_eos,
+        seed=body.seed, logprobs=logprobs, prompt_logprobs=echo and logprobs is not None,
+    )
 
 
-def prompts_of(body: CompletionRequest) -> list[str]:
-    """The request's prompts: one string, or a list of them (not streamed); none of them empty."""
-    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-    if not prompts or (body.stream and len(prompts) != 1):
-        raise ApiError(400, "prompt: give one string (or a list of strings without stream)", param="prompt")
-    if any(not p for p in prompts):
+def prompts_of(body: CompletionRequest) -> list[str | list[int]]:
+    """The request's prompts, each text or token ids: one, or a list of them; none empty."""
+    p = body.prompt
+    prompts: list[str | list[int]] = [p] if isinstance(p, str) else ([p] if p and isinstance(p[0], int) else list(p))  # type: ignore[list-item]
+    if not prompts:
+        raise ApiError(400, "prompt: give a string, a list of strings, a list of token ids, or a list of such lists.", param="prompt")
+    if any(len(x) == 0 for x in prompts):
         raise ApiError(400, "prompt: must not be empty", param="prompt")
     return prompts
 
 
+def check_text(value: Any, param: str) -> None:
+    """Text the tokenizer can take: valid Unicode (a lone surrogate from JSON's \\ud800 is not)."""
+    texts = [value] if isinstance(value, str) else [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
+    for text in texts:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ApiError(400, f"{param}: not valid Unicode text (a lone surrogate at character {exc.start}).", param=param) from exc
+
+
 def validation_error(exc: RequestValidationError | ValidationError) -> ApiError:
     first = exc.errors()[0] if exc.errors() else {}
-    if first.get("type") == "json_invalid":
+    if first.get("type") in ("json_invalid", "json_type"):
         return ApiError(400, f"the request body is not valid JSON ({first.get('ctx', {}).get('error', 'parse error')}).", code="invalid_json")
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     param = ".".join(loc) or None

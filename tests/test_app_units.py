@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from app.engine import NotServableError, check_weights_format, first_stop, pick_device, sample
+from app.engine import NotServableError, check_weights_format, pick_device
+from app.sampling import RowState, SamplingParams, sample
+from app.scheduler import first_stop, stop_prefix
 from ops.models.lock import LockedFile, LockedModel
 
 
@@ -29,17 +31,33 @@ def test_safetensors_preferred_and_pickle_refused_unless_allowed() -> None:
 
 def test_sample_is_greedy_at_temperature_zero_per_row() -> None:
     logits = torch.tensor([[0.0, 5.0, 1.0], [3.0, 0.0, 0.0]])
-    assert sample(logits, torch.tensor([0.0, 0.0]), torch.tensor([1.0, 1.0])).tolist() == [1, 0]
+    rows = [RowState(SamplingParams(max_tokens=1, temperature=0), [0]), RowState(SamplingParams(max_tokens=1, temperature=0), [0])]
+    assert sample(logits, rows, eos=None) == [1, 0]
     torch.manual_seed(0)
-    hot = sample(logits.repeat(50, 1), torch.tensor([0.0, 1.0] * 50), torch.tensor([1.0, 0.01] * 50))
-    assert hot[0::2].tolist() == [1] * 50  # greedy rows stay greedy
-    assert hot[1::2].tolist() == [0] * 50  # top_p 0.01 keeps only the most likely token
+    mixed = [RowState(SamplingParams(max_tokens=1, temperature=t, top_p=p), [0]) for t, p in [(0.0, 1.0), (1.0, 0.01)] * 50]
+    hot = sample(logits.repeat(50, 1), mixed, eos=None)
+    assert hot[0::2] == [1] * 50  # greedy rows stay greedy
+    assert hot[1::2] == [0] * 50  # top_p 0.01 keeps only the most likely token
+
+
+def test_seeds_repeat_and_penalties_and_limits_steer() -> None:
+    logits = torch.zeros(1, 50)
+    draws = [sample(logits, [RowState(SamplingParams(max_tokens=1, seed=7), [0], generator=torch.Generator().manual_seed(7))], None) for _ in range(3)]
+    assert draws[0] == draws[1] == draws[2]
+    flat = torch.tensor([[1.0, 1.0, 0.0]])
+    row = RowState(SamplingParams(max_tokens=4, temperature=0, presence_penalty=2.0), [2], generated=[0])
+    row.counts[0] = 1
+    assert sample(flat, [row], None) == [1]  # token 0 was said already
+    assert sample(torch.tensor([[0.0, 9.0, 0.0]]), [RowState(SamplingParams(max_tokens=4, temperature=0, min_tokens=2), [0])], eos=1) == [0]
+    assert sample(torch.tensor([[0.0, 9.0, 1.0]]), [RowState(SamplingParams(max_tokens=4, temperature=1.0, top_k=1), [0])], None) == [1]
 
 
 def test_first_stop() -> None:
     assert first_stop("locked, fetched", [",", "fetched"]) == 6
     assert first_stop("locked", [","]) is None
     assert first_stop("x", [""]) is None
+    assert stop_prefix("the end\n", ["\n\n"], 0) == 1  # a newline may start "\n\n": held back
+    assert stop_prefix("the end", ["\n\n"], 0) == 0
 
 
 def test_bad_numeric_settings_name_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -53,6 +71,10 @@ def test_bad_numeric_settings_name_the_variable(monkeypatch: pytest.MonkeyPatch)
     with pytest.raises(ConfigError, match="must be above zero"):
         Settings.from_env()
     monkeypatch.setenv("BAKEHOUSE_MAX_BATCH", "8")
-    monkeypatch.setenv("BAKEHOUSE_MAX_WAIT_MS", "2.5")
+    monkeypatch.setenv("BAKEHOUSE_STEP_TOKENS", "256")
+    monkeypatch.setenv("BAKEHOUSE_DTYPE", "bfloat16")
     s = Settings.from_env()
-    assert (s.max_batch, s.max_wait_ms) == (8, 2.5)
+    assert (s.max_batch, s.step_tokens, s.device_plan().dtype) == (8, 256, torch.bfloat16)
+    monkeypatch.setenv("BAKEHOUSE_DTYPE", "fp8")
+    with pytest.raises(ConfigError, match="BAKEHOUSE_DTYPE"):
+        Settings.from_env()

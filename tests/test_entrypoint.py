@@ -144,10 +144,10 @@ def test_serverless_handler(demo_project: Project, monkeypatch: pytest.MonkeyPat
         monkeypatch.setenv(key, value)
     from app import handler
 
-    handler.engine.cache_clear()
+    handler.scheduler.cache_clear()
     out = handler.handler({"input": {"prompt": "The weights are", "max_tokens": 8}})
     assert out["text"].startswith(" locked, fetched") and out["usage"]["completion_tokens"] == 8
     assert "error" in handler.handler({"input": {"prompt": "", "max_tokens": 8}})
     assert "error" in handler.handler({"input": {"prompt": "x", "max_tokens": 0}})
     assert "error" in handler.handler({"prompt": "x"})
-    handler.engine.cache_clear()
+    handler.scheduler.cache_clear()

@@ -1,0 +1,123 @@
+"""Per-request sampling over one batch of logits: every row keeps its own settings.
+
+Greedy at temperature 0; otherwise penalties (presence, frequency,
+repetition), temperature, top-k, top-p and min-p, then a draw, from the row's
+own generator when the request gave a seed (the same seed gives the same
+text). Logprobs are those of the model's own distribution (before any of the
+above), as OpenAI-compatible servers report them.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    seed: int | None = None
+    logprobs: int | None = None  # None: off; N: the chosen token's logprob and the N most likely
+    prompt_logprobs: bool = False  # echo with logprobs: each prompt token's logprob too
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass
+class RowState:
+    """What sampling needs to know of one running request."""
+
+    params: SamplingParams
+    prompt: Sequence[int]
+    generated: list[int] = field(default_factory=list)
+    generator: torch.Generator | None = None
+    counts: Counter[int] = field(default_factory=Counter)
+
+    def blocked(self, eos: int | None) -> list[int]:
+        """Tokens that may not end the text yet (min_tokens), or ever (ignore_eos)."""
+        p = self.params
+        out = {eos} if p.ignore_eos and eos is not None else set()
+        if len(self.generated) < p.min_tokens:
+            out |= ({eos} if eos is not None else set()) | set(p.stop_token_ids)
+        return sorted(out)
+
+
+def _penalize(logits: torch.Tensor, row: RowState) -> None:
+    p = row.params
+    if p.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(row.prompt) | set(row.generated)), dtype=torch.long, device=logits.device)
+        values = logits[seen]
+        logits[seen] = torch.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
+    if row.counts and (p.presence_penalty or p.frequency_penalty):
+        ids = torch.tensor(list(row.counts), dtype=torch.long, device=logits.device)
+        counts = torch.tensor(list(row.counts.values()), dtype=logits.dtype, device=logits.device)
+        logits[ids] -= p.presence_penalty + p.frequency_penalty * counts
+
+
+def _truncate(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    if p.top_k and p.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, p.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if p.min_p > 0:
+        probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
+    if p.top_p < 1.0:
+        sorted_p, order = probs.sort(descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p > p.top_p
+        probs = probs.scatter(0, order, sorted_p.masked_fill(drop, 0.0))
+    return probs
+
+
+def sample(logits: torch.Tensor, rows: Sequence[RowState], eos: int | None) -> list[int]:
+    """One token per row from `logits` [rows, vocab] (float32)."""
+    greedy_all = all(r.params.greedy and not r.blocked(eos) and r.params.repetition_penalty == 1.0 and not (r.params.presence_penalty or r.params.frequency_penalty)
+                     for r in rows)
+    if greedy_all:
+        return logits.argmax(dim=-1).tolist()
+    chosen = []
+    for i, row in enumerate(rows):
+        x = logits[i].clone()
+        blocked = row.blocked(eos)
+        if blocked:
+            x[blocked] = float("-inf")
+        _penalize(x, row)
+        if row.params.greedy:
+            chosen.append(int(x.argmax()))
+            continue
+        probs = _truncate(x / row.params.temperature, row.params)
+        chosen.append(int(torch.multinomial(probs, 1, generator=row.generator)))
+    return chosen
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def logprobs_of(logits: torch.Tensor, tokens: Sequence[int], top: int) -> list[TokenLogprob]:
+    """The model's logprob of each chosen token (one per row of `logits`) and its `top` alternatives."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    picked = logp.gather(-1, torch.tensor(tokens, device=logp.device)[:, None]).squeeze(-1).tolist()
+    tops: list[tuple[tuple[int, float], ...]] = [()] * len(tokens)
+    if top:
+        values, ids = logp.topk(top, dim=-1)
+        tops = [tuple(zip(i.tolist(), v.tolist(), strict=True)) for i, v in zip(ids, values, strict=True)]
+    return [TokenLogprob(t, lp, tp) for t, lp, tp in zip(tokens, picked, tops, strict=True)]
