@@ -20,14 +20,14 @@ RUN --mount=type=secret,id=ca_bundle,required=false \
     bakehouse-pip-install $(python3 -c 'import tomllib; print(" ".join(tomllib.load(open("/app/pyproject.toml", "rb"))["project"]["dependencies"]))')
 
 FROM base AS models
-COPY ops/__init__.py ops/errors.py ops/units.py ops/runner.py /app/ops/
+COPY ops/__init__.py ops/errors.py ops/units.py ops/runner.py ops/settings.py /app/ops/
 COPY ops/models /app/ops/models
 COPY models.toml models.lock /app/
 COPY docker/fetch-models.sh /usr/local/bin/bakehouse-fetch-models
 ARG MODELS=""
 ARG HF_HUB_DISABLE_XET=""
 RUN --mount=type=secret,id=hf_token,required=false \
-    --mount=type=secret,id=hf_endpoint,required=false \
+    --mount=type=secret,id=hub_endpoint,required=false \
     --mount=type=secret,id=ca_bundle,required=false \
     bakehouse-fetch-models
 

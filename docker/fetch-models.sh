@@ -2,7 +2,7 @@
 # The `models` stage: fetch (download + full verify + activate) the models named
 # in $MODELS into /models; with none, leave an empty store (an unbaked image).
 # The HF token and endpoint (which may carry credentials) are read from the
-# `hf_token` and `hf_endpoint` build secrets into this process only.
+# `hf_token` and `hub_endpoint` build secrets into this process only.
 set -eu
 mkdir -p /models
 if [ -z "${MODELS:-}" ]; then
@@ -13,8 +13,8 @@ if [ -s /run/secrets/hf_token ]; then
   HF_TOKEN="$(cat /run/secrets/hf_token)"
   export HF_TOKEN
 fi
-if [ -s /run/secrets/hf_endpoint ]; then
-  HF_ENDPOINT="$(cat /run/secrets/hf_endpoint)"
+if [ -s /run/secrets/hub_endpoint ]; then
+  HF_ENDPOINT="$(cat /run/secrets/hub_endpoint)"
   export HF_ENDPOINT
 fi
 if [ -s /run/secrets/ca_bundle ]; then

@@ -17,7 +17,7 @@ def test_podman_build_argv() -> None:
         "podman", "build", "--file=/src/Dockerfile", "--target=runtime", "--format=docker", "--tag=bakehouse:abc-demo",
         "--build-arg=BASE_IMAGE=base:1", "--build-arg=MODELS=demo", "--build-arg=TORCH_SPEC=torch==2.13.0", "--build-arg=TORCH_INDEX_URL=",
         "--build-arg=HF_HUB_DISABLE_XET=1", "--build-arg=GIT_REVISION=abc", "--build-arg=https_proxy=http://proxy:3128",
-        "--secret=id=hf_token,src=/tmp/tok", "--secret=id=hf_endpoint,src=/tmp/ep", "--secret=id=ca_bundle,src=/etc/ca.crt", "--network=host", "/src",
+        "--secret=id=hf_token,src=/tmp/tok", "--secret=id=hub_endpoint,src=/tmp/ep", "--secret=id=ca_bundle,src=/etc/ca.crt", "--network=host", "/src",
     ]
 
 
@@ -29,7 +29,7 @@ def test_docker_build_argv_uses_buildkit_plain_progress() -> None:
 
 def test_the_token_is_never_a_build_argument() -> None:
     argv = " ".join(build_argv(SPEC))
-    assert "HF_TOKEN" not in argv and "hf_" not in argv.replace("hf_token", "").replace("hf_endpoint", "")
+    assert "HF_TOKEN" not in argv and "hf_" not in argv.replace("hf_token", "")
     assert "HF_ENDPOINT" not in argv and "8090" not in argv
 
 

@@ -52,7 +52,7 @@ def build_argv(spec: BuildSpec) -> list[str]:
     }
     argv += [f"--build-arg={key}={value}" for key, value in args.items()]
     # Build secrets: in no layer, no history, no cache key (the endpoint may carry credentials, and a new one must not rebake).
-    for name, path in (("hf_token", spec.token_file), ("hf_endpoint", spec.endpoint_file), ("ca_bundle", spec.ca_bundle)):
+    for name, path in (("hf_token", spec.token_file), ("hub_endpoint", spec.endpoint_file), ("ca_bundle", spec.ca_bundle)):
         if path:
             argv.append(f"--secret=id={name},src={path}")
     if spec.network:
