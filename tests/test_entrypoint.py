@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import fcntl
+import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
 import pytest
 from appserver import start_app
-from helpers import HF_DEMO, Hub, Project, manifest
+from helpers import HF_DEMO, ROOT, Hub, Project, manifest
 
 
 @pytest.fixture
@@ -151,3 +154,19 @@ def test_serverless_handler(demo_project: Project, monkeypatch: pytest.MonkeyPat
     assert "error" in handler.handler({"input": {"prompt": "x", "max_tokens": 0}})
     assert "error" in handler.handler({"prompt": "x"})
     handler.scheduler.cache_clear()
+
+
+def test_the_runpod_sdk_runs_the_handler_in_its_local_test_mode(demo_project: Project) -> None:
+    """The first seed ran its handler under the RunPod worker SDK: its local test mode runs ours, once, and logs the job's result."""
+    assert demo_project.run("fetch", "--models", "demo").returncode == 0
+    env = env_for(demo_project, HF_HUB_OFFLINE="1")
+    job = {"input": {"prompt": "The weights are", "max_tokens": 8}}
+    expected = {"output": {"text": " locked, fetched, verified", "finish_reason": "length",
+                           "usage": {"prompt_tokens": 3, "completion_tokens": 8}}}
+    worker = [sys.executable, "-m", "app.handler", "--test_input", json.dumps(job)]
+    ok = subprocess.run(worker, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert f"Job result: {expected}" in ok.stdout and "Local testing complete" in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "app.handler", "--test_input", json.dumps({"input": {"prompt": "x", "max_tokens": 0}})],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert bad.returncode == 1 and "max_tokens must be between 1 and" in bad.stdout + bad.stderr
