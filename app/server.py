@@ -215,6 +215,7 @@ def create_app(settings: Settings) -> FastAPI:
                 bounded(p, settings, "prompt")
         ids = [await asyncio.to_thread(engine.encode, p) if isinstance(p, str) else check_ids(p, engine, "prompt") for p in prompts]
         max_tokens = body.max_tokens if body.max_tokens is not None else settings.max_tokens_limit
+        check_ids(body.stop_token_ids or [], engine, "stop_token_ids")
         params = sampling(body, settings.max_tokens_limit, max_tokens=max_tokens, logprobs=body.logprobs, echo=body.echo)
         run = Run.start(scheduler, engine, ids, params, body.n, metrics)
         reply = CompletionReply(run, engine, settings.model, body, ids)
@@ -236,6 +237,7 @@ def create_app(settings: Settings) -> FastAPI:
         requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         max_tokens = requested if requested is not None else min(256, settings.max_tokens_limit)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        check_ids(body.stop_token_ids or [], engine, "stop_token_ids")
         params = sampling(body, settings.max_tokens_limit, max_tokens=max_tokens, logprobs=logprobs)
         run = Run.start(scheduler, engine, ids, params, body.n, metrics)
         reply = ChatReply(run, engine, settings.model, body, ids)
