@@ -16,7 +16,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -85,47 +85,64 @@ def load_model(settings: Settings, state: State, metrics: Metrics) -> None:
 
 
 class BodyLimit:
-    """ASGI middleware: a request body over `limit` bytes is answered 413 without reading (or keeping) the rest of it."""
+    """ASGI middleware: a request body over `limit` bytes is answered 413 as soon as it is over (declared or counted), never read whole."""
 
     def __init__(self, app: ASGIApp, limit: int):
         self.app, self.limit = app, limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD"):
             await self.app(scope, receive, send)
             return
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            await self.refuse(send)
+            await self.refuse(scope, send)
             return
-        seen, started = 0, False
-
-        async def counted() -> Message:
-            nonlocal seen
+        # Read the body here, at most `limit` bytes of it, then hand it on: the app never sees a partial or oversized one.
+        messages: list[Message] = []
+        size = 0
+        while True:
             message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.limit:
-                raise _TooLarge
-            return message
+            messages.append(message)
+            size += len(message.get("body", b""))
+            if size > self.limit:
+                await self.refuse(scope, send)
+                return
+            if message["type"] != "http.request" or not message.get("more_body"):
+                break
 
-        async def tracking(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
+        async def replay() -> Message:
+            return messages.pop(0) if messages else await receive()
+
+        await self.app(scope, replay, send)
+
+    async def refuse(self, scope: Scope, send: Send) -> None:
+        error = ApiError(413, f"the request body is larger than this server accepts ({self.limit} bytes, BAKEHOUSE_MAX_BODY_BYTES).", code="request_too_large")
+        await error.response()(scope, _no_receive, send)
+
+
+class CountRequests:
+    """ASGI middleware: requests by route and status. Plain ASGI, so a client's disconnect still reaches the endpoint."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = [0]
+
+        async def seen(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
             await send(message)
 
         try:
-            await self.app(scope, counted, tracking)
-        except _TooLarge:
-            if not started:
-                await self.refuse(send)
-
-    async def refuse(self, send: Send) -> None:
-        await ApiError(413, f"the request body is larger than this server accepts ({self.limit} bytes, BAKEHOUSE_MAX_BODY_BYTES).",
-                       code="request_too_large").response()({"type": "http"}, _no_receive, send)
-
-
-class _TooLarge(Exception):
-    pass
+            await self.app(scope, receive, seen)
+        finally:
+            # Label by route, not raw path: a scanner's random URLs must not grow the series without bound.
+            self.metrics.requests.labels(getattr(scope.get("route"), "path", "unmatched"), str(status[0])).inc()
 
 
 async def _no_receive() -> Message:
@@ -143,13 +160,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.bakehouse = state
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
 
-    @app.middleware("http")
-    async def count(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        response = await call_next(request)
-        # Label by route, not raw path: a scanner's random URLs must not grow the series without bound.
-        route = request.scope.get("route")
-        metrics.requests.labels(getattr(route, "path", "unmatched"), str(response.status_code)).inc()
-        return response
+    app.add_middleware(CountRequests, metrics=metrics)
 
     @app.exception_handler(ApiError)
     async def api_error(_request: Request, exc: ApiError) -> JSONResponse:
