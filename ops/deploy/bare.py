@@ -144,8 +144,9 @@ def supervise_argv(t: Target, action: str) -> list[str]:
 def restart_argvs(t: Target) -> list[list[str]]:
     if t.process_manager == "systemd":
         # reset-failed: a release that crashed moments ago must not use up the start limit of the one that replaces it.
-        return [["systemctl", "daemon-reload"], ["systemctl", "reset-failed", t.service], ["systemctl", "enable", "--quiet", t.service],
-                ["systemctl", "restart", t.service]]
+        # (A unit that never ran is "not loaded" for reset-failed: nothing to reset.)
+        return [["systemctl", "daemon-reload"], ["sh", "-c", 'systemctl reset-failed "$1" 2>/dev/null || true', "sh", t.service],
+                ["systemctl", "enable", "--quiet", t.service], ["systemctl", "restart", t.service]]
     return [supervise_argv(t, "restart")]
 
 
