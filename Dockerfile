@@ -41,6 +41,11 @@ RUN --mount=type=secret,id=ca_bundle,required=false \
     fi
 RUN --mount=type=secret,id=ca_bundle,required=false \
     bakehouse-pip-install $(python3 -c 'import tomllib; print(" ".join(d for d in tomllib.load(open("/app/pyproject.toml", "rb"))["project"]["optional-dependencies"]["app"] if not d.startswith("torch")))')
+# GPU images serve with vLLM (BAKEHOUSE_ENGINE=vllm), installed beside the app.
+ARG APP_ENGINE=transformers
+ARG VLLM_SPEC=vllm
+RUN --mount=type=secret,id=ca_bundle,required=false \
+    if [ "$APP_ENGINE" = vllm ]; then bakehouse-pip-install "$VLLM_SPEC"; fi
 RUN useradd --system --uid 10001 --home-dir /app --shell /usr/sbin/nologin bakehouse
 # The model layer comes before any app code, and is stamped here, once, by the
 # same verifier the app runs at start; code changes below never touch it.
@@ -50,7 +55,7 @@ ARG MODELS=""
 RUN if [ -n "$MODELS" ]; then cd /app && python -m ops.models verify --full --models "$MODELS" --dest /models; fi
 COPY ops /app/ops
 COPY app /app/app
-ENV PYTHONPATH=/app MODELS_DIR=/models BAKEHOUSE_LOCK=/app/models.lock BAKEHOUSE_MANIFEST=/app/models.toml \
+ENV BAKEHOUSE_ENGINE=${APP_ENGINE} PYTHONPATH=/app MODELS_DIR=/models BAKEHOUSE_LOCK=/app/models.lock BAKEHOUSE_MANIFEST=/app/models.toml \
     HOST=0.0.0.0 PORT=8000 HF_HUB_DISABLE_TELEMETRY=1
 WORKDIR /app
 USER bakehouse

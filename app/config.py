@@ -14,6 +14,8 @@ from ops.settings import choice, default_lock, default_manifest, default_models_
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 DTYPES: tuple[Dtype, ...] = ("auto", "float32", "bfloat16", "float16")
+EngineName = Literal["transformers", "vllm"]
+ENGINES: tuple[EngineName, ...] = ("transformers", "vllm")
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,7 @@ class Settings:
     max_prompt_chars: int = 200_000  # checked before tokenizing
     max_choices: int = 64  # prompts x n in one request
     dtype: Dtype = "auto"
+    engine: EngineName = "transformers"
     allow_pickle: bool = False
 
     def device_plan(self) -> DevicePlan:
@@ -56,6 +59,7 @@ class Settings:
             "max_prompt_chars": env_number("BAKEHOUSE_MAX_PROMPT_CHARS", cls.max_prompt_chars),
             "max_choices": env_number("BAKEHOUSE_MAX_CHOICES", cls.max_choices),
             "dtype": choice("BAKEHOUSE_DTYPE", os.environ.get("BAKEHOUSE_DTYPE") or None, DTYPES, default="auto"),
+            "engine": choice("BAKEHOUSE_ENGINE", os.environ.get("BAKEHOUSE_ENGINE") or None, ENGINES, default="transformers"),
             "allow_pickle": env_flag("BAKEHOUSE_ALLOW_PICKLE", False),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})

@@ -7,9 +7,10 @@ talks to a hub.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -73,13 +74,16 @@ def verified_path(store: Store, lock_path: Path, name: str) -> tuple[LockedModel
 
 
 @dataclass(frozen=True)
-class Loaded:
-    engine: Engine
+class Verified:
+    model: LockedModel
+    directory: Path
+    safetensors_only: bool
     verify_seconds: float
 
 
-def load_verified(settings: Settings, on_state: Callable[[str, str], None] = lambda state, reason: None) -> Loaded:
-    """The one way the app gets a model: wait for a fetch in progress, quick verify, check the format, load."""
+@contextlib.contextmanager
+def verified(settings: Settings, on_state: Callable[[str, str], None] = lambda state, reason: None) -> Iterator[Verified]:
+    """The one way any engine gets a model: wait for a fetch in progress, quick verify, check the format; the store stays as verified inside."""
     store = Store(settings.models_dir)
     on_state("waiting", f"waiting for a fetch of {settings.model} in progress")
     with store.reading(settings.model):
@@ -87,10 +91,21 @@ def load_verified(settings: Settings, on_state: Callable[[str, str], None] = lam
         t0 = time.monotonic()
         model, directory = verified_path(store, settings.lock, settings.model)
         verify_seconds = time.monotonic() - t0
-        safetensors_only = check_weights_format(model, settings.allow_pickle)
-        on_state("loading", f"loading {settings.model} from {directory}")
-        engine = Engine(directory, name=settings.model, safetensors_only=safetensors_only, plan=settings.device_plan())
-    return Loaded(engine, verify_seconds)
+        yield Verified(model, directory, check_weights_format(model, settings.allow_pickle), verify_seconds)
+
+
+@dataclass(frozen=True)
+class Loaded:
+    engine: Engine
+    verify_seconds: float
+
+
+def load_verified(settings: Settings, on_state: Callable[[str, str], None] = lambda state, reason: None) -> Loaded:
+    """The transformers engine on the verified commit directory."""
+    with verified(settings, on_state) as v:
+        on_state("loading", f"loading {settings.model} from {v.directory}")
+        engine = Engine(v.directory, name=settings.model, safetensors_only=v.safetensors_only, plan=settings.device_plan())
+    return Loaded(engine, v.verify_seconds)
 
 
 class Engine:

@@ -37,7 +37,8 @@ def machine() -> dict[str, str]:
 
 
 def random_lm(kind: str) -> Path:
-    """A random-weight causal LM with the demo tokenizer: `tiny` (GPT-2, 2 layers), `1g` (Llama, ~1 GB fp32), `1b` (Llama, ~1B params, bf16).
+    """A random-weight causal LM with the demo tokenizer: `tiny` (GPT-2, 2 layers), `130m` (Llama, ~130M params), `1g` (Llama, ~1 GB fp32),
+    `1b` (Llama, ~1B params, bf16).
 
     Made once, kept under bench/work/models/ for every benchmark.
     """
@@ -50,6 +51,9 @@ def random_lm(kind: str) -> Path:
     common = {"vocab_size": 401, "bos_token_id": 400, "eos_token_id": 400}
     if kind == "tiny":
         model = GPT2LMHeadModel(GPT2Config(n_positions=4096, n_embd=128, n_layer=2, n_head=4, **common))
+    elif kind == "130m":
+        model = LlamaForCausalLM(LlamaConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=14, num_attention_heads=12,
+                                             num_key_value_heads=12, max_position_embeddings=2048, **common))
     elif kind == "1g":
         model = LlamaForCausalLM(LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=20, num_attention_heads=16,
                                              num_key_value_heads=8, max_position_embeddings=4096, **common))

@@ -1,6 +1,7 @@
 """Serving benchmark: start-to-ready and tokens/s under concurrency, against plain transformers.
 
     .venv/bin/python bench/serve.py [--model tiny|1b] [--requests 32] [--max-tokens 32]
+    .venv/bin/python bench/serve.py --vs-vllm --model 130m     (bench/side_by_side.py: against vLLM)
 
 (a) process start -> /ready, split into imports + server up (/health), quick
     verify, load and warm-up (from /metrics), vs a plain script doing
@@ -90,9 +91,12 @@ def metric(url: str, name: str) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", choices=["tiny", "1g", "1b"], default="tiny")
+    ap.add_argument("--model", choices=["tiny", "130m", "1g", "1b"], default="tiny")
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--vs-vllm", action="store_true", help="side by side with vLLM (bench/side_by_side.py)")
+    ap.add_argument("--engines", default="transformers,vllm,bare-vllm")
+    ap.add_argument("--dtypes", default="float32,bfloat16")
     args = ap.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
     src = random_lm(args.model)
@@ -108,6 +112,11 @@ def main() -> None:
         for cmd in ("lock", "fetch"):
             subprocess.run([sys.executable, "-m", "ops.models", cmd, "--models", "m", "--dest", str(store)], cwd=proj, env=env, check=True, capture_output=True)
     path = store / "m" / "current"
+    if args.vs_vllm:
+        from side_by_side import side_by_side
+
+        side_by_side(args.model, store, proj / "models.lock", WORK, args.engines.split(","), args.dtypes.split(","))
+        return
     server_env = {"MODELS_DIR": str(store), "BAKEHOUSE_LOCK": str(proj / "models.lock"), "MODEL": "m", "HF_HUB_OFFLINE": "1",
                   "BAKEHOUSE_MAX_TOKENS": "4000", "BAKEHOUSE_MAX_BATCH": "32"}
     r: dict[str, float] = {}

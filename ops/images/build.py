@@ -27,6 +27,7 @@ class BuildSpec:
     base_image: str = CPU_BASE
     torch_spec: str = TORCH_CPU  # "" when the base image brings torch (GPU bases)
     torch_index_url: str = ""
+    app_engine: str = "transformers"  # GPU images: vllm
     endpoint_file: Path | None = None  # HF_ENDPOINT, as a build secret
     token_file: Path | None = None
     ca_bundle: Path | None = None
@@ -46,6 +47,7 @@ def build_argv(spec: BuildSpec) -> list[str]:
         "MODELS": ",".join(spec.models),
         "TORCH_SPEC": spec.torch_spec,
         "TORCH_INDEX_URL": spec.torch_index_url,
+        "APP_ENGINE": spec.app_engine,
         "HF_HUB_DISABLE_XET": "1" if spec.endpoint_file else "",
         **spec.labels,
         **spec.proxies,

