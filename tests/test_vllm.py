@@ -8,7 +8,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 from appserver import AppServer, start_app
 from helpers import HF_DEMO, ROOT, Hub, Project, manifest
