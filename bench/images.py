@@ -1,12 +1,13 @@
 """The second seed's comparison table, measured: baked vs unbaked images.
 
-    .venv/bin/python bench/images.py [--model 1g|tiny]
+    .venv/bin/python bench/images.py [--model 1g|tiny] [--engine podman|docker]
 
-Builds this checkout with podman from the local base image, the model served
-by the local hub (olah): cold baked build, cold unbaked build, rebuild after a
-code-only change, image sizes, and container start to /ready for a baked
-image, an unbaked image fetching at start, and an unbaked image with the store
-mounted read-only. Writes bench/results/images.{json,md}.
+Builds this checkout with podman or a Docker engine (BuildKit; a dockerd of
+the benchmark's own) from the local base image, the model served by the local
+hub (olah): cold baked build, cold unbaked build, rebuild after a code-only
+change, image sizes, and container start to /ready for a baked image, an
+unbaked image fetching at start, and an unbaked image with the store mounted
+read-only. Writes bench/results/images[-docker].{json,md}.
 """
 
 from __future__ import annotations
@@ -27,18 +28,20 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
 
 from common import RESULTS, machine, markdown_table, random_lm, save_results  # noqa: E402
-from containers import BASE_IMAGE, ensure_base_image, podman, source_tree  # noqa: E402
+from containers import BASE_IMAGE, PODMAN, DockerDaemon, Engine, ensure_base_image, load_image, podman, source_tree, start_docker  # noqa: E402
 
 from ops.localhub import LocalHub, free_port  # noqa: E402
 from ops.units import format_bytes  # noqa: E402
 
 WORK = ROOT / "bench" / "work" / "images"
+ENGINE: Engine = PODMAN
+DAEMON: DockerDaemon | None = None
 
 
 def build(src: Path, env: dict[str, str], tag: str, *flags: str) -> float:
     start = time.monotonic()
-    r = subprocess.run([sys.executable, "-m", "invoke", "build", "--engine", "podman", "--ca-bundle", "/etc/ssl/certs/ca-certificates.crt", "--tag", tag, *flags],
-                       cwd=src, env=env, capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "invoke", "build", "--engine", ENGINE.name, "--ca-bundle", "/etc/ssl/certs/ca-certificates.crt", "--tag", tag, *flags],
+                       cwd=src, env={**env, **ENGINE.env}, capture_output=True, text=True)
     (WORK / f"build-{tag.split(':')[-1]}-{len(flags)}.log").write_text(r.stdout + r.stderr)
     if r.returncode != 0:
         raise SystemExit(r.stdout + r.stderr[-3000:])
@@ -52,7 +55,7 @@ def start_to_ready(image: str, *args: str) -> float:
     port = free_port()
     name = f"bench-{port}"
     start = time.monotonic()
-    podman("run", "-d", "--name", name, "--network", "host", "-e", f"PORT={port}", *args, image)
+    ENGINE.cli("run", "-d", "--name", name, "--network", "host", "-e", f"PORT={port}", *args, image)
     try:
         while time.monotonic() - start < 900:
             try:
@@ -62,22 +65,34 @@ def start_to_ready(image: str, *args: str) -> float:
                     return elapsed
             except httpx.TransportError:
                 pass
-            if podman("inspect", "--format", "{{.State.Status}}", name).stdout.strip() == "exited":
-                raise SystemExit(podman("logs", name, check=False).stderr)
+            if ENGINE.cli("inspect", "--format", "{{.State.Status}}", name).stdout.strip() == "exited":
+                raise SystemExit(ENGINE.logs(name))
             time.sleep(0.1)
         raise SystemExit(f"{image} never became ready")
     finally:
-        podman("rm", "-f", name, check=False)
+        ENGINE.cli("rm", "-f", name, check=False)
 
 
 def size(image: str) -> int:
-    return int(podman("image", "inspect", "--format", "{{.Size}}", image).stdout.strip())
+    return int(ENGINE.cli("image", "inspect", "--format", "{{.Size}}", image).stdout.strip())
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", choices=["1g", "tiny"], default="1g")
+    ap.add_argument("--engine", choices=["podman", "docker"], default="podman")
     args = ap.parse_args()
+    if args.engine == "docker":
+        global ENGINE
+        ENGINE = Engine("docker", {})
+    try:
+        measure(args)
+    finally:
+        if DAEMON is not None:
+            DAEMON.stop()
+
+
+def measure(args: argparse.Namespace) -> None:
     ensure_base_image()
     WORK.mkdir(parents=True, exist_ok=True)
     weights = random_lm(args.model)
@@ -97,14 +112,15 @@ def main() -> None:
         r["size_unbaked"] = size("localhost/bench:unbaked")
         unbaked_tar = WORK / "unbaked.tar"
         unbaked_tar.unlink(missing_ok=True)
-        podman("save", "-o", str(unbaked_tar), "localhost/bench:unbaked")
+        ENGINE.save("localhost/bench:unbaked", unbaked_tar)
         r["build_baked_s"] = build_cold(src, env, "localhost/bench:baked", base_tar, "--bake")
         with open(src / "app" / "__init__.py", "a") as f:
             f.write("# a code-only change\n")
-        env["CONTAINERS_STORAGE_CONF"] = os.environ["CONTAINERS_STORAGE_CONF"]
+        if ENGINE.name == "podman":
+            env["CONTAINERS_STORAGE_CONF"] = os.environ["CONTAINERS_STORAGE_CONF"]
         r["rebuild_baked_s"] = build(src, env, "localhost/bench:baked", "--bake")
         r["size_baked"] = size("localhost/bench:baked")
-        podman("load", "-i", str(unbaked_tar))
+        ENGINE.cli("load", "-i", str(unbaked_tar))
         r["ready_baked_s"] = start_to_ready("localhost/bench:baked", "-e", "HF_HUB_OFFLINE=1", "-e", "MODEL=bench")
         r["ready_fetch_s"] = start_to_ready("localhost/bench:unbaked", "-e", f"HF_ENDPOINT={hub.endpoint}", "-e", "HF_HUB_DISABLE_XET=1", "-e", "MODEL=bench")
         store = WORK / "store"
@@ -115,7 +131,17 @@ def main() -> None:
 
 
 def fresh_storage(name: str, base_tar: Path) -> None:
-    """Point podman at an empty storage of its own holding only the base image: a truly cold build."""
+    """An empty image store holding only the base image: a truly cold build (podman: a storage of its own; Docker: a dockerd of its own)."""
+    global ENGINE, DAEMON
+    if ENGINE.name == "docker":
+        if DAEMON is not None:
+            DAEMON.stop()
+        root = Path(tempfile.mkdtemp(prefix=f"bh-dockerd-{name}-", dir="/tmp"))
+        os.environ["BAKEHOUSE_TEST_OWN_DOCKERD"] = "1"
+        DAEMON = start_docker(root)
+        ENGINE = DAEMON.engine
+        load_image(ENGINE, BASE_IMAGE)
+        return
     root = WORK / f"storage-{name}"
     subprocess.run(["rm", "-rf", str(root)], check=True)
     root.mkdir(parents=True)
@@ -128,7 +154,8 @@ def fresh_storage(name: str, base_tar: Path) -> None:
 def build_cold(src: Path, env: dict[str, str], tag: str, base_tar: Path, *flags: str) -> float:
     """A first build on a machine that has only the base image."""
     fresh_storage(tag.split(":")[-1], base_tar)
-    return build(src, {**env, "CONTAINERS_STORAGE_CONF": os.environ["CONTAINERS_STORAGE_CONF"]}, tag, *flags)
+    extra = {"CONTAINERS_STORAGE_CONF": os.environ["CONTAINERS_STORAGE_CONF"]} if ENGINE.name == "podman" else {}
+    return build(src, {**env, **extra}, tag, *flags)
 
 
 def write(r: dict[str, float], args: argparse.Namespace, m: dict[str, str] | None = None) -> None:
@@ -143,15 +170,16 @@ def write(r: dict[str, float], args: argparse.Namespace, m: dict[str, str] | Non
         ("container start to /ready, unbaked, fetch at start", f"{r['ready_fetch_s']:.1f} s"),
         ("container start to /ready, unbaked, store mounted read-only", f"{r['ready_mount_s']:.1f} s"),
     ]
+    engine = getattr(args, "engine", "podman")
     md = [
-        f"# Images: baked vs unbaked, {format_bytes(r['model_bytes'])} model ({args.model}), podman, local hub (olah) on loopback",
+        f"# Images: baked vs unbaked, {format_bytes(r['model_bytes'])} model ({args.model}), {engine}, local hub (olah) on loopback",
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB RAM; torch {m['torch']} (CPU); {m['date']}.",
         "The local hub streams at about 27 MB/s here, which bounds the baked build and the fetch at start.",
         "",
         *markdown_table(["measure", "result"], [list(row) for row in rows]),
     ]
-    save_results("images", md, {"machine": m, "results": r, "model": args.model})
+    save_results("images" if engine == "podman" else f"images-{engine}", md, {"machine": m, "results": r, "model": args.model, "engine": engine})
 
 
 if __name__ == "__main__":
