@@ -14,15 +14,17 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
 from ops.errors import EXIT_OK, BakehouseError, RemoteError, redact
 from ops.remote.inventory import Host
 from ops.remote.shell import DryShell, Say, Shell
+from ops.settings import progress_seconds
 
 log = logging.getLogger("bakehouse.hosts")
 
@@ -143,26 +145,61 @@ ShellFactory = Callable[[Host, Say], Shell]
 Step = Callable[[Shell], T]
 
 
+LOUD_UP_TO = 16  # more hosts than this: a running count instead of every host's lines (failures still show at once)
+
+
+@dataclass
+class Tally:
+    """How far a run over many hosts is: what a person can read at 200 hosts."""
+
+    command: str
+    total: int
+    running: int = 0
+    ok: int = 0
+    failed: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def line(self) -> str:
+        return f"{self.command}: {self.ok + self.failed}/{self.total} host(s) done ({self.ok} ok, {self.failed} failed), {self.running} running"
+
+
 def run_each(command: str, hosts: Sequence[Host], step: Step[T], *, shells: ShellFactory, view: View[T], rollout: Rollout = Rollout(),
              say: Callable[[str, str], None] | None = None) -> HostResults[T]:
     """Run `step` once per host (its shell knows the host); every host gets a row, in the order given."""
     say = say or (lambda host, line: log.info("[%s] %s", host, line))
+    tally = Tally(command, len(hosts))
+    loud = len(hosts) <= LOUD_UP_TO
+    done = threading.Event()
+    if not loud:
+        threading.Thread(target=_report, args=(tally, done), name="tally", daemon=True).start()
     results: list[HostResult[T]] = []
     size = rollout.batch or max(1, len(hosts))
-    for start in range(0, len(hosts), size):
-        batch = hosts[start : start + size]
-        if rollout.stop_after_failure and any(r.attempted and not r.ok for r in results):
-            results += [HostResult(h, attempted=False) for h in batch]
-            continue
-        with ThreadPoolExecutor(max_workers=max(1, min(rollout.parallel, len(batch))), thread_name_prefix="host") as pool:
-            results += list(pool.map(lambda h: _one(h, step, shells, say), batch))
+    try:
+        for start in range(0, len(hosts), size):
+            batch = hosts[start : start + size]
+            if rollout.stop_after_failure and any(r.attempted and not r.ok for r in results):
+                results += [HostResult(h, attempted=False) for h in batch]
+                continue
+            with ThreadPoolExecutor(max_workers=max(1, min(rollout.parallel, len(batch))), thread_name_prefix="host") as pool:
+                results += list(pool.map(lambda h: _one(h, step, shells, say, tally, loud), batch))
+    finally:
+        done.set()
+    if not loud:
+        log.info("%s", tally.line())
     return HostResults(command, results, view)
 
 
-def _one(host: Host, step: Step[T], shells: ShellFactory, say: Callable[[str, str], None]) -> HostResult[T]:
+def _report(tally: Tally, done: threading.Event) -> None:
+    while not done.wait(progress_seconds()):
+        log.info("%s", tally.line())
+
+
+def _one(host: Host, step: Step[T], shells: ShellFactory, say: Callable[[str, str], None], tally: Tally, loud: bool) -> HostResult[T]:
     start = time.monotonic()
-    shell = shells(host, lambda line: say(host.name, line))
+    shell = shells(host, (lambda line: say(host.name, line)) if loud else (lambda line: None))
     result: HostResult[T] = HostResult(host)
+    with tally.lock:
+        tally.running += 1
     try:
         result.value = step(shell)
     except BakehouseError as exc:
@@ -174,8 +211,11 @@ def _one(host: Host, step: Step[T], shells: ShellFactory, say: Callable[[str, st
     finally:
         shell.close()
     result.seconds = time.monotonic() - start
+    with tally.lock:
+        tally.running -= 1
+        tally.ok, tally.failed = tally.ok + result.ok, tally.failed + (not result.ok)
     if isinstance(shell, DryShell):
         result.transcript = tuple(shell.lines)
-    else:
+    elif loud or not result.ok:
         say(host.name, result.summary())
     return result

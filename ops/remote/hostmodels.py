@@ -6,12 +6,13 @@ whose errors are the same classes, with the same exit codes, as on the host.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
 from ops.errors import NoReportError
 from ops.models.report import Report
-from ops.remote.executor import HostResult, HostResults
+from ops.remote.executor import LOUD_UP_TO, HostResult, HostResults
 from ops.units import format_bytes, format_rate
 
 
@@ -72,4 +73,8 @@ class ModelsView:
 
     def closing(self, results: HostResults[HostModels]) -> str:
         failed = len(results.failed)
-        return f"{len(results)} host(s), {failed} failed" + (f" (exit {results.exit_code})" if failed else "")
+        line = f"{len(results)} host(s), {failed} failed" + (f" (exit {results.exit_code})" if failed else "")
+        if len(results) > LOUD_UP_TO:  # a long table: the counts by result, where they can be read at once
+            counts = Counter(row[2] for r in results for row in self.rows(r))
+            line += "; " + ", ".join(f"{status} {n}" for status, n in counts.most_common())
+        return line
