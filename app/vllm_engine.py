@@ -15,6 +15,7 @@ bakehouse's and vLLM's. The cost is one loopback hop per request.
 
 from __future__ import annotations
 
+import logging
 import os
 import shlex
 import subprocess
@@ -30,6 +31,7 @@ from ops.errors import ConfigError
 from ops.runner import stop
 from ops.settings import env_number
 
+logger = logging.getLogger("bakehouse.vllm")
 _START_TIMEOUT_S = 1800.0  # a large model's first start compiles and loads for minutes
 
 
@@ -88,6 +90,7 @@ class VllmChild:
 
     def __init__(self, argv: Sequence[str], port: int, log: Path):
         self.url, self.log = f"http://127.0.0.1:{port}", log
+        logger.info("starting vLLM (log in %s): %s", log, shlex.join(argv))
         with open(log, "ab") as out:  # the child keeps its own copy of the descriptor
             self.process = subprocess.Popen(list(argv), env=child_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 

@@ -48,6 +48,22 @@ def random_lm_files() -> dict[str, Path | bytes]:
     return files
 
 
+def random_llama_files() -> dict[str, Path | bytes]:
+    """A small untrained Llama (head_dim 64, which vLLM's CPU attention supports) with the demo tokenizer."""
+    import tempfile
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = Path(tempfile.mkdtemp(prefix="random-llama-"))
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=401, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                         max_position_embeddings=2048, bos_token_id=400, eos_token_id=400)
+    LlamaForCausalLM(config).save_pretrained(out)
+    files: dict[str, Path | bytes] = {p.name: p for p in out.iterdir()}
+    files.update({name: DEMO / name for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")})
+    return files
+
+
 @dataclass
 class Hub:
     hub: LocalHub
@@ -68,6 +84,7 @@ def start_hub(root: Path) -> Hub:
         "test/shards": hub.add_repo("test/shards", shard_files()),
         "test/big": hub.add_repo("test/big", shard_files(n=2, mb=24, seed=1)),
         "test/random-lm": hub.add_repo("test/random-lm", random_lm_files()),
+        "test/random-llama": hub.add_repo("test/random-llama", random_llama_files()),
     }
     hub.start()
     return Hub(hub, commits)
@@ -108,4 +125,5 @@ def manifest(**models: str) -> str:
 HF_DEMO = 'source = "hf://bakehouse/demo-tiny"\nrevision = "main"'
 HF_SHARDS = 'source = "hf://test/shards"\nrevision = "main"'
 HF_RANDOM_LM = 'source = "hf://test/random-lm"\nrevision = "main"'
+HF_RANDOM_LLAMA = 'source = "hf://test/random-llama"\nrevision = "main"'
 HF_BIG = 'source = "hf://test/big"\nrevision = "main"'
