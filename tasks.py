@@ -99,4 +99,5 @@ def demo(c):
 @task(help={"args": "extra pytest arguments, e.g. \"-k fetch -x\""})
 def test(c, args=""):
     """Run the test suite (real servers on loopback)."""
-    c.run(f"{sys.executable} -m pytest {args}", pty=False)
+    # Two workers, a test file to each: waits on hosts, containers and servers overlap (module fixtures stay per file).
+    c.run(f"{sys.executable} -m pytest -n 2 --dist loadfile {args}", pty=False)

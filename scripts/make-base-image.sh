@@ -11,6 +11,12 @@ shift || true
 if podman image exists "$image"; then
   exit 0
 fi
+# One maker at a time (parallel test workers ask for the same image): the second finds it made.
+exec 9>"/var/tmp/bakehouse-make-base-image.lock"
+flock 9
+if podman image exists "$image"; then
+  exit 0
+fi
 include="python3,python3-venv,ca-certificates"
 for pkg in "$@"; do include="$include,$pkg"; done
 rootfs="$(mktemp -d /var/tmp/bakehouse-rootfs.XXXXXX)"

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ops.errors import ConfigError
 from ops.images.actions import git_revision
-from ops.remote.wheelhouse import ROOT, Wheelhouse, build_wheelhouse, wheelhouse_of
+from ops.remote.wheelhouse import ROOT, Wheelhouse, build_wheelhouse, exclusive, wheelhouse_of
 from ops.runner import run
 
 _VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -61,11 +61,12 @@ def build_deps(project: Path, cache: Path | None = None) -> Wheelhouse:
     reqs = app_requirements(project)
     key = hashlib.sha256("\n".join([*reqs, sys.platform, sys.version.split()[0]]).encode()).hexdigest()[:16]
     dest = (cache or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "bakehouse" / "app-wheelhouse") / key
-    if not (dest / ".complete").exists():
-        dest.mkdir(parents=True, exist_ok=True)
-        run([sys.executable, "-m", "pip", "wheel", "--quiet", "--wheel-dir", str(dest), *reqs])
-        (dest / ".complete").touch()
-    return wheelhouse_of(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    with exclusive(dest / ".lock"):
+        if not (dest / ".complete").exists():
+            run([sys.executable, "-m", "pip", "wheel", "--quiet", "--wheel-dir", str(dest), *reqs])
+            (dest / ".complete").touch()
+        return wheelhouse_of(dest)
 
 
 def build_release(project: Path = ROOT, *, tag: str | None = None, manifest: Path | None = None, lock: Path | None = None) -> Release:

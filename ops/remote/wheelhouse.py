@@ -7,9 +7,12 @@ the app's dependencies (ops.deploy.release).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import sys
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,13 +32,22 @@ def build_wheelhouse(project: Path = ROOT, dest: Path | None = None) -> Wheelhou
     """This project's wheel and its light dependencies (no torch), rebuilt only when the sources change."""
     dest = dest or project / "build" / "wheelhouse"
     dest.mkdir(parents=True, exist_ok=True)
-    stamp, sources = dest / ".sources", source_digest(project)
-    if not (stamp.exists() and stamp.read_text() == sources):
-        for old in dest.glob("bakehouse-*.whl"):
-            old.unlink()
-        run([sys.executable, "-m", "pip", "wheel", "--quiet", "--wheel-dir", str(dest), str(project)])
-        stamp.write_text(sources)
-    return wheelhouse_of(dest)
+    with exclusive(dest / ".lock"):  # two commands building at once must not remove each other's wheels
+        stamp, sources = dest / ".sources", source_digest(project)
+        if not (stamp.exists() and stamp.read_text() == sources):
+            for old in dest.glob("bakehouse-*.whl"):
+                old.unlink()
+            run([sys.executable, "-m", "pip", "wheel", "--quiet", "--wheel-dir", str(dest), str(project)])
+            stamp.write_text(sources)
+        return wheelhouse_of(dest)
+
+
+@contextlib.contextmanager
+def exclusive(path: Path) -> Iterator[None]:
+    """A lock file held for the block (released with the process, whatever happens)."""
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        yield
 
 
 def wheelhouse_of(directory: Path) -> Wheelhouse:
