@@ -122,11 +122,13 @@ def test_a_git_commit_in_the_lock_that_reads_as_an_option_never_runs(hub: Hub, p
 
 @pytest.mark.parametrize(("source", "needle"), [("hf://../..", "hf://ORG/REPO"), ("hf://org/../x", "hf://ORG/REPO"), ("hf://-org/repo", "hf://ORG/REPO"),
                                                  ("git+https://host/repo.git\n--x", "spaces or control"), ("git+file://relative/path", "absolute path"),
-                                                 ("ftp://x/y", "unsupported scheme")])
+                                                 ("ftp://x/y", "unsupported scheme"),
+                                                 ("git+https://user:s3cret@host/repo.git", "must not carry credentials")])
 def test_hostile_sources_are_refused_by_name(project: Project, source: str, needle: str) -> None:
     project.write_manifest(manifest(m=f"source = {tomli_w.dumps({'s': source}).split('=', 1)[1].strip()}\nrevision = \"main\""))
     r = run(project, "lock", "--models", "m")
     assert r.returncode == 2 and "models.m.source" in r.stderr and needle in r.stderr, r.stderr
+    assert "s3cret" not in r.stdout + r.stderr
 
 
 # --- drift between models.toml, models.lock and the source ----------------------

@@ -16,7 +16,7 @@ from typing import Any
 
 import tomli_w
 
-from ops.errors import LockError, StaleLockError, UnsafePathError
+from ops.errors import LockError, StaleLockError, UnsafePathError, redact
 from ops.models import values
 from ops.models.manifest import Manifest, spec_fingerprint
 from ops.settings import read_text
@@ -159,7 +159,7 @@ def _parse_model(name: str, entry: Any, where: str) -> LockedModel:
         raise _bad(where, "must be a table")
     source = _field(entry, "source", str, where)
     if (problem := values.source_problem(source)) is not None:
-        raise _bad(f"{where}.source", f"{source!r} {problem}")
+        raise _bad(f"{where}.source", f"{redact(source)!r} {problem}")
     revision = _field(entry, "revision", str, where, required=False)
     if revision is not None and (problem := values.revision_problem(revision)) is not None:
         raise _bad(f"{where}.revision", f"{revision!r} {problem}")

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ops.errors import ManifestError
+from ops.errors import ManifestError, redact
 from ops.models import values
 from ops.settings import read_text
 
@@ -92,7 +92,7 @@ def _parse_model(name: str, table: Any, path: Path) -> ModelSpec:
         raise ManifestError(f"{where}.{sorted(unknown)[0]}: unknown key; valid keys are {', '.join(sorted(_KEYS))}.")
     source = _typed(table, "source", str, where, required=True)
     if problem := values.source_problem(source):
-        raise ManifestError(f"{where}.source: {source!r} {problem}.")
+        raise ManifestError(f"{where}.source: {redact(source)!r} {problem}.")
     spec = ModelSpec(
         name=name,
         source=source,

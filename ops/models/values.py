@@ -48,6 +48,9 @@ def source_problem(source: str) -> str | None:
             return "must look like hf://ORG/REPO (letters, digits, '.', '_', '-'; no '..' or '--')"
         return None
     url = urlsplit(source.removeprefix("git+"))
+    if url.username or url.password:
+        return ("must not carry credentials (models.toml and models.lock are committed and copied to hosts): "
+                "use HF_TOKEN, or a git credential helper for git remotes")
     if url.scheme == "file":
         return None if url.path.startswith("/") and not url.netloc else "a file:// URL needs an absolute path (git+file:///srv/repo.git)"
     if not url.hostname:
