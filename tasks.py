@@ -27,10 +27,10 @@ def lock_models(c, models=None, manifest=None, lock=None, json=False):
     _exit(cli.model_command("lock", models=models, manifest=manifest, lock=lock, json=json))
 
 
-@task(help=cli.help_for(*MODEL, *STORE, "from_local", "from_host", *REMOTE))
-def fetch_models(c, models=None, manifest=None, lock=None, json=False, dest=None, workers=None, from_local=False, from_host=None, hosts=None, group=None,
-                 inventory=None, parallel=None, host_keys=None, connect_timeout=None, command_timeout=None, known_hosts=None, engine=None, serial=None,
-                 max_fail_percentage=None, dry_run=False):
+@task(help=cli.help_for(*MODEL, *STORE, "fan_out", "from_local", "from_host", *REMOTE))
+def fetch_models(c, models=None, manifest=None, lock=None, json=False, dest=None, workers=None, fan_out=None, from_local=False, from_host=None, hosts=None,
+                 group=None, inventory=None, parallel=None, host_keys=None, connect_timeout=None, command_timeout=None, known_hosts=None, engine=None,
+                 serial=None, max_fail_percentage=None, dry_run=False):
     """Download, fully verify and activate models: into the local store, or on many hosts over SSH."""
     _exit(cli.fetch_models(**{k: v for k, v in locals().items() if k != "c"}))
 
@@ -72,12 +72,12 @@ def push(c, tag=None, engine=None, dry_run=False):
 
 @task(help=cli.DEPLOY_HELP)
 def deploy(c, hosts=None, group=None, inventory=None, tag=None, serial=None, dry_run=False, break_lock=False, json=False, host_keys=None,
-           connect_timeout=None, command_timeout=None, known_hosts=None, lock=None, manifest=None):
+           connect_timeout=None, command_timeout=None, known_hosts=None, lock=None, manifest=None, fan_out=None):
     """Put a release on Docker, bare and webhook hosts, gated on /ready, rolled back when it fails."""
     _exit(cli.deploy("deploy", **{k: v for k, v in locals().items() if k != "c"}))
 
 
-@task(help={k: v for k, v in cli.DEPLOY_HELP.items() if k not in ("tag", "lock", "manifest")})
+@task(help={k: v for k, v in cli.DEPLOY_HELP.items() if k not in ("tag", "lock", "manifest", "fan_out")})
 def rollback(c, hosts=None, group=None, inventory=None, serial=None, dry_run=False, break_lock=False, json=False, host_keys=None, connect_timeout=None,
              command_timeout=None, known_hosts=None):
     """Back to the previous release (bare) or image (Docker) on each host, gated on /ready."""

@@ -15,11 +15,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ops import settings
-from ops.errors import EXIT_INTERRUPTED, BakehouseError
+from ops.errors import EXIT_INTERRUPTED, BakehouseError, ConfigError
 from ops.models.actions import ModelRequest
 from ops.remote.executor import Rollout
 from ops.remote.inventory import DEFAULT_INVENTORY
-from ops.remote.job import ENGINES, AnsibleOptions
+from ops.remote.job import ENGINES, FAN_OUT_MODES, AnsibleOptions, FanOut
 from ops.remote.ssh import HOST_KEY_POLICIES, SshOptions
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,6 +40,7 @@ HELP = {
     "connect_timeout": f"SSH connect timeout in seconds (default {SshOptions.connect_timeout:g})",
     "command_timeout": "seconds each remote command may run before its host fails (default: no limit)",
     "known_hosts": "known_hosts file checked for host keys (default ~/.ssh/known_hosts)",
+    "fan_out": "peers: hosts copy verified files from each other, the origin serves each file once; local: same as --from-local",
     "from_local": "fan-out: fetch once on this machine (into --dest), then copy the verified files to every host",
     "from_host": "fan-out: fetch on this host first, then copy its verified files to the other hosts",
     "engine": f"{' or '.join(ENGINES)}: ssh (default, Fabric from this process) or ansible (ansible-playbook, same inventory and steps)",
@@ -63,6 +64,7 @@ DEPLOY_HELP = {
     "known_hosts": HELP["known_hosts"],
     "lock": "models.lock shipped with bare-host releases (default ./models.lock)",
     "manifest": "models.toml shipped with bare-host releases (default ./models.toml)",
+    "fan_out": "peers: before the rollout, bare hosts copy the release's verified models from each other (the origin serves each file once)",
 }
 
 REMOTE_FLAGS = ("hosts", "group", "inventory", "parallel", "host_keys", "connect_timeout", "command_timeout", "known_hosts", "engine", "serial",
@@ -105,7 +107,7 @@ def model_command(command: str, *, json: bool = False, **flags: object) -> int:
 
 
 LOCAL_FLAGS = ("models", "manifest", "lock", "dest", "workers", "json", "full")
-FLEET_FLAGS = ("models", "lock", "dest", "full", "json", "from_local", "from_host", *REMOTE_FLAGS)
+FLEET_FLAGS = ("models", "lock", "dest", "full", "json", "fan_out", "from_local", "from_host", *REMOTE_FLAGS)
 
 
 def fetch_models(**flags: object) -> int:
@@ -139,14 +141,28 @@ def select_hosts(inventory: str | None, hosts: str | None, group: str | None) ->
     return load_inventory(Path(inventory or DEFAULT_INVENTORY)).select(list(settings.names(hosts)) or None, group)
 
 
+def fan_out_for(mode: str | None, *, from_local: bool, from_host: str | None, dest: str | None) -> FanOut | None:
+    """One fan-out mode from --fan-out, --from-local and --from-host (at most one of them)."""
+    given = [f for f, v in (("--fan-out", mode), ("--from-local", from_local), ("--from-host", from_host)) if v]
+    if len(given) > 1:
+        raise ConfigError(f"{' and '.join(given)}: choose one fan-out mode.")
+    if from_host:
+        chosen = "host"
+    elif from_local:
+        chosen = "local"
+    else:
+        chosen = settings.choice("--fan-out", mode, [m for m in FAN_OUT_MODES if m != "host"]) if mode else ""
+    return FanOut(chosen, Path(dest) if dest else settings.default_models_dir(), from_host) if chosen else None  # type: ignore[arg-type]
+
+
 def fleet_command(command: str, *, models: str | None = None, lock: str | None = None, dest: str | None = None, full: bool = False, json: bool = False,
                   hosts: str | None = None, group: str | None = None, inventory: str | None = None, parallel: object = None, host_keys: str | None = None,
                   connect_timeout: object = None, command_timeout: object = None, known_hosts: str | None = None, engine: str | None = None,
-                  serial: str | None = None, max_fail_percentage: object = None, from_local: bool = False, from_host: str | None = None,
-                  dry_run: bool = False) -> int:
+                  serial: str | None = None, max_fail_percentage: object = None, fan_out: str | None = None, from_local: bool = False,
+                  from_host: str | None = None, dry_run: bool = False) -> int:
     """fetch / verify on hosts over SSH (or Ansible), a row per host."""
     from ops.remote.fleet import run_fleet
-    from ops.remote.job import FanOut, FleetJob
+    from ops.remote.job import FleetJob
 
     def go() -> int:
         job = FleetJob(
@@ -156,7 +172,7 @@ def fleet_command(command: str, *, models: str | None = None, lock: str | None =
             full=full,
             ssh=ssh_options(host_keys=host_keys, connect_timeout=connect_timeout, command_timeout=command_timeout, known_hosts=known_hosts),
             rollout=Rollout(parallel=int(settings.number("--parallel", parallel, default=Rollout.parallel, maximum=1024))),
-            fan_out=FanOut(Path(dest) if dest else settings.default_models_dir(), from_host) if (from_local or from_host) else None,
+            fan_out=fan_out_for(fan_out, from_local=from_local, from_host=from_host, dest=dest),
             engine=settings.choice("--engine", engine, ENGINES, default="ssh"),  # type: ignore[arg-type]
             ansible=AnsibleOptions(serial=str(serial or AnsibleOptions.serial),
                                    max_fail_percentage=int(settings.number("--max-fail-percentage", max_fail_percentage, default=AnsibleOptions.max_fail_percentage,
@@ -173,7 +189,8 @@ def fleet_command(command: str, *, models: str | None = None, lock: str | None =
 
 def deploy(command: str, *, hosts: str | None = None, group: str | None = None, inventory: str | None = None, tag: str | None = None, serial: object = None,
            dry_run: bool = False, break_lock: bool = False, json: bool = False, host_keys: str | None = None, connect_timeout: object = None,
-           command_timeout: object = None, known_hosts: str | None = None, lock: str | None = None, manifest: str | None = None) -> int:
+           command_timeout: object = None, known_hosts: str | None = None, lock: str | None = None, manifest: str | None = None,
+           fan_out: str | None = None) -> int:
     from ops.deploy import rollout
 
     def go() -> int:
@@ -187,6 +204,7 @@ def deploy(command: str, *, hosts: str | None = None, group: str | None = None, 
             break_lock=break_lock,
             manifest=Path(manifest) if manifest else settings.default_manifest(),
             lock=Path(lock) if lock else settings.default_lock(),
+            fan_out=settings.choice("--fan-out", fan_out, ["peers"]) if fan_out else None,  # type: ignore[arg-type]
         )
         results = rollout.execute(p, dry_run=dry_run)
         return _print(results.render(as_json=json, dry_run=dry_run), 0 if dry_run else results.exit_code)

@@ -105,7 +105,8 @@ def read_text(path: Path, error: type[ConfigError], what: str, hint: str) -> str
 
 # What a model command takes on stdin with --env-stdin: settings that may hold secrets (a token, an
 # endpoint with credentials in it) reach a remote host this way, never through its argv or environment.
-STDIN_ENV = ("HF_TOKEN", "HF_ENDPOINT", "HF_HUB_OFFLINE", "HF_HUB_DISABLE_XET", "HF_HUB_DISABLE_TELEMETRY", "BAKEHOUSE_PROGRESS_SECONDS")
+STDIN_ENV = ("HF_TOKEN", "HF_ENDPOINT", "HF_HUB_OFFLINE", "HF_HUB_DISABLE_XET", "HF_HUB_DISABLE_TELEMETRY", "BAKEHOUSE_PROGRESS_SECONDS",
+             "BAKEHOUSE_PEER_TOKEN")
 
 
 def env_lines(env: Mapping[str, str]) -> str:

@@ -13,10 +13,12 @@ request) does not stand in for the hub's.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -45,11 +47,13 @@ class Seen:
 class Proxy:
     upstream: str
     rate: float | None = None  # bytes per second per response, None for unthrottled
+    total_rate: float | None = None  # bytes per second for all responses together (an origin's egress), None for unthrottled
     port: int = field(default_factory=free_port)
     requests: list[Seen] = field(default_factory=list)
     cache_dir: Path | None = None
     _fills: dict[str, threading.Lock] = field(default_factory=dict)
     _fills_lock: threading.Lock = field(default_factory=threading.Lock)
+    _link_free: float = 0.0  # when the shared link can send its next byte (total_rate)
 
     @property
     def url(self) -> str:
@@ -114,7 +118,8 @@ class Proxy:
                     self.wfile.flush()
                     offset = start
                     while offset < end:
-                        sent = os.sendfile(self.connection.fileno(), f.fileno(), offset, min(end - offset, 8 << 20))
+                        proxy._take_link(min(end - offset, 1 << 20))
+                        sent = os.sendfile(self.connection.fileno(), f.fileno(), offset, min(end - offset, (1 << 20) if proxy.total_rate else 8 << 20))
                         if sent == 0:
                             break
                         offset += sent
@@ -128,6 +133,7 @@ class Proxy:
                     pos += len(chunk)
                     for i in range(lo, hi, 64 << 10):
                         piece = chunk[i : min(i + (64 << 10), hi)]
+                        proxy._take_link(len(piece))
                         self.wfile.write(piece)
                         seen.bytes_sent += len(piece)
                         if proxy.rate:
@@ -162,6 +168,58 @@ class Proxy:
         status, kept = json.loads(meta.read_text())
         return status, kept, body
 
+    def _take_link(self, n: int) -> None:
+        """With total_rate, wait for this chunk's turn on the shared link (every response together stays under the rate)."""
+        if not self.total_rate:
+            return
+        with self._fills_lock:
+            now = time.monotonic()
+            done = max(now, self._link_free) + n / self.total_rate
+            self._link_free = done
+        time.sleep(done - now)
+
     def stop(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+@dataclass
+class TcpCounter:
+    """A loopback TCP relay that counts the bytes each way: put in front of a host's sshd, it measures what the control machine sends."""
+
+    upstream_port: int
+    port: int = field(default_factory=free_port)
+    sent: int = 0  # client → upstream
+    received: int = 0  # upstream → client
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def start(self) -> TcpCounter:
+        self._listener = socket.create_server(("127.0.0.1", self.port), backlog=64)
+        threading.Thread(target=self._accept, daemon=True).start()
+        return self
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            threading.Thread(target=self._pipe, args=(client, upstream, "sent"), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, "received"), daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, counter: str) -> None:
+        try:
+            while data := src.recv(1 << 16):
+                dst.sendall(data)
+                with self._lock:
+                    setattr(self, counter, getattr(self, counter) + len(data))
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def stop(self) -> None:
+        self._listener.close()

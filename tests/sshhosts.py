@@ -9,6 +9,7 @@ from pathlib import Path
 
 from containers import podman
 from helpers import ROOT
+from proxy import TcpCounter
 
 from ops.localhub import free_port
 
@@ -70,10 +71,11 @@ def client_keys(directory: Path) -> Path:
     return directory
 
 
-def inventory(path: Path, keys: Path, hosts: list[SshHost]) -> Path:
+def inventory(path: Path, keys: Path, hosts: list[SshHost], ports: dict[str, int] | None = None) -> Path:
+    """`ports`: a host's SSH port when something (a byte-counting relay) sits in front of its sshd."""
     lines = ["all:", "  vars:", "    ansible_user: root", f"    ansible_ssh_private_key_file: {keys / 'id'}", "    models_dir: /srv/models", "  children:", "    fleet:", "      hosts:"]
     for h in hosts:
-        lines += [f"        {h.name}:", "          ansible_host: 127.0.0.1", f"          ansible_port: {h.port}"]
+        lines += [f"        {h.name}:", "          ansible_host: 127.0.0.1", f"          ansible_port: {(ports or {}).get(h.name, h.port)}"]
     lines += ["        down:", "          ansible_host: 127.0.0.1", f"          ansible_port: {free_port()}"]
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -107,3 +109,14 @@ def start_local_sshd(directory: Path, keys: Path, env: dict[str, str] | None = N
         return LocalSshd(proc, port)
     proc.kill()
     raise RuntimeError(f"local sshd did not come up: {(directory / 'sshd.log').read_text()}")
+
+
+def counted(hosts: list[SshHost], keys: Path) -> dict[str, TcpCounter]:
+    """A byte-counting relay in front of each host's sshd, its port trusted with the host's key: what the control machine sends, counted."""
+    counters = {h.name: TcpCounter(h.port).start() for h in hosts}
+    known = keys / "known_hosts"
+    lines = known.read_text().splitlines()
+    for h in hosts:
+        lines += [line.replace(f"[127.0.0.1]:{h.port} ", f"[127.0.0.1]:{counters[h.name].port} ") for line in lines if line.startswith(f"[127.0.0.1]:{h.port} ")]
+    known.write_text("\n".join(lines) + "\n")
+    return counters

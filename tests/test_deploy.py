@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+import tomllib
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import ClassVar
 import httpx
 import pytest
 from helpers import HF_DEMO, ROOT, TOKEN, Hub, Project, manifest
+from proxy import Proxy
 from sshhosts import SshHost, client_keys, ensure_host_image, start_host
 
 from ops.localhub import free_port
@@ -217,6 +219,26 @@ def test_rolling_deploy_stops_at_the_batch_that_failed(site: Project, keys: Path
     assert rows["h3"][:5] == ["bare", "-", "-", "not", "attempted"]
     assert hosts["h3"].exec("test", "-e", PREFIX, check=False).returncode != 0
     assert ready(ports["h2"]) == 0 and ready(ports["h1"]) == 200
+
+
+def test_deploy_with_peer_fan_out_takes_each_file_from_the_origin_once(site: Project, keys: Path, hosts: dict[str, SshHost], ports: dict[str, int],
+                                                                       hub: Hub) -> None:
+    for name in ("h2", "h3"):
+        fresh(hosts[name])
+        hosts[name].exec("rm", "-rf", "/srv/models/demo", "/srv/models/.staging/demo")
+    plan = deploy(site, keys, "deploy", "--hosts", "h2,h3", "--tag", "v1", "--fan-out", "peers", "--dry-run")
+    assert plan.returncode == 0 and "peer-serve" in plan.stderr and "waits for a finished host" in plan.stderr, plan.stdout + plan.stderr
+    proxy = Proxy(hub.endpoint).start()
+    try:
+        r = deploy(site, keys, "deploy", "--hosts", "h2,h3", "--tag", "v1", "--serial", "2", "--fan-out", "peers", HF_ENDPOINT=proxy.url)
+    finally:
+        proxy.stop()
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert [table(r.stdout)[name][3] for name in ("h2", "h3")] == ["deployed", "deployed"], r.stdout
+    assert "peer fan-out of demo before the rollout" in r.stderr
+    served = sorted(req.path.rsplit("/", 1)[-1] for req in proxy.requests if "/resolve/" in req.path and req.method == "GET")
+    assert served == sorted(f["path"] for f in tomllib.loads((site.dir / "models.lock").read_text())["models"]["demo"]["files"])
+    assert ready(ports["h2"]) == 200 and ready(ports["h3"]) == 200
 
 
 def wait_for_lock(host: SshHost, proc: subprocess.Popen, timeout: float = 300) -> None:

@@ -61,7 +61,7 @@ def test_secrets_travel_on_stdin_never_in_argv(tmp_path: Path) -> None:
     reg = Registry("reg.example:5000", "deployer", "s3cret-pw")
     assert docker.login_argv(t, reg) == ["podman", "login", "--username", "deployer", "--password-stdin", "reg.example:5000"]
     target_file = tmp_path / "deep" / "app.env"
-    assert sh(common.write_file_argv(str(target_file)), stdin="HF_TOKEN=hf_x\n").returncode == 0
+    assert sh(rc.write_file_argv(str(target_file)), stdin="HF_TOKEN=hf_x\n").returncode == 0
     assert target_file.read_text() == "HF_TOKEN=hf_x\n" and oct(target_file.stat().st_mode & 0o777) == "0o600"
 
 
@@ -138,7 +138,7 @@ def test_dry_shell_assumes_a_fresh_host_and_a_ready_app() -> None:
     shell = DryShell(t.host)
     assert wait_ready(shell, t, bare.alive_argv(t), bare.logs_argv(t)) is None
     assert shell.run(bare.current_argv(t), kind="query").stdout == ""
-    assert shell.run(common.write_file_argv("/x"), stdin="SECRET=1").exit_code == 0
+    assert shell.run(rc.write_file_argv("/x"), stdin="SECRET=1").exit_code == 0
     assert "SECRET" not in "\n".join(shell.lines) and shell.lines[-1].endswith("# stdin: (not shown)")
 
 

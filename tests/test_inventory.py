@@ -63,3 +63,11 @@ def test_bad_runtime_is_refused() -> None:
 def test_the_shipped_example_inventory_loads() -> None:
     inv = load_inventory(ROOT / "inventory" / "hosts.yml")
     assert inv.select(group="gpu")
+
+
+def test_peer_settings_are_typed() -> None:
+    inv = parse_inventory({"all": {"vars": {"peer_max_rate": 1000}, "hosts": {"a": {}, "b": {"peers": False}}}}, P)
+    assert (inv.hosts["a"].peers, inv.hosts["a"].peer_max_rate, inv.hosts["b"].peers) == (True, 1000, False)
+    for bad, needle in (({"peers": "no"}, "peers must be true or false"), ({"peer_max_rate": "fast"}, "peer_max_rate"), ({"peer_max_rate": -1}, "peer_max_rate")):
+        with pytest.raises(ConfigError, match=needle):
+            parse_inventory({"all": {"hosts": {"h": bad}}}, P)

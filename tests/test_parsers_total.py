@@ -142,7 +142,7 @@ def test_hostile_host_variables_are_refused_or_kept_out_of_option_position(key: 
     argvs = [rc.model_argv(host, "fetch", models=["demo"]), *vars(rc.bootstrap(host, ["w.whl"], "d")).values(),
              bare.fetch_argv(t, "v1"), bare.switch_argv(t, "v1"), bare.prune_argv(t, ["v1"]), *bare.restart_argvs(t), bare.stop_argv(t), bare.alive_argv(t),
              bare.logs_argv(t), bare.supervise_argv(t, "restart"), docker.run_argv(t, "reg/bakehouse:v1"), docker.mkdir_argv(t), *docker.retire_argvs(t),
-             docker.login_argv(t, registry), docker.pull_argv(t, registry, "reg/b:v1"), common.lock_argv(t.prefix, "me"), common.write_file_argv(bare.env_path(t, "v1")),
+             docker.login_argv(t, registry), docker.pull_argv(t, registry, "reg/b:v1"), common.lock_argv(t.prefix, "me"), rc.write_file_argv(bare.env_path(t, "v1")),
              common.gate_argv(t.host.python, t.port, bare.alive_argv(t))]
     for argv in argvs:
         if isinstance(argv, list):

@@ -18,8 +18,6 @@ _LOCK = (
 )
 _UNLOCK = '[ "$(cat "$1/deploy.lock/owner" 2>/dev/null)" = "$2" ] && rm -rf "$1/deploy.lock"'
 _BREAK = 'cat "$1/deploy.lock/owner" 2>/dev/null; rm -rf "$1/deploy.lock"'
-# Secrets arrive on stdin; umask makes the file 0600 from its first byte.
-_WRITE = 'umask 077 && mkdir -p "$(dirname "$1")" && cat > "$1.tmp" && mv -f "$1.tmp" "$1"'
 _PROBE = """
 import sys, urllib.error, urllib.request
 try:
@@ -43,11 +41,6 @@ def unlock_argv(prefix: str, owner: str) -> list[str]:
 
 def break_lock_argv(prefix: str) -> list[str]:
     return ["sh", "-c", _BREAK, "sh", prefix]
-
-
-def write_file_argv(path: str) -> list[str]:
-    """Write stdin to `path` (0600, atomically): how env files holding secrets reach a host."""
-    return ["sh", "-c", _WRITE, "sh", path]
 
 
 def probe_argv(python: str, port: int) -> list[str]:

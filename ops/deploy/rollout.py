@@ -10,11 +10,12 @@ from __future__ import annotations
 import getpass
 import os
 import socket
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import httpx
@@ -31,6 +32,8 @@ from ops.models.manifest import load_manifest
 from ops.remote import commands as rc
 from ops.remote.executor import HostResult, HostResults, Rollout, run_each
 from ops.remote.inventory import Host
+from ops.remote.job import FleetJob
+from ops.remote.peers import run_with_peers
 from ops.remote.shell import Shell, shell_factory
 from ops.remote.ssh import SshOptions
 
@@ -43,10 +46,11 @@ class Plan:
     ssh: SshOptions
     serial: int = 1
     break_lock: bool = False
+    fan_out: Literal["peers"] | None = None
 
 
 def plan(command: DeployCommand, hosts: Sequence[Host], *, project: Path, tag: str | None, serial: int, ssh: SshOptions, break_lock: bool = False,
-         manifest: Path | None = None, lock: Path | None = None, build_context: Path = Path()) -> Plan:
+         manifest: Path | None = None, lock: Path | None = None, build_context: Path = Path(), fan_out: Literal["peers"] | None = None) -> Plan:
     """Check everything that can be checked here (host variables, secrets, registry, release) before touching a host.
 
     `project` is the bakehouse checkout the release is built from; models.toml and models.lock default to it.
@@ -75,7 +79,7 @@ def plan(command: DeployCommand, hosts: Sequence[Host], *, project: Path, tag: s
         token=os.environ.get("HF_TOKEN", ""),
         secrets={s: os.environ[s] for t in targets for s in t.secrets},
     )
-    return Plan(command, targets, context, ssh, serial, break_lock)
+    return Plan(command, targets, context, ssh, serial, break_lock, fan_out if command == "deploy" else None)
 
 
 def owner(command: str) -> str:
@@ -194,6 +198,28 @@ class DeployView:
 
 
 def execute(p: Plan, *, dry_run: bool = False, say: Callable[[str, str], None] | None = None) -> HostResults[Deployment]:
+    if p.fan_out == "peers":
+        prefetch_with_peers(p, dry_run=dry_run)
     rollout = Rollout(parallel=p.serial, batch=p.serial, stop_after_failure=True)
     return run_each(p.command, [t.host for t in p.targets], host_step(p), shells=shell_factory(p.ssh, dry_run=dry_run), view=DeployView(),
                     rollout=rollout, say=say)
+
+
+def prefetch_with_peers(p: Plan, *, dry_run: bool) -> None:
+    """--fan-out peers: the release's models onto every bare host, host to host, before the rollout begins.
+
+    The rollout's model step then finds them verified and fetches nothing; a host the
+    prefetch failed on fetches for itself in that step (and fails there, old app serving).
+    Its table goes to stderr: stdout stays the deploy's table (or JSON).
+    """
+    release = p.context.release
+    by_model: dict[str, list[Host]] = {}
+    for t in p.targets:
+        if t.host.runtime == "bare":
+            by_model.setdefault(t.model, []).append(t.host)
+    if release is None or not by_model:
+        return
+    for model, hosts in by_model.items():
+        job = FleetJob("fetch", lock=release.lock, models=(model,), ssh=p.ssh, dry_run=dry_run)
+        results = run_with_peers(hosts, job)
+        print(f"peer fan-out of {model} before the rollout:\n{results.render(dry_run=dry_run)}", file=sys.stderr)

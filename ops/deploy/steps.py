@@ -139,7 +139,7 @@ def config_digest(text: str) -> str:
 
 def write_config(sh: Shell, t: Target, version: str, text: str) -> None:
     """The release's own env file (0600) and its digest: written into the release, so no other release's start can change it."""
-    sh.run(common.write_file_argv(bare.env_path(t, version)), stdin=text, what="write the release's env file")
+    sh.run(rc.write_file_argv(bare.env_path(t, version)), stdin=text, what="write the release's env file")
     sh.run(rc.mark_argv(bare.config_mark(t, version), config_digest(text)), what="record the configuration's digest")
 
 
@@ -153,7 +153,7 @@ def ensure_config(sh: Shell, t: Target, version: str, ctx: Context) -> None:
 def start_bare(sh: Shell, t: Target, version: str) -> tuple[str | None, float]:
     """Switch `current` (and with it the configuration), restart, wait for /ready: (None when ready, else why not; when the old app was stopped)."""
     if t.process_manager == "systemd":
-        sh.run(common.write_file_argv(bare.unit_path(t)), stdin=bare.unit_text(t), what="write the systemd unit")
+        sh.run(rc.write_file_argv(bare.unit_path(t)), stdin=bare.unit_text(t), what="write the systemd unit")
     sh.run(bare.switch_argv(t, version), what="switch current")
     stopped = time.monotonic()
     for argv in bare.restart_argvs(t):
@@ -220,7 +220,7 @@ def _prune(sh: Shell, t: Target, new: str, old: str | None) -> None:
 def start_docker(sh: Shell, t: Target, ref: str, ctx: Context) -> tuple[str | None, float]:
     """Write the env file, set the serving container aside, run the new one, wait for /ready."""
     env = {**docker.app_env(t, ctx.forwarded), **({"HF_TOKEN": ctx.token} if ctx.token else {}), **ctx.secrets}
-    sh.run(common.write_file_argv(docker.env_path(t)), stdin=common.env_file(env), what="write the env file")
+    sh.run(rc.write_file_argv(docker.env_path(t)), stdin=common.env_file(env), what="write the env file")
     stopped = time.monotonic()
     for argv in docker.retire_argvs(t):
         sh.run(argv, what="stop the serving container")

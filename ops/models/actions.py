@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from ops import settings
-from ops.errors import BakehouseError
-from ops.models.fetch import fetch_models
+from ops.errors import BakehouseError, ConfigError
+from ops.models.fetch import Peers, fetch_models
 from ops.models.lock import Lock, LockedModel, load_lock, write_lock
 from ops.models.manifest import Manifest, load_manifest
 from ops.models.report import Outcome, Report
@@ -33,10 +34,11 @@ class ModelRequest:
     dest: Path | None = None  # None: $MODELS_DIR, else ./models
     full: bool = False
     workers: int = 8
+    peers: tuple[str, ...] = ()  # fetch: hosts to take verified files from first (http://addr:port)
 
     @classmethod
     def parse(cls, command: str, *, models: str | None = None, manifest: str | Path | None = None, lock: str | Path | None = None,
-              dest: str | Path | None = None, full: bool = False, workers: object = None) -> ModelRequest:
+              dest: str | Path | None = None, full: bool = False, workers: object = None, peers: str | None = None) -> ModelRequest:
         """From flag values as a command line gives them (strings or None)."""
         return cls(
             command=settings.choice("command", command, MODEL_COMMANDS),  # type: ignore[arg-type]
@@ -46,7 +48,17 @@ class ModelRequest:
             dest=Path(dest) if dest else None,
             full=full,
             workers=int(settings.number("--workers", workers, default=cls.workers, maximum=256)),
+            peers=tuple(check_peer(url) for url in settings.names(peers)),
         )
+
+
+_PEER = re.compile(r"^http://[A-Za-z0-9.:\[\]_-]+:[0-9]{1,5}$")
+
+
+def check_peer(url: str) -> str:
+    if not _PEER.match(url):
+        raise ConfigError(f"--peers: {url!r} is not a peer address (http://HOST:PORT).")
+    return url
 
 
 def run(req: ModelRequest) -> Report:
@@ -56,7 +68,8 @@ def run(req: ModelRequest) -> Report:
         return lock_models(manifest_path=manifest, lock_path=lock, names=names)
     dest, explicit = req.dest or settings.default_models_dir(), req.manifest is not None or "BAKEHOUSE_MANIFEST" in os.environ
     if req.command == "fetch":
-        return fetch(manifest_path=manifest, lock_path=lock, names=names, dest=dest, workers=req.workers, manifest_explicit=explicit)
+        peers = Peers(req.peers, os.environ.get("BAKEHOUSE_PEER_TOKEN", ""))
+        return fetch(manifest_path=manifest, lock_path=lock, names=names, dest=dest, workers=req.workers, manifest_explicit=explicit, peers=peers)
     return verify_models(manifest_path=manifest, lock_path=lock, names=names, dest=dest, workers=req.workers, manifest_explicit=explicit, full=req.full)
 
 
@@ -91,10 +104,11 @@ def lock_models(*, manifest_path: Path, lock_path: Path, names: list[str] | None
     return report
 
 
-def fetch(*, manifest_path: Path, lock_path: Path, dest: Path, names: list[str] | None, workers: int = 8, manifest_explicit: bool = False) -> Report:
+def fetch(*, manifest_path: Path, lock_path: Path, dest: Path, names: list[str] | None, workers: int = 8, manifest_explicit: bool = False,
+          peers: Peers | None = None) -> Report:
     start = time.monotonic()
     models = load_lock(lock_path).select(names, _manifest_if_present(manifest_path, manifest_explicit))
-    report = Report("fetch", fetch_models(models, Store(dest), workers=workers))
+    report = Report("fetch", fetch_models(models, Store(dest), workers=workers, peers=peers or Peers()))
     report.seconds = time.monotonic() - start
     return report
 

@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from ops.errors import EXIT_INTERRUPTED, EXIT_USAGE, BakehouseError
 from ops.models.actions import MODEL_COMMANDS, ModelRequest, run
@@ -40,17 +41,32 @@ def build_parser() -> argparse.ArgumentParser:
                        help="read KEY=VALUE lines (HF_TOKEN, HF_ENDPOINT, …) from stdin up to a blank line: secrets stay out of argv and the caller's environment")
         if name == "verify":
             p.add_argument("--full", action="store_true", help="re-hash every file instead of trusting the stamp")
+        if name == "fetch":
+            p.add_argument("--peers", help="comma-separated http://HOST:PORT of hosts serving verified files (peer-serve): tried before the source; "
+                                           "their secret comes as BAKEHOUSE_PEER_TOKEN with --env-stdin")
+    serve = sub.add_parser("peer-serve", help="serve this store's verified files to peers", description="serve this store's verified files to peers")
+    serve.add_argument("--dest", required=True, help="the store")
+    serve.add_argument("--bind", required=True, help="the address to listen on (the host's inventory address)")
+    serve.add_argument("--port", type=int, default=0, help="port (default: any free one, written to --port-file)")
+    serve.add_argument("--token-file", required=True, help="a file holding this run's secret; read and removed at start")
+    serve.add_argument("--port-file", required=True, help="where the bound port is written")
+    serve.add_argument("--max-rate", type=int, default=0, help="bytes a second each response may send (default: no limit)")
+    serve.add_argument("--seconds", type=float, default=3600, help="stop serving after this long")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging()
+    if args.command == "peer-serve":
+        from ops.models.peer import serve
+
+        return serve(Path(args.dest), args.bind, args.port, Path(args.token_file), Path(args.port_file), max_rate=args.max_rate, seconds=args.seconds)
     try:
         if args.env_stdin:
             os.environ.update(read_env_lines(sys.stdin))
         report = run(ModelRequest.parse(args.command, models=args.models, manifest=args.manifest, lock=args.lock, dest=args.dest,
-                                        full=getattr(args, "full", False), workers=args.workers))
+                                        full=getattr(args, "full", False), workers=args.workers, peers=getattr(args, "peers", None)))
     except BakehouseError as exc:
         print(f"error: {exc}", file=sys.stderr)
         if args.json:

@@ -12,10 +12,12 @@ import logging
 import shutil
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from ops.errors import BakehouseError, ConfigError, DiskSpaceError, VerificationError
 from ops.models import safefs
 from ops.models.lock import LockedFile, LockedModel
+from ops.models.peer import fetch_from_peers
 from ops.models.progress import Progress
 from ops.models.report import Outcome
 from ops.models.sources import FetchJob, source_for
@@ -27,7 +29,15 @@ from ops.units import format_bytes, format_rate
 log = logging.getLogger("bakehouse.fetch")
 
 
-def fetch_models(models: Sequence[LockedModel], store: Store, *, workers: int = 8, tty: bool | None = None) -> list[Outcome]:
+@dataclass(frozen=True)
+class Peers:
+    """Hosts that may hold the verified files already (http://addr:port), tried in order before the source, and this run's secret."""
+
+    urls: tuple[str, ...] = ()
+    token: str = ""
+
+
+def fetch_models(models: Sequence[LockedModel], store: Store, *, workers: int = 8, tty: bool | None = None, peers: Peers | None = None) -> list[Outcome]:
     """Fetch every model; one model's failure is reported and does not stop the others."""
     if not store.writable():
         return [_read_only(store, m) for m in models]
@@ -50,7 +60,7 @@ def fetch_models(models: Sequence[LockedModel], store: Store, *, workers: int = 
     preflight(store, todo)
     for m in todo:
         try:
-            outcomes[m.name] = _fetch_one(store, m, workers=workers, tty=tty)
+            outcomes[m.name] = _fetch_one(store, m, workers=workers, tty=tty, peers=peers or Peers())
         except (BakehouseError, OSError) as exc:
             outcomes[m.name] = Outcome.failed(m.name, _as_error(store, m, exc), commit=m.commit)
     return [outcomes[m.name] for m in models]
@@ -131,7 +141,7 @@ def preflight(store: Store, models: Sequence[LockedModel]) -> None:
         )
 
 
-def _fetch_one(store: Store, m: LockedModel, *, workers: int, tty: bool | None) -> Outcome:
+def _fetch_one(store: Store, m: LockedModel, *, workers: int, tty: bool | None, peers: Peers) -> Outcome:
     start = time.monotonic()
     with store.locked(m.name):
         ready = _already_there(store, m)
@@ -146,7 +156,12 @@ def _fetch_one(store: Store, m: LockedModel, *, workers: int, tty: bool | None) 
         progress = Progress(f"fetch {m.name}", total, tty=tty)
         job = FetchJob(root=store.root, staging=staging, partial=partial, progress=progress, workers=workers)
         try:
-            known = source_for(m.source).fetch(m, needed, job) if needed else {}
+            known, left, notes = fetch_from_peers(m, needed, job, peers.urls, peers.token) if peers.urls and needed else ({}, needed, [])
+            for note in notes:
+                log.warning("%s: %s", m.name, note)
+            if left:
+                job.cancel.clear()  # a peer's failure must not stop the source
+                known |= source_for(m.source).fetch(m, left, job)
         finally:
             job.cancel.set()
             progress.close()
@@ -160,4 +175,5 @@ def _fetch_one(store: Store, m: LockedModel, *, workers: int, tty: bool | None) 
         store.clean_partial(m.name, m.commit)
     seconds = time.monotonic() - start
     log.info("%s: %s in %.1fs (%s), verified and active at %s", m.name, format_bytes(total), seconds, format_rate(total, seconds), store.current_link(m.name))
-    return Outcome(model=m.name, status="downloaded", commit=m.commit, path=str(store.current_link(m.name)), files=len(m.files), bytes=total, seconds=seconds, warnings=list(result.warnings))
+    return Outcome(model=m.name, status="downloaded", commit=m.commit, path=str(store.current_link(m.name)), files=len(m.files), bytes=total, seconds=seconds,
+                   warnings=[*notes, *result.warnings])

@@ -15,6 +15,8 @@ from ops.remote.inventory import Host
 
 # Only these reach the remote model commands; HF_TOKEN goes on stdin instead.
 FORWARDED_ENV = ("HF_ENDPOINT", "HF_HUB_OFFLINE", "HF_HUB_DISABLE_XET", "HF_HUB_DISABLE_TELEMETRY")
+# Secrets arrive on stdin; umask makes the file 0600 from its first byte.
+_WRITE = 'umask 077 && mkdir -p "$(dirname "$1")" && cat > "$1.tmp" && mv -f "$1.tmp" "$1"'
 
 
 def forwarded_env() -> dict[str, str]:
@@ -24,6 +26,11 @@ def forwarded_env() -> dict[str, str]:
 
 def mkdir_argv(*paths: str) -> list[str]:
     return ["mkdir", "-p", *paths]
+
+
+def write_file_argv(path: str) -> list[str]:
+    """Write stdin to `path` (0600, atomically): how env files and secrets reach a host, never through argv."""
+    return ["sh", "-c", _WRITE, "sh", path]
 
 
 def exists_argv(path: str) -> list[str]:

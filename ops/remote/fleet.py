@@ -3,8 +3,9 @@
     ssh       this process drives every host over SSH (ops.remote.ssh_engine)
     ansible   ansible-playbook runs the same planned argv (ops.remote.ansible)
 
-With fan-out, the hub serves each file once (ops.remote.fanout) and the SSH
-engine then copies the verified files to every host.
+With fan-out the origin serves each file once: `local` and `host` copy the
+verified files to every host through this machine (ops.remote.fanout),
+`peers` lets the hosts copy them from each other (ops.remote.peers).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from ops.remote.fanout import download_from, seed_host, seed_locally
 from ops.remote.hostmodels import HostModels
 from ops.remote.inventory import Host
 from ops.remote.job import FleetJob
+from ops.remote.peers import run_with_peers
 from ops.remote.ssh_engine import run_with_ssh
 
 
@@ -28,14 +30,16 @@ def run_fleet(job: FleetJob, hosts: Sequence[Host], inventory: Path) -> HostResu
     fan_out = job.fan_out if job.command == "fetch" else None
     if job.engine == "ansible":
         if fan_out is not None:
-            raise ConfigError("fan-out (--from-local, --from-host) runs with the ssh engine; drop --engine ansible.")
+            raise ConfigError("fan-out (--fan-out, --from-local, --from-host) runs with the ssh engine; drop --engine ansible.")
         if job.dry_run:
             raise ConfigError("--dry-run shows the ssh engine's commands; drop --engine ansible (the playbook runs the same argv).")
         return run_with_ansible(hosts, job, inventory)
     if fan_out is None:
         return run_with_ssh(hosts, job)
-    if fan_out.from_host:
-        return _from_host(hosts, job, seed_host(hosts, fan_out.from_host))
+    if fan_out.mode == "peers":
+        return run_with_peers(hosts, job)
+    if fan_out.mode == "host":
+        return _from_host(hosts, job, seed_host(hosts, fan_out.from_host or ""))
     if not job.dry_run:
         seed_locally(job, fan_out.store)
     return run_with_ssh(hosts, job, seed=fan_out.store)

@@ -66,7 +66,8 @@ class ModelsView:
             return []
         report = r.value.report
         lines = [f"{host}: {report.error}"] if report.error else []
-        return lines + [f"{host} {o.model}: {o.error if not o.problems else '; '.join(o.problems)}" for o in report.outcomes if not o.ok]
+        lines += [f"{host} {o.model}: {o.error if not o.problems else '; '.join(o.problems)}" for o in report.outcomes if not o.ok]
+        return lines + [f"{host} {o.model}: warning: {w}" for o in report.outcomes if o.ok for w in o.warnings]
 
     def fields(self, r: HostResult[HostModels]) -> dict[str, Any]:
         return r.value.to_dict() if r.value is not None else {"bootstrap": "", "outcomes": []}

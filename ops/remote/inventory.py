@@ -35,6 +35,8 @@ class Host:
     python: str = "python3"
     prefix: str = "/opt/bakehouse"
     groups: tuple[str, ...] = ()
+    peers: bool = True  # --fan-out peers: false when the host cannot reach the others (it gets files through the controller)
+    peer_max_rate: int = 0  # --fan-out peers: bytes a second this host sends to each peer (0: no limit)
     vars: dict[str, Any] = field(default_factory=dict, compare=False)
 
 
@@ -149,6 +151,11 @@ def _host(name: str, v: dict[str, Any], groups: tuple[str, ...], path: Path) -> 
     python = v.get("python", "python3")
     if not isinstance(python, str) or not (_COMMAND.match(python) or _ABS_PATH.match(python)) or ".." in python.split("/"):
         raise ConfigError(f"{where}: python {python!r} must be a command name (python3) or an absolute path.")
+    peers, max_rate = v.get("peers", True), v.get("peer_max_rate", 0)
+    if not isinstance(peers, bool):
+        raise ConfigError(f"{where}: peers must be true or false, not {peers!r}.")
+    if isinstance(max_rate, bool) or not isinstance(max_rate, int) or not 0 <= max_rate <= 10**12:
+        raise ConfigError(f"{where}: peer_max_rate must be bytes a second (a whole number, 0 for no limit), not {max_rate!r}.")
     return Host(
         name=name,
         address=address,
@@ -160,5 +167,7 @@ def _host(name: str, v: dict[str, Any], groups: tuple[str, ...], path: Path) -> 
         python=python,
         prefix=check_path(where, "prefix", v.get("prefix", "/opt/bakehouse")),
         groups=groups,
+        peers=peers,
+        peer_max_rate=max_rate,
         vars=v,
     )

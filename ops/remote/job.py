@@ -14,10 +14,20 @@ Engine = Literal["ssh", "ansible"]
 ENGINES: tuple[Engine, ...] = ("ssh", "ansible")
 
 
+FanOutMode = Literal["local", "host", "peers"]
+FAN_OUT_MODES: tuple[FanOutMode, ...] = ("local", "host", "peers")
+
+
 @dataclass(frozen=True)
 class FanOut:
-    """The hub serves each file once: fetched into `store` on this machine (or first on `from_host`), then copied to the hosts."""
+    """The origin serves each file once.
 
+    local: fetched into `store` on this machine, then copied to every host through it;
+    host:  fetched first on `from_host`, then copied through this machine;
+    peers: hosts copy verified files from each other (ops.remote.peers); this machine carries no weights.
+    """
+
+    mode: FanOutMode
     store: Path
     from_host: str | None = None
 

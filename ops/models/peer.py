@@ -1,0 +1,152 @@
+"""Peers: a host serves its verified files to the hosts that still need them, and takes files from its peers.
+
+    python -m ops.models peer-serve --dest DIR --bind ADDR [--port 0] --token-file F --port-file P [--max-rate B/s] [--deadline S]
+
+The lock's sha256s are the only thing trusted, so a host can take bytes from
+any peer without trusting it: every file is hashed while it arrives and must
+match the lock before it is activated, or served onward. A peer serves only
+files of commit directories in its store (only a full verify puts one there),
+over HTTP with Range (resumable; Starlette's FileResponse), bound to the
+address the inventory gives, to requests carrying this run's secret, and
+only until the run's deadline. Links are never followed.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import socket
+import stat
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from ops.errors import BakehouseError, SourceError, UnsafePathError, VerificationError
+from ops.models import safefs, values
+from ops.models.lock import LockedFile, LockedModel, safe_relpath
+from ops.models.sources.base import FetchJob
+from ops.models.sources.transfer import Download, download_file
+
+PEER_TOKEN = "BAKEHOUSE_PEER_TOKEN"
+
+
+def file_path(root: Path, name: str, commit: str, path: str) -> Path | None:
+    """The store file a peer may serve, or None: a validated name, commit and path, a real file under real directories."""
+    if values.name_problem(name) or not (values.GIT_COMMIT.match(commit) or values.SHA256.match(commit)):
+        return None
+    try:
+        rel = safe_relpath(path)
+        target = root / name / commit / rel
+        safefs.check_no_link(root, target)
+        return target if stat.S_ISREG(os.lstat(target).st_mode) else None
+    except (UnsafePathError, BakehouseError, OSError):
+        return None
+
+
+def peer_app(root: Path, token: str, *, max_rate: int = 0, deadline: float = 0.0) -> Any:
+    """The ASGI app: GET /<name>/<commit>/<path> with `Authorization: Bearer <token>`."""
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import FileResponse, PlainTextResponse, Response
+    from starlette.routing import Route
+
+    async def serve_file(request: Request) -> Response:
+        if deadline and time.time() > deadline:
+            return PlainTextResponse("this peer's run is over", status_code=410)
+        given = request.headers.get("authorization", "").removeprefix("Bearer ")
+        if not hmac.compare_digest(given.encode(), token.encode()):
+            return PlainTextResponse("unauthorized", status_code=401)
+        p = request.path_params
+        target = file_path(root, p["name"], p["commit"], p["path"])
+        if target is None:
+            return PlainTextResponse("not here", status_code=404)
+        return FileResponse(target, headers={"cache-control": "no-store"})
+
+    app = Starlette(routes=[Route("/{name}/{commit}/{path:path}", serve_file, methods=["GET", "HEAD"])])
+    return paced(app, max_rate) if max_rate else app
+
+
+def paced(app: Any, max_rate: int) -> Any:
+    """ASGI middleware: each response's body leaves at most `max_rate` bytes a second (a peer should not starve its own host)."""
+    import anyio
+
+    async def wrapped(scope: Any, receive: Any, send: Any) -> None:
+        start, sent = time.monotonic(), 0
+
+        async def paced_send(message: dict) -> None:
+            nonlocal sent
+            if message.get("type") == "http.response.body":
+                sent += len(message.get("body", b""))
+                ahead = sent / max_rate - (time.monotonic() - start)
+                if ahead > 0:
+                    await anyio.sleep(ahead)
+            await send(message)
+
+        await app(scope, receive, paced_send)
+
+    return wrapped
+
+
+def serve(root: Path, bind: str, port: int, token_file: Path, port_file: Path, *, max_rate: int = 0, seconds: float = 3600) -> int:
+    """Run until the deadline: read (and remove) the token file, write the port we bound to, serve."""
+    import uvicorn
+
+    token = token_file.read_text().strip()
+    token_file.unlink()
+    if len(token) < 16:
+        raise BakehouseError(f"{token_file}: the peer secret is too short.")
+    sock = socket.socket(socket.AF_INET6 if ":" in bind else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((bind, port))
+    tmp = port_file.with_name(port_file.name + ".tmp")
+    tmp.write_text(str(sock.getsockname()[1]))
+    os.replace(tmp, port_file)
+    config = uvicorn.Config(peer_app(root, token, max_rate=max_rate, deadline=time.time() + seconds), log_level="warning", timeout_graceful_shutdown=1)
+    server = uvicorn.Server(config)
+    server.run(sockets=[sock])
+    return 0
+
+
+def fetch_from_peers(model: LockedModel, files: Sequence[LockedFile], job: FetchJob, peers: Sequence[str], token: str) -> tuple[dict[str, str], list[LockedFile], list[str]]:
+    """Take each file from the first peer that serves the locked bytes, `job.workers` files at once.
+
+    Returns the verified hashes, the files no peer could give (the source fetches those), and what went wrong with which peer.
+    """
+    known: dict[str, str] = {}
+    left: list[LockedFile] = []
+    notes: list[str] = []
+    dropped: set[str] = set()
+    guard = threading.Lock()
+    headers = {"authorization": f"Bearer {token}"}
+
+    def one(f: LockedFile) -> None:
+        for peer in peers:
+            with guard:
+                if peer in dropped:
+                    continue
+            try:
+                sha = download_file(Download(f"{peer}/{model.name}/{model.commit}/{f.path}", headers, f), job, source=f"peer {peer}")
+            except (VerificationError, SourceError) as exc:
+                with guard:
+                    dropped.add(peer)
+                    notes.append(_note(peer, f, exc))
+                continue
+            with guard:
+                known[f.path] = sha
+            return
+        with guard:
+            left.append(f)
+
+    ordered = sorted(files, key=lambda x: x.size, reverse=True)
+    with ThreadPoolExecutor(max_workers=max(1, min(job.workers, len(ordered))), thread_name_prefix="peer") as pool:
+        list(pool.map(one, ordered))
+    return known, left, notes
+
+
+def _note(peer: str, f: LockedFile, exc: BakehouseError) -> str:
+    if isinstance(exc, VerificationError):
+        return f"peer {peer} served other bytes than the lock pins for {f.path}; dropped it and took the file elsewhere"
+    return f"peer {peer} failed for {f.path} ({str(exc).split('(')[0].strip()}); dropped it and took the file elsewhere"

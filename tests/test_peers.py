@@ -1,0 +1,193 @@
+"""`--fan-out peers` on four sshd hosts: the origin serves each file once, the hosts copy verified files from each other.
+
+Each host's sshd sits behind a byte-counting relay, so the tests count what
+the control machine sends (commands and results, not weights). The peer
+servers listen on the hosts' inventory address (127.0.0.1: the test hosts
+share this machine's network), each on a port of its own.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from helpers import HF_SHARDS, ROOT, Hub, Project, manifest
+from proxy import Proxy, TcpCounter
+from sshhosts import SshHost, client_keys, counted, ensure_host_image, start_host
+from test_fleet import rows
+
+INVOKE = [sys.executable, "-m", "invoke", "--search-root", str(ROOT)]
+NAMES = ("p1", "p2", "p3", "p4")
+SHARD = "model-00001-of-00004.safetensors"
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    ensure_host_image()
+    return client_keys(tmp_path_factory.mktemp("keys"))
+
+
+@pytest.fixture(scope="module")
+def hosts(keys: Path) -> Iterator[list[SshHost]]:
+    started = [start_host(name, keys) for name in NAMES]
+    yield started
+    for h in started:
+        h.stop()
+
+
+@pytest.fixture(scope="module")
+def relays(hosts: list[SshHost], keys: Path) -> Iterator[dict[str, TcpCounter]]:
+    counters = counted(hosts, keys)
+    yield counters
+    for c in counters.values():
+        c.stop()
+
+
+@pytest.fixture(scope="module")
+def project(hub: Hub, tmp_path_factory: pytest.TempPathFactory, relays: dict[str, TcpCounter], hosts: list[SshHost]) -> Project:
+    p = Project(tmp_path_factory.mktemp("peers") / "project", hub.endpoint)
+    p.dir.mkdir()
+    p.write_manifest(manifest(shards=HF_SHARDS))
+    assert p.run("lock", "--models", "shards").returncode == 0
+    return p
+
+
+def write_inventory(project: Project, keys: Path, relays: dict[str, TcpCounter], **host_vars: dict[str, object]) -> None:
+    lines = ["all:", "  vars:", "    ansible_user: root", f"    ansible_ssh_private_key_file: {keys / 'id'}", "    models_dir: /srv/models", "  hosts:"]
+    for name in NAMES:
+        lines += [f"    {name}:", "      ansible_host: 127.0.0.1", f"      ansible_port: {relays[name].port}"]
+        lines += [f"      {k}: {str(v).lower() if isinstance(v, bool) else v}" for k, v in host_vars.get(name, {}).items()]
+    (project.dir / "hosts.yml").write_text("\n".join(lines) + "\n")
+
+
+def fleet_argv(project: Project, keys: Path, command: str, *flags: str, hosts: str = ",".join(NAMES)) -> list[str]:
+    return [*INVOKE, command, "--inventory", str(project.dir / "hosts.yml"), "--lock", str(project.dir / "models.lock"), "--known-hosts", str(keys / "known_hosts"),
+            "--hosts", hosts, "--models", "shards", *flags]
+
+
+def fleet(project: Project, keys: Path, command: str, *flags: str, env: dict[str, str] | None = None, hosts: str = ",".join(NAMES)) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(fleet_argv(project, keys, command, *flags, hosts=hosts), env=env or project.env(), capture_output=True, text=True, timeout=600)
+
+
+def clean(hosts: list[SshHost]) -> None:
+    for h in hosts:
+        h.exec("rm", "-rf", "/srv/models/shards", "/srv/models/.staging/shards")
+
+
+def locked_files(project: Project) -> list[dict]:
+    return tomllib.loads((project.dir / "models.lock").read_text())["models"]["shards"]["files"]
+
+
+def origin_files(proxy: Proxy) -> list[str]:
+    return sorted(req.path.rsplit("/", 1)[-1] for req in proxy.requests if "/resolve/" in req.path and req.method == "GET")
+
+
+def assert_all_verified(project: Project, keys: Path) -> None:
+    v = fleet(project, keys, "verify-models", "--full")
+    assert v.returncode == 0, v.stdout + v.stderr
+    assert all(rows(v.stdout)[(name, "shards")].startswith("verified (full)") for name in NAMES), v.stdout
+
+
+def peer_servers_left(hosts: list[SshHost]) -> list[str]:
+    return [h.name for h in hosts if h.exec("pgrep", "-f", "peer-serve", check=False).returncode == 0]
+
+
+def test_the_origin_serves_each_file_once_and_the_controller_carries_no_weights(project: Project, keys: Path, hosts: list[SshHost],
+                                                                                  relays: dict[str, TcpCounter], hub: Hub) -> None:
+    write_inventory(project, keys, relays)
+    fleet(project, keys, "verify-models")  # bootstrap every host first: the count below is the fetch alone
+    clean(hosts)
+    for c in relays.values():
+        c.sent = 0
+    proxy = Proxy(hub.endpoint).start()
+    try:
+        r = fleet(project, keys, "fetch-models", "--fan-out", "peers", env=project.env(HF_ENDPOINT=proxy.url))
+    finally:
+        proxy.stop()
+    assert r.returncode == 0, r.stdout + r.stderr
+    table = rows(r.stdout)
+    assert all(table[(name, "shards")].startswith("downloaded") for name in NAMES), r.stdout
+    assert origin_files(proxy) == sorted(f["path"] for f in locked_files(project))
+    model_size = sum(f["size"] for f in locked_files(project))
+    sent = sum(c.sent for c in relays.values())
+    assert sent < model_size, f"the control machine sent {sent} bytes over SSH for a {model_size}-byte model"
+    assert_all_verified(project, keys)
+    assert peer_servers_left(hosts) == []
+
+
+def test_a_peer_killed_mid_transfer_is_dropped_and_the_others_finish(project: Project, keys: Path, hosts: list[SshHost], relays: dict[str, TcpCounter],
+                                                                     hub: Hub) -> None:
+    write_inventory(project, keys, relays, p1={"peer_max_rate": 500_000})  # p1 serves slowly: the kill lands mid-file
+    clean(hosts)
+    run = subprocess.Popen(fleet_argv(project, keys, "fetch-models", "--fan-out", "peers"), env=project.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p1 = hosts[0]
+    deadline = time.monotonic() + 120
+    while p1.exec("test", "-s", "/opt/bakehouse/peer/port", check=False).returncode != 0:
+        assert time.monotonic() < deadline and run.poll() is None, "p1's peer server never started"
+        time.sleep(0.2)
+    time.sleep(2)
+    p1.exec("pkill", "-9", "-f", "peer-serve")
+    out, err = run.communicate(timeout=600)
+    assert run.returncode == 0, out + err
+    table = rows(out)
+    assert all(table[(name, "shards")].startswith("downloaded") for name in NAMES), out
+    assert "peer p1" in table[("p2", "shards")] + table[("p3", "shards")], out
+    assert_all_verified(project, keys)
+
+
+def test_a_peer_serving_other_bytes_is_named_and_its_file_taken_elsewhere(project: Project, keys: Path, hosts: list[SshHost], relays: dict[str, TcpCounter],
+                                                                         hub: Hub) -> None:
+    write_inventory(project, keys, relays)
+    clean(hosts)
+    p1 = hosts[0]
+    first = fleet(project, keys, "fetch-models", hosts="p1")
+    assert first.returncode == 0, first.stdout + first.stderr
+    # Change one byte of p1's copy and keep its size, inode and mtime: p1's quick check still trusts it, and it serves those bytes.
+    p1.exec("sh", "-c", f'f=$(readlink -f /srv/models/shards/current)/{SHARD}; touch -r "$f" /tmp/ref; printf X | dd of="$f" bs=1 seek=4096 conv=notrunc 2>/dev/null; '
+                        'touch -r /tmp/ref "$f"')
+    r = fleet(project, keys, "fetch-models", "--fan-out", "peers")
+    assert r.returncode == 0, r.stdout + r.stderr
+    table = rows(r.stdout)
+    assert table[("p1", "shards")].startswith("up-to-date"), r.stdout
+    children = table[("p2", "shards")] + table[("p3", "shards")]
+    assert "peer p1" in children and "other bytes than the lock pins" in children and SHARD in children, r.stdout
+    for h in hosts[1:]:
+        sha = h.exec("sh", "-c", f"sha256sum /srv/models/shards/current/{SHARD}").stdout.split()[0]
+        assert sha == next(f["sha256"] for f in locked_files(project) if f["path"] == SHARD)
+
+
+def test_a_host_that_cannot_reach_its_peers_gets_the_files_through_the_controller(project: Project, keys: Path, hosts: list[SshHost],
+                                                                                    relays: dict[str, TcpCounter], hub: Hub) -> None:
+    write_inventory(project, keys, relays, p4={"peers": False})
+    clean(hosts)
+    proxy = Proxy(hub.endpoint).start()
+    try:
+        r = fleet(project, keys, "fetch-models", "--fan-out", "peers", env=project.env(HF_ENDPOINT=proxy.url))
+    finally:
+        proxy.stop()
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert all(rows(r.stdout)[(name, "shards")].startswith("downloaded") for name in NAMES), r.stdout
+    assert origin_files(proxy) == sorted(f["path"] for f in locked_files(project))
+    assert_all_verified(project, keys)
+
+
+def test_dry_run_shows_the_plan_and_touches_nothing(project: Project, keys: Path, hosts: list[SshHost], relays: dict[str, TcpCounter]) -> None:
+    write_inventory(project, keys, relays)
+    clean(hosts)
+    r = fleet(project, keys, "fetch-models", "--fan-out", "peers", "--dry-run")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "peer-serve" in r.stdout and "waits for a finished host serving fewer than 2 peers" in r.stdout, r.stdout
+    assert all(h.exec("test", "-e", "/srv/models/shards", check=False).returncode != 0 for h in hosts)
+
+
+def test_fan_out_modes_are_exclusive(project: Project, keys: Path, relays: dict[str, TcpCounter]) -> None:
+    write_inventory(project, keys, relays)
+    r = fleet(project, keys, "fetch-models", "--fan-out", "peers", "--from-local")
+    assert r.returncode == 2 and "choose one fan-out mode" in r.stderr, r.stdout + r.stderr
+    bad = fleet(project, keys, "fetch-models", "--fan-out", "torrent")
+    assert bad.returncode == 2 and "--fan-out" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
