@@ -61,7 +61,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "peer-serve":
         from ops.models.peer import serve
 
-        return serve(Path(args.dest), args.bind, args.port, Path(args.token_file), Path(args.port_file), max_rate=args.max_rate, seconds=args.seconds)
+        try:
+            return serve(Path(args.dest), args.bind, args.port, Path(args.token_file), Path(args.port_file), max_rate=args.max_rate, seconds=args.seconds)
+        except BakehouseError as exc:
+            print(f"error: peer-serve: {exc}", file=sys.stderr)
+            return exc.exit_code
     try:
         if args.env_stdin:
             os.environ.update(read_env_lines(sys.stdin))

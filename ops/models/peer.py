@@ -94,13 +94,19 @@ def serve(root: Path, bind: str, port: int, token_file: Path, port_file: Path, *
     """Run until the deadline: read (and remove) the token file, write the port we bound to, serve."""
     import uvicorn
 
-    token = token_file.read_text().strip()
-    token_file.unlink()
+    try:
+        token = token_file.read_text().strip()
+        token_file.unlink()
+    except OSError as exc:
+        raise BakehouseError(f"{token_file}: cannot read the peer secret ({exc.strerror}). Re-run the fan-out from the control machine.") from exc
     if len(token) < 16:
-        raise BakehouseError(f"{token_file}: the peer secret is too short.")
+        raise BakehouseError(f"{token_file}: the peer secret is too short. Re-run the fan-out from the control machine.")
     sock = socket.socket(socket.AF_INET6 if ":" in bind else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((bind, port))
+    try:
+        sock.bind((bind, port))
+    except OSError as exc:
+        raise BakehouseError(f"cannot listen on {bind}:{port} ({exc.strerror}). Is {bind} this host's address (ansible_host)?") from exc
     tmp = port_file.with_name(port_file.name + ".tmp")
     tmp.write_text(str(sock.getsockname()[1]))
     os.replace(tmp, port_file)
