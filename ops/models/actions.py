@@ -14,6 +14,7 @@ from ops.errors import BakehouseError, ConfigError
 from ops.models.fetch import Peers, fetch_models
 from ops.models.lock import Lock, LockedModel, load_lock, write_lock
 from ops.models.manifest import Manifest, load_manifest
+from ops.models.peer import PEER_TOKEN
 from ops.models.report import Outcome, Report
 from ops.models.sources import source_for
 from ops.models.store import Store
@@ -68,7 +69,7 @@ def run(req: ModelRequest) -> Report:
         return lock_models(manifest_path=manifest, lock_path=lock, names=names)
     dest, explicit = req.dest or settings.default_models_dir(), req.manifest is not None or "BAKEHOUSE_MANIFEST" in os.environ
     if req.command == "fetch":
-        peers = Peers(req.peers, os.environ.get("BAKEHOUSE_PEER_TOKEN", ""))
+        peers = Peers(req.peers, os.environ.get(PEER_TOKEN, ""))
         return fetch(manifest_path=manifest, lock_path=lock, names=names, dest=dest, workers=req.workers, manifest_explicit=explicit, peers=peers)
     return verify_models(manifest_path=manifest, lock_path=lock, names=names, dest=dest, workers=req.workers, manifest_explicit=explicit, full=req.full)
 

@@ -160,7 +160,6 @@ def _fetch_one(store: Store, m: LockedModel, *, workers: int, tty: bool | None, 
             for note in notes:
                 log.warning("%s: %s", m.name, note)
             if left:
-                job.cancel.clear()  # a peer's failure must not stop the source
                 known |= source_for(m.source).fetch(m, left, job)
         finally:
             job.cancel.set()

@@ -10,19 +10,18 @@ verified files to every host through this machine (ops.remote.fanout),
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 from ops.errors import ConfigError
 from ops.remote.ansible import run_with_ansible
 from ops.remote.executor import HostResult, HostResults
-from ops.remote.fanout import download_from, seed_host, seed_locally
+from ops.remote.fanout import seed_host, seed_locally
 from ops.remote.hostmodels import HostModels
 from ops.remote.inventory import Host
 from ops.remote.job import FleetJob
 from ops.remote.peers import run_with_peers
-from ops.remote.ssh_engine import run_with_ssh
+from ops.remote.ssh_engine import copy_through_controller, run_with_ssh
 
 
 def run_fleet(job: FleetJob, hosts: Sequence[Host], inventory: Path) -> HostResults[HostModels]:
@@ -51,8 +50,5 @@ def _from_host(hosts: Sequence[Host], job: FleetJob, seed: Host) -> HostResults[
     others = [h for h in hosts if h is not seed]
     if first.failed:
         return HostResults(job.command, [*first, *(HostResult(h, attempted=False) for h in others)], first.view)
-    with tempfile.TemporaryDirectory(prefix="bakehouse-seed-") as tmp:
-        if not job.dry_run:
-            download_from(seed, job, Path(tmp))
-        rest = run_with_ssh(others, job, seed=Path(tmp))
+    rest = copy_through_controller(seed, others, job)
     return HostResults(job.command, [*first, *rest], first.view)

@@ -20,24 +20,22 @@ from __future__ import annotations
 
 import os
 import secrets
-import tempfile
 import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from ops.errors import RemoteError
+from ops.models.peer import PEER_TOKEN
 from ops.models.report import Report
 from ops.remote import commands as rc
-from ops.remote.executor import HostResult, HostResults, run_each
-from ops.remote.fanout import download_from
+from ops.remote.executor import HostResults, run_each
 from ops.remote.hostmodels import HostModels, ModelsView, parse_report
 from ops.remote.inventory import Host
 from ops.remote.job import FleetJob
 from ops.remote.shell import Shell, shell_factory
-from ops.remote.ssh_engine import bootstrap, run_with_ssh
+from ops.remote.ssh_engine import bootstrap, copy_through_controller, run_with_ssh
 from ops.remote.wheelhouse import Wheelhouse, build_wheelhouse
 from ops.settings import env_lines
 
@@ -131,7 +129,7 @@ def peer_step(sh: Shell, job: FleetJob, wh: Wheelhouse, run: Run, token: str, *,
                 holds = True
                 sh.say(f"takes files from {source}" if source else "no peer finished: fetches from the origin")
         argv = rc.model_argv(host, "fetch", models=job.models) + (["--peers", ",".join(peers)] if peers else [])
-        env = rc.model_env("fetch", token) | ({"BAKEHOUSE_PEER_TOKEN": run.token} if peers else {})
+        env = rc.model_env("fetch", token) | ({PEER_TOKEN: run.token} if peers else {})
         result = sh.run(argv, stdin=env_lines(env), kind="query", on_stderr_line=sh.say)
         report = Report("fetch") if sh.dry_run else parse_report(host.name, result.stdout, result.stderr)
         for outcome in report.outcomes:
@@ -160,7 +158,7 @@ def _serve(sh: Shell, run: Run, *, seconds: int) -> str | None:
 
 
 def run_with_peers(hosts: Sequence[Host], job: FleetJob) -> HostResults[HostModels]:
-    """The tree over the hosts that can reach each other, then the controller path for the others."""
+    """The peer path over the hosts that can reach each other, then the controller path for the others; every peer server stopped at the end."""
     reachable = [h for h in hosts if h.peers]
     isolated = [h for h in hosts if h not in reachable]
     run = Run(reachable[0].name if reachable else "")
@@ -173,23 +171,15 @@ def run_with_peers(hosts: Sequence[Host], job: FleetJob) -> HostResults[HostMode
                            shells=shell_factory(job.ssh, dry_run=job.dry_run), view=ModelsView(), rollout=rollout)
     finally:
         if not job.dry_run:
-            run_each("stop peers", reachable, lambda sh: _stop(sh), shells=shell_factory(job.ssh), view=ModelsView(), rollout=rollout, say=lambda h, line: None)
+            run_each("stop peers", reachable, _stop, shells=shell_factory(job.ssh), view=ModelsView(), rollout=rollout, say=lambda h, line: None)
     rows = list(results)
     if isolated:
-        rows += _through_controller(isolated, job, [r for r in results if r.ok])
+        # Hosts that cannot reach their peers: a finished host's verified files through this machine (or the origin when none finished).
+        finished = [r.host for r in results if r.ok]
+        rows += copy_through_controller(finished[0], isolated, job) if finished else run_with_ssh(isolated, job)
     return HostResults("fetch", rows, ModelsView())
 
 
 def _stop(sh: Shell) -> HostModels:
     sh.run(stop_argv(sh.host), kind="query")
     return HostModels("", Report("stop"))
-
-
-def _through_controller(hosts: Sequence[Host], job: FleetJob, finished: Sequence[HostResult[HostModels]]) -> list[HostResult[HostModels]]:
-    """Hosts that cannot reach their peers: a finished host's verified files, through this machine (SFTP both ways)."""
-    if job.dry_run or not finished:
-        return list(run_with_ssh(hosts, job))
-    with tempfile.TemporaryDirectory(prefix="bakehouse-peers-") as tmp:
-        download_from(finished[0].host, job, Path(tmp))
-        return list(run_with_ssh(hosts, job, seed=Path(tmp)))
-

@@ -9,6 +9,7 @@ the hub settings go on the command's stdin, never in its argv or environment.
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from ops.models.lock import load_lock
 from ops.models.report import Report
 from ops.remote import commands as rc
 from ops.remote.executor import HostResults, run_each
-from ops.remote.fanout import upload_staged
+from ops.remote.fanout import download_from, upload_staged
 from ops.remote.hostmodels import HostModels, ModelsView, parse_report
 from ops.remote.inventory import Host
 from ops.remote.job import FleetJob
@@ -60,3 +61,11 @@ def run_with_ssh(hosts: Sequence[Host], job: FleetJob, *, seed: Path | None = No
     token, wh = os.environ.get("HF_TOKEN", ""), build_wheelhouse()
     return run_each(job.command, hosts, lambda sh: model_command(sh, job, wh, token, seed=seed),
                     shells=shell_factory(job.ssh, dry_run=job.dry_run), view=ModelsView(), rollout=job.rollout)
+
+
+def copy_through_controller(source: Host, hosts: Sequence[Host], job: FleetJob) -> HostResults[HostModels]:
+    """`source`'s verified files, downloaded here, then uploaded to each of `hosts`, which verify them fully (SFTP both ways)."""
+    with tempfile.TemporaryDirectory(prefix="bakehouse-seed-") as tmp:
+        if not job.dry_run:
+            download_from(source, job, Path(tmp))
+        return run_with_ssh(hosts, job, seed=Path(tmp))
