@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from containers import PODMAN, Engine, ensure_base_image, load_image, source_tree, start_docker
 from helpers import HF_DEMO, HF_SHARDS, Hub, Project, manifest, start_hub
+from sshhosts import client_keys, ensure_host_image
 
 
 @pytest.fixture(scope="session")
@@ -18,6 +19,13 @@ def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
     h = start_hub(tmp_path_factory.mktemp("hub"))
     yield h
     h.hub.stop()
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A client key pair and an empty known_hosts for a module's SSH hosts (the host image built once)."""
+    ensure_host_image()
+    return client_keys(tmp_path_factory.mktemp("keys"))
 
 
 @pytest.fixture

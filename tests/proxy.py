@@ -54,6 +54,7 @@ class Proxy:
     _fills: dict[str, threading.Lock] = field(default_factory=dict)
     _fills_lock: threading.Lock = field(default_factory=threading.Lock)
     _link_free: float = 0.0  # when the shared link can send its next byte (total_rate)
+    _link_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def url(self) -> str:
@@ -172,7 +173,7 @@ class Proxy:
         """With total_rate, wait for this chunk's turn on the shared link (every response together stays under the rate)."""
         if not self.total_rate:
             return
-        with self._fills_lock:
+        with self._link_lock:
             now = time.monotonic()
             done = max(now, self._link_free) + n / self.total_rate
             self._link_free = done

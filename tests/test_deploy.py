@@ -19,19 +19,13 @@ import httpx
 import pytest
 from helpers import HF_DEMO, ROOT, TOKEN, Hub, Project, manifest
 from proxy import Proxy
-from sshhosts import SshHost, client_keys, ensure_host_image, start_host
+from sshhosts import SshHost, start_host
 
 from ops.localhub import free_port
 
 INVOKE = [sys.executable, "-m", "invoke"]
 SECRET = "app-secret-9f8e7d6c5b4a"
 PREFIX = "/opt/bakehouse"
-
-
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    ensure_host_image()
-    return client_keys(tmp_path_factory.mktemp("keys"))
 
 
 @pytest.fixture(scope="module")

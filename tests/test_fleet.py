@@ -15,15 +15,9 @@ from pathlib import Path
 import pytest
 from helpers import HF_DEMO, HF_SHARDS, ROOT, TOKEN, Hub, Project, manifest
 from proxy import Proxy
-from sshhosts import SshHost, client_keys, ensure_host_image, inventory, start_host
+from sshhosts import SshHost, inventory, start_host
 
 INVOKE = [sys.executable, "-m", "invoke", "--search-root", str(ROOT)]
-
-
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    ensure_host_image()
-    return client_keys(tmp_path_factory.mktemp("keys"))
 
 
 @pytest.fixture(scope="module")
