@@ -15,21 +15,16 @@ import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from helpers import HF_SHARDS, ROOT, Hub, Project, manifest
 from proxy import Proxy, TcpCounter
-from sshhosts import SshHost, client_keys, counted, ensure_host_image, start_host
+from sshhosts import SshHost, counted, start_host
 from test_fleet import rows
 
 INVOKE = [sys.executable, "-m", "invoke", "--search-root", str(ROOT)]
 NAMES = ("p1", "p2", "p3", "p4")
 SHARD = "model-00001-of-00004.safetensors"
-
-
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    ensure_host_image()
-    return client_keys(tmp_path_factory.mktemp("keys"))
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +88,18 @@ def assert_all_verified(project: Project, keys: Path) -> None:
     assert all(rows(v.stdout)[(name, "shards")].startswith("verified (full)") for name in NAMES), v.stdout
 
 
+def fetch_with_peers_through_counted_origin(project: Project, keys: Path, hub: Hub) -> None:
+    """`--fan-out peers` onto every host: all downloaded, and the origin served each locked file exactly once."""
+    proxy = Proxy(hub.endpoint).start()
+    try:
+        r = fleet(project, keys, "fetch-models", "--fan-out", "peers", env=project.env(HF_ENDPOINT=proxy.url))
+    finally:
+        proxy.stop()
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert all(rows(r.stdout)[(name, "shards")].startswith("downloaded") for name in NAMES), r.stdout
+    assert origin_files(proxy) == sorted(f["path"] for f in locked_files(project))
+
+
 def peer_servers_left(hosts: list[SshHost]) -> list[str]:
     return [h.name for h in hosts if h.exec("pgrep", "-f", "peer-serve", check=False).returncode == 0]
 
@@ -104,15 +111,7 @@ def test_the_origin_serves_each_file_once_and_the_controller_carries_no_weights(
     clean(hosts)
     for c in relays.values():
         c.sent = 0
-    proxy = Proxy(hub.endpoint).start()
-    try:
-        r = fleet(project, keys, "fetch-models", "--fan-out", "peers", env=project.env(HF_ENDPOINT=proxy.url))
-    finally:
-        proxy.stop()
-    assert r.returncode == 0, r.stdout + r.stderr
-    table = rows(r.stdout)
-    assert all(table[(name, "shards")].startswith("downloaded") for name in NAMES), r.stdout
-    assert origin_files(proxy) == sorted(f["path"] for f in locked_files(project))
+    fetch_with_peers_through_counted_origin(project, keys, hub)
     model_size = sum(f["size"] for f in locked_files(project))
     sent = sum(c.sent for c in relays.values())
     assert sent < model_size, f"the control machine sent {sent} bytes over SSH for a {model_size}-byte model"
@@ -165,14 +164,7 @@ def test_a_host_that_cannot_reach_its_peers_gets_the_files_through_the_controlle
                                                                                     relays: dict[str, TcpCounter], hub: Hub) -> None:
     write_inventory(project, keys, relays, p4={"peers": False})
     clean(hosts)
-    proxy = Proxy(hub.endpoint).start()
-    try:
-        r = fleet(project, keys, "fetch-models", "--fan-out", "peers", env=project.env(HF_ENDPOINT=proxy.url))
-    finally:
-        proxy.stop()
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert all(rows(r.stdout)[(name, "shards")].startswith("downloaded") for name in NAMES), r.stdout
-    assert origin_files(proxy) == sorted(f["path"] for f in locked_files(project))
+    fetch_with_peers_through_counted_origin(project, keys, hub)
     assert_all_verified(project, keys)
 
 
@@ -191,3 +183,42 @@ def test_fan_out_modes_are_exclusive(project: Project, keys: Path, relays: dict[
     assert r.returncode == 2 and "choose one fan-out mode" in r.stderr, r.stdout + r.stderr
     bad = fleet(project, keys, "fetch-models", "--fan-out", "torrent")
     assert bad.returncode == 2 and "--fan-out" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+
+
+def test_the_peer_server_serves_only_verified_files_to_holders_of_the_secret(tmp_path: Path) -> None:
+    """A real `peer-serve` on loopback: the secret, Range, and every path that must not be served."""
+    commit, secret = "c" * 40, "s" * 43
+    store = tmp_path / "store"
+    (store / "m" / commit).mkdir(parents=True)
+    (store / "m" / commit / "w.bin").write_bytes(b"0123456789")
+    (store / ".staging" / "m" / commit).mkdir(parents=True)
+    (store / ".staging" / "m" / commit / "half.bin").write_bytes(b"unverified")
+    (tmp_path / "outside").write_text("not yours")
+    (store / "m" / commit / "link").symlink_to(tmp_path / "outside")
+    token, port_file = tmp_path / "token", tmp_path / "port"
+    token.write_text(secret)
+    base = [sys.executable, "-m", "ops.models", "peer-serve", "--dest", str(store), "--bind", "127.0.0.1", "--token-file", str(token), "--port-file", str(port_file)]
+    bad = subprocess.run([*base, "--port", "-1"], capture_output=True, text=True, check=False)
+    assert bad.returncode == 2 and "--port" in bad.stderr and "Traceback" not in bad.stderr
+    server = subprocess.Popen(base, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not port_file.exists():
+            assert time.monotonic() < deadline and server.poll() is None, server.stderr.read() if server.stderr else ""
+            time.sleep(0.05)
+        assert not token.exists()  # read once and removed
+        url = f"http://127.0.0.1:{port_file.read_text()}"
+        auth = {"authorization": f"Bearer {secret}"}
+        assert httpx.get(f"{url}/m/{commit}/w.bin").status_code == 401
+        assert httpx.get(f"{url}/m/{commit}/w.bin", headers={"authorization": "Bearer wrong"}).status_code == 401
+        ok = httpx.get(f"{url}/m/{commit}/w.bin", headers=auth)
+        assert ok.status_code == 200 and ok.content == b"0123456789"
+        part = httpx.get(f"{url}/m/{commit}/w.bin", headers={**auth, "range": "bytes=4-"})
+        assert part.status_code == 206 and part.content == b"456789"
+        for path in (f"m/{commit}/link", f"m/{commit}/..%2F..%2F..%2Foutside", f".staging/m/{commit}/half.bin", f"m/current/w.bin", f"m/{commit}",
+                     f"m/{commit}/%2Fetc%2Fpasswd"):
+            r = httpx.get(f"{url}/{path}", headers=auth)
+            assert r.status_code == 404, (path, r.status_code, r.text)
+    finally:
+        server.terminate()
+        server.wait(timeout=10)

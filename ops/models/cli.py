@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ops.errors import EXIT_INTERRUPTED, EXIT_USAGE, BakehouseError
@@ -24,6 +24,15 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # usage errors exit 2, as documented
         self.print_usage(sys.stderr)
         self.exit(EXIT_USAGE, f"error: {message}. See `python -m ops.models {self.prog.split()[-1]} --help`.\n")
+
+
+def _within(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: a whole number in [low, high], or a usage error naming the range."""
+    def parse(text: str) -> int:
+        if not text.isdigit() or not low <= int(text) <= high:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number from {low} to {high}")
+        return int(text)
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,11 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("peer-serve", help="serve this store's verified files to peers", description="serve this store's verified files to peers")
     serve.add_argument("--dest", required=True, help="the store")
     serve.add_argument("--bind", required=True, help="the address to listen on (the host's inventory address)")
-    serve.add_argument("--port", type=int, default=0, help="port (default: any free one, written to --port-file)")
+    serve.add_argument("--port", type=_within(0, 65535), default=0, help="port (default: any free one, written to --port-file)")
     serve.add_argument("--token-file", required=True, help="a file holding this run's secret; read and removed at start")
     serve.add_argument("--port-file", required=True, help="where the bound port is written")
-    serve.add_argument("--max-rate", type=int, default=0, help="bytes a second each response may send (default: no limit)")
-    serve.add_argument("--seconds", type=float, default=3600, help="stop serving after this long")
+    serve.add_argument("--max-rate", type=_within(0, 10**12), default=0, help="bytes a second each response may send (default: no limit)")
+    serve.add_argument("--seconds", type=_within(1, 7 * 86400), default=3600, help="stop serving after this many seconds")
     return parser
 
 

@@ -1,11 +1,11 @@
 """Peers: a host serves its verified files to the hosts that still need them, and takes files from its peers.
 
-    python -m ops.models peer-serve --dest DIR --bind ADDR [--port 0] --token-file F --port-file P [--max-rate B/s] [--deadline S]
+    python -m ops.models peer-serve --dest DIR --bind ADDR [--port 0] --token-file F --port-file P [--max-rate B/s] [--seconds S]
 
 The lock's sha256s are the only thing trusted, so a host can take bytes from
 any peer without trusting it: every file is hashed while it arrives and must
 match the lock before it is activated, or served onward. A peer serves only
-files of commit directories in its store (only a full verify puts one there),
+files of commit directories in its store (a file gets there only after its hash matched the lock),
 over HTTP with Range (resumable; Starlette's FileResponse), bound to the
 address the inventory gives, to requests carrying this run's secret, and
 only until the run's deadline. Links are never followed.
@@ -66,6 +66,7 @@ def peer_app(root: Path, token: str, *, max_rate: int = 0, deadline: float = 0.0
         return FileResponse(target, headers={"cache-control": "no-store"})
 
     app = Starlette(routes=[Route("/{name}/{commit}/{path:path}", serve_file, methods=["GET", "HEAD"])])
+    app.router.redirect_slashes = False  # anything but a file path is a plain 404
     return paced(app, max_rate) if max_rate else app
 
 
