@@ -108,6 +108,7 @@ def serve(root: Path, bind: str, port: int, token_file: Path, port_file: Path, *
         sock.bind((bind, port))
     except OSError as exc:
         raise BakehouseError(f"cannot listen on {bind}:{port} ({exc.strerror}). Is {bind} this host's address (ansible_host)?") from exc
+    sock.listen(128)  # before the port is published: a peer that connects at once waits in the backlog instead of being refused
     tmp = port_file.with_name(port_file.name + ".tmp")
     tmp.write_text(str(sock.getsockname()[1]))
     os.replace(tmp, port_file)
