@@ -73,7 +73,7 @@ async def measure(url: str, model: str, reqs: list[dict], concurrency: int) -> d
     ttft = sorted(r[0] for r in results)
     latency = sorted(r[1] for r in results)
     tokens = sum(r[2] for r in results)
-    pct = lambda xs, p: xs[min(len(xs) - 1, int(p * len(xs)))]  # noqa: E731
+    pct = lambda xs, p: xs[min(len(xs) - 1, int(p * len(xs)))]
     return {"tokens_per_s": tokens / wall, "ttft_p50": statistics.median(ttft), "ttft_p95": pct(ttft, 0.95), "latency_p95": pct(latency, 0.95),
             "tokens": tokens, "wall_s": wall}
 
@@ -138,23 +138,43 @@ def run_engine(engine: str, dtype: str, store: Path, lock: Path, work: Path, voc
 
 
 def side_by_side(model: str, store: Path, lock: Path, work: Path, engines: list[str], dtypes: list[str]) -> None:
+    """Runs each engine in turn and rewrites the results after each one, so a crash late in a long run keeps what it measured."""
     vocab = json.loads((store / "m" / "current" / "config.json").read_text())["vocab_size"]
-    results = {f"{e}/{d}": run_engine(e, d, store, lock, work, vocab) for d in dtypes for e in engines}
-    write(model, results, engines, dtypes)
+    results: dict = {}
+    for d in dtypes:
+        for e in engines:
+            try:
+                results[f"{e}/{d}"] = run_engine(e, d, store, lock, work, vocab)
+            except (AssertionError, TimeoutError, OSError, RuntimeError, httpx.HTTPError) as exc:  # one engine failing keeps the others' numbers
+                print(f"{e} {d}: failed: {exc!r}", flush=True)
+                results[f"{e}/{d}"] = {"error": repr(exc), "runs": {}}
+            write(model, results, engines, dtypes)
 
 
 def write(model: str, results: dict, engines: list[str], dtypes: list[str]) -> None:
     m = machine()
     device = m["gpu"] or f"CPU: {m['cpu']}, {m['cores']} cores"
     md = [f"# Serving side by side: {model} random-weight model on {device}", "",
-          f"{PROMPT_TOKENS}-token prompts (token ids), temperature 0, EOS ignored; fixed = 64 new tokens each, mixed = 16-256 (fixed seed); "
-          f"concurrency 1 runs 8 requests, 8 and 32 run 64. Streaming client; {m['date']}.", ""]
+          (f"{PROMPT_TOKENS}-token prompts (token ids), temperature 0, EOS ignored; fixed = 64 new tokens each, mixed = 16-256 (fixed seed); "
+           f"concurrency 1 runs 8 requests, 8 and 32 run 64. Streaming client; {m['date']}. "
+           "`vs bare` is tokens/s over bare `vllm serve` in the same dtype."), ""]
+    header = ["load", "engine", "tok/s", "vs bare", "TTFT p50 s", "TTFT p95 s", "latency p95 s"]
     for d in dtypes:
-        header = ["load", *[f"{e} tok/s" for e in engines], *[f"{e} TTFT p95 s" for e in engines], *[f"{e} latency p95 s" for e in engines]]
+        measured = [e for e in engines if f"{e}/{d}" in results]
+        if not measured:
+            continue
         rows = []
-        for key in results[f"{engines[0]}/{d}"]["runs"]:
-            runs = [results[f"{e}/{d}"]["runs"][key] for e in engines]
-            rows.append([key, *[f"{r['tokens_per_s']:.1f}" for r in runs], *[f"{r['ttft_p95']:.2f}" for r in runs], *[f"{r['latency_p95']:.2f}" for r in runs]])
-        rows.append(["start to ready (s)", *[f"{results[f'{e}/{d}']['ready_s']:.1f}" for e in engines], *[""] * (2 * len(engines))])
+        keys = dict.fromkeys(k for e in measured for k in results[f"{e}/{d}"]["runs"])
+        bare = results.get(f"bare-vllm/{d}", {}).get("runs", {})
+        for key in keys:
+            for e in measured:
+                r = results[f"{e}/{d}"]["runs"].get(key)
+                if r is None:
+                    continue
+                ratio = f"{r['tokens_per_s'] / bare[key]['tokens_per_s']:.2f}x" if key in bare else ""
+                rows.append([key, e, f"{r['tokens_per_s']:.1f}", ratio, f"{r['ttft_p50']:.2f}", f"{r['ttft_p95']:.2f}", f"{r['latency_p95']:.2f}"])
+        for e in measured:
+            entry = results[f"{e}/{d}"]
+            rows.append(["start to ready", e, *(["failed: " + entry["error"]] if "error" in entry else [f"{entry['ready_s']:.1f} s"]), "", "", "", ""][:7])
         md += [f"## {d}", "", *markdown_table(header, rows), ""]
     save_results(f"serve-vs-vllm-{model}-{'gpu' if m['gpu'] else 'cpu'}", md, {"device": device, "results": results})
