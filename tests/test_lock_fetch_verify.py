@@ -153,3 +153,20 @@ def test_token_reaches_the_hub_but_never_the_output(project: Project, hub: Hub) 
         assert TOKEN not in r.stdout + r.stderr
     assert TOKEN not in (project.dir / "models.lock").read_text()
     assert not any(TOKEN.encode() in p.read_bytes() for p in project.store.rglob("*") if p.is_file())
+
+
+def test_fetch_share_offers_each_file_as_a_link_to_its_verified_bytes(project: Project, hub: Hub) -> None:
+    """`fetch --share` (a peer fan-out host): each file, once its bytes matched the lock, is a hard link under `<commit>.ready/`."""
+    assert project.run("lock", "--models", "shards").returncode == 0
+    r = project.run("fetch", "--models", "shards", "--share")
+    assert r.returncode == 0, r.stderr
+    commit = hub.commits["test/shards"]
+    ready = project.store / ".staging" / "shards" / f"{commit}.ready"
+    files = {f["path"] for f in lock_of(project)["models"]["shards"]["files"]}
+    assert {p.name for p in ready.iterdir()} == files
+    for name in files:
+        assert (ready / name).stat().st_ino == (project.store / "shards" / commit / name).stat().st_ino  # the same bytes, no copy
+    (project.store / "shards" / "current").unlink()
+    again = project.run("fetch", "--models", "shards")  # a later fetch clears what an earlier one offered
+    assert again.returncode == 0, again.stderr
+    assert not ready.exists()

@@ -12,37 +12,64 @@ import pytest
 from ops.cli import fan_out_for
 from ops.errors import ConfigError
 from ops.models.actions import check_peer
-from ops.models.peer import file_path
+from ops.models.peer import file_path, still_coming
 from ops.remote.inventory import Host
 from ops.remote.peers import FANOUT, Run, start_argv, stop_argv
 
 COMMIT = "a" * 40
 
 
-def test_each_finished_host_serves_at_most_fanout_peers_and_a_host_with_no_source_left_goes_to_the_origin() -> None:
-    run = Run("h0")
-    got: list[tuple[str | None, list[str]]] = []
-    waiters = [threading.Thread(target=lambda: got.append(run.acquire())) for _ in range(FANOUT + 1)]
-    for t in waiters:
-        t.start()
-    run.release("h0", None, "http://10.0.0.0:1")  # the root finished: it serves FANOUT peers at once, the next waits
-    time.sleep(0.2)
-    assert sorted(g[0] or "" for g in got) == ["h0"] * FANOUT and run.serving["h0"] == FANOUT
-    run.release("h1", "h0", None)  # h1 failed: its slot on h0 frees, and it serves nothing
-    for t in waiters:
-        t.join(timeout=5)
-    assert [g[0] for g in got] == ["h0"] * (FANOUT + 1) and "h1" not in run.urls
-    run.release("h2", "h0", "http://10.0.0.2:1")
-    assert run.acquire() == ("h2", ["http://10.0.0.2:1", "http://10.0.0.0:1"])  # the least busy source first, the others as fallbacks
+def joined(run: Run, *names: str) -> Run:
+    for name in names:
+        run.join(name, f"http://10.0.0.{name[1:]}:1")
+    return run
+
+
+def test_each_host_takes_files_from_the_earliest_host_before_it_with_a_free_slot() -> None:
+    run = joined(Run("h0"), "h0", "h1", "h2", "h3", "h4", "h5", "h6", "h7")
+    got = {name: run.acquire(name)[0] for name in run.order}
+    # A shallow tree: the root feeds two hosts, each of them two more, and so on; nothing waits while every host joins.
+    assert got == {"h0": None, "h1": "h0", "h2": "h0", "h3": "h1", "h4": "h1", "h5": "h2", "h6": "h2", "h7": "h3"}
+    assert max(run.serving.values()) == FANOUT
     assert run.named("peer http://10.0.0.2:1 failed") == "peer h2 (http://10.0.0.2:1) failed"
     assert len(run.token) >= 32 and run.token != Run("x").token
 
 
-def test_with_every_earlier_host_failed_a_host_goes_to_the_origin() -> None:
+def test_the_fallbacks_are_the_live_hosts_before_it_so_no_two_hosts_wait_on_each_other() -> None:
+    run = joined(Run("h0"), "h0", "h1", "h2", "h3")
+    for name in ("h1", "h2"):
+        run.acquire(name)
+    run.release("h1", "h0", ok=False)  # h1 failed: its slot on h0 frees, and nobody takes files from it any more
+    source, urls = run.acquire("h3")
+    assert source == "h0" and urls == ["http://10.0.0.0:1", "http://10.0.0.2:1"]  # h2 joined before h3: a fallback; h1 is gone
+
+
+def test_a_full_source_makes_the_next_host_wait_until_a_slot_frees() -> None:
+    run = joined(Run("h0"), "h0", "h1", "h2")
+    run.serving["h0"] = FANOUT
+    run.serving["h1"] = run.serving["h2"] = FANOUT
+    run.join("h3", "http://10.0.0.3:1")
+    got: list[tuple[str | None, list[str]]] = []
+    waiter = threading.Thread(target=lambda: got.append(run.acquire("h3")))
+    waiter.start()
+    time.sleep(0.2)
+    assert got == []
+    run.release("h9", "h1", ok=True)  # a host fed by h1 finished
+    waiter.join(timeout=5)
+    assert got and got[0][0] == "h1"
+
+
+def test_hosts_join_after_the_root_and_with_every_host_before_it_failed_a_host_goes_to_the_origin() -> None:
     run = Run("h0")
-    run.release("h0", None, None)  # the root failed, nothing fetches now
-    assert run.acquire() == (None, [])
-    assert run.active == 1
+    early = threading.Thread(target=lambda: run.join("h1", "http://10.0.0.1:1"))
+    early.start()
+    time.sleep(0.2)
+    assert run.order == []  # h1 was ready first, but waits for the root
+    run.release("h0", None, ok=False)  # the root failed before it served anything
+    early.join(timeout=5)
+    assert run.order == ["h1"] and run.acquire("h1") == (None, [])  # h1 goes to the origin; the others can take from it
+    joined(run, "h2")
+    assert run.acquire("h2")[0] == "h1"
 
 
 def test_the_peer_server_argv_keeps_every_value_a_positional_argument() -> None:
@@ -86,3 +113,16 @@ def test_a_peer_serves_only_real_files_of_commit_directories(tmp_path: Path) -> 
     for name, commit, path in [("m", COMMIT, "link"), ("m", "b" * 40, "sub/w.bin"), ("m", COMMIT, "../../secret"), ("m", COMMIT, "sub"),
                                ("..", COMMIT, "secret"), ("m", "current", "sub/w.bin"), (".staging", COMMIT, "x"), ("m", COMMIT, "missing")]:
         assert file_path(tmp_path, name, commit, path) is None, (name, commit, path)
+
+
+def test_a_file_verified_by_a_fetch_in_progress_is_served_and_one_still_coming_is_425(tmp_path: Path) -> None:
+    ready = tmp_path / ".staging" / "m" / f"{COMMIT}.ready"
+    ready.mkdir(parents=True)
+    (ready / "w.bin").write_bytes(b"x")
+    (tmp_path / ".staging" / "m" / COMMIT).mkdir()
+    (tmp_path / ".staging" / "m" / COMMIT / "half.bin").write_bytes(b"unverified")  # in staging, not offered: not served
+    assert file_path(tmp_path, "m", COMMIT, "w.bin") == ready / "w.bin"
+    assert file_path(tmp_path, "m", COMMIT, "half.bin") is None and still_coming(tmp_path, "m", COMMIT, "half.bin")
+    assert not still_coming(tmp_path, "m", COMMIT, "../x") and not still_coming(tmp_path, "m", "current", "w.bin")
+    (tmp_path / "m" / COMMIT).mkdir(parents=True)  # activated here: what it lacks now it will never have
+    assert not still_coming(tmp_path, "m", COMMIT, "half.bin")

@@ -88,9 +88,9 @@ def assert_all_verified(project: Project, keys: Path) -> None:
     assert all(rows(v.stdout)[(name, "shards")].startswith("verified (full)") for name in NAMES), v.stdout
 
 
-def fetch_with_peers_through_counted_origin(project: Project, keys: Path, hub: Hub) -> None:
+def fetch_with_peers_through_counted_origin(project: Project, keys: Path, hub: Hub, *, origin_rate: float | None = None) -> None:
     """`--fan-out peers` onto every host: all downloaded, and the origin served each locked file exactly once."""
-    proxy = Proxy(hub.endpoint).start()
+    proxy = Proxy(hub.endpoint, total_rate=origin_rate).start()
     try:
         r = fleet(project, keys, "fetch-models", "--fan-out", "peers", env=project.env(HF_ENDPOINT=proxy.url))
     finally:
@@ -111,12 +111,18 @@ def test_the_origin_serves_each_file_once_and_the_controller_carries_no_weights(
     clean(hosts)
     for c in relays.values():
         c.sent = 0
-    fetch_with_peers_through_counted_origin(project, keys, hub)
+    # A slow origin (1 MB/s for an 8 MB model): the first host takes ~8 s, and passes each file on as soon as it is verified.
+    fetch_with_peers_through_counted_origin(project, keys, hub, origin_rate=1e6)
     model_size = sum(f["size"] for f in locked_files(project))
     sent = sum(c.sent for c in relays.values())
     assert sent < model_size, f"the control machine sent {sent} bytes over SSH for a {model_size}-byte model"
     assert_all_verified(project, keys)
     assert peer_servers_left(hosts) == []
+    assert all(h.exec("sh", "-c", "ls -d /srv/models/.staging/shards/*.ready", check=False).returncode != 0 for h in hosts)  # links cleaned up
+    # Some host had a file complete before the first host (which took everything from the origin) activated the model.
+    activated = float(hosts[0].exec("stat", "-c", "%.9Y", "/srv/models/shards/current").stdout)
+    first_copies = [min(float(t) for t in h.exec("sh", "-c", "stat -c %.9Y /srv/models/shards/current/*.safetensors").stdout.split()) for h in hosts[1:]]
+    assert min(first_copies) < activated, (first_copies, activated)
 
 
 def test_a_peer_killed_mid_transfer_is_dropped_and_the_others_finish(project: Project, keys: Path, hosts: list[SshHost], relays: dict[str, TcpCounter],
@@ -173,7 +179,7 @@ def test_dry_run_shows_the_plan_and_touches_nothing(project: Project, keys: Path
     clean(hosts)
     r = fleet(project, keys, "fetch-models", "--fan-out", "peers", "--dry-run")
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "peer-serve" in r.stdout and "waits for a finished host serving fewer than 2 peers" in r.stdout, r.stdout
+    assert "peer-serve" in r.stdout and "takes each file from the earliest host before it serving fewer than 2 peers" in r.stdout, r.stdout
     assert all(h.exec("test", "-e", "/srv/models/shards", check=False).returncode != 0 for h in hosts)
 
 
@@ -193,6 +199,10 @@ def test_the_peer_server_serves_only_verified_files_to_holders_of_the_secret(tmp
     (store / "m" / commit / "w.bin").write_bytes(b"0123456789")
     (store / ".staging" / "m" / commit).mkdir(parents=True)
     (store / ".staging" / "m" / commit / "half.bin").write_bytes(b"unverified")
+    fetching = "d" * 40  # a commit this host is still fetching with --share: one file verified so far
+    ready = store / ".staging" / "m" / f"{fetching}.ready"
+    ready.mkdir(parents=True)
+    (ready / "early.bin").write_bytes(b"verified early")
     (tmp_path / "outside").write_text("not yours")
     (store / "m" / commit / "link").symlink_to(tmp_path / "outside")
     token, port_file = tmp_path / "token", tmp_path / "port"
@@ -215,10 +225,14 @@ def test_the_peer_server_serves_only_verified_files_to_holders_of_the_secret(tmp
         assert ok.status_code == 200 and ok.content == b"0123456789"
         part = httpx.get(f"{url}/m/{commit}/w.bin", headers={**auth, "range": "bytes=4-"})
         assert part.status_code == 206 and part.content == b"456789"
-        for path in (f"m/{commit}/link", f"m/{commit}/..%2F..%2F..%2Foutside", f".staging/m/{commit}/half.bin", f"m/current/w.bin", f"m/{commit}",
-                     f"m/{commit}/%2Fetc%2Fpasswd"):
+        early = httpx.get(f"{url}/m/{fetching}/early.bin", headers=auth)
+        assert early.status_code == 200 and early.content == b"verified early"
+        assert httpx.head(f"{url}/m/{fetching}/later.bin", headers=auth).status_code == 425  # still on its way: ask again
+        for path in (f"m/{commit}/link", f"m/{commit}/..%2F..%2F..%2Foutside", f".staging/m/{commit}/half.bin", "m/current/w.bin", f"m/{commit}",
+                     f"m/{commit}/%2Fetc%2Fpasswd", f"m/{commit}/missing.bin", f"m/{fetching}/..%2F{commit}%2Fw.bin"):
             r = httpx.get(f"{url}/{path}", headers=auth)
             assert r.status_code == 404, (path, r.status_code, r.text)
     finally:
         server.terminate()
         server.wait(timeout=10)
+    assert not ready.exists()  # the server's links go with it

@@ -36,10 +36,11 @@ class ModelRequest:
     full: bool = False
     workers: int = 8
     peers: tuple[str, ...] = ()  # fetch: hosts to take verified files from first (http://addr:port)
+    share: bool = False  # fetch: offer each verified file to this host's peers before activation
 
     @classmethod
     def parse(cls, command: str, *, models: str | None = None, manifest: str | Path | None = None, lock: str | Path | None = None,
-              dest: str | Path | None = None, full: bool = False, workers: object = None, peers: str | None = None) -> ModelRequest:
+              dest: str | Path | None = None, full: bool = False, workers: object = None, peers: str | None = None, share: bool = False) -> ModelRequest:
         """From flag values as a command line gives them (strings or None)."""
         return cls(
             command=settings.choice("command", command, MODEL_COMMANDS),  # type: ignore[arg-type]
@@ -50,6 +51,7 @@ class ModelRequest:
             full=full,
             workers=int(settings.number("--workers", workers, default=cls.workers, maximum=256)),
             peers=tuple(check_peer(url) for url in settings.names(peers)),
+            share=share,
         )
 
 
@@ -69,7 +71,7 @@ def run(req: ModelRequest) -> Report:
         return lock_models(manifest_path=manifest, lock_path=lock, names=names)
     dest, explicit = req.dest or settings.default_models_dir(), req.manifest is not None or "BAKEHOUSE_MANIFEST" in os.environ
     if req.command == "fetch":
-        peers = Peers(req.peers, os.environ.get(PEER_TOKEN, ""))
+        peers = Peers(req.peers, os.environ.get(PEER_TOKEN, ""), share=req.share)
         return fetch(manifest_path=manifest, lock_path=lock, names=names, dest=dest, workers=req.workers, manifest_explicit=explicit, peers=peers)
     return verify_models(manifest_path=manifest, lock_path=lock, names=names, dest=dest, workers=req.workers, manifest_explicit=explicit, full=req.full)
 

@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "fetch":
             p.add_argument("--peers", help="comma-separated http://HOST:PORT of hosts serving verified files (peer-serve): tried before the source; "
                                            "their secret comes as BAKEHOUSE_PEER_TOKEN with --env-stdin")
+            p.add_argument("--share", action="store_true", help="offer each file to this host's peer server as soon as its bytes match the lock "
+                                                               "(before the model is activated), so peers fetching from this host need not wait for the whole model")
     serve = sub.add_parser("peer-serve", help="serve this store's verified files to peers", description="serve this store's verified files to peers")
     serve.add_argument("--dest", required=True, help="the store")
     serve.add_argument("--bind", required=True, help="the address to listen on (the host's inventory address)")
@@ -79,7 +81,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.env_stdin:
             os.environ.update(read_env_lines(sys.stdin))
         report = run(ModelRequest.parse(args.command, models=args.models, manifest=args.manifest, lock=args.lock, dest=args.dest,
-                                        full=getattr(args, "full", False), workers=args.workers, peers=getattr(args, "peers", None)))
+                                        full=getattr(args, "full", False), workers=args.workers, peers=getattr(args, "peers", None),
+                                        share=getattr(args, "share", False)))
     except BakehouseError as exc:
         print(f"error: {exc}", file=sys.stderr)
         if args.json:

@@ -31,10 +31,14 @@ log = logging.getLogger("bakehouse.fetch")
 
 @dataclass(frozen=True)
 class Peers:
-    """Hosts that may hold the verified files already (http://addr:port), tried in order before the source, and this run's secret."""
+    """Hosts that may hold the verified files already (http://addr:port), tried in order before the source, and this run's secret.
+
+    `share`: offer each file to this host's own peers as soon as its bytes matched the lock (Store.share), not only once the model is active.
+    """
 
     urls: tuple[str, ...] = ()
     token: str = ""
+    share: bool = False
 
 
 def fetch_models(models: Sequence[LockedModel], store: Store, *, workers: int = 8, tty: bool | None = None, peers: Peers | None = None) -> list[Outcome]:
@@ -49,6 +53,7 @@ def fetch_models(models: Sequence[LockedModel], store: Store, *, workers: int = 
             store.check_links(m.name)
             # Under the model's lock: the check may repair (move aside) a damaged copy another fetch is writing.
             with store.locked(m.name):
+                store.clean_ready(m.name, m.commit)  # what an earlier fetch --share offered (its peer server is gone)
                 ready = _already_there(store, m)
         except (BakehouseError, OSError) as exc:
             outcomes[m.name] = Outcome.failed(m.name, _as_error(store, m, exc), commit=m.commit)
@@ -141,6 +146,25 @@ def preflight(store: Store, models: Sequence[LockedModel]) -> None:
         )
 
 
+def _take_files(store: Store, m: LockedModel, needed: list[LockedFile], job: FetchJob, peers: Peers) -> tuple[list[str], list[str]]:
+    """Every needed file into staging (from peers first, then the source), then the whole staging checked against the lock; the notes and warnings."""
+    try:
+        known, left, notes = fetch_from_peers(m, needed, job, peers.urls, peers.token) if peers.urls and needed else ({}, needed, [])
+        for note in notes:
+            log.warning("%s: %s", m.name, note)
+        if left:
+            known |= source_for(m.source).fetch(m, left, job)
+    finally:
+        job.cancel.set()
+        job.progress.close()
+    result = verify(job.staging, m, full=True, known=known, workers=job.workers)
+    if not result.ok:
+        for p in result.problems:
+            store.remove(job.staging / p.path)
+        raise VerificationError(f"{m.name}: files in staging do not match models.lock, nothing was activated: " + "; ".join(p.message for p in result.problems))
+    return notes, list(result.warnings)
+
+
 def _fetch_one(store: Store, m: LockedModel, *, workers: int, tty: bool | None, peers: Peers) -> Outcome:
     start = time.monotonic()
     with store.locked(m.name):
@@ -155,24 +179,19 @@ def _fetch_one(store: Store, m: LockedModel, *, workers: int, tty: bool | None, 
         log.info("%s: fetching %d of %d files (%s) from %s", m.name, len(needed), len(m.files), format_bytes(total), m.source)
         progress = Progress(f"fetch {m.name}", total, tty=tty)
         job = FetchJob(root=store.root, staging=staging, partial=partial, progress=progress, workers=workers)
+        if peers.share:
+            safefs.makedirs(store.root, store.ready_dir(m.name, m.commit))
+            job.on_verified = lambda path: store.share(m.name, m.commit, path)
         try:
-            known, left, notes = fetch_from_peers(m, needed, job, peers.urls, peers.token) if peers.urls and needed else ({}, needed, [])
-            for note in notes:
-                log.warning("%s: %s", m.name, note)
-            if left:
-                known |= source_for(m.source).fetch(m, left, job)
-        finally:
-            job.cancel.set()
-            progress.close()
-        result = verify(staging, m, full=True, known=known, workers=workers)
-        if not result.ok:
-            for p in result.problems:
-                store.remove(staging / p.path)
-            raise VerificationError(f"{m.name}: files in staging do not match models.lock, nothing was activated: " + "; ".join(p.message for p in result.problems))
-        store.promote(m.name, m.commit)
-        store.activate(m.name, m.commit)
+            notes, warnings = _take_files(store, m, needed, job, peers)
+            store.promote(m.name, m.commit)
+            store.activate(m.name, m.commit)
+        except BaseException:
+            store.clean_ready(m.name, m.commit)  # this host's peers learn at once that it will not have the files
+            raise
+        # The ready links stay until this host's peer server exits (or the next fetch): a peer may be reading one right now.
         store.clean_partial(m.name, m.commit)
     seconds = time.monotonic() - start
     log.info("%s: %s in %.1fs (%s), verified and active at %s", m.name, format_bytes(total), seconds, format_rate(total, seconds), store.current_link(m.name))
     return Outcome(model=m.name, status="downloaded", commit=m.commit, path=str(store.current_link(m.name)), files=len(m.files), bytes=total, seconds=seconds,
-                   warnings=[*notes, *result.warnings])
+                   warnings=[*notes, *warnings])

@@ -5,16 +5,23 @@
 The lock's sha256s are the only thing trusted, so a host can take bytes from
 any peer without trusting it: every file is hashed while it arrives and must
 match the lock before it is activated, or served onward. A peer serves only
-files of commit directories in its store (a file gets there only after its hash matched the lock),
-over HTTP with Range (resumable; Starlette's FileResponse), bound to the
-address the inventory gives, to requests carrying this run's secret, and
-only until the run's deadline. Links are never followed.
+files of commit directories in its store, and, while it is still fetching
+with `fetch --share`, the files whose hash already matched the lock (hard
+links under `.staging/<name>/<commit>.ready/`): a file is passed on as soon as
+it is verified, not when the whole model is, so the copies down a chain of
+hosts overlap. For a file of a commit not activated here it answers 425 (still
+on its way) and the asking host asks again shortly; a host whose fetch fails
+has its server stopped, which sends its peers elsewhere. Over HTTP with Range (resumable; Starlette's
+FileResponse), bound to the address the inventory gives, to requests carrying
+this run's secret, and only until the run's deadline. Links are never followed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import os
+import signal
 import socket
 import stat
 import threading
@@ -24,30 +31,55 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from ops.errors import BakehouseError, SourceError, UnsafePathError, VerificationError
+import httpx2
+
+from ops.errors import BakehouseError, SourceError, VerificationError
 from ops.models import safefs, values
 from ops.models.lock import LockedFile, LockedModel, safe_relpath
-from ops.models.sources.base import FetchJob
-from ops.models.sources.transfer import Download, download_file
+from ops.models.sources.base import Cancelled, FetchJob
+from ops.models.sources.transfer import Download, download_file, translate_http_errors
+from ops.models.store import STAGING, Store
 
 PEER_TOKEN = "BAKEHOUSE_PEER_TOKEN"
+POLL_SECONDS = 0.2  # how often a host asks a peer that is still fetching a file whether it has it now
 
 
 def file_path(root: Path, name: str, commit: str, path: str) -> Path | None:
-    """The store file a peer may serve, or None: a validated name, commit and path, a real file under real directories."""
+    """The store file a peer may serve, or None: a validated name, commit and path, a real file under real directories.
+
+    A commit directory's file (activated, so verified), else one this host's `fetch --share` already matched against the lock.
+    """
+    rel = _valid(name, commit, path)
+    if rel is None:
+        return None
+    store = Store(root)
+    for target in (store.commit_dir(name, commit) / rel, store.ready_dir(name, commit) / rel):
+        try:
+            safefs.check_no_link(root, target)
+            if stat.S_ISREG(os.lstat(target).st_mode):
+                return target
+        except (BakehouseError, OSError):
+            continue
+    return None
+
+
+def still_coming(root: Path, name: str, commit: str, path: str) -> bool:
+    """A valid request for a commit not activated here: this host is in a fan-out and will have the file unless it fails
+    (then its server is stopped, which tells its peers to go elsewhere)."""
+    return _valid(name, commit, path) is not None and not os.path.lexists(Store(root).commit_dir(name, commit))
+
+
+def _valid(name: str, commit: str, path: str) -> str | None:
     if values.name_problem(name) or not (values.GIT_COMMIT.match(commit) or values.SHA256.match(commit)):
         return None
     try:
-        rel = safe_relpath(path)
-        target = root / name / commit / rel
-        safefs.check_no_link(root, target)
-        return target if stat.S_ISREG(os.lstat(target).st_mode) else None
-    except (UnsafePathError, BakehouseError, OSError):
+        return safe_relpath(path)
+    except BakehouseError:
         return None
 
 
 def peer_app(root: Path, token: str, *, max_rate: int = 0, deadline: float = 0.0) -> Any:
-    """The ASGI app: GET /<name>/<commit>/<path> with `Authorization: Bearer <token>`."""
+    """The ASGI app: GET or HEAD /<name>/<commit>/<path> with `Authorization: Bearer <token>`; 425 for a file still on its way here."""
     from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import FileResponse, PlainTextResponse, Response
@@ -61,6 +93,8 @@ def peer_app(root: Path, token: str, *, max_rate: int = 0, deadline: float = 0.0
             return PlainTextResponse("unauthorized", status_code=401)
         p = request.path_params
         target = file_path(root, p["name"], p["commit"], p["path"])
+        if target is None and still_coming(root, p["name"], p["commit"], p["path"]):
+            return PlainTextResponse("not yet: this host is still fetching it", status_code=425)
         if target is None:
             return PlainTextResponse("not here", status_code=404)
         return FileResponse(target, headers={"cache-control": "no-store"})
@@ -114,8 +148,25 @@ def serve(root: Path, bind: str, port: int, token_file: Path, port_file: Path, *
     os.replace(tmp, port_file)
     config = uvicorn.Config(peer_app(root, token, max_rate=max_rate, deadline=time.time() + seconds), log_level="warning", timeout_graceful_shutdown=1)
     server = uvicorn.Server(config)
-    server.run(sockets=[sock])
+    # uvicorn re-raises the signal it stopped for once it has shut down: make SIGTERM an exit that runs the cleanup below.
+    signal.signal(signal.SIGTERM, _exit)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        _drop_ready(root)
     return 0
+
+
+def _exit(signum: int, frame: object) -> None:
+    raise SystemExit(0)
+
+
+def _drop_ready(root: Path) -> None:
+    """The links fetch --share left for this server: nobody serves them now (the commit directories hold the same files)."""
+    staging = root / STAGING
+    for ready in staging.glob("*/*.ready"):
+        with contextlib.suppress(BakehouseError, OSError):
+            safefs.remove(root, ready)
 
 
 def fetch_from_peers(model: LockedModel, files: Sequence[LockedFile], job: FetchJob, peers: Sequence[str], token: str) -> tuple[dict[str, str], list[LockedFile], list[str]]:
@@ -135,8 +186,10 @@ def fetch_from_peers(model: LockedModel, files: Sequence[LockedFile], job: Fetch
             with guard:
                 if peer in dropped:
                     continue
+            url = f"{peer}/{model.name}/{model.commit}/{f.path}"
             try:
-                sha = download_file(Download(f"{peer}/{model.name}/{model.commit}/{f.path}", headers, f), job, source=f"peer {peer}")
+                await_file(url, headers, job, source=f"peer {peer}")
+                sha = download_file(Download(url, headers, f), job, source=f"peer {peer}")
             except (VerificationError, SourceError) as exc:
                 with guard:
                     dropped.add(peer)
@@ -152,6 +205,15 @@ def fetch_from_peers(model: LockedModel, files: Sequence[LockedFile], job: Fetch
     with ThreadPoolExecutor(max_workers=max(1, min(job.workers, len(ordered))), thread_name_prefix="peer") as pool:
         list(pool.map(one, ordered))
     return known, left, notes
+
+
+def await_file(url: str, headers: dict[str, str], job: FetchJob, *, source: str) -> None:
+    """Ask until the peer has the file: while it answers 425 it is still fetching it (fetch --share); any other answer but 200 is its failure."""
+    with translate_http_errors(source), httpx2.Client(timeout=30) as client:
+        while (answer := client.head(url, headers=headers)).status_code == 425:
+            if job.cancel.wait(POLL_SECONDS):
+                raise Cancelled()
+        answer.raise_for_status()
 
 
 def _note(peer: str, f: LockedFile, exc: BakehouseError) -> str:

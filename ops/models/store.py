@@ -6,6 +6,8 @@
     $MODELS_DIR/.staging/<name>.lock        one writer per model; its holder is written inside
     $MODELS_DIR/.staging/<name>/<commit>/   complete files awaiting activation
     $MODELS_DIR/.staging/<name>/<commit>.partial/  bytes still arriving
+    $MODELS_DIR/.staging/<name>/<commit>.ready/    fetch --share: hard links to the staging files whose
+                                                   bytes already matched the lock (a peer may serve them)
 
 Names and commits come validated from models.lock, so every path here stays
 below the root; every write goes through `safefs`, so none follows a link.
@@ -59,6 +61,21 @@ class Store:
 
     def partial_dir(self, name: str, commit: str) -> Path:
         return self.root / STAGING / name / f"{commit}.partial"
+
+    def ready_dir(self, name: str, commit: str) -> Path:
+        return self.root / STAGING / name / f"{commit}.ready"
+
+    def share(self, name: str, commit: str, path: str) -> None:
+        """Offer one verified staging file to peers before the model is activated: a hard link under the ready directory."""
+        target = self.ready_dir(name, commit) / path
+        safefs.makedirs(self.root, target.parent)
+        source = self.staging_dir(name, commit) / path
+        safefs.check_no_link(self.root, source)
+        safefs.remove(self.root, target)
+        os.link(source, target, follow_symlinks=False)
+
+    def clean_ready(self, name: str, commit: str) -> None:
+        safefs.remove(self.root, self.ready_dir(name, commit))
 
     def lock_file(self, name: str) -> Path:
         return self.root / STAGING / f"{name}.lock"

@@ -1,19 +1,23 @@
 """Peer fan-out (`--fan-out peers`): the origin serves each file once; hosts copy verified files from each other.
 
-The first host (in the inventory's order) fetches from the origin (hub, git,
-https); every finished host becomes a source at once, serving at most
-`FANOUT` peers at a time; every other host waits for a source with a free
-slot and fetches with `--peers` (that source first, then other finished
-hosts), falling back to the origin only for files no peer could give. A host
-that finished starts
-`python -m ops.models peer-serve` bound to its inventory address, with this
-run's secret (a 0600 file the server reads and removes), until the run ends.
-Every file is hashed as it arrives and must match the lock before it is
-activated or served onward: a peer that dies or serves other bytes is dropped,
-the file is taken elsewhere, and the host's row says which peer. Hosts marked
+Every host starts `python -m ops.models peer-serve` bound to its inventory
+address, with this run's secret (a 0600 file the server reads and removes),
+then fetches with `--share`: each file is offered to its peers as soon as its
+bytes matched the lock, not when the whole model is, so the copies down the
+chain overlap with the origin download instead of following it. The first
+host (in the inventory's order) fetches from the origin (hub, git, https), a
+couple of files at a time; every other host takes each file from the earliest
+host before it that serves fewer than `FANOUT` peers (then the other hosts
+before it), waiting while that host is still fetching the file, and goes to
+the origin only for files no peer could give. Every file is hashed as it
+arrives and must match the lock before it is offered onward or activated: a
+peer that dies or serves other bytes is dropped, the file is taken elsewhere,
+and the host's row says which peer. A host whose fetch fails has its server
+stopped at once, so the hosts behind it go elsewhere. Hosts marked
 `peers: false` in the inventory (they cannot reach the others) get the
 verified files through this machine instead (SFTP, as --from-host). The
-control machine carries commands and results, not weights.
+control machine carries commands and results, not weights; every peer server
+is stopped when the command ends.
 """
 
 from __future__ import annotations
@@ -40,6 +44,9 @@ from ops.remote.wheelhouse import Wheelhouse, build_wheelhouse
 from ops.settings import env_lines
 
 FANOUT = 2  # hosts one host serves at once
+# Files the origin's host takes at once: the origin's bandwidth is shared by the files in flight, so fewer in flight
+# means each is verified, and passed down the chain, sooner (largest first, so the last one is quick to pass on).
+ROOT_WORKERS = 2
 _START = ('umask 077; nohup "$1" -m ops.models peer-serve --dest "$2" --bind "$3" --token-file "$4" --port-file "$5" --seconds "$6" --max-rate "$7" '
           '>"$8" 2>&1 </dev/null & echo $! >"$9"')
 
@@ -64,42 +71,53 @@ def stop_argv(host: Host) -> list[str]:
 
 @dataclass
 class Run:
-    """What the hosts of one run tell each other: which hosts finished, where they serve, and how many peers each serves now.
+    """What the hosts of one run tell each other: who serves (in the order they joined), who failed, how many peers each serves now.
 
-    The first host fetches from the origin; every other host waits for a finished host with a free slot
-    (fewer than FANOUT peers in flight), so each finished host becomes a source at once. A host finding
-    no source and nothing still fetching (every host before it failed) goes to the origin itself.
+    Every host starts its peer server before it fetches, then joins; the first host (the root) joins first and
+    fetches from the origin. Every other host takes each file from the earliest host that joined before it and
+    serves fewer than FANOUT peers, as soon as that host has verified the file, with the other hosts before it
+    as fallbacks. Files flow one way down the join order, so no two hosts ever wait on each other. A host with
+    no live host before it (every one before it failed) fetches from the origin itself.
     """
 
     root: str
     token: str = field(default_factory=lambda: secrets.token_urlsafe(32))
-    urls: dict[str, str] = field(default_factory=dict)  # finished hosts' peer servers
+    order: list[str] = field(default_factory=list)  # hosts serving, in the order they joined
+    urls: dict[str, str] = field(default_factory=dict)
+    failed: set[str] = field(default_factory=set)
     serving: Counter[str] = field(default_factory=Counter)
-    active: int = 1  # hosts fetching now: the root from the start
     cond: threading.Condition = field(default_factory=threading.Condition)
 
-    def acquire(self) -> tuple[str | None, list[str]]:
-        """Wait for a source: (its name, its URL then other finished hosts' as fallbacks), or (None, []) for the origin."""
+    def join(self, name: str, url: str) -> None:
+        """`name` serves at `url` from now on; any host but the root joins after the root (or after the root failed)."""
+        with self.cond:
+            while name != self.root and self.root not in self.order and self.root not in self.failed:
+                self.cond.wait()
+            self.order.append(name)
+            self.urls[name] = url
+            self.cond.notify_all()
+
+    def acquire(self, name: str) -> tuple[str | None, list[str]]:
+        """Wait for a source: (its name, its URL then the other live hosts' before it as fallbacks), or (None, []) for the origin."""
         with self.cond:
             while True:
-                free = [h for h in self.urls if self.serving[h] < FANOUT]
-                if free or self.active == 0:
-                    self.active += 1
-                    if not free:
-                        return None, []
-                    source = min(free, key=lambda h: self.serving[h])
+                before = [h for h in self.order[: self.order.index(name)] if h not in self.failed]
+                if not before:
+                    return None, []
+                free = [h for h in before if self.serving[h] < FANOUT]
+                if free:
+                    source = free[0]  # the earliest: the tree stays shallow
                     self.serving[source] += 1
-                    return source, [self.urls[source], *[u for h, u in self.urls.items() if h != source][: 2 * FANOUT]]
+                    return source, [self.urls[source], *[self.urls[h] for h in before if h != source][: 2 * FANOUT]]
                 self.cond.wait()
 
-    def release(self, name: str, source: str | None, url: str | None) -> None:
-        """`name` is done fetching (from `source`); with a URL it serves from now on."""
+    def release(self, name: str, source: str | None, *, ok: bool) -> None:
+        """`name` is done fetching (from `source`); a host that failed serves no one (its server is stopped)."""
         with self.cond:
             if source is not None:
                 self.serving[source] -= 1
-            self.active -= 1
-            if url is not None:
-                self.urls[name] = url
+            if not ok:
+                self.failed.add(name)
             self.cond.notify_all()
 
     def named(self, text: str) -> str:
@@ -112,34 +130,35 @@ class Run:
 
 def peer_step(sh: Shell, job: FleetJob, wh: Wheelhouse, run: Run, token: str, *, seconds: int) -> HostModels:
     host = sh.host
-    holds = host.name == run.root  # the root counts as fetching from the start
     source: str | None = None
-    url: str | None = None
+    ok = False
     try:
         state = bootstrap(sh, wh)
         sh.run(rc.mkdir_argv(peer_dir(host)), what="create the peer directory")
         sh.put(job.lock, rc.lock_path(host))
+        url = _serve(sh, run, seconds=seconds)  # before the fetch: each file is offered to this host's peers once verified
         peers: list[str] = []
-        if not holds:
-            if sh.dry_run:
-                sh.note(f"waits for a finished host serving fewer than {FANOUT} peers, takes files from it (then other finished hosts, "
-                        "then the origin for what none of them has)")
-            else:
-                source, peers = run.acquire()
-                holds = True
-                sh.say(f"takes files from {source}" if source else "no peer finished: fetches from the origin")
-        argv = rc.model_argv(host, "fetch", models=job.models) + (["--peers", ",".join(peers)] if peers else [])
+        if sh.dry_run:
+            if host.name != run.root:
+                sh.note(f"takes each file from the earliest host before it serving fewer than {FANOUT} peers, as soon as that host has verified it "
+                        "(then from the other hosts before it, then the origin for what none of them has)")
+        else:
+            assert url is not None
+            run.join(host.name, url)
+            source, peers = run.acquire(host.name)
+            sh.say(f"takes files from {source} as it verifies them" if source else "fetches from the origin")
+        argv = rc.model_argv(host, "fetch", models=job.models) + ["--share"] + (["--peers", ",".join(peers)] if peers else ["--workers", str(ROOT_WORKERS)])
         env = rc.model_env("fetch", token) | ({PEER_TOKEN: run.token} if peers else {})
         result = sh.run(argv, stdin=env_lines(env), kind="query", on_stderr_line=sh.say)
         report = Report("fetch") if sh.dry_run else parse_report(host.name, result.stdout, result.stderr)
         for outcome in report.outcomes:
             outcome.warnings = [run.named(w) for w in outcome.warnings]
-        if report.ok:
-            url = _serve(sh, run, seconds=seconds)
+        ok = report.ok
+        if not ok and not sh.dry_run:
+            sh.run(stop_argv(host), kind="query")  # the hosts taking files from this one go elsewhere at once
         return HostModels(state, report)
     finally:
-        if holds:
-            run.release(host.name, source, url)
+        run.release(host.name, source, ok=ok)
 
 
 def _serve(sh: Shell, run: Run, *, seconds: int) -> str | None:
@@ -163,7 +182,9 @@ def run_with_peers(hosts: Sequence[Host], job: FleetJob) -> HostResults[HostMode
     isolated = [h for h in hosts if h not in reachable]
     run = Run(reachable[0].name if reachable else "")
     wh, token = build_wheelhouse(), os.environ.get("HF_TOKEN", "")
-    seconds = int(job.ssh.command_timeout or 3600) + 60
+    # Servers start before the fetches and are stopped when the command ends; the deadline only bounds a server orphaned
+    # by a lost controller, so it outlives any fetch of this run: every host's fetch starts about when the servers do.
+    seconds = 2 * int(job.ssh.command_timeout) + 300 if job.ssh.command_timeout else 86400
     # Workers take hosts in order, so the first host (the one everyone waits for) always starts: any --parallel works.
     rollout = job.rollout
     try:

@@ -38,6 +38,8 @@ class FetchJob:
     progress: Progress
     workers: int = 8
     cancel: threading.Event = field(default_factory=threading.Event)
+    # Called with a file's path once its bytes matched the lock and it sits in staging (fetch --share offers it to peers).
+    on_verified: Callable[[str], None] = lambda path: None
 
 
 class Source(Protocol):

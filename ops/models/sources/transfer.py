@@ -111,6 +111,7 @@ def download_file(d: Download, job: FetchJob, *, source: str) -> str:
         )
     safefs.makedirs(job.root, final.parent)
     os.replace(partial, final)
+    job.on_verified(d.file.path)
     return sha
 
 
