@@ -111,7 +111,8 @@ def write(results: list[dict], model_bytes: int, model: str, origin_rate: float)
         + (f"{origin_rate:g} MB/s for all downloads together" if origin_rate else "nothing (unthrottled)")
         + ": origin bytes is what it served. Controller bytes is what the control machine sent over SSH (a counting relay in front of each sshd).",
         "direct: every host fetches from the origin; fanout: `--from-local` (fetched here once, copied to every host over SFTP); "
-        "peers: `--fan-out peers` (hosts copy verified files from each other, at most 2 peers per source at once).",
+        "peers: `--fan-out peers` (hosts copy verified files from each other, each file passed on as soon as it is verified, "
+        "at most 2 peers per source at once).",
         "",
         *markdown_table(["hosts", "mode", "wall time", "vs 1 host direct", "origin bytes", "controller bytes"],
                         [[str(r["hosts"]), r["mode"], f"{r['wall_s']:.1f} s", f"{r['wall_s'] / one['direct']:.2f}x" if "direct" in one else "-",

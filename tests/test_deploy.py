@@ -221,7 +221,7 @@ def test_deploy_with_peer_fan_out_takes_each_file_from_the_origin_once(site: Pro
         fresh(hosts[name])
         hosts[name].exec("rm", "-rf", "/srv/models/demo", "/srv/models/.staging/demo")
     plan = deploy(site, keys, "deploy", "--hosts", "h2,h3", "--tag", "v1", "--fan-out", "peers", "--dry-run")
-    assert plan.returncode == 0 and "peer-serve" in plan.stderr and "waits for a finished host" in plan.stderr, plan.stdout + plan.stderr
+    assert plan.returncode == 0 and "peer-serve" in plan.stderr and "takes each file from the earliest host before it" in plan.stderr, plan.stdout + plan.stderr
     proxy = Proxy(hub.endpoint).start()
     try:
         r = deploy(site, keys, "deploy", "--hosts", "h2,h3", "--tag", "v1", "--serial", "2", "--fan-out", "peers", HF_ENDPOINT=proxy.url)
