@@ -85,6 +85,9 @@ def peer_app(root: Path, token: str, *, max_rate: int = 0, deadline: float = 0.0
     from starlette.responses import FileResponse, PlainTextResponse, Response
     from starlette.routing import Route
 
+    class BigChunks(FileResponse):
+        chunk_size = 1 << 20  # Starlette's 64 KiB costs a thread hop per chunk: 1.8 s of a core per GB served, 0.7 s with 1 MiB
+
     async def serve_file(request: Request) -> Response:
         if deadline and time.time() > deadline:
             return PlainTextResponse("this peer's run is over", status_code=410)
@@ -97,7 +100,7 @@ def peer_app(root: Path, token: str, *, max_rate: int = 0, deadline: float = 0.0
             return PlainTextResponse("not yet: this host is still fetching it", status_code=425)
         if target is None:
             return PlainTextResponse("not here", status_code=404)
-        return FileResponse(target, headers={"cache-control": "no-store"})
+        return BigChunks(target, headers={"cache-control": "no-store"})
 
     app = Starlette(routes=[Route("/{name}/{commit}/{path:path}", serve_file, methods=["GET", "HEAD"])])
     app.router.redirect_slashes = False  # anything but a file path is a plain 404
