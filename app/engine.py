@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from app.kvcache import SLOT_ATTENTION
 from ops.errors import BakehouseError, ConfigError
 from ops.models.lock import LockedModel, load_lock
 from ops.models.store import Store
@@ -116,7 +117,8 @@ class Engine:
         self.plan = plan or pick_device(torch.cuda.is_available(), torch.cuda.is_available() and torch.cuda.is_bf16_supported())
         start = time.monotonic()
         self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(directory, local_files_only=True)
-        self.model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, use_safetensors=safetensors_only or None, dtype=self.plan.dtype)
+        self.model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, use_safetensors=safetensors_only or None, dtype=self.plan.dtype,
+                                                          attn_implementation=SLOT_ATTENTION)
         self.model.to(self.plan.device).eval()
         self.load_seconds = time.monotonic() - start
         config = self.model.config

@@ -4,7 +4,7 @@ transformers' own caches give every row of a batch the same length: a request
 that joins late is padded to the oldest, and a finished one keeps its seat
 until the whole batch ends. Here each slot holds one request's keys and
 values at their own length; a decode step writes each row's new token at that
-row's own column (one scatter per layer), and attention reads only up to the
+row's own column (one indexed write per layer), and attention reads only up to the
 longest *running* row, under a mask that hides each row's unused columns.
 Running rows are kept in slots [0, n): when one ends, the last row's keys move
 into its slot (one copy of that row), so a decode step reads plain slices,
@@ -14,7 +14,12 @@ longest row, so memory follows what is running, not the model's context.
 
 It plugs into any transformers causal LM through the Cache API
 (`past_key_values`), with an explicit 4D attention mask and position ids,
-which transformers uses as given.
+which transformers uses as given, and one attention function registered with
+transformers' AttentionInterface (`SLOT_ATTENTION`): prompt chunks go to
+PyTorch's SDPA; a decode step (one new token per row) runs as two batched
+matmuls, because the CPU flash kernel spends most of a step on one-token
+queries over the cache's strided slices (3.2 ms a layer for 32 rows of a
+134 M Llama in bf16, against 0.3 ms for the matmuls).
 """
 
 from __future__ import annotations
@@ -22,7 +27,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from transformers import AttentionInterface
 from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 _GROW = 256
 
@@ -75,9 +82,10 @@ class SlotLayer(CacheLayerMixin):
             return self.keys[v.slot : v.slot + 1, :, :end], self.values[v.slot : v.slot + 1, :, :end]
         assert v.lengths is not None
         n = v.rows
-        where = v.lengths.view(n, 1, 1, 1)
-        self.keys[:n].scatter_(2, where.expand(n, self.heads, 1, self.k_dim), key_states)
-        self.values[:n].scatter_(2, where.expand(n, self.heads, 1, self.v_dim), value_states)
+        # Row i's new token goes to column lengths[i]: an index_put (scatter_ copies the whole cache in bf16 on CPU).
+        rows = torch.arange(n, device=v.lengths.device)
+        self.keys[rows, :, v.lengths] = key_states[:, :, 0]
+        self.values[rows, :, v.lengths] = value_states[:, :, 0]
         return self.keys[:n, :, : v.width], self.values[:n, :, : v.width]
 
     def move(self, src: int, dst: int, length: int) -> None:
@@ -132,3 +140,25 @@ def prefill_mask(start: int, count: int, dtype: torch.dtype, device: torch.devic
 
 def _additive(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(~visible, torch.finfo(dtype).min)
+
+
+SLOT_ATTENTION = "bakehouse_slots"
+
+
+def slot_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None,
+                   dropout: float = 0.0, scaling: float | None = None, **kwargs: object) -> tuple[torch.Tensor, None]:
+    """SDPA for prompt chunks; for a decode step, softmax(q k^T + mask) v with each key head's query heads side by side (no repeated K/V)."""
+    batch, heads, q_len, dim = query.shape
+    if q_len != 1:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    kv_heads = key.shape[1]
+    q = query.view(batch, kv_heads, heads // kv_heads, dim)
+    scores = torch.matmul(q, key.transpose(2, 3)) * (scaling if scaling is not None else dim**-0.5)
+    if attention_mask is not None:
+        scores = scores + attention_mask[:, :, :, : key.shape[2]]
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    out = torch.matmul(probs, value).view(batch, heads, 1, dim)
+    return out.transpose(1, 2), None
+
+
+AttentionInterface.register(SLOT_ATTENTION, slot_attention)

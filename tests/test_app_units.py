@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from app.engine import NotServableError, check_weights_format, pick_device
+from app.kvcache import decode_mask, slot_attention
 from app.sampling import RowState, SamplingParams, sample
 from app.scheduler import first_stop, stop_prefix
 from ops.models.lock import LockedFile, LockedModel
@@ -78,3 +79,19 @@ def test_bad_numeric_settings_name_the_variable(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv("BAKEHOUSE_DTYPE", "fp8")
     with pytest.raises(ConfigError, match="BAKEHOUSE_DTYPE"):
         Settings.from_env()
+
+
+@pytest.mark.parametrize(("heads", "kv_heads"), [(12, 12), (16, 8), (8, 2)])
+def test_decode_attention_equals_sdpa_over_each_rows_own_length(heads: int, kv_heads: int) -> None:
+    """The decode path (two matmuls, query heads grouped per key head) gives what SDPA gives with K/V repeated per query head."""
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.tensor([3, 9, 5])
+    width = int(lengths.max()) + 1
+    q = torch.randn(3, heads, 1, 16, generator=g)
+    k, v = torch.randn(3, kv_heads, 32, 16, generator=g)[:, :, :width], torch.randn(3, kv_heads, 32, 16, generator=g)[:, :, :width]  # strided, as the cache's
+    mask = decode_mask(lengths, torch.float32)
+    out, _ = slot_attention(torch.nn.Module(), q, k, v, mask, scaling=0.25)
+    repeat = heads // kv_heads
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(repeat, 1), v.repeat_interleave(repeat, 1), attn_mask=mask, scale=0.25)
+    assert out.shape == (3, 1, heads, 16)
+    torch.testing.assert_close(out, expected.transpose(1, 2))
