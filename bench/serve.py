@@ -97,6 +97,7 @@ def main() -> None:
     ap.add_argument("--vs-vllm", action="store_true", help="side by side with vLLM (bench/side_by_side.py)")
     ap.add_argument("--engines", default="transformers,vllm,bare-vllm")
     ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--start-only", action="store_true", help="with --vs-vllm: start to ready only, no loads")
     args = ap.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
     src = random_lm(args.model)
@@ -115,7 +116,7 @@ def main() -> None:
     if args.vs_vllm:
         from side_by_side import side_by_side
 
-        side_by_side(args.model, store, proj / "models.lock", WORK, args.engines.split(","), args.dtypes.split(","))
+        side_by_side(args.model, store, proj / "models.lock", WORK, args.engines.split(","), args.dtypes.split(","), loads=not args.start_only)
         return
     server_env = {"MODELS_DIR": str(store), "BAKEHOUSE_LOCK": str(proj / "models.lock"), "MODEL": "m", "HF_HUB_OFFLINE": "1",
                   "BAKEHOUSE_MAX_TOKENS": "4000", "BAKEHOUSE_MAX_BATCH": "32"}
