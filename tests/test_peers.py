@@ -166,6 +166,25 @@ def test_a_peer_serving_other_bytes_is_named_and_its_file_taken_elsewhere(projec
         assert sha == next(f["sha256"] for f in locked_files(project) if f["path"] == SHARD)
 
 
+def test_a_host_whose_fetch_fails_stops_serving_and_the_hosts_behind_it_go_elsewhere(project: Project, keys: Path, hosts: list[SshHost],
+                                                                                       relays: dict[str, TcpCounter]) -> None:
+    write_inventory(project, keys, relays)
+    clean(hosts)
+    p1 = hosts[0]
+    # A planted link where p1's model directory belongs: p1 serves (its commit is "still coming") until its fetch refuses the link.
+    p1.exec("sh", "-c", "mkdir -p /srv/models && ln -s /tmp /srv/models/shards")
+    try:
+        r = fleet(project, keys, "fetch-models", "--fan-out", "peers")
+    finally:
+        p1.exec("rm", "-f", "/srv/models/shards")
+    assert r.returncode == 1, r.stdout + r.stderr  # one host failed; the others did not wait on it until its server's deadline
+    table = rows(r.stdout)
+    assert table[("p1", "shards")].startswith("FAILED") and "symlink" in r.stdout, r.stdout
+    assert r.stdout.count("warning: peer p1") <= 3, r.stdout  # each host behind p1 says once that it dropped it
+    assert all(table[(name, "shards")].startswith("downloaded") for name in NAMES[1:]), r.stdout
+    assert peer_servers_left(hosts) == []
+
+
 def test_a_host_that_cannot_reach_its_peers_gets_the_files_through_the_controller(project: Project, keys: Path, hosts: list[SshHost],
                                                                                     relays: dict[str, TcpCounter], hub: Hub) -> None:
     write_inventory(project, keys, relays, p4={"peers": False})

@@ -22,6 +22,7 @@ is stopped when the command ends.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import threading
@@ -30,7 +31,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ops.errors import RemoteError
+from ops.errors import BakehouseError, RemoteError
 from ops.models.peer import PEER_TOKEN
 from ops.models.report import Report
 from ops.remote import commands as rc
@@ -131,6 +132,7 @@ class Run:
 def peer_step(sh: Shell, job: FleetJob, wh: Wheelhouse, run: Run, token: str, *, seconds: int) -> HostModels:
     host = sh.host
     source: str | None = None
+    url: str | None = None
     ok = False
     try:
         state = bootstrap(sh, wh)
@@ -154,11 +156,13 @@ def peer_step(sh: Shell, job: FleetJob, wh: Wheelhouse, run: Run, token: str, *,
         for outcome in report.outcomes:
             outcome.warnings = [run.named(w) for w in outcome.warnings]
         ok = report.ok
-        if not ok and not sh.dry_run:
-            sh.run(stop_argv(host), kind="query")  # the hosts taking files from this one go elsewhere at once
         return HostModels(state, report)
     finally:
         run.release(host.name, source, ok=ok)
+        if url is not None and not ok:
+            # However it failed (a failed model, no report, a timeout): the hosts still asking this one go elsewhere at once.
+            with contextlib.suppress(BakehouseError):
+                sh.run(stop_argv(host), kind="query")
 
 
 def _serve(sh: Shell, run: Run, *, seconds: int) -> str | None:
