@@ -195,8 +195,9 @@ def fetch_from_peers(model: LockedModel, files: Sequence[LockedFile], job: Fetch
                 sha = download_file(Download(url, headers, f), job, source=f"peer {peer}")
             except (VerificationError, SourceError) as exc:
                 with guard:
+                    if peer not in dropped:  # workers waiting on the same peer all fail at once: one line says it
+                        notes.append(_note(peer, f, exc))
                     dropped.add(peer)
-                    notes.append(_note(peer, f, exc))
                 continue
             with guard:
                 known[f.path] = sha
@@ -206,7 +207,11 @@ def fetch_from_peers(model: LockedModel, files: Sequence[LockedFile], job: Fetch
 
     ordered = sorted(files, key=lambda x: x.size, reverse=True)
     with ThreadPoolExecutor(max_workers=max(1, min(job.workers, len(ordered))), thread_name_prefix="peer") as pool:
-        list(pool.map(one, ordered))
+        try:
+            list(pool.map(one, ordered))
+        except BaseException:
+            job.cancel.set()  # Ctrl-C or a failure: workers waiting on a peer still fetching stop at their next ask, so the pool can end
+            raise
     return known, left, notes
 
 
