@@ -180,7 +180,6 @@ def _fetch_one(store: Store, m: LockedModel, *, workers: int, tty: bool | None, 
         progress = Progress(f"fetch {m.name}", total, tty=tty)
         job = FetchJob(root=store.root, staging=staging, partial=partial, progress=progress, workers=workers)
         if peers.share:
-            safefs.makedirs(store.root, store.ready_dir(m.name, m.commit))
             job.on_verified = lambda path: store.share(m.name, m.commit, path)
         try:
             notes, warnings = _take_files(store, m, needed, job, peers)
