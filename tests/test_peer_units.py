@@ -126,3 +126,11 @@ def test_a_file_verified_by_a_fetch_in_progress_is_served_and_one_still_coming_i
     assert not still_coming(tmp_path, "m", COMMIT, "../x") and not still_coming(tmp_path, "m", "current", "w.bin")
     (tmp_path / "m" / COMMIT).mkdir(parents=True)  # activated here: what it lacks now it will never have
     assert not still_coming(tmp_path, "m", COMMIT, "half.bin")
+
+
+def test_a_planted_link_for_the_ready_directory_is_never_served(tmp_path: Path) -> None:
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "w.bin").write_bytes(b"not verified")
+    (tmp_path / ".staging" / "m").mkdir(parents=True)
+    os.symlink(tmp_path / "elsewhere", tmp_path / ".staging" / "m" / f"{COMMIT}.ready")
+    assert file_path(tmp_path, "m", COMMIT, "w.bin") is None
