@@ -8,6 +8,7 @@ talks to a hub.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from app.kvcache import SLOT_ATTENTION
+from app.kvcache import SLOT_ATTENTION, SlotCache, fastest_decode_attention
 from ops.errors import BakehouseError, ConfigError
 from ops.models.lock import LockedModel, load_lock
 from ops.models.store import Store
@@ -124,10 +125,16 @@ class Engine:
         config = self.model.config
         self.context = int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2048)
         self.num_layers = int(config.num_hidden_layers)
+        # transformers renamed `past_key_values` to `cache` (5.24); vLLM's environment may hold an older one
+        self.cache_argument = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         self.eos = self.tokenizer.eos_token_id
         self.device, self.dtype = torch.device(self.plan.device), self.plan.dtype
+        heads = int(config.num_attention_heads)
+        self.decode_kernel = fastest_decode_attention(self.dtype, self.device, heads, int(getattr(config, "num_key_value_heads", None) or heads),
+                                                      int(getattr(config, "head_dim", None) or config.hidden_size // heads))
         memory = f", {torch.cuda.memory_allocated() / 1e9:.2f} GB GPU memory" if self.plan.device == "cuda" else ""
-        log.info("loaded %s from %s on %s (%s) in %.2fs%s", name, directory, self.plan.device, str(self.plan.dtype).removeprefix("torch."), self.load_seconds, memory)
+        log.info("loaded %s from %s on %s (%s, decode attention: %s) in %.2fs%s", name, directory, self.plan.device, str(self.plan.dtype).removeprefix("torch."),
+                 self.decode_kernel, self.load_seconds, memory)
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -144,10 +151,8 @@ class Engine:
             return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
 
-    def forward(self, ids: Sequence[int], cache: object, mask: torch.Tensor, positions: torch.Tensor, *, decode: bool = False, all_logits: bool = False) -> torch.Tensor:
-        """Logits for a decode step (one token per running row) or a prompt chunk of one row (the last position, or every one)."""
-        input_ids = torch.tensor(list(ids), device=self.device)
-        input_ids = input_ids[:, None] if decode else input_ids[None, :]
-        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
-                         logits_to_keep=0 if all_logits else 1)
-        return out.logits
+    def forward(self, ids: Sequence[int], cache: SlotCache, keep: torch.Tensor) -> torch.Tensor:
+        """Logits [len(keep), vocab] at the kept positions of one packed step (`cache.current`: decode rows, then prompt chunks)."""
+        out = self.model(input_ids=torch.tensor(list(ids), device=self.device)[None], position_ids=cache.positions(self.device), use_cache=True,
+                         logits_to_keep=keep, slot_step=cache.current, **{self.cache_argument: cache})
+        return out.logits[0]

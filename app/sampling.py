@@ -84,24 +84,33 @@ def _truncate(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     return probs
 
 
+def _penalized(p: SamplingParams) -> bool:
+    return p.repetition_penalty != 1.0 or bool(p.presence_penalty or p.frequency_penalty)
+
+
 def sample(logits: torch.Tensor, rows: Sequence[RowState], eos: int | None) -> list[int]:
-    """One token per row from `logits` [rows, vocab] (float32)."""
-    greedy_all = all(r.params.greedy and not r.blocked(eos) and r.params.repetition_penalty == 1.0 and not (r.params.presence_penalty or r.params.frequency_penalty)
-                     for r in rows)
-    if greedy_all:
-        return logits.argmax(dim=-1).tolist()
-    chosen = []
-    for i, row in enumerate(rows):
-        x = logits[i].clone()
-        blocked = row.blocked(eos)
+    """One token per row from `logits` [rows, vocab] (float32): greedy rows without penalties in one argmax, the others one by one."""
+    chosen = [0] * len(rows)
+    plain = [i for i, r in enumerate(rows) if r.params.greedy and not _penalized(r.params)]
+    if plain:
+        x = logits[plain]
+        blocked = [(j, t) for j, i in enumerate(plain) for t in rows[i].blocked(eos)]
         if blocked:
-            x[blocked] = float("-inf")
+            x[[j for j, _ in blocked], [t for _, t in blocked]] = float("-inf")
+        for i, token in zip(plain, x.argmax(dim=-1).tolist(), strict=True):
+            chosen[i] = token
+    for i in sorted(set(range(len(rows))) - set(plain)):
+        row = rows[i]
+        x = logits[i].clone()
+        blocked_ids = row.blocked(eos)
+        if blocked_ids:
+            x[blocked_ids] = float("-inf")
         _penalize(x, row)
         if row.params.greedy:
-            chosen.append(int(x.argmax()))
+            chosen[i] = int(x.argmax())
             continue
         probs = _truncate(x / row.params.temperature, row.params)
-        chosen.append(int(torch.multinomial(probs, 1, generator=row.generator)))
+        chosen[i] = int(torch.multinomial(probs, 1, generator=row.generator))
     return chosen
 
 

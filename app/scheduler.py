@@ -3,12 +3,15 @@
 One worker thread owns the model. Each iteration:
 
 1. drops requests whose client went away (their slot is freed at once);
-2. takes the next waiting request into the prefill slot, and runs one chunk
-   of its prompt (at most `step_tokens` minus the running rows), so a long
-   prompt never freezes the others for more than a chunk; when its prompt is
-   done, its first token is sampled and it joins the running rows;
-3. runs one decode step for every running row: one token each, each at its
-   own length in the slotted KV cache (app.kvcache), sampled with its own
+2. takes waiting requests into prefill slots while the step's token budget
+   (`step_tokens`) lasts after one token for each running row: each gets a
+   chunk of its prompt, so a long prompt never freezes the others for more
+   than a chunk, and several short prompts start in the same step;
+3. runs one forward pass over all of it (app.kvcache.Step): a token for every
+   running row, each at its own length in the slotted KV cache, and the
+   prompt chunks, each in its own slot; the weights are read once for all;
+4. samples a token for every running row and for every prompt that is now
+   complete (its first token: it joins the running rows), each with its own
    settings (app.sampling).
 
 Each row has its own budget: its max_tokens, and the context left after its
@@ -32,7 +35,7 @@ from dataclasses import dataclass, field
 import torch
 
 from app.engine import Engine
-from app.kvcache import SlotCache, decode_mask, prefill_mask
+from app.kvcache import Segment, SlotCache
 from app.metrics import Metrics
 from app.sampling import RowState, SamplingParams, TokenLogprob, logprobs_of, sample
 
@@ -84,6 +87,7 @@ class Choice:
     submitted: float = field(default_factory=time.monotonic)
     row: RowState = field(init=False)
     length: int = 0  # tokens in the cache
+    slot: int = -1  # while its prompt is prefilled: the cache slot it goes into
     next_token: int = -1
     text: str = ""
     emitted: int = 0  # characters of `text` already sent (the rest may be the start of a stop string)
@@ -100,18 +104,22 @@ class Choice:
 
 
 class Scheduler:
-    def __init__(self, engine: Engine, metrics: Metrics, *, max_batch: int, step_tokens: int = 512, max_queue: int = 256):
+    def __init__(self, engine: Engine, metrics: Metrics, *, max_batch: int, step_tokens: int = 512, max_queue: int = 256, max_prefill: int = 8):
         self.engine, self.metrics = engine, metrics
         self.max_batch, self.step_tokens, self.max_queue = max_batch, step_tokens, max_queue
-        self.cache = SlotCache(engine.num_layers, max_batch + 1)
-        self.prefill_slot = max_batch
+        self.cache = SlotCache(engine.num_layers, max_batch + max_prefill, engine.decode_kernel)
+        self.max_prefill = max_prefill
+        self.free_prefill_slots = self._prefill_slots()
         self.waiting: collections.deque[Choice] = collections.deque()
         self.running: list[Choice] = []
-        self.prefilling: Choice | None = None
-        self.prefilled = 0
+        self.prefilling: list[Choice] = []  # in arrival order; each in its own slot, `length` tokens of its prompt in the cache
         self._wake = threading.Condition()
         self._thread = threading.Thread(target=self._loop, name="scheduler", daemon=True)
         self._thread.start()
+
+    def _prefill_slots(self) -> list[int]:
+        """Prompts are prefilled in slots after the running rows' [0, max_batch), and move down when complete."""
+        return list(range(self.max_batch, self.max_batch + self.max_prefill))
 
     # --- the request side (any thread) ----------------------------------------
 
@@ -126,7 +134,7 @@ class Scheduler:
 
     @property
     def load(self) -> int:
-        return len(self.waiting) + len(self.running) + (self.prefilling is not None)
+        return len(self.waiting) + len(self.running) + len(self.prefilling)
 
     # --- the worker ------------------------------------------------------------
 
@@ -139,29 +147,45 @@ class Scheduler:
                 self._step()
             except Exception as exc:  # a failed step must answer its requests, not hang them
                 log.exception("generation step failed")
-                for seq in [*self.running, *([self.prefilling] if self.prefilling else [])]:
+                for seq in [*self.running, *self.prefilling]:
                     seq.emit(Output(f"[generation failed: {type(exc).__name__}]", finish="error"))
-                self.running, self.prefilling = [], None
+                self.running, self.prefilling = [], []
+                self.free_prefill_slots = self._prefill_slots()
 
     def _step(self) -> None:
         self._drop_cancelled()
-        if self.prefilling is None and self.waiting and len(self.running) < self.max_batch:
-            with self._wake:
-                self.prefilling, self.prefilled = self.waiting.popleft(), 0
-                self.metrics.queue_depth.set(len(self.waiting))
-        if self.prefilling is not None:
-            self._prefill_chunk(self.prefilling)
-        if self.running:
-            self._decode()
+        chunks = self._chunks()
+        if self.running or chunks:
+            self._forward(chunks)
+
+    def _chunks(self) -> list[tuple[Choice, int]]:
+        """This step's prompt chunks (prompt, tokens): the prompts under way first, then waiting ones, while the budget lasts."""
+        budget = max(self.step_tokens - len(self.running), 32)
+        with self._wake:
+            while (self.waiting and self.free_prefill_slots and len(self.running) + len(self.prefilling) < self.max_batch
+                   and budget > sum(len(s.prompt) - s.length for s in self.prefilling)):
+                seq = self.waiting.popleft()
+                seq.slot, seq.length = self.free_prefill_slots.pop(0), 0
+                self.prefilling.append(seq)
+            self.metrics.queue_depth.set(len(self.waiting))
+        chunks = []
+        for seq in self.prefilling:
+            count = min(len(seq.prompt) - seq.length, budget)
+            if count <= 0:
+                break
+            chunks.append((seq, count))
+            budget -= count
+        return chunks
 
     def _drop_cancelled(self) -> None:
         with self._wake:
             gone = [s for s in self.waiting if s.cancelled.is_set()]
             for seq in gone:
                 self.waiting.remove(seq)
-        if self.prefilling is not None and self.prefilling.cancelled.is_set():
-            gone.append(self.prefilling)
-            self.prefilling = None
+        for seq in [s for s in self.prefilling if s.cancelled.is_set()]:
+            gone.append(seq)
+            self.prefilling.remove(seq)
+            self.free_prefill_slots.append(seq.slot)
         for i in reversed([i for i, s in enumerate(self.running) if s.cancelled.is_set()]):
             gone.append(self.running[i])
             self._leave(i)
@@ -169,39 +193,54 @@ class Scheduler:
             self.metrics.cancelled.inc()
 
     @torch.inference_mode()
-    def _prefill_chunk(self, seq: Choice) -> None:
-        start = self.prefilled
-        count = min(len(seq.prompt) - start, max(self.step_tokens - len(self.running), 32))
-        ids = seq.prompt[start : start + count]
-        self.cache.prefilling(self.prefill_slot, start, count)
-        logits = self.engine.forward(ids, self.cache, prefill_mask(start, count, self.engine.dtype, self.engine.device),
-                                     torch.arange(start, start + count, device=self.engine.device)[None], all_logits=seq.params.prompt_logprobs)
-        self.prefilled += count
+    def _forward(self, chunks: list[tuple[Choice, int]]) -> None:
+        """One pass: a token for each running row, then each prompt chunk; logits only where something is sampled or scored."""
+        rows, device = list(self.running), self.engine.device
+        lengths = torch.tensor([s.length for s in rows], device=device) if rows else None
+        self.cache.plan(lengths, [Segment(seq.slot, seq.length, count) for seq, count in chunks], self.engine.dtype)
+        ids = [s.next_token for s in rows]
+        keep, at = list(range(len(rows))), len(rows)
+        for seq, count in chunks:
+            ids += seq.prompt[seq.length : seq.length + count]
+            if seq.params.prompt_logprobs:
+                keep += range(at, at + count)
+            elif seq.length + count == len(seq.prompt):
+                keep.append(at + count - 1)
+            at += count
+        logits = self.engine.forward(ids, self.cache, torch.tensor(keep, device=device))
+        for s in rows:
+            s.length += 1
+        if rows:
+            self.metrics.batch_size.observe(len(rows))
+        sampled, picked, at = list(rows), [logits[: len(rows)]], len(rows)
+        for seq, count in chunks:
+            used = count if seq.params.prompt_logprobs else int(seq.length + count == len(seq.prompt))
+            self._prefilled(seq, count, logits[at : at + used])
+            at += used
+            if seq.length == len(seq.prompt):
+                sampled.append(seq)
+                picked.append(logits[at - 1 : at])
+        if sampled:
+            self._accept(sampled, torch.cat(picked).float())
+
+    def _prefilled(self, seq: Choice, count: int, logits: torch.Tensor) -> None:
+        """A chunk of `seq`'s prompt is in the cache; a prompt now complete leaves its prefill slot for a running one."""
+        start = seq.length
+        seq.length += count
         if seq.params.prompt_logprobs:
             targets = seq.prompt[start + 1 : start + count + 1]
             if start == 0:
                 seq.prompt_logprobs.append(None)
             if targets:
-                seq.prompt_logprobs += logprobs_of(logits[0, : len(targets)], targets, seq.params.logprobs or 0)
-        if self.prefilled < len(seq.prompt):
+                seq.prompt_logprobs += logprobs_of(logits[: len(targets)], targets, seq.params.logprobs or 0)
+        if seq.length < len(seq.prompt):
             return
-        seq.length = len(seq.prompt)
-        self.prefilling = None
-        self.cache.move(self.prefill_slot, len(self.running), seq.length)
+        self.prefilling.remove(seq)
+        self.free_prefill_slots.append(seq.slot)
+        seq.slot = len(self.running)
+        self.cache.move(self.free_prefill_slots[-1], seq.slot, seq.length)
         self.running.append(seq)
         self.metrics.ttft.observe(time.monotonic() - seq.submitted)
-        self._accept([seq], logits[:, -1, :].float())
-
-    @torch.inference_mode()
-    def _decode(self) -> None:
-        rows = self.running
-        lengths = torch.tensor([s.length for s in rows], device=self.engine.device)
-        self.cache.decoding(lengths)
-        logits = self.engine.forward([s.next_token for s in rows], self.cache, decode_mask(lengths, self.engine.dtype), lengths[:, None], decode=True)
-        for s in rows:
-            s.length += 1
-        self.metrics.batch_size.observe(len(rows))
-        self._accept(list(rows), logits[:, -1, :].float())
 
     def _accept(self, rows: list[Choice], logits: torch.Tensor) -> None:
         """Sample a token for each row, send what it adds, and retire the rows that ended."""

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from app.engine import NotServableError, check_weights_format, pick_device
-from app.kvcache import decode_mask, slot_attention
+from app.engine import DevicePlan, Engine, NotServableError, check_weights_format, pick_device
+from app.kvcache import DecodeKernel, Segment, SlotCache, decode_attention, decode_mask
 from app.sampling import RowState, SamplingParams, sample
 from app.scheduler import first_stop, stop_prefix
 from ops.models.lock import LockedFile, LockedModel
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def locked(*paths: str, allow_pickle: bool = False) -> LockedModel:
@@ -81,17 +87,57 @@ def test_bad_numeric_settings_name_the_variable(monkeypatch: pytest.MonkeyPatch)
         Settings.from_env()
 
 
+@pytest.mark.parametrize("kernel", ["sdpa", "matmul"])
 @pytest.mark.parametrize(("heads", "kv_heads"), [(12, 12), (16, 8), (8, 2)])
-def test_decode_attention_equals_sdpa_over_each_rows_own_length(heads: int, kv_heads: int) -> None:
-    """The decode path (two matmuls, query heads grouped per key head) gives what SDPA gives with K/V repeated per query head."""
+def test_decode_attention_equals_sdpa_over_each_rows_own_length(kernel: DecodeKernel, heads: int, kv_heads: int) -> None:
+    """Both decode kernels give what SDPA gives with K/V repeated per query head, each row over its own length."""
     g = torch.Generator().manual_seed(0)
     lengths = torch.tensor([3, 9, 5])
     width = int(lengths.max()) + 1
     q = torch.randn(3, heads, 1, 16, generator=g)
     k, v = torch.randn(3, kv_heads, 32, 16, generator=g)[:, :, :width], torch.randn(3, kv_heads, 32, 16, generator=g)[:, :, :width]  # strided, as the cache's
     mask = decode_mask(lengths, torch.float32)
-    out, _ = slot_attention(torch.nn.Module(), q, k, v, mask, scaling=0.25)
+    out = decode_attention(kernel, q, k, v, mask, 0.25)
     repeat = heads // kv_heads
     expected = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(repeat, 1), v.repeat_interleave(repeat, 1), attn_mask=mask, scale=0.25)
-    assert out.shape == (3, 1, heads, 16)
-    torch.testing.assert_close(out, expected.transpose(1, 2))
+    torch.testing.assert_close(out, expected)
+
+
+@pytest.fixture(scope="module", params=["llama-gqa", "gpt2"])
+def small_engine(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Engine, torch.nn.Module]:
+    """A random-weight model with the demo tokenizer, saved and loaded as the app loads one; and the model itself, with transformers' SDPA."""
+    torch.manual_seed(0)
+    common = {"vocab_size": 401, "bos_token_id": 400, "eos_token_id": 400}
+    if request.param == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(n_positions=512, n_embd=64, n_layer=2, n_head=4, **common))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                             max_position_embeddings=512, **common))
+    out = tmp_path_factory.mktemp(request.param)
+    model.save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(ROOT / "demo" / "demo-tiny" / name, out / name)
+    return Engine(out, name=request.param, plan=DevicePlan("cpu", torch.float32)), model.eval()
+
+
+@pytest.mark.parametrize("kernel", ["sdpa", "matmul"])
+def test_a_packed_step_gives_each_sequence_what_it_gets_alone(small_engine: tuple[Engine, torch.nn.Module], kernel: DecodeKernel) -> None:
+    """Decode rows at different lengths and prompt chunks (one from column 0, one continuing a prompt) in one pass: each position's
+    logits equal those of the sequence run alone through the model, without any cache."""
+    g = torch.Generator().manual_seed(1)
+    seqs = [torch.randint(0, 400, (n,), generator=g).tolist() for n in (7, 12, 30, 25)]
+    engine, reference = small_engine
+    cache = SlotCache(engine.num_layers, 6, kernel)
+    with torch.inference_mode():
+        alone = [reference(input_ids=torch.tensor([s])).logits[0] for s in seqs]
+        # rows 0 and 1 have their prompts minus the last token in the cache; sequence 3 has its first 10 tokens
+        for slot, (seq, upto) in enumerate([(seqs[0], 6), (seqs[1], 11), (seqs[3], 10)]):
+            cache.plan(None, [Segment(slot if slot < 2 else 5, 0, upto)], torch.float32)
+            engine.forward(seq[:upto], cache, torch.tensor([upto - 1]))
+        cache.plan(torch.tensor([6, 11]), [Segment(4, 0, 30), Segment(5, 10, 15)], torch.float32)
+        ids = [seqs[0][6], seqs[1][11], *seqs[2], *seqs[3][10:]]
+        logits = engine.forward(ids, cache, torch.tensor([0, 1, *range(2, 32), *range(32, 47)]))
+    torch.testing.assert_close(logits[0], alone[0][6], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(logits[1], alone[1][11], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(logits[2:32], alone[2], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(logits[32:47], alone[3][10:], atol=1e-4, rtol=1e-4)
