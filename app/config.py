@@ -10,6 +10,7 @@ from typing import Literal
 import torch
 
 from app.engine import DevicePlan, pick_device
+from app.precision import cpu_has_native_bf16
 from ops.settings import choice, default_lock, default_manifest, default_models_dir, env_flag, env_number
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
@@ -27,7 +28,7 @@ class Settings:
     host: str = "0.0.0.0"
     port: int = 8000
     max_batch: int = 32  # running requests (rows) at once
-    step_tokens: int = 512  # tokens one step may process: the running rows plus a chunk of a waiting prompt
+    step_tokens: int = 512  # tokens one forward pass may process: one per running row, the rest for chunks of waiting prompts
     max_queue: int = 256  # sequences waiting for a row; more is 429 with Retry-After
     max_tokens_limit: int = 512
     max_body_bytes: int = 4 << 20  # a larger request body is 413, refused before it is read whole
@@ -39,7 +40,7 @@ class Settings:
 
     def device_plan(self) -> DevicePlan:
         cuda = torch.cuda.is_available()
-        plan = pick_device(cuda, cuda and torch.cuda.is_bf16_supported())
+        plan = pick_device(cuda, cuda and torch.cuda.is_bf16_supported(), cpu_has_native_bf16())
         return plan if self.dtype == "auto" else DevicePlan(plan.device, getattr(torch, self.dtype))
 
     @classmethod

@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from app.kvcache import SLOT_ATTENTION, SlotCache, fastest_decode_attention
+from app.kvcache import SLOT_ATTENTION, Segment, SlotCache, fastest_decode_attention
+from app.precision import PASSAGE, PrecisionCheck, compare
 from ops.errors import BakehouseError, ConfigError
 from ops.models.lock import LockedModel, load_lock
 from ops.models.store import Store
@@ -39,13 +40,14 @@ class NotServableError(BakehouseError):
 class DevicePlan:
     device: str
     dtype: torch.dtype
+    try_bf16: bool = False  # load as `dtype` (fp32), then keep bf16 if the model passes app.precision's check
 
 
-def pick_device(cuda_available: bool, bf16_supported: bool) -> DevicePlan:
-    """CUDA in bf16 where supported, else fp16; CPU in fp32."""
+def pick_device(cuda_available: bool, bf16_supported: bool, cpu_bf16: bool = False) -> DevicePlan:
+    """CUDA in bf16 where supported, else fp16; CPU in fp32, or bf16 after a quality check where the CPU computes bf16 natively."""
     if cuda_available:
         return DevicePlan("cuda", torch.bfloat16 if bf16_supported else torch.float16)
-    return DevicePlan("cpu", torch.float32)
+    return DevicePlan("cpu", torch.float32, try_bf16=cpu_bf16)
 
 
 def check_weights_format(model: LockedModel, allow_pickle: bool) -> bool:
@@ -118,10 +120,12 @@ class Engine:
         self.plan = plan or pick_device(torch.cuda.is_available(), torch.cuda.is_available() and torch.cuda.is_bf16_supported())
         start = time.monotonic()
         self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(directory, local_files_only=True)
-        self.model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, use_safetensors=safetensors_only or None, dtype=self.plan.dtype,
-                                                          attn_implementation=SLOT_ATTENTION)
-        self.model.to(self.plan.device).eval()
-        self.load_seconds = time.monotonic() - start
+
+        def load(dtype: torch.dtype) -> PreTrainedModel:
+            return AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, use_safetensors=safetensors_only or None, dtype=dtype,
+                                                        attn_implementation=SLOT_ATTENTION).to(self.plan.device).eval()
+
+        self.model = load(self.plan.dtype)
         config = self.model.config
         self.context = int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2048)
         self.num_layers = int(config.num_hidden_layers)
@@ -129,12 +133,35 @@ class Engine:
         self.cache_argument = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         self.eos = self.tokenizer.eos_token_id
         self.device, self.dtype = torch.device(self.plan.device), self.plan.dtype
+        self.precision: PrecisionCheck | None = None
+        if self.plan.try_bf16:
+            self.precision = self._check_bf16()
+            log.info("%s: %s", name, self.precision.describe())
+            if not self.precision.passed:
+                self.model, self.dtype = load(torch.float32), torch.float32
+        self.load_seconds = time.monotonic() - start
         heads = int(config.num_attention_heads)
         self.decode_kernel = fastest_decode_attention(self.dtype, self.device, heads, int(getattr(config, "num_key_value_heads", None) or heads),
                                                       int(getattr(config, "head_dim", None) or config.hidden_size // heads))
         memory = f", {torch.cuda.memory_allocated() / 1e9:.2f} GB GPU memory" if self.plan.device == "cuda" else ""
-        log.info("loaded %s from %s on %s (%s, decode attention: %s) in %.2fs%s", name, directory, self.plan.device, str(self.plan.dtype).removeprefix("torch."),
+        log.info("loaded %s from %s on %s (%s, decode attention: %s) in %.2fs%s", name, directory, self.plan.device, str(self.dtype).removeprefix("torch."),
                  self.decode_kernel, self.load_seconds, memory)
+
+    def _check_bf16(self) -> PrecisionCheck:
+        """The passage through the model in fp32, then in bf16 (the model is bf16 afterwards)."""
+        ids = self.encode(PASSAGE)[: self.context]
+
+        def logits() -> torch.Tensor:
+            cache = SlotCache(self.num_layers, 1)
+            cache.plan(None, [Segment(0, 0, len(ids))], self.dtype)
+            with torch.inference_mode():
+                return self.forward(ids, cache, torch.arange(len(ids)))
+
+        def to_bf16() -> None:
+            self.model.to(torch.bfloat16)
+            self.dtype = torch.bfloat16
+
+        return compare(logits, to_bf16)
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]

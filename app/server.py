@@ -195,7 +195,11 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.get("/ready")
     async def ready() -> JSONResponse:
-        body = {"ready": state.status == "ready", "model": settings.model, "state": state.status, "reason": state.reason}
+        body: dict[str, object] = {"ready": state.status == "ready", "model": settings.model, "state": state.status, "reason": state.reason}
+        if state.engine is not None:
+            body["dtype"] = str(state.engine.dtype).removeprefix("torch.")
+            if state.engine.precision is not None:
+                body["precision_check"] = state.engine.precision.describe()
         return JSONResponse(body, status_code=200 if state.status == "ready" else 503)
 
     @app.get("/metrics")

@@ -16,6 +16,8 @@ from appserver import AppServer, start_app
 from helpers import HF_DEMO, HF_RANDOM_LM, Hub, Project, manifest
 from openai import AsyncOpenAI, BadRequestError, OpenAI
 
+from app.precision import cpu_has_native_bf16
+
 
 @pytest.fixture(scope="module")
 def store(hub: Hub, tmp_path_factory: pytest.TempPathFactory) -> Project:
@@ -36,7 +38,10 @@ def serve(store: Project, log: Path, **env: str) -> AppServer:
 @pytest.fixture(scope="module")
 def random_lm(store: Project, tmp_path_factory: pytest.TempPathFactory) -> Iterator[AppServer]:
     """An untrained GPT-2 with a 4096-token context: it rarely stops by itself, so lengths are what the request asks."""
-    s = serve(store, tmp_path_factory.mktemp("logs") / "random.log", MODEL="random", BAKEHOUSE_MAX_TOKENS="2000", BAKEHOUSE_STEP_TOKENS="128")
+    # fp32: its tests compare greedy text across batch compositions, and an untrained model's top logits are close enough for bf16's
+    # rounding (which differs with the batch's shape) to flip them
+    s = serve(store, tmp_path_factory.mktemp("logs") / "random.log", MODEL="random", BAKEHOUSE_MAX_TOKENS="2000", BAKEHOUSE_STEP_TOKENS="128",
+              BAKEHOUSE_DTYPE="float32")
     yield s
     s.stop()
 
@@ -110,6 +115,16 @@ def test_usage_counts_the_tokens_generated(random_lm: AppServer) -> None:
 
 
 # --- limits and backpressure -------------------------------------------------------
+
+def test_ready_says_which_dtype_serves_and_why(demo: AppServer) -> None:
+    """BAKEHOUSE_DTYPE=auto on CPU: bf16 only where the CPU computes it natively and the model passed the check, which /ready shows."""
+    body = httpx.get(f"{demo.url}/ready").json()
+    if cpu_has_native_bf16():
+        assert "bf16 vs fp32 over" in body["precision_check"], body
+        assert body["dtype"] == ("bfloat16" if "bf16 kept" in body["precision_check"] else "float32")
+    else:
+        assert body["dtype"] == "float32" and "precision_check" not in body, body
+
 
 def test_a_huge_body_is_413_and_health_stays_fast(demo: AppServer) -> None:
     latencies: list[float] = []

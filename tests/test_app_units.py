@@ -10,7 +10,9 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from app.engine import DevicePlan, Engine, NotServableError, check_weights_format, pick_device
+from app import precision
 from app.kvcache import DecodeKernel, Segment, SlotCache, decode_attention, decode_mask
+from app.precision import compare, cpu_has_native_bf16
 from app.sampling import RowState, SamplingParams, sample
 from app.scheduler import first_stop, stop_prefix
 from ops.models.lock import LockedFile, LockedModel
@@ -141,3 +143,34 @@ def test_a_packed_step_gives_each_sequence_what_it_gets_alone(small_engine: tupl
     torch.testing.assert_close(logits[1], alone[1][11], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(logits[2:32], alone[2], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(logits[32:47], alone[3][10:], atol=1e-4, rtol=1e-4)
+
+
+def test_native_bf16_is_read_from_the_cpu_flags(tmp_path: Path) -> None:
+    (tmp_path / "amx").write_text("processor\t: 0\nflags\t\t: fpu avx512f amx_bf16 amx_tile\n")
+    (tmp_path / "avx").write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16\n")
+    (tmp_path / "none").write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f\n")
+    assert [cpu_has_native_bf16(tmp_path / n) for n in ("amx", "avx", "none", "missing")] == [True, True, False, False]
+    assert pick_device(False, False, cpu_bf16=True).try_bf16 and not pick_device(True, True, cpu_bf16=True).try_bf16
+
+
+def test_precision_check_compares_top1_and_kl() -> None:
+    sharp = torch.tensor([[5.0, 0.0, 0.0], [0.0, 5.0, 0.0]])
+    runs = iter([sharp, sharp + 0.001])
+    same = compare(lambda: next(runs), lambda: None)
+    assert (same.tokens, same.top1_agreement) == (2, 1.0) and same.mean_kl < 1e-6 and same.passed
+    runs = iter([sharp, sharp.roll(1, dims=-1)])
+    flipped = compare(lambda: next(runs), lambda: None)
+    assert flipped.top1_agreement == 0.0 and flipped.mean_kl > 1 and not flipped.passed
+    assert "fp32 kept" in flipped.describe() and "bf16 kept" in same.describe()
+
+
+@pytest.mark.parametrize("passes", [True, False])
+def test_auto_dtype_keeps_bf16_only_when_the_check_passes(small_engine: tuple[Engine, torch.nn.Module], passes: bool,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The passage is run in fp32 then bf16; a model that fails is reloaded in fp32 (a cast back would not restore its bits)."""
+    monkeypatch.setattr(precision, "MIN_TOP1_AGREEMENT", 0.0 if passes else 1.01)
+    directory = Path(small_engine[0].model.name_or_path)
+    engine = Engine(directory, name="m", plan=DevicePlan("cpu", torch.float32, try_bf16=True))
+    assert engine.precision is not None and engine.precision.tokens > 50 and engine.precision.passed is passes
+    expected = torch.bfloat16 if passes else torch.float32
+    assert engine.dtype == expected and {p.dtype for p in engine.model.parameters()} == {expected}

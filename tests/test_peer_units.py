@@ -77,7 +77,8 @@ def test_the_peer_server_argv_keeps_every_value_a_positional_argument() -> None:
     argv = start_argv(host, 120)
     assert argv[:2] == ["sh", "-c"] and "$1" in argv[2]
     assert argv[4:] == ["/opt/bh/venv/bin/python", "/data/models", "10.0.0.9", "/opt/bh/peer/token", "/opt/bh/peer/port", "120", "5000000",
-                        "/opt/bh/peer/serve.log", "/opt/bh/peer/pid"]
+                        "/opt/bh/peer/serve.log", "/opt/bh/peer/pid", "/opt/bh/models.lock"]
+    assert '--lock "${10}"' in argv[2]
     assert stop_argv(host)[-1] == "/opt/bh/peer"
 
 
@@ -122,10 +123,13 @@ def test_a_file_verified_by_a_fetch_in_progress_is_served_and_one_still_coming_i
     (tmp_path / ".staging" / "m" / COMMIT).mkdir()
     (tmp_path / ".staging" / "m" / COMMIT / "half.bin").write_bytes(b"unverified")  # in staging, not offered: not served
     assert file_path(tmp_path, "m", COMMIT, "w.bin") == ready / "w.bin"
-    assert file_path(tmp_path, "m", COMMIT, "half.bin") is None and still_coming(tmp_path, "m", COMMIT, "half.bin")
-    assert not still_coming(tmp_path, "m", COMMIT, "../x") and not still_coming(tmp_path, "m", "current", "w.bin")
+    coming = {("m", COMMIT)}  # what this host's lock pins
+    assert file_path(tmp_path, "m", COMMIT, "half.bin") is None and still_coming(tmp_path, "m", COMMIT, "half.bin", coming)
+    assert not still_coming(tmp_path, "m", COMMIT, "../x", coming) and not still_coming(tmp_path, "m", "current", "w.bin", coming)
+    assert not still_coming(tmp_path, "m", "b" * 40, "w.bin", coming) and not still_coming(tmp_path, "n", COMMIT, "w.bin", coming)  # not this host's fetch
+    assert not still_coming(tmp_path, "m", COMMIT, "half.bin", ())  # a server started without a lock never says "not yet"
     (tmp_path / "m" / COMMIT).mkdir(parents=True)  # activated here: what it lacks now it will never have
-    assert not still_coming(tmp_path, "m", COMMIT, "half.bin")
+    assert not still_coming(tmp_path, "m", COMMIT, "half.bin", coming)
 
 
 def test_a_planted_link_for_the_ready_directory_is_never_served(tmp_path: Path) -> None:

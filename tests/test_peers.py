@@ -8,6 +8,7 @@ share this machine's network), each on a port of its own.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -21,6 +22,8 @@ from helpers import HF_SHARDS, ROOT, Hub, Project, manifest
 from proxy import Proxy, TcpCounter
 from sshhosts import SshHost, counted, start_host
 from test_fleet import rows
+
+from ops.models.lock import Lock, LockedFile, LockedModel, dump_lock
 
 INVOKE = [sys.executable, "-m", "invoke", "--search-root", str(ROOT)]
 NAMES = ("p1", "p2", "p3", "p4")
@@ -222,11 +225,17 @@ def test_the_peer_server_serves_only_verified_files_to_holders_of_the_secret(tmp
     ready = store / ".staging" / "m" / f"{fetching}.ready"
     ready.mkdir(parents=True)
     (ready / "early.bin").write_bytes(b"verified early")
+    done = store / ".staging" / "m" / f"{commit}.ready"  # links of a fetch that has activated its commit since
+    done.mkdir()
+    os.link(store / "m" / commit / "w.bin", done / "w.bin")
     (tmp_path / "outside").write_text("not yours")
     (store / "m" / commit / "link").symlink_to(tmp_path / "outside")
-    token, port_file = tmp_path / "token", tmp_path / "port"
+    token, port_file, lock = tmp_path / "token", tmp_path / "port", tmp_path / "models.lock"
     token.write_text(secret)
-    base = [sys.executable, "-m", "ops.models", "peer-serve", "--dest", str(store), "--bind", "127.0.0.1", "--token-file", str(token), "--port-file", str(port_file)]
+    lock.write_text(dump_lock(Lock(lock, {name: LockedModel(name, "hf://o/r", "main", c, "0" * 16, (LockedFile("early.bin", 14, "0" * 64),))
+                                          for name, c in (("m", fetching), ("other", commit))})))
+    base = [sys.executable, "-m", "ops.models", "peer-serve", "--dest", str(store), "--bind", "127.0.0.1", "--token-file", str(token), "--port-file", str(port_file),
+            "--lock", str(lock)]
     bad = subprocess.run([*base, "--port", "-1"], capture_output=True, text=True, check=False)
     assert bad.returncode == 2 and "--port" in bad.stderr and "Traceback" not in bad.stderr
     server = subprocess.Popen(base, cwd=ROOT, stderr=subprocess.PIPE, text=True)
@@ -247,6 +256,7 @@ def test_the_peer_server_serves_only_verified_files_to_holders_of_the_secret(tmp
         early = httpx.get(f"{url}/m/{fetching}/early.bin", headers=auth)
         assert early.status_code == 200 and early.content == b"verified early"
         assert httpx.head(f"{url}/m/{fetching}/later.bin", headers=auth).status_code == 425  # still on its way: ask again
+        assert httpx.head(f"{url}/m/{'e' * 40}/later.bin", headers=auth).status_code == 404  # a commit this host's lock does not pin: not coming
         for path in (f"m/{commit}/link", f"m/{commit}/..%2F..%2F..%2Foutside", f".staging/m/{commit}/half.bin", "m/current/w.bin", f"m/{commit}",
                      f"m/{commit}/%2Fetc%2Fpasswd", f"m/{commit}/missing.bin", f"m/{fetching}/..%2F{commit}%2Fw.bin"):
             r = httpx.get(f"{url}/{path}", headers=auth)
@@ -254,4 +264,5 @@ def test_the_peer_server_serves_only_verified_files_to_holders_of_the_secret(tmp
     finally:
         server.terminate()
         server.wait(timeout=10)
-    assert not ready.exists()  # the server's links go with it
+    assert not done.exists() and (store / "m" / commit / "w.bin").read_bytes() == b"0123456789"  # links of an activated commit go with the server
+    assert (ready / "early.bin").exists()  # a fetch still under way keeps offering its files

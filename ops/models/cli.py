@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=_within(0, 65535), default=0, help="port (default: any free one, written to --port-file)")
     serve.add_argument("--token-file", required=True, help="a file holding this run's secret; read and removed at start")
     serve.add_argument("--port-file", required=True, help="where the bound port is written")
+    serve.add_argument("--lock", help="the lock this host's fetch follows: a file of one of its commits not here yet is answered 425 (ask again), "
+                                      "anything else missing 404")
     serve.add_argument("--max-rate", type=_within(0, 10**12), default=0, help="bytes a second each response may send (default: no limit)")
     serve.add_argument("--seconds", type=_within(1, 7 * 86400), default=3600, help="stop serving after this many seconds")
     return parser
@@ -73,7 +75,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from ops.models.peer import serve
 
         try:
-            return serve(Path(args.dest), args.bind, args.port, Path(args.token_file), Path(args.port_file), max_rate=args.max_rate, seconds=args.seconds)
+            return serve(Path(args.dest), args.bind, args.port, Path(args.token_file), Path(args.port_file), lock=Path(args.lock) if args.lock else None,
+                         max_rate=args.max_rate, seconds=args.seconds)
         except BakehouseError as exc:
             print(f"error: peer-serve: {exc}", file=sys.stderr)
             return exc.exit_code

@@ -1,6 +1,6 @@
 """Peers: a host serves its verified files to the hosts that still need them, and takes files from its peers.
 
-    python -m ops.models peer-serve --dest DIR --bind ADDR [--port 0] --token-file F --port-file P [--max-rate B/s] [--seconds S]
+    python -m ops.models peer-serve --dest DIR --bind ADDR [--port 0] --token-file F --port-file P [--lock models.lock] [--max-rate B/s] [--seconds S]
 
 The lock's sha256s are the only thing trusted, so a host can take bytes from
 any peer without trusting it: every file is hashed while it arrives and must
@@ -9,9 +9,12 @@ files of commit directories in its store, and, while it is still fetching
 with `fetch --share`, the files whose hash already matched the lock (hard
 links under `.staging/<name>/<commit>.ready/`): a file is passed on as soon as
 it is verified, not when the whole model is, so the copies down a chain of
-hosts overlap. For a file of a commit not activated here it answers 425 (still
-on its way) and the asking host asks again shortly; a host whose fetch fails
-has its server stopped, which sends its peers elsewhere. Over HTTP with Range (resumable; Starlette's
+hosts overlap. For a file of a commit the host's lock (`--lock`, the one its
+fetch follows) pins but not activated here yet, it answers 425 (still on its
+way) and the asking host asks again shortly; a host whose fetch fails has its
+server stopped, which sends its peers elsewhere. Any other commit is 404: a
+server with no lock never says "not yet", so nobody waits on a host that is
+not fetching. Over HTTP with Range (resumable; Starlette's
 FileResponse), bound to the address the inventory gives, to requests carrying
 this run's secret, and only until the run's deadline. Links are never followed.
 """
@@ -26,7 +29,7 @@ import socket
 import stat
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -35,7 +38,7 @@ import httpx2
 
 from ops.errors import BakehouseError, SourceError, VerificationError
 from ops.models import safefs, values
-from ops.models.lock import LockedFile, LockedModel, safe_relpath
+from ops.models.lock import LockedFile, LockedModel, load_lock, safe_relpath
 from ops.models.sources.base import Cancelled, FetchJob
 from ops.models.sources.transfer import Download, download_file, translate_http_errors
 from ops.models.store import STAGING, Store
@@ -63,10 +66,10 @@ def file_path(root: Path, name: str, commit: str, path: str) -> Path | None:
     return None
 
 
-def still_coming(root: Path, name: str, commit: str, path: str) -> bool:
-    """A valid request for a commit not activated here: this host is in a fan-out and will have the file unless it fails
-    (then its server is stopped, which tells its peers to go elsewhere)."""
-    return _valid(name, commit, path) is not None and not os.path.lexists(Store(root).commit_dir(name, commit))
+def still_coming(root: Path, name: str, commit: str, path: str, coming: Collection[tuple[str, str]]) -> bool:
+    """A valid request for a commit this host's fetch will bring (`coming`: name and commit pairs of its lock), not activated
+    here yet: it will have the file unless it fails (then its server is stopped, which tells its peers to go elsewhere)."""
+    return (name, commit) in coming and _valid(name, commit, path) is not None and not os.path.lexists(Store(root).commit_dir(name, commit))
 
 
 def _valid(name: str, commit: str, path: str) -> str | None:
@@ -78,7 +81,7 @@ def _valid(name: str, commit: str, path: str) -> str | None:
         return None
 
 
-def peer_app(root: Path, token: str, *, max_rate: int = 0, deadline: float = 0.0) -> Any:
+def peer_app(root: Path, token: str, *, coming: Collection[tuple[str, str]] = (), max_rate: int = 0, deadline: float = 0.0) -> Any:
     """The ASGI app: GET or HEAD /<name>/<commit>/<path> with `Authorization: Bearer <token>`; 425 for a file still on its way here."""
     from starlette.applications import Starlette
     from starlette.requests import Request
@@ -96,7 +99,7 @@ def peer_app(root: Path, token: str, *, max_rate: int = 0, deadline: float = 0.0
             return PlainTextResponse("unauthorized", status_code=401)
         p = request.path_params
         target = file_path(root, p["name"], p["commit"], p["path"])
-        if target is None and still_coming(root, p["name"], p["commit"], p["path"]):
+        if target is None and still_coming(root, p["name"], p["commit"], p["path"], coming):
             return PlainTextResponse("not yet: this host is still fetching it", status_code=425)
         if target is None:
             return PlainTextResponse("not here", status_code=404)
@@ -128,8 +131,9 @@ def paced(app: Any, max_rate: int) -> Any:
     return wrapped
 
 
-def serve(root: Path, bind: str, port: int, token_file: Path, port_file: Path, *, max_rate: int = 0, seconds: float = 3600) -> int:
+def serve(root: Path, bind: str, port: int, token_file: Path, port_file: Path, *, lock: Path | None = None, max_rate: int = 0, seconds: float = 3600) -> int:
     """Run until the deadline: read (and remove) the token file, write the port we bound to, serve."""
+    coming = frozenset((m.name, m.commit) for m in load_lock(lock).models.values()) if lock else frozenset()
     import uvicorn
 
     try:
@@ -149,7 +153,7 @@ def serve(root: Path, bind: str, port: int, token_file: Path, port_file: Path, *
     tmp = port_file.with_name(port_file.name + ".tmp")
     tmp.write_text(str(sock.getsockname()[1]))
     os.replace(tmp, port_file)
-    config = uvicorn.Config(peer_app(root, token, max_rate=max_rate, deadline=time.time() + seconds), log_level="warning", timeout_graceful_shutdown=1)
+    config = uvicorn.Config(peer_app(root, token, coming=coming, max_rate=max_rate, deadline=time.time() + seconds), log_level="warning", timeout_graceful_shutdown=1)
     server = uvicorn.Server(config)
     # uvicorn re-raises the signal it stopped for once it has shut down: make SIGTERM an exit that runs the cleanup below.
     signal.signal(signal.SIGTERM, _exit)
@@ -165,11 +169,17 @@ def _exit(signum: int, frame: object) -> None:
 
 
 def _drop_ready(root: Path) -> None:
-    """The links fetch --share left for this server: nobody serves them now (the commit directories hold the same files)."""
-    staging = root / STAGING
-    for ready in staging.glob("*/*.ready"):
+    """The links fetch --share left for commits now activated here (their commit directories hold the same files).
+
+    A commit not activated keeps its links: a fetch still running (another run's, with a server of its own) is offering
+    them; a fetch that failed removed its own, and one that was killed has them removed by the next fetch of the model.
+    """
+    store = Store(root)
+    for ready in (root / STAGING).glob("*/*.ready"):
+        name, commit = ready.parent.name, ready.name.removesuffix(".ready")
         with contextlib.suppress(BakehouseError, OSError):
-            safefs.remove(root, ready)
+            if stat.S_ISDIR(os.lstat(store.commit_dir(name, commit)).st_mode):
+                safefs.remove(root, ready)
 
 
 def fetch_from_peers(model: LockedModel, files: Sequence[LockedFile], job: FetchJob, peers: Sequence[str], token: str) -> tuple[dict[str, str], list[LockedFile], list[str]]:

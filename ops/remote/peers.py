@@ -49,7 +49,7 @@ FANOUT = 2  # hosts one host serves at once
 # means each is verified, and passed down the chain, sooner (largest first, so the last one is quick to pass on).
 ROOT_WORKERS = 2
 _START = ('umask 077; nohup "$1" -m ops.models peer-serve --dest "$2" --bind "$3" --token-file "$4" --port-file "$5" --seconds "$6" --max-rate "$7" '
-          '>"$8" 2>&1 </dev/null & echo $! >"$9"')
+          '--lock "${10}" >"$8" 2>&1 </dev/null & echo $! >"$9"')
 
 
 def peer_dir(host: Host) -> str:
@@ -59,7 +59,7 @@ def peer_dir(host: Host) -> str:
 def start_argv(host: Host, seconds: int) -> list[str]:
     d = peer_dir(host)
     return ["sh", "-c", _START, "sh", rc.venv_python(rc.fleet_venv(host)), host.models_dir, host.address, f"{d}/token", f"{d}/port", str(seconds),
-            str(host.peer_max_rate), f"{d}/serve.log", f"{d}/pid"]
+            str(host.peer_max_rate), f"{d}/serve.log", f"{d}/pid", rc.lock_path(host)]
 
 
 def port_argv(host: Host) -> list[str]:
