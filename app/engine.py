@@ -20,6 +20,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from app.kvcache import SLOT_ATTENTION, Segment, SlotCache, fastest_decode_attention
+from app.packed import pack_linears
 from app.precision import PASSAGE, PrecisionCheck, compare
 from ops.errors import BakehouseError, ConfigError
 from ops.models.lock import LockedModel, load_lock
@@ -139,13 +140,14 @@ class Engine:
             log.info("%s: %s", name, self.precision.describe())
             if not self.precision.passed:
                 self.model, self.dtype = load(torch.float32), torch.float32
+        self.packed_layers = pack_linears(self.model, self.dtype, self.device)
         self.load_seconds = time.monotonic() - start
         heads = int(config.num_attention_heads)
         self.decode_kernel = fastest_decode_attention(self.dtype, self.device, heads, int(getattr(config, "num_key_value_heads", None) or heads),
                                                       int(getattr(config, "head_dim", None) or config.hidden_size // heads))
         memory = f", {torch.cuda.memory_allocated() / 1e9:.2f} GB GPU memory" if self.plan.device == "cuda" else ""
-        log.info("loaded %s from %s on %s (%s, decode attention: %s) in %.2fs%s", name, directory, self.plan.device, str(self.dtype).removeprefix("torch."),
-                 self.decode_kernel, self.load_seconds, memory)
+        log.info("loaded %s from %s on %s (%s, decode attention: %s, packed linear layers: %d) in %.2fs%s", name, directory, self.plan.device,
+                 str(self.dtype).removeprefix("torch."), self.decode_kernel, self.packed_layers, self.load_seconds, memory)
 
     def _check_bf16(self) -> PrecisionCheck:
         """The passage through the model in fp32, then in bf16 (the model is bf16 afterwards)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import shutil
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from app.engine import DevicePlan, Engine, NotServableError, check_weights_format, pick_device
 from app import precision
 from app.kvcache import DecodeKernel, Segment, SlotCache, decode_attention, decode_mask
+from app.packed import pack_linears
 from app.precision import compare, cpu_has_native_bf16
 from app.sampling import RowState, SamplingParams, sample
 from app.scheduler import first_stop, stop_prefix
@@ -174,3 +176,17 @@ def test_auto_dtype_keeps_bf16_only_when_the_check_passes(small_engine: tuple[En
     assert engine.precision is not None and engine.precision.tokens > 50 and engine.precision.passed is passes
     expected = torch.bfloat16 if passes else torch.float32
     assert engine.dtype == expected and {p.dtype for p in engine.model.parameters()} == {expected}
+
+
+def test_packed_linear_layers_give_the_plain_ones_result(small_engine: tuple[Engine, torch.nn.Module]) -> None:
+    """bf16 on CPU: every linear layer but the output one packed for oneDNN, the logits those of the plain model (to bf16's precision)."""
+    _, reference = small_engine
+    plain = copy.deepcopy(reference).to(torch.bfloat16)
+    packed = copy.deepcopy(plain)
+    assert pack_linears(packed, torch.float32, torch.device("cpu")) == 0  # fp32 keeps its layers
+    count = pack_linears(packed, torch.bfloat16, torch.device("cpu"))
+    linears = [m for m in plain.modules() if type(m) is torch.nn.Linear and m is not plain.get_output_embeddings()]
+    assert count == len(linears) and not any(type(m) is torch.nn.Linear and m is not packed.get_output_embeddings() for m in packed.modules())
+    ids = torch.randint(0, 400, (1, 40), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        torch.testing.assert_close(packed(input_ids=ids).logits.float(), plain(input_ids=ids).logits.float(), atol=0.05, rtol=0.05)
