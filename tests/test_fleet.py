@@ -187,14 +187,16 @@ def test_the_ansible_engine_honours_the_command_timeout(fleet_project: Project, 
 def test_unknown_host_keys_are_refused_unless_first_contact_is_allowed(fleet_project: Project, keys: Path, tmp_path: Path) -> None:
     empty = tmp_path / "known_hosts"
     empty.write_text("")
-    base = [*INVOKE, "verify-models", "--inventory", str(fleet_project.dir / "hosts.yml"), "--lock", str(fleet_project.dir / "models.lock"), "--known-hosts", str(empty), "--hosts", "h1", "--models", "demo"]
+    base = [*INVOKE, "verify-models", "--inventory", str(fleet_project.dir / "hosts.yml"), "--lock", str(fleet_project.dir / "models.lock"), "--known-hosts", str(empty),
+            "--hosts", "h1,h2,h3", "--models", "demo"]
     strict = subprocess.run(base, env=fleet_project.env(), capture_output=True, text=True)
-    assert strict.returncode == 2 and "unknown host key" in strict.stdout
-    first = subprocess.run([*base, "--host-keys", "accept-new"], env=fleet_project.env(), capture_output=True, text=True)
-    assert "unknown host key" not in first.stdout and rows(first.stdout)[("h1", "demo")].startswith(("verified", "FAILED")), first.stdout + first.stderr
-    assert "127.0.0.1" in empty.read_text()
+    assert strict.returncode == 2 and strict.stdout.count("unknown host key") == 3
+    first = subprocess.run([*base, "--host-keys", "accept-new"], env=fleet_project.env(), capture_output=True, text=True)  # three first contacts at once
+    assert "unknown host key" not in first.stdout, first.stdout + first.stderr
+    assert all(rows(first.stdout)[(h, "demo")].startswith(("verified", "FAILED")) for h in ("h1", "h2", "h3")), first.stdout
+    assert len(empty.read_text().splitlines()) == 3 and "127.0.0.1" in empty.read_text()  # each host's key recorded, none lost to another's write
     again = subprocess.run(base, env=fleet_project.env(), capture_output=True, text=True)
-    assert "unknown host key" not in again.stdout  # recorded: strict accepts it now
+    assert "unknown host key" not in again.stdout  # recorded: strict accepts them now
 
 
 def test_fan_out_serves_each_file_once_for_three_hosts(fleet_project: Project, keys: Path, hosts: list[SshHost], hub: Hub, tmp_path: Path) -> None:

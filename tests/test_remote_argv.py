@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
+import paramiko
 import pytest
 
 from ops.errors import ConfigError, NoReportError
@@ -14,7 +16,7 @@ from ops.remote.executor import HostResult, HostResults, Rollout
 from ops.remote.hostmodels import HostModels, ModelsView, parse_report
 from ops.remote.inventory import Host
 from ops.remote.job import FleetJob
-from ops.remote.ssh import SshOptions
+from ops.remote.ssh import SshOptions, WholeStdin, host_key_name, known_hosts
 from ops.remote.wheelhouse import Wheelhouse
 from ops.settings import env_lines, read_env_lines
 
@@ -89,3 +91,23 @@ def test_an_ansible_failure_row_carries_ansibles_reason(tmp_path: Path) -> None:
     assert (r.exit_code, str(r.error)) == (3, "Task failed: Timed out after 3 second(s).")
     down = _result(HOST, tmp_path / "none.json", 'fatal: [gpu-1]: UNREACHABLE! => {"msg": "Failed to connect to the host via ssh", "unreachable": true}')
     assert (down.exit_code, str(down.error)) == (3, "UNREACHABLE: Failed to connect to the host via ssh")
+
+
+def test_known_hosts_is_parsed_once_and_again_when_it_changes(tmp_path: Path) -> None:
+    """Parsing it per host made the controller's CPU per host grow with the fleet (paramiko's parse is quadratic in the lines)."""
+    key = paramiko.ECDSAKey.generate()
+    path = tmp_path / "known_hosts"
+    path.write_text(f"[10.0.0.1]:2222 {key.get_name()} {key.get_base64()}\n")
+    first = known_hosts(path)
+    assert known_hosts(path) is first and set(first.lookup(host_key_name(Host(name="a", address="10.0.0.1", port=2222))) or {}) == {key.get_name()}
+    assert first.lookup(host_key_name(Host(name="b", address="10.0.0.1"))) is None  # port 22 is another entry
+    path.write_text(path.read_text() + f"10.0.0.2 {key.get_name()} {key.get_base64()}\n")
+    os.utime(path, ns=(1, 1))  # a change the clock's resolution might hide
+    assert host_key_name(Host(name="c", address="10.0.0.2")) == "10.0.0.2" and known_hosts(path).lookup("10.0.0.2") is not None
+    assert len(known_hosts(tmp_path / "missing")) == 0
+
+
+def test_stdin_goes_to_the_host_in_one_piece() -> None:
+    """invoke asks a non-terminal stream for one character at a time; each answer became an SSH packet."""
+    stream = WholeStdin("HF_TOKEN=hf_x\nHF_ENDPOINT=http://hub\n\n")
+    assert stream.read(1) == "HF_TOKEN=hf_x\nHF_ENDPOINT=http://hub\n\n" and stream.read(1) == ""
