@@ -27,7 +27,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
 from common import RESULTS, machine, markdown_table, random_lm, save_results  # noqa: E402
 from helpers import Project  # noqa: E402
 from proxy import Proxy  # noqa: E402
-from sshhosts import client_keys, counted, ensure_host_image, inventory, start_host  # noqa: E402
+from sshhosts import SshHost, client_keys, counted, ensure_host_image, inventory, start_host  # noqa: E402
 
 from ops.localhub import LocalHub  # noqa: E402
 from ops.units import format_bytes  # noqa: E402
@@ -69,6 +69,8 @@ def main() -> None:
             proxy.total_rate = args.origin_rate * 1e6 or None
             inv = inventory(project.dir / "hosts.yml", keys, hosts, {name: r.port for name, r in relays.items()})
             model_bytes = sum(p.stat().st_size for p in weights.iterdir())
+            disk_rate = disk_write_rate(hosts[0])
+            print(f"disk: {disk_rate / 1e6:.0f} MB/s written with fsync inside a host", flush=True)
             # Bootstrap every host first (a verify of the absent model fails, as expected), so runs time fetches only.
             subprocess.run([*INVOKE, "verify-models", "--inventory", str(inv), "--lock", str(project.dir / "models.lock"),
                             "--known-hosts", str(keys / "known_hosts"), "--hosts", ",".join(h.name for h in hosts)], env=project.env(), capture_output=True, check=False)
@@ -87,7 +89,7 @@ def main() -> None:
                     if r.returncode != 0:
                         raise SystemExit(r.stdout + r.stderr[-3000:])
                     results.append({"hosts": n, "mode": mode, "wall_s": wall, "hub_bytes": proxy.bytes_served("/resolve/") - before,
-                                    "controller_bytes": sum(r.sent for r in relays.values()) - sent})
+                                    "controller_bytes": sum(r.sent for r in relays.values()) - sent, "disk_floor_s": n * model_bytes / disk_rate})
                     print(f"{n} host(s) {mode:10s} {wall:7.1f}s  origin {format_bytes(results[-1]['hub_bytes'])}  "
                           f"controller {format_bytes(results[-1]['controller_bytes'])}", flush=True)
                     results.sort(key=lambda r: (r["hosts"], r["mode"]))
@@ -98,6 +100,15 @@ def main() -> None:
             h.stop()
         for r in relays.values():
             r.stop()
+
+
+def disk_write_rate(host: SshHost, megabytes: int = 1024) -> float:
+    """Bytes a second this machine's disk takes with fsync, written where the hosts keep their stores (all hosts share this disk)."""
+    start = time.monotonic()
+    host.exec("dd", "if=/dev/zero", "of=/srv/models/.disk-rate", "bs=1M", f"count={megabytes}", "conv=fsync")
+    seconds = time.monotonic() - start
+    host.exec("rm", "-f", "/srv/models/.disk-rate")
+    return megabytes * 2**20 / seconds
 
 
 def write(results: list[dict], model_bytes: int, model: str, origin_rate: float) -> None:
@@ -112,10 +123,12 @@ def write(results: list[dict], model_bytes: int, model: str, origin_rate: float)
         + ": origin bytes is what it served. Controller bytes is what the control machine sent over SSH (a counting relay in front of each sshd).",
         "direct: every host fetches from the origin; fanout: `--from-local` (fetched here once, copied to every host over SFTP); "
         "peers: `--fan-out peers` (hosts copy verified files from each other, each file passed on as soon as it is verified, "
-        "at most 2 peers per source at once).",
+        "at most 2 peers per source at once). Disk floor: the hosts' copies (hosts x model size) at the rate this machine's one disk "
+        "took with fsync (dd inside a host), the least any mode can take here, since every host writes to that disk.",
         "",
-        *markdown_table(["hosts", "mode", "wall time", "vs 1 host direct", "origin bytes", "controller bytes"],
+        *markdown_table(["hosts", "mode", "wall time", "vs 1 host direct", "disk floor", "vs floor", "origin bytes", "controller bytes"],
                         [[str(r["hosts"]), r["mode"], f"{r['wall_s']:.1f} s", f"{r['wall_s'] / one['direct']:.2f}x" if "direct" in one else "-",
+                          f"{r['disk_floor_s']:.1f} s" if "disk_floor_s" in r else "-", f"{r['wall_s'] / r['disk_floor_s']:.2f}x" if "disk_floor_s" in r else "-",
                           format_bytes(r["hub_bytes"]), format_bytes(r.get("controller_bytes", 0))] for r in results]),
     ]
     save_results("fleet", md, {"machine": m, "model_bytes": model_bytes, "origin_rate_mb_s": origin_rate, "results": results})
