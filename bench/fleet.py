@@ -104,6 +104,7 @@ def main() -> None:
 
 def disk_write_rate(host: SshHost, megabytes: int = 1024) -> float:
     """Bytes a second this machine's disk takes with fsync, written where the hosts keep their stores (all hosts share this disk)."""
+    host.exec("mkdir", "-p", "/srv/models")
     start = time.monotonic()
     host.exec("dd", "if=/dev/zero", "of=/srv/models/.disk-rate", "bs=1M", f"count={megabytes}", "conv=fsync")
     seconds = time.monotonic() - start
