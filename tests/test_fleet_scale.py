@@ -41,7 +41,7 @@ def site(hub: Hub, fleet: SimFleet, keys: Path, tmp_path_factory: pytest.TempPat
 
 def run(site: Project, keys: Path, command: str, *flags: str) -> subprocess.CompletedProcess[str]:
     argv = [*INVOKE, command, "--inventory", "hosts.yml", "--known-hosts", str(keys / "known_hosts"), "--group", "sim", "--models", "demo",
-            "--parallel", "16", "--connect-timeout", "5", *flags]
+            "--parallel", "16", "--connect-timeout", "15", *flags]  # a live host slow to answer on a loaded CI machine is not the down one
     return subprocess.run(argv, cwd=site.dir, env=site.env(BAKEHOUSE_PROGRESS_SECONDS="2"), capture_output=True, text=True, timeout=1200, check=False)
 
 
@@ -50,7 +50,8 @@ def test_a_hundred_hosts_fetch_then_verify(site: Project, keys: Path, fleet: Sim
     assert r.returncode == 3, r.stdout[-3000:] + r.stderr[-3000:]
     lines = r.stdout.splitlines()
     rows = {line.split()[0]: line.split()[2] for line in lines[1 : HOSTS + 2]}
-    assert len(rows) == HOSTS + 1 and all(rows[h.name] == "downloaded" for h in fleet.hosts) and rows["down0"] == "FAILED"
+    odd = {name: row for name, row in rows.items() if row != ("FAILED" if name == "down0" else "downloaded")}
+    assert len(rows) == HOSTS + 1 and not odd, (odd, r.stdout[-3000:])
     assert f"{HOSTS + 1} host(s), 1 failed (exit 3); downloaded {HOSTS}, FAILED 1" in r.stdout
     assert "down0: cannot reach 127.0.0.1" in r.stdout
     # Readable at a hundred hosts: running counts and the failure, not every host's lines.
