@@ -155,7 +155,7 @@ class Engine:
 
         def logits() -> torch.Tensor:
             cache = SlotCache(self.num_layers, 1)
-            cache.plan(None, [Segment(0, 0, len(ids))], self.dtype)
+            cache.plan(None, [Segment(0, 0, len(ids))], self.dtype, self.device)
             with torch.inference_mode():
                 return self.forward(ids, cache, torch.arange(len(ids)))
 

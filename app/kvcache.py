@@ -142,14 +142,13 @@ class SlotCache(Cache):
         for layer in self.layers:
             layer.move(src, dst, length)  # type: ignore[attr-defined]
 
-    def plan(self, lengths: torch.Tensor | None, segments: Sequence[Segment], dtype: torch.dtype) -> Step:
-        """The next step: decode rows at `lengths` (slots [0, len)), then `segments`; its masks made once for every layer."""
+    def plan(self, lengths: torch.Tensor | None, segments: Sequence[Segment], dtype: torch.dtype, device: torch.device) -> Step:
+        """The next step: decode rows at `lengths` (slots [0, len)), then `segments`; its masks made once for every layer, on `device`."""
         rows = 0 if lengths is None else len(lengths)
         widths = [s.start + s.count for s in segments] + ([int(lengths.max()) + 1] if rows else [])  # type: ignore[union-attr]
         self.current = Step(rows, lengths if rows else None, tuple(segments), self.kernel, max(widths),
                             decode_mask(lengths, dtype) if rows else None,  # type: ignore[arg-type]
-                            [prefill_mask(s.start, s.count, dtype, lengths.device if lengths is not None else torch.device("cpu")) if s.start else None
-                             for s in segments])
+                            [prefill_mask(s.start, s.count, dtype, device) if s.start else None for s in segments])
         return self.current
 
     def positions(self, device: torch.device) -> torch.Tensor:

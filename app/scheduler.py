@@ -197,7 +197,7 @@ class Scheduler:
         """One pass: a token for each running row, then each prompt chunk; logits only where something is sampled or scored."""
         rows, device = list(self.running), self.engine.device
         lengths = torch.tensor([s.length for s in rows], device=device) if rows else None
-        self.cache.plan(lengths, [Segment(seq.slot, seq.length, count) for seq, count in chunks], self.engine.dtype)
+        self.cache.plan(lengths, [Segment(seq.slot, seq.length, count) for seq, count in chunks], self.engine.dtype, device)
         ids = [s.next_token for s in rows]
         keep, at = list(range(len(rows))), len(rows)
         for seq, count in chunks:

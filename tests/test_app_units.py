@@ -136,9 +136,9 @@ def test_a_packed_step_gives_each_sequence_what_it_gets_alone(small_engine: tupl
         alone = [reference(input_ids=torch.tensor([s])).logits[0] for s in seqs]
         # rows 0 and 1 have their prompts minus the last token in the cache; sequence 3 has its first 10 tokens
         for slot, (seq, upto) in enumerate([(seqs[0], 6), (seqs[1], 11), (seqs[3], 10)]):
-            cache.plan(None, [Segment(slot if slot < 2 else 5, 0, upto)], torch.float32)
+            cache.plan(None, [Segment(slot if slot < 2 else 5, 0, upto)], torch.float32, engine.device)
             engine.forward(seq[:upto], cache, torch.tensor([upto - 1]))
-        cache.plan(torch.tensor([6, 11]), [Segment(4, 0, 30), Segment(5, 10, 15)], torch.float32)
+        cache.plan(torch.tensor([6, 11]), [Segment(4, 0, 30), Segment(5, 10, 15)], torch.float32, engine.device)
         ids = [seqs[0][6], seqs[1][11], *seqs[2], *seqs[3][10:]]
         logits = engine.forward(ids, cache, torch.tensor([0, 1, *range(2, 32), *range(32, 47)]))
     torch.testing.assert_close(logits[0], alone[0][6], atol=1e-4, rtol=1e-4)
