@@ -16,7 +16,7 @@ from ops.remote.executor import HostResult, HostResults, Rollout
 from ops.remote.hostmodels import HostModels, ModelsView, parse_report
 from ops.remote.inventory import Host
 from ops.remote.job import FleetJob
-from ops.remote.ssh import SshOptions, WholeStdin, host_key_name, known_hosts
+from ops.remote.ssh import SshOptions, Output, host_key_name, known_hosts
 from ops.remote.wheelhouse import Wheelhouse
 from ops.settings import env_lines, read_env_lines
 
@@ -107,7 +107,15 @@ def test_known_hosts_is_parsed_once_and_again_when_it_changes(tmp_path: Path) ->
     assert len(known_hosts(tmp_path / "missing")) == 0
 
 
-def test_stdin_goes_to_the_host_in_one_piece() -> None:
-    """invoke asks a non-terminal stream for one character at a time; each answer became an SSH packet."""
-    stream = WholeStdin("HF_TOKEN=hf_x\nHF_ENDPOINT=http://hub\n\n")
-    assert stream.read(1) == "HF_TOKEN=hf_x\nHF_ENDPOINT=http://hub\n\n" and stream.read(1) == ""
+def test_remote_output_is_decoded_across_packets_and_handed_on_by_line() -> None:
+    """A character split between two SSH packets is one character; stderr lines go out as they complete, the last even without a newline."""
+    seen: list[str] = []
+    err = Output(seen.append)
+    data = "fetching caf\u00e9\n50%\ndone".encode()
+    cut = data.index(b"\xa9")  # between the two bytes of the accented letter
+    err.feed(data[:cut])
+    assert seen == []
+    err.feed(data[cut:])
+    assert seen == ["fetching caf\u00e9", "50%"]
+    err.feed(b"", final=True)
+    assert seen == ["fetching caf\u00e9", "50%", "done"] and err.text == "fetching caf\u00e9\n50%\ndone"
