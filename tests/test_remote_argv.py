@@ -16,7 +16,7 @@ from ops.remote.executor import HostResult, HostResults, Rollout
 from ops.remote.hostmodels import HostModels, ModelsView, parse_report
 from ops.remote.inventory import Host
 from ops.remote.job import FleetJob
-from ops.remote.ssh import SshOptions, Output, host_key_name, known_hosts
+from ops.remote.ssh import Output, SshOptions, host_key_name, known_hosts
 from ops.remote.wheelhouse import Wheelhouse
 from ops.settings import env_lines, read_env_lines
 
@@ -99,12 +99,24 @@ def test_known_hosts_is_parsed_once_and_again_when_it_changes(tmp_path: Path) ->
     path = tmp_path / "known_hosts"
     path.write_text(f"[10.0.0.1]:2222 {key.get_name()} {key.get_base64()}\n")
     first = known_hosts(path)
-    assert known_hosts(path) is first and set(first.lookup(host_key_name(Host(name="a", address="10.0.0.1", port=2222))) or {}) == {key.get_name()}
-    assert first.lookup(host_key_name(Host(name="b", address="10.0.0.1"))) is None  # port 22 is another entry
+    assert known_hosts(path) is first and set(first.lookup(host_key_name(Host(name="a", address="10.0.0.1", port=2222)))) == {key.get_name()}
+    assert first.lookup(host_key_name(Host(name="b", address="10.0.0.1"))) == {}  # port 22 is another entry
     path.write_text(path.read_text() + f"10.0.0.2 {key.get_name()} {key.get_base64()}\n")
     os.utime(path, ns=(1, 1))  # a change the clock's resolution might hide
-    assert host_key_name(Host(name="c", address="10.0.0.2")) == "10.0.0.2" and known_hosts(path).lookup("10.0.0.2") is not None
+    assert host_key_name(Host(name="c", address="10.0.0.2")) == "10.0.0.2" and known_hosts(path).lookup("10.0.0.2") != {}
     assert len(known_hosts(tmp_path / "missing")) == 0
+
+
+def test_known_hosts_reads_what_openssh_writes(tmp_path: Path) -> None:
+    """Several names on a line, hashed names (HashKnownHosts yes), comments and lines no one can read."""
+    key, other = paramiko.ECDSAKey.generate(), paramiko.RSAKey.generate(1024)
+    path = tmp_path / "known_hosts"
+    path.write_text("# a comment\n\nnot a key line\n"
+                    f"gpu-1,10.0.0.5 {key.get_name()} {key.get_base64()}\n"
+                    f"{paramiko.HostKeys.hash_host('[10.0.0.9]:2222')} {other.get_name()} {other.get_base64()}\n")
+    hosts = known_hosts(path)
+    assert hosts.lookup("gpu-1") == hosts.lookup("10.0.0.5") == {key.get_name(): key}
+    assert hosts.lookup("[10.0.0.9]:2222") == {other.get_name(): other} and hosts.lookup("10.0.0.9") == {}
 
 
 def test_remote_output_is_decoded_across_packets_and_handed_on_by_line() -> None:

@@ -60,7 +60,7 @@ def test_fleet_dry_runs_print_every_host_command_and_connect_to_none(project: Pr
     out = fetch.stdout
     assert "# gpu-1 (bare, root@192.0.2.1:22)" in out and "# gpu-2 (bare, root@192.0.2.2:22)" in out
     for line in ("/opt/bh/venv/bin/python -m pip install --quiet --no-index --no-deps --force-reinstall /opt/bh/wheelhouse/",
-                 " /opt/bh/wheelhouse/bakehouse-0.1.0-py3-none-any.whl ", "python3 -m venv /opt/bh/venv", "# upload models.lock -> /opt/bh/models.lock",
+                 " /opt/bh/wheelhouse/bakehouse-0.1.0-py3-none-any.whl ", "python3 -m venv /opt/bh/venv", "sh /opt/bh/models.lock    # stdin: (not shown)",
                  "/opt/bh/venv/bin/python -m ops.models fetch --lock /opt/bh/models.lock --dest /srv/models --json --env-stdin --models demo    # stdin: (not shown)",
                  "--dest /nvme/models --json --env-stdin --models demo"):
         assert line in out, line

@@ -40,7 +40,7 @@ from ops.remote.hostmodels import HostModels, ModelsView, parse_report
 from ops.remote.inventory import Host
 from ops.remote.job import FleetJob
 from ops.remote.shell import Shell, shell_factory
-from ops.remote.ssh_engine import bootstrap, copy_through_controller, run_with_ssh
+from ops.remote.ssh_engine import bootstrap, copy_through_controller, run_with_ssh, upload_lock
 from ops.remote.wheelhouse import Wheelhouse, build_wheelhouse
 from ops.settings import env_lines
 
@@ -137,7 +137,7 @@ def peer_step(sh: Shell, job: FleetJob, wh: Wheelhouse, run: Run, token: str, *,
     try:
         state = bootstrap(sh, wh)
         sh.run(rc.mkdir_argv(peer_dir(host)), what="create the peer directory")
-        sh.put(job.lock, rc.lock_path(host))
+        upload_lock(sh, job.lock)
         url = _serve(sh, run, seconds=seconds)  # before the fetch: each file is offered to this host's peers once verified
         peers: list[str] = []
         if sh.dry_run:

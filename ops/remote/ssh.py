@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Literal
 
 import paramiko
-from fabric import Connection
+from fabric import Config, Connection
+from paramiko.hostkeys import HostKeyEntry, InvalidHostKey
 
 from ops.errors import HostAuthError, HostKeyError, HostUnreachableError, RemoteTimeoutError, redact
 from ops.remote.inventory import Host
@@ -43,21 +44,59 @@ class RemoteResult:
     stderr: str
 
 
-_KNOWN_HOSTS: dict[Path, tuple[int, paramiko.HostKeys]] = {}
+class KnownHosts:
+    """A known_hosts file parsed once, indexed by host name. paramiko's HostKeys drops duplicate lines by checking every
+    line against all before it, and its lookup walks every line: both grew with the fleet, once per host."""
+
+    def __init__(self, path: Path):
+        self.by_name: dict[str, dict[str, paramiko.PKey]] = {}
+        self.hashed: list[HostKeyEntry] = []  # HashKnownHosts lines: matched by hashing the name with each line's salt
+        try:
+            lines = path.read_text().splitlines()
+        except OSError:
+            lines = []
+        for lineno, line in enumerate(lines, 1):
+            if not line.strip() or line.lstrip().startswith("#"):
+                continue
+            try:
+                entry = HostKeyEntry.from_line(line.strip(), lineno)
+            except (paramiko.SSHException, InvalidHostKey):
+                continue  # a line no one can read is skipped, as ssh does
+            if entry is None:
+                continue
+            for name in entry.hostnames:
+                if name.startswith("|1|"):
+                    self.hashed.append(entry)
+                else:
+                    self.by_name.setdefault(name, {}).setdefault(entry.key.get_name(), entry.key)
+
+    def lookup(self, name: str) -> dict[str, paramiko.PKey]:
+        """The host's keys by type; {} if it has none."""
+        keys = dict(self.by_name.get(name, {}))
+        for entry in self.hashed:
+            if any(h.startswith("|1|") and paramiko.HostKeys.hash_host(name, h) == h for h in entry.hostnames):
+                keys.setdefault(entry.key.get_name(), entry.key)
+        return keys
+
+    def __len__(self) -> int:
+        return len(self.by_name) + len(self.hashed)
+
+
+_KNOWN_HOSTS: dict[Path, tuple[int, KnownHosts]] = {}
 _KNOWN_HOSTS_LOCK = threading.Lock()
 
 
-def known_hosts(path: Path) -> paramiko.HostKeys:
+def known_hosts(path: Path) -> KnownHosts:
     """known_hosts parsed once per process (again when the file changes): paramiko's parse is quadratic in the file's lines,
     and parsing it for every host made the controller's CPU per host grow with the fleet."""
     with _KNOWN_HOSTS_LOCK:
         try:
             mtime = path.stat().st_mtime_ns
         except OSError:
-            return paramiko.HostKeys()
+            return KnownHosts(path)  # none yet
         cached = _KNOWN_HOSTS.get(path)
         if cached is None or cached[0] != mtime:
-            cached = _KNOWN_HOSTS[path] = (mtime, paramiko.HostKeys(str(path)))
+            cached = _KNOWN_HOSTS[path] = (mtime, KnownHosts(path))
         return cached[1]
 
 
@@ -76,6 +115,21 @@ def _remember(path: Path, name: str, keys: paramiko.HostKeys) -> None:
         _KNOWN_HOSTS.pop(path, None)
 
 
+_CONFIG: list[Config] = []
+# Once a connection is up, its reader thread wakes this often to see whether it was closed (paramiko's 0.1 s was a tenth
+# of the controller's CPU at 32 hosts in flight); data still wakes it at once, and close() does not wait for it.
+IDLE_WAKE_SECONDS = 1.0
+
+
+def _config() -> Config:
+    """One Fabric configuration for every connection: building one per host (two invoke configurations, ~/.ssh/config read)
+    was the controller's largest CPU cost per host after the key exchange."""
+    with _KNOWN_HOSTS_LOCK:
+        if not _CONFIG:
+            _CONFIG.append(Config())
+        return _CONFIG[0]
+
+
 def connect(host: Host, opts: SshOptions) -> Connection:
     """Open an SSH connection whose host key is checked against known_hosts."""
     key = os.path.expanduser(host.key_file) if host.key_file else None
@@ -83,12 +137,13 @@ def connect(host: Host, opts: SshOptions) -> Connection:
         host.address,
         user=host.user,
         port=host.port,
+        config=_config(),
         connect_timeout=opts.connect_timeout,
         connect_kwargs={"key_filename": [key] if key else None, "look_for_keys": key is None, "allow_agent": key is None},
     )
     client = conn.client
     name = host_key_name(host)
-    known = known_hosts(opts.known_hosts).lookup(name) or {}
+    known = known_hosts(opts.known_hosts).lookup(name)
     client.get_host_keys().clear()  # only this host's entries: the client looks its key up in them
     for keytype, key in known.items():
         client.get_host_keys().add(name, keytype, key)
@@ -111,6 +166,7 @@ def connect(host: Host, opts: SshOptions) -> Connection:
         raise HostUnreachableError(f"{host.name}: cannot reach {where} ({exc.strerror or exc}). Is the host up and sshd listening?", host=host.name, step="connect") from exc
     if opts.host_key_policy == "accept-new" and not known:
         _remember(opts.known_hosts, name, client.get_host_keys())
+    conn.transport.sock.settimeout(IDLE_WAKE_SECONDS)
     return conn
 
 
@@ -118,7 +174,8 @@ class Output:
     """Remote output kept whole and, for stderr, handed on line by line as it arrives (decoded across packet boundaries)."""
 
     def __init__(self, on_line: Callable[[str], None] | None):
-        self.on_line, self.pending, self.chunks = on_line, "", []
+        self.on_line, self.pending = on_line, ""
+        self.chunks: list[str] = []
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def feed(self, data: bytes, *, final: bool = False) -> None:
