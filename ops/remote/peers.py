@@ -47,7 +47,7 @@ from ops.settings import env_lines
 FANOUT = 2  # hosts one host serves at once
 # Files the origin's host takes at once: the origin's bandwidth is shared by the files in flight, so fewer in flight
 # means each is verified, and passed down the chain, sooner (largest first, so the last one is quick to pass on).
-ROOT_WORKERS = 2
+ROOT_WORKERS = 1
 _START = ('umask 077; nohup "$1" -m ops.models peer-serve --dest "$2" --bind "$3" --token-file "$4" --port-file "$5" --seconds "$6" --max-rate "$7" '
           '--lock "${10}" >"$8" 2>&1 </dev/null & echo $! >"$9"')
 

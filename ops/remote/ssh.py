@@ -1,9 +1,10 @@
-"""SSH to hosts through Fabric, with known host keys checked: the one place remote commands run."""
+"""SSH to hosts (Fabric connections, each command on a channel of its host's one connection), with known host keys checked: the one place remote commands run."""
 
 from __future__ import annotations
 
 import codecs
 import contextlib
+import functools
 import os
 import select
 import shlex
@@ -115,7 +116,6 @@ def _remember(path: Path, name: str, keys: paramiko.HostKeys) -> None:
         _KNOWN_HOSTS.pop(path, None)
 
 
-_CONFIG: list[Config] = []
 # Once a connection is up, its reader thread wakes this often to see whether it was closed (paramiko's 0.1 s was a tenth
 # of the controller's CPU at 32 hosts in flight); data still wakes it at once, and close() does not wait for it.
 IDLE_WAKE_SECONDS = 1.0
@@ -133,13 +133,11 @@ def _transport(sock: object, **kwargs: object) -> paramiko.Transport:
     return transport
 
 
+@functools.cache
 def _config() -> Config:
     """One Fabric configuration for every connection: building one per host (two invoke configurations, ~/.ssh/config read)
     was the controller's largest CPU cost per host after the key exchange."""
-    with _KNOWN_HOSTS_LOCK:
-        if not _CONFIG:
-            _CONFIG.append(Config())
-        return _CONFIG[0]
+    return Config()
 
 
 def connect(host: Host, opts: SshOptions) -> Connection:
