@@ -1,18 +1,24 @@
-"""Peer fan-out's pure parts: the schedule, the argv, the mode flags, and which store paths a peer may serve."""
+"""Peer fan-out's parts: the schedule, the argv, the mode flags, which store paths a peer may serve, and taking a file from a peer (real HTTP on loopback)."""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
 import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from ops.cli import fan_out_for
-from ops.errors import ConfigError
+from ops.errors import ConfigError, SourceUnreachableError, VerificationError
 from ops.models.actions import check_peer
-from ops.models.peer import file_path, still_coming
+from ops.models.lock import LockedFile
+from ops.models.peer import file_path, still_coming, take_file
+from ops.models.sources.base import FetchJob
 from ops.remote.inventory import Host
 from ops.remote.peers import FANOUT, Run, start_argv, stop_argv
 
@@ -138,3 +144,90 @@ def test_a_planted_link_for_the_ready_directory_is_never_served(tmp_path: Path) 
     (tmp_path / ".staging" / "m").mkdir(parents=True)
     os.symlink(tmp_path / "elsewhere", tmp_path / ".staging" / "m" / f"{COMMIT}.ready")
     assert file_path(tmp_path, "m", COMMIT, "w.bin") is None
+
+
+class HostilePeer(ThreadingHTTPServer):
+    """A peer on loopback that serves `body` (honouring Range if `ranges`), or bytes without end; it records the Range asked for."""
+
+    def __init__(self, body: bytes | None, *, ranges: bool = True):
+        self.body, self.ranges, self.asked = body, ranges, []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                asked = self.headers.get("range")
+                server.asked.append(asked)
+                if server.body is None:
+                    self.send_response(200)
+                    self.end_headers()
+                    with contextlib.suppress(OSError):
+                        while True:
+                            self.wfile.write(b"\0" * 65536)
+                    return
+                start = int(asked.removeprefix("bytes=").rstrip("-")) if asked and server.ranges else 0
+                self.send_response(206 if start else 200)
+                self.send_header("content-length", str(len(server.body) - start))
+                self.end_headers()
+                self.wfile.write(server.body[start:])
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.shutdown()
+        self.server_close()  # nothing listens any more: a connection is refused
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/m/{COMMIT}/w.bin"
+
+
+def job_in(tmp_path: Path) -> FetchJob:
+    return FetchJob(root=tmp_path, staging=tmp_path / "staging", partial=tmp_path / "partial", progress=SimpleNamespace(update=lambda n: None))  # type: ignore[arg-type]
+
+
+BODY = os.urandom(3 << 20)
+LOCKED = LockedFile(path="w.bin", size=len(BODY), sha256=hashlib.sha256(BODY).hexdigest())
+
+
+@pytest.mark.parametrize("ranges", [True, False])
+def test_a_file_from_a_peer_resumes_from_the_bytes_already_here(tmp_path: Path, ranges: bool) -> None:
+    """With Range where the peer honours it; a peer that sends the whole file again is taken from the start."""
+    job = job_in(tmp_path)
+    job.partial.mkdir()
+    (job.partial / "w.bin").write_bytes(BODY[:1000])
+    peer = HostilePeer(BODY, ranges=ranges)
+    try:
+        assert take_file(peer.url, {}, LOCKED, job, source="peer p") == LOCKED.sha256
+    finally:
+        peer.stop()
+    assert peer.asked == ["bytes=1000-"] and (job.staging / "w.bin").read_bytes() == BODY
+
+
+def test_a_peer_sending_bytes_without_end_fills_no_disk_and_nothing_is_kept(tmp_path: Path) -> None:
+    job = job_in(tmp_path)
+    peer = HostilePeer(None)
+    try:
+        with pytest.raises(VerificationError, match="models.lock pins"):
+            take_file(peer.url, {}, LOCKED, job, source="peer p")
+    finally:
+        peer.stop()
+    assert not (job.partial / "w.bin").exists() and not (job.staging / "w.bin").exists()
+
+
+def test_a_peer_that_stops_early_or_refuses_is_a_source_error_naming_it(tmp_path: Path) -> None:
+    job = job_in(tmp_path)
+    short = LockedFile(path="w.bin", size=len(BODY) + 10, sha256=LOCKED.sha256)
+    peer = HostilePeer(BODY)
+    try:
+        with pytest.raises(SourceUnreachableError, match=f"peer p: w.bin ended after {len(BODY)} of {len(BODY) + 10} bytes"):
+            take_file(peer.url, {}, short, job, source="peer p")
+    finally:
+        peer.stop()
+    assert (job.partial / "w.bin").stat().st_size == len(BODY)  # kept: the next peer resumes from here
+    (tmp_path / "b").mkdir()
+    with pytest.raises(SourceUnreachableError, match="peer q: cannot download w.bin"):
+        take_file(peer.url, {}, LOCKED, job_in(tmp_path / "b"), source="peer q")  # the server is gone: connection refused

@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import contextlib
 import hmac
+import http.client
 import os
 import signal
 import socket
 import stat
 import threading
 import time
+import urllib.parse
 from collections.abc import Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -36,15 +38,17 @@ from typing import Any
 
 import httpx2
 
-from ops.errors import BakehouseError, SourceError, VerificationError
+from ops.errors import BakehouseError, SourceError, SourceUnreachableError, VerificationError
 from ops.models import safefs, values
 from ops.models.lock import LockedFile, LockedModel, load_lock, safe_relpath
 from ops.models.sources.base import Cancelled, FetchJob
-from ops.models.sources.transfer import Download, download_file, translate_http_errors
+from ops.models.sources.transfer import HashingWriter, receive_file, status_error, translate_http_errors
 from ops.models.store import STAGING, Store
 
 PEER_TOKEN = "BAKEHOUSE_PEER_TOKEN"
 POLL_SECONDS = 0.2  # how often a host asks a peer that is still fetching a file whether it has it now
+PEER_TIMEOUT = 30.0  # seconds a peer may stay silent, connecting or mid-file, before it is dropped
+READ_BYTES = 1 << 20
 
 
 def file_path(root: Path, name: str, commit: str, path: str) -> Path | None:
@@ -202,7 +206,7 @@ def fetch_from_peers(model: LockedModel, files: Sequence[LockedFile], job: Fetch
             url = f"{peer}/{model.name}/{model.commit}/{f.path}"
             try:
                 await_file(url, headers, job, source=f"peer {peer}")
-                sha = download_file(Download(url, headers, f), job, source=f"peer {peer}")
+                sha = take_file(url, headers, f, job, source=f"peer {peer}")
             except (VerificationError, SourceError) as exc:
                 with guard:
                     if peer not in dropped:  # workers waiting on the same peer all fail at once: one line says it
@@ -223,6 +227,38 @@ def fetch_from_peers(model: LockedModel, files: Sequence[LockedFile], job: Fetch
             job.cancel.set()  # Ctrl-C or a failure: workers waiting on a peer still fetching stop at their next ask, so the pool can end
             raise
     return known, left, notes
+
+
+def take_file(url: str, headers: dict[str, str], f: LockedFile, job: FetchJob, *, source: str) -> str:
+    """One file from a peer into staging, resumed with Range from what job.partial holds, hashed as it arrives, checked against the lock.
+
+    Read with http.client straight into one buffer: through httpx and the hub client's 10 MB chunks, receiving took
+    four times the CPU (2.0 s of a core for a 297 MB file, against 0.5 s), and a host that passes files on is short of CPU.
+    Never more than the lock's size is read: a peer sending more cannot fill the disk.
+    """
+    parts = urllib.parse.urlsplit(url)
+
+    def fill(writer: HashingWriter, have: int) -> None:
+        conn = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=PEER_TIMEOUT)
+        try:
+            conn.request("GET", parts.path, headers=headers | ({"range": f"bytes={have}-"} if have else {}))
+            answer = conn.getresponse()
+            if answer.status == 200 and have:
+                writer.truncate(0)  # the peer sent the whole file, not the rest
+            elif answer.status not in (200, 206):
+                raise status_error(source, answer.status, answer.read(200).decode(errors="replace"))
+            buffer = memoryview(bytearray(READ_BYTES))
+            while (left := f.size - writer.tell()) > 0 and (n := answer.readinto(buffer[: min(left, READ_BYTES)])):
+                writer.write(buffer[:n])
+        except (OSError, http.client.HTTPException) as exc:
+            raise SourceUnreachableError(f"{source}: cannot download {f.path} ({type(exc).__name__}: {exc}). Another peer or the origin gives it; "
+                                         "completed bytes are kept.") from exc
+        finally:
+            conn.close()
+        if writer.tell() < f.size:
+            raise SourceUnreachableError(f"{source}: {f.path} ended after {writer.tell()} of {f.size} bytes. Another peer or the origin gives the rest.")
+
+    return receive_file(f, job, fill)
 
 
 def await_file(url: str, headers: dict[str, str], job: FetchJob, *, source: str) -> None:

@@ -88,30 +88,40 @@ class Download:
 
 
 def download_file(d: Download, job: FetchJob, *, source: str) -> str:
-    """Stream one file into staging, resuming from bytes already under job.partial."""
-    partial, final = job.partial / d.file.path, job.staging / d.file.path
+    """Stream one file into staging through the hub client, resuming from bytes already under job.partial."""
+
+    def fill(writer: HashingWriter, have: int) -> None:
+        with translate_http_errors(source):
+            http_get(d.url, writer, resume_size=have, headers=d.headers, expected_size=d.file.size, displayed_filename=d.file.path)
+
+    return receive_file(d.file, job, fill)
+
+
+def receive_file(file: LockedFile, job: FetchJob, fill: Callable[[HashingWriter, int], None]) -> str:
+    """One file into staging: `fill` writes its bytes (after the `have` already under job.partial) into a writer that
+    hashes them; the whole is synced, checked against the lock's sha256, and only then moved into staging."""
+    partial, final = job.partial / file.path, job.staging / file.path
     fd = safefs.open_file(job.root, partial, os.O_RDWR | os.O_CREAT)
     with os.fdopen(fd, "r+b") as f:
         have = f.seek(0, os.SEEK_END)
-        if have > d.file.size:
+        if have > file.size:
             f.truncate(0)
             have = f.seek(0)
         job.progress.update(have)
         writer = HashingWriter(f, job.progress.update, job.cancel.is_set)
-        with translate_http_errors(source):
-            http_get(d.url, writer, resume_size=have, headers=d.headers, expected_size=d.file.size, displayed_filename=d.file.path)
+        fill(writer, have)
         f.flush()
         os.fsync(f.fileno())
     sha = writer.hexdigest()
-    if sha != d.file.sha256:
+    if sha != file.sha256:
         partial.unlink()
         raise VerificationError(
-            f"{d.file.path}: downloaded sha256 {sha}, models.lock pins {d.file.sha256}. The source now serves other bytes "
+            f"{file.path}: downloaded sha256 {sha}, models.lock pins {file.sha256}. The source now serves other bytes "
             f"at this commit: nothing was activated. If the change is intended, re-run `invoke lock-models` and review the diff."
         )
     safefs.makedirs(job.root, final.parent)
     os.replace(partial, final)
-    job.on_verified(d.file.path)
+    job.on_verified(file.path)
     return sha
 
 
@@ -147,9 +157,9 @@ def translate_http_errors(source: str) -> Iterator[None]:
     except hf_errors.GatedRepoError as exc:
         raise SourceAuthError(f"{source}: the repository is gated. Accept its terms on the hub, then set HF_TOKEN to a token of that account.") from exc
     except hf_errors.HfHubHTTPError as exc:
-        raise _from_status(source, exc.response.status_code if exc.response is not None else 0, _first_line(exc)) from exc
+        raise status_error(source, exc.response.status_code if exc.response is not None else 0, _first_line(exc)) from exc
     except httpx2.HTTPStatusError as exc:
-        raise _from_status(source, exc.response.status_code, str(exc)) from exc
+        raise status_error(source, exc.response.status_code, str(exc)) from exc
     except (httpx2.TransportError, OSError) as exc:
         if isinstance(exc, OSError) and not isinstance(exc, (ConnectionError, TimeoutError)) and "Consistency check" not in str(exc):
             raise
@@ -159,7 +169,7 @@ def translate_http_errors(source: str) -> Iterator[None]:
         ) from exc
 
 
-def _from_status(source: str, status: int, detail: str) -> SourceError:
+def status_error(source: str, status: int, detail: str) -> SourceError:
     detail = redact(detail)
     if status in (401, 403):
         return SourceAuthError(f"{source}: authentication refused (HTTP {status}). Set HF_TOKEN to a token with read access to this repository "
