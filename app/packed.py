@@ -32,7 +32,7 @@ class PackedLinear(torch.nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 
-def _works(dtype: torch.dtype) -> bool:
+def packing_works(dtype: torch.dtype) -> bool:
     """The op exists in this PyTorch and gives F.linear's result (to bf16's precision) at decode and prompt shapes."""
     try:
         g = torch.Generator().manual_seed(0)
@@ -50,7 +50,7 @@ def _works(dtype: torch.dtype) -> bool:
 
 def pack_linears(model: torch.nn.Module, dtype: torch.dtype, device: torch.device) -> int:
     """Replace the model's linear layers but its output layer with packed ones (bf16 on CPU only); how many were replaced."""
-    if device.type != "cpu" or dtype != torch.bfloat16 or not _works(dtype):
+    if device.type != "cpu" or dtype != torch.bfloat16 or not packing_works(dtype):
         return 0
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     count = 0
