@@ -213,6 +213,19 @@ def run_remote(conn: Connection, argv: Sequence[str], *, host: str, stdin: str |
     """
     command = shlex.join(argv)
     deadline = None if timeout is None else time.monotonic() + timeout
+
+    def left() -> float | None:
+        """Seconds until the deadline (None: no deadline); past it, the timeout error."""
+        if deadline is None:
+            return None
+        if (remaining := deadline - time.monotonic()) > 0:
+            return remaining
+        raise RemoteTimeoutError(
+            f"{host}: `{command[:80]}` did not finish within {timeout:g}s (--command-timeout). "
+            "It may still be running there; raise the timeout and re-run: the work done so far is kept.",
+            host=host, step=shlex.join(argv[:4]),
+        )
+
     out, err = Output(None), Output(on_stderr_line)
     channel = conn.transport.open_session()
     try:
@@ -221,16 +234,16 @@ def run_remote(conn: Connection, argv: Sequence[str], *, host: str, stdin: str |
             with contextlib.suppress(OSError):  # a command that ended without reading it: its exit status says what happened
                 channel.sendall(stdin.encode())
         channel.shutdown_write()
+        ready = select.poll()  # not select(): a controller holding hundreds of connections has descriptors past FD_SETSIZE
+        ready.register(channel.fileno(), select.POLLIN)
         while not _drain(channel, out, err):
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0 or not select.select([channel], [], [], remaining)[0]:
-                raise RemoteTimeoutError(
-                    f"{host}: `{command[:80]}` did not finish within {timeout:g}s (--command-timeout). "
-                    "It may still be running there; raise the timeout and re-run: the work done so far is kept.",
-                    host=host, step=shlex.join(argv[:4]),
-                )
+            remaining = left()
+            ready.poll(None if remaining is None else remaining * 1000)
         out.feed(b"", final=True)
         err.feed(b"", final=True)
+        # Output can end before the process does (it closed its stdout and stderr): the exit status is waited for under the same deadline.
+        while not channel.status_event.wait(left()):
+            pass
         return RemoteResult(channel.recv_exit_status(), out.text, redact(err.text))
     finally:
         channel.close()
