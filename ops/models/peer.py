@@ -36,13 +36,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import httpx2
-
 from ops.errors import BakehouseError, SourceError, SourceUnreachableError, VerificationError
 from ops.models import safefs, values
 from ops.models.lock import LockedFile, LockedModel, load_lock, safe_relpath
 from ops.models.sources.base import Cancelled, FetchJob
-from ops.models.sources.transfer import HashingWriter, receive_file, status_error, translate_http_errors
+from ops.models.sources.transfer import HashingWriter, receive_file, status_error
 from ops.models.store import STAGING, Store
 
 PEER_TOKEN = "BAKEHOUSE_PEER_TOKEN"
@@ -263,11 +261,24 @@ def take_file(url: str, headers: dict[str, str], f: LockedFile, job: FetchJob, *
 
 def await_file(url: str, headers: dict[str, str], job: FetchJob, *, source: str) -> None:
     """Ask until the peer has the file: while it answers 425 it is still fetching it (fetch --share); any other answer but 200 is its failure."""
-    with translate_http_errors(source), httpx2.Client(timeout=30) as client:
-        while (answer := client.head(url, headers=headers)).status_code == 425:
-            if job.cancel.wait(POLL_SECONDS):
-                raise Cancelled()
-        answer.raise_for_status()
+    parts = urllib.parse.urlsplit(url)
+    while True:
+        # A connection per question: one kept open across polls would be closed by the peer's idle timeout and read as its death.
+        conn = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=PEER_TIMEOUT)
+        try:
+            conn.request("HEAD", parts.path, headers=headers)
+            answer = conn.getresponse()
+            answer.read()
+        except (OSError, http.client.HTTPException) as exc:
+            raise SourceUnreachableError(f"{source}: cannot ask for {parts.path} ({type(exc).__name__}: {exc}). Another peer or the origin gives it.") from exc
+        finally:
+            conn.close()
+        if answer.status == 200:
+            return
+        if answer.status != 425:
+            raise status_error(source, answer.status, answer.reason)
+        if job.cancel.wait(POLL_SECONDS):
+            raise Cancelled()
 
 
 def _note(peer: str, f: LockedFile, exc: BakehouseError) -> str:

@@ -1,4 +1,4 @@
-"""HTTP downloads for hub and https sources, through huggingface_hub's `http_get`.
+"""HTTP downloads for hub and https sources, through huggingface_hub's `http_get`; the receiving end shared with peers.
 
 `http_get` brings retries, resume with Range and the hub's error types; we hand
 it a file object that hashes every byte as it is written, so a finished
@@ -15,11 +15,6 @@ from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import BinaryIO
 
-import httpx2
-from huggingface_hub import errors as hf_errors
-from huggingface_hub.file_download import http_get
-from huggingface_hub.utils import disable_progress_bars
-
 from ops.errors import (
     SourceAuthError,
     SourceError,
@@ -32,9 +27,6 @@ from ops.errors import (
 from ops.models import safefs
 from ops.models.lock import LockedFile
 from ops.models.sources.base import Cancelled, FetchJob
-
-# Our own Progress aggregates all files; per-file bars from the hub client would interleave.
-disable_progress_bars("huggingface_hub.http_get")
 
 
 class HashingWriter:
@@ -89,6 +81,10 @@ class Download:
 
 def download_file(d: Download, job: FetchJob, *, source: str) -> str:
     """Stream one file into staging through the hub client, resuming from bytes already under job.partial."""
+    from huggingface_hub.file_download import http_get
+    from huggingface_hub.utils import disable_progress_bars
+
+    disable_progress_bars("huggingface_hub.http_get")  # our own Progress sums all files; the hub client's per-file bars would interleave
 
     def fill(writer: HashingWriter, have: int) -> None:
         with translate_http_errors(source):
@@ -146,6 +142,9 @@ def download_all(downloads: Sequence[Download], job: FetchJob, *, source: str) -
 @contextlib.contextmanager
 def translate_http_errors(source: str) -> Iterator[None]:
     """Turn hub and transport exceptions into bakehouse errors that say what to do."""
+    import httpx2  # the hub client's transport, imported with it by the sources that use this (not at start: peers and verify need neither)
+    from huggingface_hub import errors as hf_errors
+
     source = redact(source)
     try:
         yield
