@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 import tomllib
 from collections.abc import Iterator
@@ -69,7 +70,7 @@ def fleet_argv(project: Project, keys: Path, command: str, *flags: str, hosts: s
 
 
 def fleet(project: Project, keys: Path, command: str, *flags: str, env: dict[str, str] | None = None, hosts: str = ",".join(NAMES)) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(fleet_argv(project, keys, command, *flags, hosts=hosts), env=env or project.env(), capture_output=True, text=True, timeout=600)
+    return subprocess.run(fleet_argv(project, keys, command, *flags, hosts=hosts), env=env or project.env(), capture_output=True, text=True, timeout=600, check=False)
 
 
 def clean(hosts: list[SshHost]) -> None:
@@ -255,7 +256,14 @@ def test_the_peer_server_serves_only_verified_files_to_holders_of_the_secret(tmp
         assert part.status_code == 206 and part.content == b"456789"
         early = httpx.get(f"{url}/m/{fetching}/early.bin", headers=auth)
         assert early.status_code == 200 and early.content == b"verified early"
+        asked = time.monotonic()
         assert httpx.head(f"{url}/m/{fetching}/later.bin", headers=auth).status_code == 425  # still on its way: ask again
+        assert time.monotonic() - asked >= 1.5  # held a moment in case it lands, not answered at once
+        landing = threading.Timer(0.5, lambda: (ready / "later.bin").write_bytes(b"verified later"))
+        landing.start()
+        held = httpx.get(f"{url}/m/{fetching}/later.bin", headers=auth)  # asked before it lands: answered with it once it does
+        landing.join()
+        assert held.status_code == 200 and held.content == b"verified later"
         assert httpx.head(f"{url}/m/{'e' * 40}/later.bin", headers=auth).status_code == 404  # a commit this host's lock does not pin: not coming
         for path in (f"m/{commit}/link", f"m/{commit}/..%2F..%2F..%2Foutside", f".staging/m/{commit}/half.bin", "m/current/w.bin", f"m/{commit}",
                      f"m/{commit}/%2Fetc%2Fpasswd", f"m/{commit}/missing.bin", f"m/{fetching}/..%2F{commit}%2Fw.bin"):

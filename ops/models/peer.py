@@ -11,7 +11,8 @@ links under `.staging/<name>/<commit>.ready/`): a file is passed on as soon as
 it is verified, not when the whole model is, so the copies down a chain of
 hosts overlap. For a file of a commit the host's lock (`--lock`, the one its
 fetch follows) pins but not activated here yet, it answers 425 (still on its
-way) and the asking host asks again shortly; a host whose fetch fails has its
+way) after holding the request a moment in case it lands, and the asking host
+asks again; a host whose fetch fails has its
 server stopped, which sends its peers elsewhere. Any other commit is 404: a
 server with no lock never says "not yet", so nobody waits on a host that is
 not fetching. Over HTTP with Range (resumable; Starlette's
@@ -44,7 +45,11 @@ from ops.models.sources.transfer import HashingWriter, receive_file, status_erro
 from ops.models.store import STAGING, Store
 
 PEER_TOKEN = "BAKEHOUSE_PEER_TOKEN"
-POLL_SECONDS = 0.2  # how often a host asks a peer that is still fetching a file whether it has it now
+POLL_SECONDS = 0.2  # how long a host waits to ask again after a peer answered 425 (still fetching that file)
+# A question for a file still on its way is held this long, looking for the file every ARRIVAL_CHECK_SECONDS, and answered as soon
+# as it lands: 8 hosts asking 5 times a second for each of their files cost a core a quarter of its time in connections and 425s.
+HOLD_SECONDS = 2.0
+ARRIVAL_CHECK_SECONDS = 0.05
 PEER_TIMEOUT = 30.0  # seconds a peer may stay silent, connecting or mid-file, before it is dropped
 READ_BYTES = 1 << 20
 
@@ -85,6 +90,7 @@ def _valid(name: str, commit: str, path: str) -> str | None:
 
 def peer_app(root: Path, token: str, *, coming: Collection[tuple[str, str]] = (), max_rate: int = 0, deadline: float = 0.0) -> Any:
     """The ASGI app: GET or HEAD /<name>/<commit>/<path> with `Authorization: Bearer <token>`; 425 for a file still on its way here."""
+    import anyio
     from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import FileResponse, PlainTextResponse, Response
@@ -101,6 +107,10 @@ def peer_app(root: Path, token: str, *, coming: Collection[tuple[str, str]] = ()
             return PlainTextResponse("unauthorized", status_code=401)
         p = request.path_params
         target = file_path(root, p["name"], p["commit"], p["path"])
+        held = time.monotonic() + HOLD_SECONDS
+        while target is None and still_coming(root, p["name"], p["commit"], p["path"], coming) and time.monotonic() < held:
+            await anyio.sleep(ARRIVAL_CHECK_SECONDS)
+            target = file_path(root, p["name"], p["commit"], p["path"])
         if target is None and still_coming(root, p["name"], p["commit"], p["path"], coming):
             return PlainTextResponse("not yet: this host is still fetching it", status_code=425)
         if target is None:
