@@ -7,13 +7,14 @@ naming the flag or variable, never a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from ops.errors import ConfigError, redact
 
@@ -134,14 +135,31 @@ def read_env_lines(stream: TextIO) -> dict[str, str]:
 
 
 class RedactingFormatter(logging.Formatter):
-    """Every log line, ours or a library's (the hub client logs whole URLs), without credentials or tokens."""
+    """Every log line, ours or a library's (the hub client logs whole URLs), without credentials or tokens, tracebacks included."""
 
     def format(self, record: logging.LogRecord) -> str:
         return redact(super().format(record))
 
 
+def _redacted_record_factory(make: Callable[..., logging.LogRecord]) -> Callable[..., logging.LogRecord]:
+    def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = make(*args, **kwargs)
+        with contextlib.suppress(TypeError, ValueError):  # a malformed call is logging's to report, at emit time
+            record.msg, record.args = redact(record.getMessage()), None
+        return record
+
+    factory.redacts = True  # type: ignore[attr-defined]
+    return factory
+
+
 def configure_logging() -> None:
-    """Progress and step lines on stderr; reports on stdout. The HTTP and SSH clients' per-request lines are noise here."""
+    """Progress and step lines on stderr; reports on stdout. The HTTP and SSH clients' per-request lines are noise here.
+
+    Every record is redacted when it is made, whichever handler prints it: a library imported later (the hub client is
+    imported only when a hub source is fetched) brings a handler of its own that the formatters below never wrapped.
+    """
+    if not getattr(logging.getLogRecordFactory(), "redacts", False):
+        logging.setLogRecordFactory(_redacted_record_factory(logging.getLogRecordFactory()))
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     loggers = [logging.getLogger(), *(lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger))]
     for handler in {h for lg in loggers for h in lg.handlers}:  # libraries bring their own handlers (huggingface_hub does)
