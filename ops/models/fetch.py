@@ -180,7 +180,7 @@ def _fetch_one(store: Store, m: LockedModel, *, workers: int, tty: bool | None, 
         progress = Progress(f"fetch {m.name}", total, tty=tty)
         job = FetchJob(root=store.root, staging=staging, partial=partial, progress=progress, workers=workers)
         if peers.share:
-            job.on_verified = lambda path: store.share(m.name, m.commit, path)
+            job.on_verified = lambda path, at: store.share(m.name, m.commit, path, at)
         try:
             notes, warnings = _take_files(store, m, needed, job, peers)
             store.promote(m.name, m.commit)

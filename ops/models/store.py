@@ -65,11 +65,10 @@ class Store:
     def ready_dir(self, name: str, commit: str) -> Path:
         return self.root / STAGING / name / f"{commit}.ready"
 
-    def share(self, name: str, commit: str, path: str) -> None:
-        """Offer one verified staging file to peers before the model is activated: a hard link under the ready directory."""
+    def share(self, name: str, commit: str, path: str, source: Path) -> None:
+        """Offer one verified file (`source`: where this fetch holds it) to peers before the model is activated: a hard link under the ready directory."""
         target = self.ready_dir(name, commit) / path
         safefs.makedirs(self.root, target.parent)
-        source = self.staging_dir(name, commit) / path
         safefs.check_no_link(self.root, source)
         safefs.remove(self.root, target)
         os.link(source, target, follow_symlinks=False)

@@ -38,8 +38,8 @@ class FetchJob:
     progress: Progress
     workers: int = 8
     cancel: threading.Event = field(default_factory=threading.Event)
-    # Called with a file's path once its bytes matched the lock and it sits in staging (fetch --share offers it to peers).
-    on_verified: Callable[[str], None] = lambda path: None
+    # Called with a file's path in the model and where it is, once its bytes matched the lock (fetch --share offers it to peers).
+    on_verified: Callable[[str, Path], None] = lambda path, at: None
 
 
 class Source(Protocol):
