@@ -1,6 +1,6 @@
 """Putting a model on 1, 4 and 8 bare hosts: direct fetch vs controller fan-out vs peer fan-out (vs one host after another).
 
-    .venv/bin/python bench/fleet.py [--model 1g] [--hosts 1,4,8] [--modes direct,fanout,peers] [--origin-rate 50]
+    .venv/bin/python bench/fleet.py [--model 1g] [--hosts 1,4,8] [--modes direct,fanout,peers] [--origin-rate 50] [--repeat 1]
 
 `--origin-rate` throttles the origin's egress (all downloads together, MB/s), as a hub's egress is for many users.
 "controller bytes" is what the control machine sent over SSH, counted by a relay in front of each host's sshd.
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -42,6 +43,7 @@ def main() -> None:
     ap.add_argument("--hosts", default="1,4,8")
     ap.add_argument("--modes", default="direct,fanout,peers")
     ap.add_argument("--origin-rate", type=float, default=50.0, help="the origin's egress in MB/s, all downloads together (0: unthrottled)")
+    ap.add_argument("--repeat", type=int, default=1, help="runs of each measurement: the table gives the median (this shared machine's disk varies)")
     ap.add_argument("--keep", action="store_true", help="keep earlier results for host counts not measured this run")
     ap.add_argument("--sequential-hosts", default="1,2,4", help="host counts measured one after another (each costs n single fetches)")
     args = ap.parse_args()
@@ -76,21 +78,27 @@ def main() -> None:
                             "--known-hosts", str(keys / "known_hosts"), "--hosts", ",".join(h.name for h in hosts)], env=project.env(), capture_output=True, check=False)
             for n in counts:
                 for mode in [m for m in args.modes.split(",") if (n, m) in plan]:
-                    for h in hosts:
-                        h.exec("rm", "-rf", "/srv/models/bench", "/srv/models/.staging/bench")
-                    shutil.rmtree(WORK / "seed", ignore_errors=True)
-                    flags = {"direct": ["--parallel", str(n)], "sequential": ["--parallel", "1"], "fanout": ["--parallel", str(n), "--from-local", "--dest", str(WORK / "seed")],
-                             "peers": ["--parallel", str(n), "--fan-out", "peers"]}[mode]
-                    before, sent = proxy.bytes_served("/resolve/"), sum(r.sent for r in relays.values())
-                    start = time.monotonic()
-                    r = subprocess.run([*INVOKE, "fetch-models", "--inventory", str(inv), "--lock", str(project.dir / "models.lock"), "--known-hosts", str(keys / "known_hosts"),
-                                        "--hosts", ",".join(h.name for h in hosts[:n]), *flags], env=project.env(), capture_output=True, text=True)
-                    wall = time.monotonic() - start
-                    if r.returncode != 0:
-                        raise SystemExit(r.stdout + r.stderr[-3000:])
-                    results.append({"hosts": n, "mode": mode, "wall_s": wall, "hub_bytes": proxy.bytes_served("/resolve/") - before,
-                                    "controller_bytes": sum(r.sent for r in relays.values()) - sent, "disk_floor_s": n * model_bytes / disk_rate})
-                    print(f"{n} host(s) {mode:10s} {wall:7.1f}s  origin {format_bytes(results[-1]['hub_bytes'])}  "
+                    walls, hub_bytes, controller_bytes = [], 0, 0
+                    for _ in range(args.repeat):
+                        for h in hosts:
+                            h.exec("rm", "-rf", "/srv/models/bench", "/srv/models/.staging/bench")
+                        shutil.rmtree(WORK / "seed", ignore_errors=True)
+                        subprocess.run(["sync"], check=True)  # the last run's writes reach the disk before this one starts
+                        flags = {"direct": ["--parallel", str(n)], "sequential": ["--parallel", "1"],
+                                 "fanout": ["--parallel", str(n), "--from-local", "--dest", str(WORK / "seed")],
+                                 "peers": ["--parallel", str(n), "--fan-out", "peers"]}[mode]
+                        before, sent = proxy.bytes_served("/resolve/"), sum(r.sent for r in relays.values())
+                        start = time.monotonic()
+                        r = subprocess.run([*INVOKE, "fetch-models", "--inventory", str(inv), "--lock", str(project.dir / "models.lock"), "--known-hosts",
+                                            str(keys / "known_hosts"), "--hosts", ",".join(h.name for h in hosts[:n]), *flags], env=project.env(), capture_output=True, text=True,
+                                           check=False)
+                        walls.append(time.monotonic() - start)
+                        if r.returncode != 0:
+                            raise SystemExit(r.stdout + r.stderr[-3000:])
+                        hub_bytes, controller_bytes = proxy.bytes_served("/resolve/") - before, sum(r.sent for r in relays.values()) - sent
+                    results.append({"hosts": n, "mode": mode, "wall_s": statistics.median(walls), "runs_s": walls, "hub_bytes": hub_bytes,
+                                    "controller_bytes": controller_bytes, "disk_floor_s": n * model_bytes / disk_rate})
+                    print(f"{n} host(s) {mode:10s} {results[-1]['wall_s']:7.1f}s (runs: {', '.join(f'{w:.1f}' for w in walls)})  origin {format_bytes(results[-1]['hub_bytes'])}  "
                           f"controller {format_bytes(results[-1]['controller_bytes'])}", flush=True)
                     results.sort(key=lambda r: (r["hosts"], r["mode"]))
                     write(results, model_bytes, args.model, args.origin_rate)
@@ -127,8 +135,10 @@ def write(results: list[dict], model_bytes: int, model: str, origin_rate: float)
         "at most 2 peers per source at once). Disk floor: the hosts' copies (hosts x model size) at the rate this machine's one disk "
         "took with fsync (dd inside a host), the least any mode can take here, since every host writes to that disk.",
         "",
-        *markdown_table(["hosts", "mode", "wall time", "vs 1 host direct", "disk floor", "vs floor", "origin bytes", "controller bytes"],
-                        [[str(r["hosts"]), r["mode"], f"{r['wall_s']:.1f} s", f"{r['wall_s'] / one['direct']:.2f}x" if "direct" in one else "-",
+        "Wall time is the median of the runs listed (this shared machine's disk and CPU vary from run to run).",
+        "",
+        *markdown_table(["hosts", "mode", "wall time", "runs", "vs 1 host direct", "disk floor", "vs floor", "origin bytes", "controller bytes"],
+                        [[str(r["hosts"]), r["mode"], f"{r['wall_s']:.1f} s", ", ".join(f"{w:.1f}" for w in r.get("runs_s", [r["wall_s"]])), f"{r['wall_s'] / one['direct']:.2f}x" if "direct" in one else "-",
                           f"{r['disk_floor_s']:.1f} s" if "disk_floor_s" in r else "-", f"{r['wall_s'] / r['disk_floor_s']:.2f}x" if "disk_floor_s" in r else "-",
                           format_bytes(r["hub_bytes"]), format_bytes(r.get("controller_bytes", 0))] for r in results]),
     ]
