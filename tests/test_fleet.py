@@ -17,6 +17,9 @@ from helpers import HF_DEMO, HF_SHARDS, ROOT, TOKEN, Hub, Project, manifest
 from proxy import Proxy
 from sshhosts import SshHost, inventory, start_host
 
+from ops.remote.inventory import Host
+from ops.remote.ssh import SshOptions, connect
+
 INVOKE = [sys.executable, "-m", "invoke", "--search-root", str(ROOT)]
 
 
@@ -182,6 +185,15 @@ def test_the_ansible_engine_honours_the_command_timeout(fleet_project: Project, 
     assert "Timed out after 3 second(s)" in rows(r.stdout)[("h1", "-")], r.stdout
     assert took < 60
     assert hosts[0].exec("test", "-e", "/srv/models/shards/current", check=False).returncode != 0
+
+
+def test_the_connection_negotiates_aes_gcm_with_openssh(keys: Path, hosts: list[SshHost]) -> None:
+    """AES-GCM offered first and taken by OpenSSH: its integrity check runs in C, where AES-CTR's MAC is checked per packet in Python."""
+    conn = connect(Host(name="h1", address="127.0.0.1", port=hosts[0].port, key_file=str(keys / "id")), SshOptions(known_hosts=keys / "known_hosts"))
+    try:
+        assert (conn.transport.local_cipher, conn.transport.remote_cipher) == ("aes128-gcm@openssh.com", "aes128-gcm@openssh.com")
+    finally:
+        conn.close()
 
 
 def test_unknown_host_keys_are_refused_unless_first_contact_is_allowed(fleet_project: Project, keys: Path, tmp_path: Path) -> None:
