@@ -147,10 +147,11 @@ def test_a_planted_link_for_the_ready_directory_is_never_served(tmp_path: Path) 
 
 
 class HostilePeer(ThreadingHTTPServer):
-    """A peer on loopback that serves `body` (honouring Range if `ranges`), or bytes without end; it records the Range asked for."""
+    """A peer on loopback that serves `body` (honouring Range if `ranges`, from `skew` bytes further on than asked), or bytes
+    without end; it records the Range asked for."""
 
-    def __init__(self, body: bytes | None, *, ranges: bool = True):
-        self.body, self.ranges, self.asked = body, ranges, []
+    def __init__(self, body: bytes | None, *, ranges: bool = True, skew: int = 0):
+        self.body, self.ranges, self.skew, self.asked = body, ranges, skew, []
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -164,8 +165,10 @@ class HostilePeer(ThreadingHTTPServer):
                         while True:
                             self.wfile.write(b"\0" * 65536)
                     return
-                start = int(asked.removeprefix("bytes=").rstrip("-")) if asked and server.ranges else 0
+                start = int(asked.removeprefix("bytes=").rstrip("-")) + server.skew if asked and server.ranges else 0
                 self.send_response(206 if start else 200)
+                if start:
+                    self.send_header("content-range", f"bytes {start}-{len(server.body) - 1}/{len(server.body)}")
                 self.send_header("content-length", str(len(server.body) - start))
                 self.end_headers()
                 self.wfile.write(server.body[start:])
@@ -205,6 +208,19 @@ def test_a_file_from_a_peer_resumes_from_the_bytes_already_here(tmp_path: Path, 
     finally:
         peer.stop()
     assert peer.asked == ["bytes=1000-"] and (job.staging / "w.bin").read_bytes() == BODY
+
+
+def test_a_peer_answering_from_another_offset_than_asked_is_refused_before_a_byte_is_written(tmp_path: Path) -> None:
+    job = job_in(tmp_path)
+    job.partial.mkdir()
+    (job.partial / "w.bin").write_bytes(BODY[:1000])
+    peer = HostilePeer(BODY, skew=500)
+    try:
+        with pytest.raises(SourceUnreachableError, match=r"peer p: answered w.bin from bytes 1500-\d+/\d+, not from byte 1000"):
+            take_file(peer.url, {}, LOCKED, job, source="peer p")
+    finally:
+        peer.stop()
+    assert (job.partial / "w.bin").read_bytes() == BODY[:1000]  # kept as it was: the next peer resumes from here
 
 
 def test_a_peer_sending_bytes_without_end_fills_no_disk_and_nothing_is_kept(tmp_path: Path) -> None:

@@ -253,6 +253,10 @@ def take_file(url: str, headers: dict[str, str], f: LockedFile, job: FetchJob, *
             answer = conn.getresponse()
             if answer.status == 200 and have:
                 writer.truncate(0)  # the peer sent the whole file, not the rest
+            elif answer.status == 206 and not (answer.getheader("content-range") or "").startswith(f"bytes {have}-"):
+                served = (answer.getheader("content-range") or "no Content-Range").removeprefix("bytes ")
+                raise SourceUnreachableError(f"{source}: answered {f.path} from bytes {served}, not from byte {have} as asked. "
+                                             "Another peer or the origin gives it; completed bytes are kept.")
             elif answer.status not in (200, 206):
                 raise status_error(source, answer.status, answer.read(200).decode(errors="replace"))
             buffer = memoryview(bytearray(READ_BYTES))
