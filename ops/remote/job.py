@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -50,3 +51,8 @@ class FleetJob:
     engine: Engine = "ssh"
     ansible: AnsibleOptions = field(default_factory=AnsibleOptions)
     dry_run: bool = False
+
+    @functools.cached_property
+    def lock_text(self) -> str:
+        """The lock as every host receives it, read once per run (not once per host)."""
+        return self.lock.read_text(encoding="utf-8")

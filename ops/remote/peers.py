@@ -138,7 +138,7 @@ def peer_step(sh: Shell, job: FleetJob, wh: Wheelhouse, run: Run, token: str, *,
     try:
         state = bootstrap(sh, wh)
         sh.run(rc.mkdir_argv(peer_dir(host)), what="create the peer directory")
-        upload_lock(sh, job.lock)
+        upload_lock(sh, job.lock_text)
         url = _serve(sh, run, seconds=seconds)  # before the fetch: each file is offered to this host's peers once verified
         peers: list[str] = []
         if sh.dry_run:

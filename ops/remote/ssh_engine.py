@@ -40,16 +40,16 @@ def bootstrap(sh: Shell, wh: Wheelhouse) -> str:
     return "installed"
 
 
-def upload_lock(sh: Shell, lock: Path) -> None:
+def upload_lock(sh: Shell, lock_text: str) -> None:
     """The lock, written by a command that reads it on stdin: one exchange on the open connection, where SFTP took six."""
-    sh.run(rc.write_file_argv(rc.lock_path(sh.host)), stdin=lock.read_text(encoding="utf-8"), what="upload the lock")
+    sh.run(rc.write_file_argv(rc.lock_path(sh.host)), stdin=lock_text, what="upload the lock")
 
 
 def model_command(sh: Shell, job: FleetJob, wh: Wheelhouse, token: str, *, seed: Path | None) -> HostModels:
     """Bootstrap, upload the lock (and fan-out files), run the model command; the host's report."""
     state = bootstrap(sh, wh)
     sh.say(f"bootstrap: {state}")
-    upload_lock(sh, job.lock)
+    upload_lock(sh, job.lock_text)
     if seed is not None and job.command == "fetch":
         for model in load_lock(job.lock).select(list(job.models) or None):
             verify = rc.model_argv(sh.host, "verify", models=[model.name])
