@@ -5,8 +5,10 @@
 The hosts are sshds on loopback ports inside a few containers (tests/fleetsim.py),
 already bootstrapped and holding the model. For each run: wall time, the
 controller's CPU seconds per host (user + system of the invoke process and
-its children on this machine, from wait4), its peak RSS, and the most SSH
-connections it held at once (sampled from /proc). The hosts' own work (their
+its children on this machine, from wait4), its peak RSS (VmHWM from /proc:
+wait4's maxrss counts the image of this benchmark process, which the child
+was forked from), and the most SSH connections it held at once (sampled from
+/proc). The hosts' own work (their
 `python -m ops.models verify`) runs in the containers, on the same 2 cores,
 so wall time here includes it; the controller's figures do not.
 Writes bench/results/fleet-controller.{json,md}.
@@ -51,10 +53,19 @@ def connections(pid: int) -> int:
     return count
 
 
+def peak_rss_kb(pid: int) -> int:
+    """The process's resident-memory high-water mark since its exec (VmHWM), in KB; 0 once it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next((int(line.split()[1]) for line in f if line.startswith("VmHWM:")), 0)
+    except OSError:
+        return 0
+
+
 def measure(project: Project, keys: Path, inventory: Path, parallel: int) -> dict[str, float]:
     argv = [*INVOKE, "verify-models", "--inventory", str(inventory), "--known-hosts", str(keys / "known_hosts"), "--group", "sim", "--models", "demo",
             "--parallel", str(parallel), "--json"]
-    peak = [0]
+    peak, rss = [0], [0]
     start = time.monotonic()
     out_file = project.dir / f"verify-{parallel}.json"
     with out_file.open("w") as out:  # a file, not a pipe: 200 hosts' JSON is more than a pipe holds before anyone reads it
@@ -63,6 +74,7 @@ def measure(project: Project, keys: Path, inventory: Path, parallel: int) -> dic
     def sample() -> None:
         while proc.poll() is None:
             peak[0] = max(peak[0], connections(proc.pid))
+            rss[0] = max(rss[0], peak_rss_kb(proc.pid))
             time.sleep(0.05)
 
     sampler = threading.Thread(target=sample)
@@ -72,7 +84,7 @@ def measure(project: Project, keys: Path, inventory: Path, parallel: int) -> dic
     sampler.join()
     out = out_file.read_text()
     assert os.waitstatus_to_exitcode(status) == 0, out[-2000:]
-    return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "rss_mb": usage.ru_maxrss / 1024, "connections": peak[0]}
+    return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "rss_mb": rss[0] / 1024, "connections": peak[0]}
 
 
 def main() -> None:
