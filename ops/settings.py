@@ -134,35 +134,38 @@ def read_env_lines(stream: TextIO) -> dict[str, str]:
     return env
 
 
-class RedactingFormatter(logging.Formatter):
-    """Every log line, ours or a library's (the hub client logs whole URLs), without credentials or tokens, tracebacks included."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        return redact(super().format(record))
-
-
 def _redacted_record_factory(make: Callable[..., logging.LogRecord]) -> Callable[..., logging.LogRecord]:
+    """Records made without credentials or tokens (the hub client logs whole URLs): the message, and any traceback or stack
+    rendered now, redacted, so every handler prints the redacted text whatever its formatter."""
+
     def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
         record = make(*args, **kwargs)
         with contextlib.suppress(TypeError, ValueError):  # a malformed call is logging's to report, at emit time
-            record.msg, record.args = redact(record.getMessage()), None
+            message = record.getMessage()
+            if (redacted := redact(message)) != message:
+                # Only then: formatters may read the arguments themselves (uvicorn's access log builds its line from them).
+                record.msg, record.args = redacted, None
+        if record.exc_info:
+            record.exc_text = redact(_TRACEBACKS.formatException(record.exc_info))
+        if record.stack_info:
+            record.stack_info = redact(record.stack_info)
         return record
 
     factory.redacts = True  # type: ignore[attr-defined]
     return factory
 
 
+_TRACEBACKS = logging.Formatter()
+
+
 def configure_logging() -> None:
     """Progress and step lines on stderr; reports on stdout. The HTTP and SSH clients' per-request lines are noise here.
 
-    Every record is redacted when it is made, whichever handler prints it: a library imported later (the hub client is
-    imported only when a hub source is fetched) brings a handler of its own that the formatters below never wrapped.
+    Every record is redacted when it is made, not when a handler formats it: libraries bring handlers of their own, some
+    only when imported (the hub client is imported only when a hub source is fetched).
     """
     if not getattr(logging.getLogRecordFactory(), "redacts", False):
         logging.setLogRecordFactory(_redacted_record_factory(logging.getLogRecordFactory()))
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    loggers = [logging.getLogger(), *(lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger))]
-    for handler in {h for lg in loggers for h in lg.handlers}:  # libraries bring their own handlers (huggingface_hub does)
-        handler.setFormatter(RedactingFormatter(handler.formatter._fmt if handler.formatter else "%(message)s"))
     for noisy in ("httpx", "httpx2", "huggingface_hub", "paramiko"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -147,3 +147,42 @@ def test_format_bytes_and_redact() -> None:
     assert format_bytes(58_000_000) == "58.0 MB"
     assert "secret" not in redact("https://user:secret@host/repo.git failed")
     assert "hf_abcdefghijk" not in redact("token hf_abcdefghijk leaked")
+
+
+def test_log_records_are_redacted_for_handlers_added_later_and_keep_their_arguments_otherwise() -> None:
+    """A library's handler added after configure_logging (the hub client is imported late) prints redacted text, tracebacks
+    included; a record with nothing to redact keeps its arguments, which uvicorn's access formatter unpacks itself."""
+    import io
+    import logging
+
+    from uvicorn.logging import AccessFormatter
+
+    from ops.settings import configure_logging
+
+    before = logging.getLogRecordFactory()
+    configure_logging()
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    access = logging.StreamHandler(stream)
+    access.setFormatter(AccessFormatter('%(client_addr)s "%(request_line)s" %(status_code)s', use_colors=False))
+    late, access_log = logging.getLogger("late.library"), logging.getLogger("late.access")
+    late.addHandler(handler)
+    access_log.addHandler(access)
+    access_log.setLevel(logging.INFO)
+    try:
+        late.warning("downloading from %s", "http://deployer:s3cretPw@hub.example/x")
+        try:
+            raise OSError("http://deployer:s3cretPw@hub.example/y refused")
+        except OSError:
+            late.exception("failed")
+        access_log.info('%s - "%s %s HTTP/%s" %d', "127.0.0.1:5000", "GET", "/health", "1.1", 200)
+    finally:
+        late.removeHandler(handler)
+        access_log.removeHandler(access)
+        access_log.setLevel(logging.NOTSET)
+        logging.setLogRecordFactory(before)
+    out = stream.getvalue()
+    assert "s3cretPw" not in out and "deployer" not in out, out
+    assert "downloading from http://***@hub.example/x" in out and "OSError: http://***@hub.example/y refused" in out, out  # traceback included
+    assert '127.0.0.1:5000 "GET /health HTTP/1.1" 200' in out, out
