@@ -186,3 +186,14 @@ def test_log_records_are_redacted_for_handlers_added_later_and_keep_their_argume
     assert "s3cretPw" not in out and "deployer" not in out, out
     assert "downloading from http://***@hub.example/x" in out and "OSError: http://***@hub.example/y refused" in out, out  # traceback included
     assert '127.0.0.1:5000 "GET /health HTTP/1.1" 200' in out, out
+
+
+def test_the_controller_verify_and_peers_start_without_the_hub_client() -> None:
+    """The hub client costs ~0.6 s of a core to import; only a fetch from a hub or https source needs it (fleet start-up, every
+    host's verify and peer server were paying it)."""
+    import subprocess
+    import sys
+
+    code = "import sys, tasks, ops.models.cli, ops.models.peer; print(sorted({m.split('.')[0] for m in sys.modules} & {'huggingface_hub', 'httpx2'}))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out
