@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ops.errors import ConfigError
 from ops.models.fetch import fetch_models
-from ops.models.lock import LockedModel, load_lock
+from ops.models.lock import LockedModel
 from ops.models.store import Store
 from ops.remote import commands as rc
 from ops.remote.inventory import Host
@@ -25,8 +25,7 @@ from ops.units import format_bytes
 
 def seed_locally(job: FleetJob, store: Path) -> None:
     """Fetch once here; the first failure stops the fan-out before any host is touched."""
-    models = load_lock(job.lock).select(list(job.models) or None)
-    for outcome in fetch_models(models, Store(store)):
+    for outcome in fetch_models(job.selected, Store(store)):
         if outcome.error is not None:
             raise outcome.error
 
@@ -35,7 +34,7 @@ def download_from(host: Host, job: FleetJob, store: Path) -> None:
     """Copy the host's verified commit directories into a local store."""
     sh = SshShell(host, job.ssh)
     try:
-        for model in load_lock(job.lock).select(list(job.models) or None):
+        for model in job.selected:
             local = Store(store).commit_dir(model.name, model.commit)
             for f in model.files:
                 (local / f.path).parent.mkdir(parents=True, exist_ok=True)

@@ -7,8 +7,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from ops.errors import LockError
+from ops.models.lock import LockedModel, load_lock
 from ops.remote.executor import Rollout
 from ops.remote.ssh import SshOptions
+from ops.settings import read_text
 
 FleetCommand = Literal["fetch", "verify"]
 Engine = Literal["ssh", "ansible"]
@@ -52,7 +55,13 @@ class FleetJob:
     ansible: AnsibleOptions = field(default_factory=AnsibleOptions)
     dry_run: bool = False
 
+    # The lock is read once per run, not once per host.
     @functools.cached_property
     def lock_text(self) -> str:
-        """The lock as every host receives it, read once per run (not once per host)."""
-        return self.lock.read_text(encoding="utf-8")
+        """The lock as every host receives it."""
+        return read_text(self.lock, LockError, "models.lock", "Run `invoke lock-models`, or pass --lock FILE.")
+
+    @functools.cached_property
+    def selected(self) -> list[LockedModel]:
+        """The lock's models this job is for (`models`, else the lock's default)."""
+        return load_lock(self.lock).select(list(self.models) or None)

@@ -13,7 +13,6 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from ops.models.lock import load_lock
 from ops.models.report import Report
 from ops.remote import commands as rc
 from ops.remote.executor import HostResults, run_each
@@ -51,7 +50,7 @@ def model_command(sh: Shell, job: FleetJob, wh: Wheelhouse, token: str, *, seed:
     sh.say(f"bootstrap: {state}")
     upload_lock(sh, job.lock_text)
     if seed is not None and job.command == "fetch":
-        for model in load_lock(job.lock).select(list(job.models) or None):
+        for model in job.selected:
             verify = rc.model_argv(sh.host, "verify", models=[model.name])
             if sh.run(verify, stdin=env_lines(rc.model_env("verify", "")), kind="query").exit_code != 0:
                 upload_staged(sh, model, seed)
