@@ -47,6 +47,8 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep earlier results for host counts not measured this run")
     ap.add_argument("--sequential-hosts", default="1,2,4", help="host counts measured one after another (each costs n single fetches)")
     args = ap.parse_args()
+    if args.repeat < 1:
+        ap.error("--repeat must be 1 or more")
     counts = [int(n) for n in args.hosts.split(",")]
     shutil.rmtree(WORK, ignore_errors=True)
     WORK.mkdir(parents=True)
