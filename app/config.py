@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
-import torch
-
-from app.engine import DevicePlan, pick_device
-from app.precision import cpu_has_native_bf16
+from app.device import DevicePlan, device_plan
 from ops.settings import choice, default_lock, default_manifest, default_models_dir, env_flag, env_number
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
@@ -39,29 +36,28 @@ class Settings:
     allow_pickle: bool = False
 
     def device_plan(self) -> DevicePlan:
-        cuda = torch.cuda.is_available()
-        plan = pick_device(cuda, cuda and torch.cuda.is_bf16_supported(), cpu_has_native_bf16())
-        return plan if self.dtype == "auto" else DevicePlan(plan.device, getattr(torch, self.dtype))
+        return device_plan(self.dtype)
 
     @classmethod
     def from_env(cls, **overrides: object) -> Settings:
-        values: dict[str, object] = {
-            "model": os.environ.get("MODEL") or "demo",
-            "models_dir": default_models_dir(),
-            "lock": default_lock(),
-            "manifest": default_manifest(),
-            "host": os.environ.get("HOST") or "0.0.0.0",
-            "port": env_number("PORT", 8000, maximum=65535),
-            "max_batch": env_number("BAKEHOUSE_MAX_BATCH", cls.max_batch, maximum=1024),
-            "step_tokens": env_number("BAKEHOUSE_STEP_TOKENS", cls.step_tokens, minimum=32),
-            "max_queue": env_number("BAKEHOUSE_MAX_QUEUE", cls.max_queue),
-            "max_tokens_limit": env_number("BAKEHOUSE_MAX_TOKENS", cls.max_tokens_limit),
-            "max_body_bytes": env_number("BAKEHOUSE_MAX_BODY_BYTES", cls.max_body_bytes, minimum=1024),
-            "max_prompt_chars": env_number("BAKEHOUSE_MAX_PROMPT_CHARS", cls.max_prompt_chars),
-            "max_choices": env_number("BAKEHOUSE_MAX_CHOICES", cls.max_choices),
-            "dtype": choice("BAKEHOUSE_DTYPE", os.environ.get("BAKEHOUSE_DTYPE") or None, DTYPES, default="auto"),
-            "engine": choice("BAKEHOUSE_ENGINE", os.environ.get("BAKEHOUSE_ENGINE") or None, ENGINES, default="transformers"),
-            "allow_pickle": env_flag("BAKEHOUSE_ALLOW_PICKLE", False),
-        }
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)  # type: ignore[arg-type]
+        """The environment's settings; `overrides` that are not None win (the CLI's --model, --port)."""
+        env = os.environ
+        settings = cls(
+            model=env.get("MODEL") or "demo",
+            models_dir=default_models_dir(),
+            lock=default_lock(),
+            manifest=default_manifest(),
+            host=env.get("HOST") or "0.0.0.0",
+            port=int(env_number("PORT", 8000, maximum=65535)),
+            max_batch=int(env_number("BAKEHOUSE_MAX_BATCH", cls.max_batch, maximum=1024)),
+            step_tokens=int(env_number("BAKEHOUSE_STEP_TOKENS", cls.step_tokens, minimum=32)),
+            max_queue=int(env_number("BAKEHOUSE_MAX_QUEUE", cls.max_queue)),
+            max_tokens_limit=int(env_number("BAKEHOUSE_MAX_TOKENS", cls.max_tokens_limit)),
+            max_body_bytes=int(env_number("BAKEHOUSE_MAX_BODY_BYTES", cls.max_body_bytes, minimum=1024)),
+            max_prompt_chars=int(env_number("BAKEHOUSE_MAX_PROMPT_CHARS", cls.max_prompt_chars)),
+            max_choices=int(env_number("BAKEHOUSE_MAX_CHOICES", cls.max_choices)),
+            dtype=choice("BAKEHOUSE_DTYPE", env.get("BAKEHOUSE_DTYPE") or None, DTYPES, default="auto"),
+            engine=choice("BAKEHOUSE_ENGINE", env.get("BAKEHOUSE_ENGINE") or None, ENGINES, default="transformers"),
+            allow_pickle=env_flag("BAKEHOUSE_ALLOW_PICKLE", False),
+        )
+        return replace(settings, **{k: v for k, v in overrides.items() if v is not None})

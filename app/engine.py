@@ -1,116 +1,25 @@
-"""Load a verified model: the only way the app gets one, and what a generation step runs on.
+"""The transformers engine: a verified model directory (app.loader) on its device, and one forward pass over the slotted cache.
 
-The model is loaded only from `$MODELS_DIR/<name>/<commit>` after a quick
-verify against models.lock, with `local_files_only=True`: the engine never
-talks to a hub.
+Loaded with `local_files_only=True`: the engine never talks to a hub.
 """
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from app.device import DevicePlan, device_plan
 from app.kvcache import SLOT_ATTENTION, Segment, SlotCache, fastest_decode_attention
 from app.packed import pack_linears
 from app.precision import PASSAGE, PrecisionCheck, compare
-from ops.errors import BakehouseError, ConfigError
-from ops.models.lock import LockedModel, load_lock
-from ops.models.store import Store
-from ops.models.verify import PICKLE_SUFFIXES, verify_one
-
-if TYPE_CHECKING:
-    from app.config import Settings
 
 log = logging.getLogger("bakehouse.engine")
-
-
-class NotServableError(BakehouseError):
-    """The store holds nothing this engine may load; the message says why and what to do."""
-
-
-@dataclass(frozen=True)
-class DevicePlan:
-    device: str
-    dtype: torch.dtype
-    try_bf16: bool = False  # load as `dtype` (fp32), then keep bf16 if the model passes app.precision's check
-
-
-def pick_device(cuda_available: bool, bf16_supported: bool, cpu_bf16: bool = False) -> DevicePlan:
-    """CUDA in bf16 where supported, else fp16; CPU in fp32, or bf16 after a quality check where the CPU computes bf16 natively."""
-    if cuda_available:
-        return DevicePlan("cuda", torch.bfloat16 if bf16_supported else torch.float16)
-    return DevicePlan("cpu", torch.float32, try_bf16=cpu_bf16)
-
-
-def check_weights_format(model: LockedModel, allow_pickle: bool) -> bool:
-    """True when the model must be loaded from safetensors; refuse pickle-only weights unless allowed."""
-    names = [f.path for f in model.files]
-    if any(n.endswith(".safetensors") for n in names):
-        return True
-    pickles = [n for n in names if n.endswith(PICKLE_SUFFIXES)]
-    if pickles and not (allow_pickle or model.allow_pickle):
-        raise NotServableError(
-            f"{model.name}: only pickle weights ({', '.join(pickles)}), which can run code when loaded. "
-            "Convert them to safetensors, or set allow_pickle = true in models.toml (or BAKEHOUSE_ALLOW_PICKLE=1) if you trust them."
-        )
-    return False
-
-
-def verified_path(store: Store, lock_path: Path, name: str) -> tuple[LockedModel, Path]:
-    """Quick-verify the locked commit; return the directory to load (never `current` itself, which may flip)."""
-    try:
-        model = load_lock(lock_path).select([name])[0]
-    except ConfigError as exc:
-        raise NotServableError(str(exc)) from exc
-    outcome = verify_one(store, model, full=False)
-    if not outcome.ok:
-        reasons = "; ".join(outcome.problems) or outcome.error or "verification failed"
-        raise NotServableError(f"refusing to load {name}: {reasons}")
-    return model, store.commit_dir(name, model.commit)
-
-
-@dataclass(frozen=True)
-class Verified:
-    model: LockedModel
-    directory: Path
-    safetensors_only: bool
-    verify_seconds: float
-
-
-@contextlib.contextmanager
-def verified(settings: Settings, on_state: Callable[[str, str], None] = lambda state, reason: None) -> Iterator[Verified]:
-    """The one way any engine gets a model: wait for a fetch in progress, quick verify, check the format; the store stays as verified inside."""
-    store = Store(settings.models_dir)
-    on_state("waiting", f"waiting for a fetch of {settings.model} in progress")
-    with store.reading(settings.model):
-        on_state("verifying", f"verifying {settings.model}")
-        t0 = time.monotonic()
-        model, directory = verified_path(store, settings.lock, settings.model)
-        verify_seconds = time.monotonic() - t0
-        yield Verified(model, directory, check_weights_format(model, settings.allow_pickle), verify_seconds)
-
-
-@dataclass(frozen=True)
-class Loaded:
-    engine: Engine
-    verify_seconds: float
-
-
-def load_verified(settings: Settings, on_state: Callable[[str, str], None] = lambda state, reason: None) -> Loaded:
-    """The transformers engine on the verified commit directory."""
-    with verified(settings, on_state) as v:
-        on_state("loading", f"loading {settings.model} from {v.directory}")
-        engine = Engine(v.directory, name=settings.model, safetensors_only=v.safetensors_only, plan=settings.device_plan())
-    return Loaded(engine, v.verify_seconds)
 
 
 class Engine:
@@ -118,7 +27,7 @@ class Engine:
 
     def __init__(self, directory: Path, *, name: str, safetensors_only: bool = True, plan: DevicePlan | None = None):
         self.name = name
-        self.plan = plan or pick_device(torch.cuda.is_available(), torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+        self.plan = plan or device_plan()
         start = time.monotonic()
         self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(directory, local_files_only=True)
 

@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -95,7 +96,7 @@ def _lock_seed_model(settings: Settings, spec: ModelSpec) -> Settings:
     else:
         saved.parent.mkdir(parents=True, exist_ok=True)
         write_lock(Lock(path=saved, models={spec.name: locked}, default=(spec.name,)))
-    return Settings(**{**settings.__dict__, "lock": saved, "allow_pickle": settings.allow_pickle or spec.allow_pickle})
+    return replace(settings, lock=saved, allow_pickle=settings.allow_pickle or spec.allow_pickle)
 
 
 def _seed_lock_path(models_dir: Path, spec: ModelSpec) -> Path:

@@ -15,19 +15,25 @@ from typing import Any
 from pydantic import ValidationError
 
 from app.config import Settings
-from app.engine import load_verified
+from app.loader import verified
+from app.local import LocalClient
 from app.metrics import Metrics
 from app.scheduler import Scheduler, complete
-from app.schemas import ApiError, CompletionRequest, check_text, prompts_of, sampling, validation_error
+from app.schemas import CompletionRequest, check_text, prompts_of, sampling, validation_error
+from ops.errors import ApiError
 
 DEFAULTS = {"max_tokens": 64, "temperature": 0.0}
 
 
 @functools.cache
 def scheduler() -> Scheduler:
+    """The same loader and engine client as the HTTP API, started once per worker."""
     settings = Settings.from_env()
-    engine = load_verified(settings).engine
-    return Scheduler(engine, Metrics(), max_batch=settings.max_batch, step_tokens=settings.step_tokens, max_queue=settings.max_queue)
+    client = LocalClient(settings, Metrics())
+    with verified(settings, lambda status, reason: None) as v:
+        client.start(v)
+    assert client.scheduler is not None
+    return client.scheduler
 
 
 def handler(job: dict[str, Any]) -> dict[str, Any]:

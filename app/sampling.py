@@ -11,54 +11,33 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
-
-@dataclass(frozen=True)
-class SamplingParams:
-    max_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0  # 0: off
-    min_p: float = 0.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
-    stop: tuple[str, ...] = ()
-    stop_token_ids: tuple[int, ...] = ()
-    min_tokens: int = 0
-    ignore_eos: bool = False
-    seed: int | None = None
-    logprobs: int | None = None  # None: off; N: the chosen token's logprob and the N most likely
-    prompt_logprobs: bool = False  # echo with logprobs: each prompt token's logprob too
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
+from app.params import SamplingParams, TokenLogprob
 
 
-@dataclass
-class RowState:
-    """What sampling needs to know of one running request."""
+class Row(Protocol):
+    """What sampling needs to know of one running sequence (app.policy.Choice)."""
 
     params: SamplingParams
-    prompt: Sequence[int]
-    generated: list[int] = field(default_factory=list)
-    generator: torch.Generator | None = None
-    counts: Counter[int] = field(default_factory=Counter)
-
-    def blocked(self, eos: int | None) -> list[int]:
-        """Tokens that may not end the text yet (min_tokens), or ever (ignore_eos)."""
-        p = self.params
-        out = {eos} if p.ignore_eos and eos is not None else set()
-        if len(self.generated) < p.min_tokens:
-            out |= ({eos} if eos is not None else set()) | set(p.stop_token_ids)
-        return sorted(out)
+    prompt: list[int]
+    generated: list[int]
+    counts: Counter[int]
+    generator: torch.Generator | None
 
 
-def _penalize(logits: torch.Tensor, row: RowState) -> None:
+def blocked(row: Row, eos: int | None) -> list[int]:
+    """Tokens that may not end the text yet (min_tokens), or ever (ignore_eos)."""
+    p = row.params
+    out = {eos} if p.ignore_eos and eos is not None else set()
+    if len(row.generated) < p.min_tokens:
+        out |= ({eos} if eos is not None else set()) | set(p.stop_token_ids)
+    return sorted(out)
+
+
+def _penalize(logits: torch.Tensor, row: Row) -> None:
     p = row.params
     if p.repetition_penalty != 1.0:
         seen = torch.tensor(sorted(set(row.prompt) | set(row.generated)), dtype=torch.long, device=logits.device)
@@ -84,25 +63,21 @@ def _truncate(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     return probs
 
 
-def _penalized(p: SamplingParams) -> bool:
-    return p.repetition_penalty != 1.0 or bool(p.presence_penalty or p.frequency_penalty)
-
-
-def sample(logits: torch.Tensor, rows: Sequence[RowState], eos: int | None) -> list[int]:
+def sample(logits: torch.Tensor, rows: Sequence[Row], eos: int | None) -> list[int]:
     """One token per row from `logits` [rows, vocab] (float32): greedy rows without penalties in one argmax, the others one by one."""
     chosen = [0] * len(rows)
-    plain = [i for i, r in enumerate(rows) if r.params.greedy and not _penalized(r.params)]
+    plain = [i for i, r in enumerate(rows) if r.params.greedy and not r.params.penalized]
     if plain:
         x = logits[plain]
-        blocked = [(j, t) for j, i in enumerate(plain) for t in rows[i].blocked(eos)]
-        if blocked:
-            x[[j for j, _ in blocked], [t for _, t in blocked]] = float("-inf")
+        banned = [(j, t) for j, i in enumerate(plain) for t in blocked(rows[i], eos)]
+        if banned:
+            x[[j for j, _ in banned], [t for _, t in banned]] = float("-inf")
         for i, token in zip(plain, x.argmax(dim=-1).tolist(), strict=True):
             chosen[i] = token
     for i in sorted(set(range(len(rows))) - set(plain)):
         row = rows[i]
         x = logits[i].clone()
-        blocked_ids = row.blocked(eos)
+        blocked_ids = blocked(row, eos)
         if blocked_ids:
             x[blocked_ids] = float("-inf")
         _penalize(x, row)
@@ -112,13 +87,6 @@ def sample(logits: torch.Tensor, rows: Sequence[RowState], eos: int | None) -> l
         probs = _truncate(x / row.params.temperature, row.params)
         chosen[i] = int(torch.multinomial(probs, 1, generator=row.generator))
     return chosen
-
-
-@dataclass(frozen=True)
-class TokenLogprob:
-    token: int
-    logprob: float
-    top: tuple[tuple[int, float], ...] = ()
 
 
 def logprobs_of(logits: torch.Tensor, tokens: Sequence[int], top: int) -> list[TokenLogprob]:

@@ -1,4 +1,4 @@
-"""OpenAI-compatible request bodies and their checks (HTTP API and serverless handler alike).
+"""The OpenAI protocol's requests: bodies and their checks (HTTP API and serverless handler alike); app.replies has the answers.
 
 Strict types ('5' is not a number of tokens); unknown OpenAI parameters
 (user, …) are accepted and ignored, as OpenAI-compatible servers do.
@@ -9,11 +9,10 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from app.sampling import SamplingParams
-from ops.errors import BakehouseError
+from app.params import SamplingParams
+from ops.errors import ApiError
 
 Prompt = str | list[str] | list[int] | list[list[int]]
 
@@ -91,19 +90,6 @@ class DetokenizeRequest(_Strict):
     tokens: list[int]
 
 
-class ApiError(BakehouseError):
-    """A request the API refuses: its HTTP status and the OpenAI-style error body."""
-
-    def __init__(self, status: int, message: str, *, type_: str = "invalid_request_error", param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code, self.headers = status, message, type_, param, code, headers
-
-    def response(self) -> JSONResponse:
-        return JSONResponse({"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}, status_code=self.status,
-                            headers=self.headers)
-
-
 def _between(name: str, value: float, low: float, high: float, *, low_open: bool = False) -> None:
     if value < low or value > high or (low_open and value == low):
         bounds = f"above {low:g} and at most {high:g}" if low_open else f"between {low:g} and {high:g}"
@@ -122,8 +108,6 @@ def sampling(body: CompletionRequest | ChatRequest, limit: int, *, max_tokens: i
     _between("repetition_penalty", body.repetition_penalty, 0, 2, low_open=True)
     if body.top_k < -1:
         raise ApiError(400, f"top_k must be -1 or 0 (off) or a positive number, got {body.top_k}.", param="top_k")
-    if body.n < 1:
-        raise ApiError(400, f"n must be at least 1, got {body.n}.", param="n")
     if not 0 <= body.min_tokens <= max_tokens:
         raise ApiError(400, f"min_tokens must be between 0 and max_tokens ({max_tokens}), got {body.min_tokens}.", param="min_tokens")
     if logprobs is not None and not 0 <= logprobs <= 20:
@@ -167,3 +151,26 @@ def validation_error(exc: RequestValidationError | ValidationError) -> ApiError:
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     param = ".".join(loc) or None
     return ApiError(400, f"{param or 'body'}: {first.get('msg', 'invalid value')}.", param=param)
+
+
+def bounded(text: str, limit: int, param: str) -> None:
+    """Checked before tokenizing: a text longer than BAKEHOUSE_MAX_PROMPT_CHARS costs nothing."""
+    if len(text) > limit:
+        raise ApiError(400, f"{param}: {len(text)} characters; this server takes at most {limit} (BAKEHOUSE_MAX_PROMPT_CHARS). Shorten it.",
+                       param=param, code="context_length_exceeded")
+
+
+def count_choices(prompts: int, n: int, limit: int) -> None:
+    """prompts x n sequences, checked before any prompt is tokenized."""
+    if n < 1:
+        raise ApiError(400, f"n must be at least 1, got {n}.", param="n")
+    if prompts * n > limit:
+        raise ApiError(400, f"this request asks for {prompts * n} completions (prompts x n); this server takes at most {limit} per request "
+                       "(BAKEHOUSE_MAX_CHOICES). Split it.", param="n")
+
+
+def check_ids(ids: list[int], vocab: int, param: str) -> list[int]:
+    bad = next((t for t in ids if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise ApiError(400, f"{param}: token id {bad} is not in this model's vocabulary (0..{vocab - 1}).", param=param)
+    return ids

@@ -15,19 +15,30 @@ bakehouse's and vLLM's. The cost is one loopback hop per request.
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import logging
 import os
 import shlex
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
+from fastapi import Request
+from fastapi.responses import Response, StreamingResponse
 
-from ops.errors import ConfigError
+from app.config import EngineName, Settings
+from app.loader import Verified
+from app.metrics import Metrics
+from app.schemas import ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from ops.errors import ApiError, ConfigError, NotServableError, redact
+from ops.net import free_port
 from ops.runner import stop
 from ops.settings import env_number
 
@@ -86,32 +97,137 @@ def child_env() -> dict[str, str]:
 
 
 class VllmChild:
-    """The vLLM server process: started, watched until it answers, stopped with the app."""
+    """The vLLM server process: started, watched until it answers, stopped with the app.
 
-    def __init__(self, argv: Sequence[str], port: int, log: Path):
-        self.url, self.log = f"http://127.0.0.1:{port}", log
-        logger.info("starting vLLM (log in %s): %s", log, shlex.join(argv))
-        with open(log, "ab") as out:  # the child keeps its own copy of the descriptor
-            self.process = subprocess.Popen(list(argv), env=child_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    Its output goes line by line into this app's log (redacted like every record),
+    not into a file: nothing of it is left on disk, and the last lines are kept to
+    say why a start failed.
+    """
+
+    def __init__(self, argv: Sequence[str], port: int):
+        self.url = f"http://127.0.0.1:{port}"
+        self.last: collections.deque[str] = collections.deque(maxlen=8)
+        logger.info("starting vLLM: %s", shlex.join(argv))
+        self.process = subprocess.Popen(list(argv), env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+        threading.Thread(target=self._relay, name="vllm-log", daemon=True).start()
+
+    def _relay(self) -> None:
+        assert self.process.stdout is not None
+        for raw in self.process.stdout:
+            line = raw.decode("utf-8", "replace").rstrip()
+            self.last.append(line)
+            logger.info("vllm: %s", line)
 
     def wait_ready(self, alive: Callable[[], bool] = lambda: True, timeout: float = _START_TIMEOUT_S) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and alive():
             if self.process.poll() is not None:
-                raise RuntimeError(f"vLLM exited with {self.process.returncode} while starting: {self.tail()}")
+                self._log_tail()
+                raise RuntimeError(f"vLLM exited with {self.process.returncode} while starting; its last lines are in this app's log")
             try:
                 if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
                     return
             except httpx.TransportError:
                 pass
             time.sleep(0.5)
-        raise RuntimeError(f"vLLM did not answer within {timeout:.0f}s: {self.tail()}")
+        self._log_tail()
+        raise RuntimeError(f"vLLM did not answer within {timeout:.0f}s; its last lines are in this app's log")
 
-    def tail(self, lines: int = 8) -> str:
-        try:
-            return " | ".join(self.log.read_text(errors="replace").strip().splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
+    def _log_tail(self) -> None:
+        for line in list(self.last):
+            logger.error("vllm (last lines): %s", line)
 
     def stop(self) -> None:
         stop(self.process, timeout=30)
+
+
+class VllmClient:
+    """The engine-client interface over the vLLM child: requests validated here, then forwarded as they came."""
+
+    name: EngineName = "vllm"
+
+    def __init__(self, settings: Settings, metrics: Metrics):
+        self.settings, self.metrics = settings, metrics
+        self.child: VllmChild | None = None
+        self.stopping = False
+        self.in_flight = 0
+        self.http = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=10))
+
+    def start(self, verified: Verified) -> None:
+        options = VllmOptions.from_env()
+        if not verified.safetensors_only:
+            raise NotServableError(f"{self.settings.model}: the vLLM engine loads safetensors only; convert the weights, or use BAKEHOUSE_ENGINE=transformers.")
+        t0 = time.monotonic()
+        port = free_port()
+        dtype = "auto" if self.settings.dtype == "auto" else self.settings.dtype
+        self.child = VllmChild(vllm_argv(options, verified.directory, self.settings.model, port, dtype), port)
+        self.child.wait_ready(alive=lambda: not self.stopping)
+        self.metrics.load_seconds.set(time.monotonic() - t0)
+
+    def describe(self) -> dict[str, Any]:
+        return {}
+
+    async def completions(self, body: CompletionRequest, request: Request) -> Response:
+        return await self._forward(request)
+
+    async def chat(self, body: ChatRequest, request: Request) -> Response:
+        return await self._forward(request)
+
+    async def tokenize(self, body: TokenizeRequest, request: Request) -> Response:
+        return await self._forward(request)
+
+    async def detokenize(self, body: DetokenizeRequest, request: Request) -> Response:
+        return await self._forward(request)
+
+    async def _forward(self, request: Request) -> Response:
+        """The request's own bytes to vLLM; a stream passes through as it comes, and a client that goes away closes the upstream request."""
+        assert self.child is not None  # the routes answer 503 until start() returned
+        self.in_flight += 1
+        try:
+            upstream = self.http.build_request("POST", self.child.url + request.url.path, content=await request.body(),
+                                               headers={"content-type": request.headers.get("content-type", "application/json")})
+            response = await self.http.send(upstream, stream=True)
+        except BaseException:
+            self.in_flight -= 1
+            raise
+        media = response.headers.get("content-type", "application/json")
+        if media.startswith("text/event-stream"):
+            async def relay() -> AsyncIterator[bytes]:
+                try:
+                    async for chunk in response.aiter_raw():
+                        yield chunk
+                finally:
+                    await response.aclose()
+                    self.in_flight -= 1
+
+            return StreamingResponse(relay(), status_code=response.status_code, media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        try:
+            reading = asyncio.create_task(response.aread())
+            while not reading.done():
+                if await request.is_disconnected():
+                    reading.cancel()
+                    raise ApiError(499, "the client went away", code="client_closed")
+                await asyncio.wait([reading], timeout=0.5)
+            return Response(reading.result(), status_code=response.status_code, media_type=media)
+        finally:
+            await response.aclose()
+            self.in_flight -= 1
+
+    async def prometheus(self) -> bytes:
+        if self.child is None:
+            return b""
+        try:
+            return (await self.http.get(f"{self.child.url}/metrics", timeout=5)).content
+        except httpx.HTTPError as exc:
+            logger.warning("vLLM's /metrics did not answer: %s", redact(str(exc)))
+            return b""
+
+    @property
+    def busy(self) -> int:
+        return self.in_flight
+
+    def stop(self) -> None:
+        self.stopping = True
+        if self.child is not None:
+            self.child.stop()

@@ -32,7 +32,8 @@ from common import DEMO, machine, markdown_table, random_lm, save_results
 from helpers import Project
 from sshhosts import client_keys, ensure_host_image, start_host
 
-from ops.localhub import LocalHub, free_port
+from ops.localhub import LocalHub
+from ops.net import free_port
 
 WORK = ROOT / "bench" / "work" / "deploy"
 INVOKE = [sys.executable, "-m", "invoke", "--search-root", str(ROOT)]

@@ -30,7 +30,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
 from common import RESULTS, machine, markdown_table, random_lm, save_results  # noqa: E402
 from containers import BASE_IMAGE, PODMAN, DockerDaemon, Engine, ensure_base_image, load_image, podman, source_tree, start_docker  # noqa: E402
 
-from ops.localhub import LocalHub, free_port  # noqa: E402
+from ops.localhub import LocalHub  # noqa: E402
+from ops.net import free_port  # noqa: E402
 from ops.units import format_bytes  # noqa: E402
 
 WORK = ROOT / "bench" / "work" / "images"

@@ -30,7 +30,7 @@ import httpx
 from appserver import start_app
 from common import machine, markdown_table, save_results
 
-from ops.localhub import free_port
+from ops.net import free_port
 from ops.runner import stop
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -25,7 +25,13 @@
     │   └── PlantedLinkError                    a symlink in the store that bakehouse did not make
     ├── DiskSpaceError (OSError)        exit 4  not enough free space
     ├── NotReadyError                   exit 1  a deployed release never answered /ready
-    └── DeployLockedError               exit 5  another deploy holds the host's deploy lock
+    ├── DeployLockedError               exit 5  another deploy holds the host's deploy lock
+    ├── NotServableError                exit 1  the app's store holds nothing its engine may load
+    ├── QueueFullError                          the app has more sequences waiting than it accepts
+    └── ApiError                                an HTTP request the app refuses (status, OpenAI error body)
+
+    Cancelled (Exception)                       control flow, not a failure: a fetch worker stops because
+                                                another failed or the user pressed Ctrl-C
 
 The exit code comes from the class, never from a number carried alongside.
 Each error carries its data (`details()`), which `--json` reports; across a
@@ -163,7 +169,7 @@ class CommandError(BakehouseError):
         return cls(f"`{redact(' '.join(argv))}` exited {returncode}: {redact(stderr.strip())[-2000:]}", argv=argv, returncode=returncode, stderr=stderr)
 
     def details(self) -> dict[str, Any]:
-        return {"argv": redact(" ".join(self.argv)), "returncode": self.returncode}
+        return {"command": redact(" ".join(self.argv)), "returncode": self.returncode}
 
 
 class ImageError(CommandError):
@@ -229,6 +235,47 @@ class DeployLockedError(BakehouseError):
 
     def details(self) -> dict[str, Any]:
         return {"host": self.host, "owner": self.owner}
+
+
+class NotServableError(BakehouseError):
+    """The store holds nothing this engine may load; the message says why and what to do."""
+
+
+class QueueFullError(BakehouseError):
+    """More sequences are waiting than the server accepts; the client should retry after a moment."""
+
+    def __init__(self, message: str, *, waiting: int = 0, limit: int = 0) -> None:
+        super().__init__(message)
+        self.waiting, self.limit = waiting, limit
+
+    def details(self) -> dict[str, Any]:
+        return {"waiting": self.waiting, "limit": self.limit}
+
+
+class ApiError(BakehouseError):
+    """A request the API refuses: its HTTP status and what the OpenAI-style error body says (app.server renders it)."""
+
+    def __init__(self, status: int, message: str, *, type_: str = "invalid_request_error", param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code, self.headers = status, message, type_, param, code, headers
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def details(self) -> dict[str, Any]:
+        return {"status": self.status, "param": self.param, "code": self.code}
+
+
+class Cancelled(Exception):  # noqa: N818 (not an error: the reason a worker stops early)
+    """Another worker failed or the user pressed Ctrl-C; stop at the next chunk."""
+
+
+def error_fields(error: BakehouseError | None) -> dict[str, Any]:
+    """An error as a report carries it: message, class and data (`details()`), which `rebuild` turns back into the same error."""
+    if error is None:
+        return {"error": None, "error_type": None}
+    return {"error": str(error), "error_type": type(error).__name__, "error_details": error.details()}
 
 
 def _classes(root: type[BakehouseError] = BakehouseError) -> dict[str, type[BakehouseError]]:

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ops.net import free_port
 from ops.runner import run, stop
 
 FIXED_IDENTITY = {
@@ -27,12 +28,6 @@ FIXED_IDENTITY = {
     "GIT_COMMITTER_DATE": "2026-01-01T00:00:00Z",
 }
 LFS_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.gguf")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_repo(path: Path, files: Mapping[str, Path | bytes], *, message: str = "add model") -> str:

@@ -14,7 +14,7 @@ import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
 
 from ops.errors import ConfigError, redact
 
@@ -58,11 +58,16 @@ def number(label: str, value: object, *, default: float, kind: type[int] | type[
     return parsed
 
 
-def choice(label: str, value: str | None, choices: Sequence[str], *, default: str | None = None) -> str:
+C = TypeVar("C", bound=str)
+
+
+def choice(label: str, value: str | None, choices: Sequence[C], *, default: C | None = None) -> C:
+    """One of a closed set of options (a Literal type's values), typed as that Literal."""
     picked = default if value is None else value
-    if picked is None or picked not in choices:
-        raise ConfigError(f"{label}={picked!r}: use one of {', '.join(choices)}.")
-    return picked
+    for option in choices:
+        if option == picked:
+            return option
+    raise ConfigError(f"{label}={picked!r}: use one of {', '.join(choices)}.")
 
 
 def flag(label: str, value: str | None, *, default: bool) -> bool:

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 from helpers import ROOT
 
-from ops.localhub import free_port
+from ops.net import free_port
 from ops.runner import stop
 
 

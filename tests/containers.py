@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 from helpers import ROOT
 
-from ops.localhub import free_port
+from ops.net import free_port
 from ops.runner import stop
 
 BASE_IMAGE = "localhost/bakehouse-base:bookworm"

@@ -20,7 +20,7 @@ from pathlib import Path
 from containers import podman
 from sshhosts import HOST_IMAGE, ensure_host_image, trust_host_key
 
-from ops.localhub import free_port
+from ops.net import free_port
 from ops.remote import commands as rc
 from ops.remote.inventory import Host
 from ops.remote.wheelhouse import build_wheelhouse

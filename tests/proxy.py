@@ -28,7 +28,7 @@ from pathlib import Path
 
 import httpx2
 
-from ops.localhub import free_port
+from ops.net import free_port
 
 _HOP_HEADERS = ("content-length", "transfer-encoding", "content-encoding", "connection", "date", "server")
 _RANGE = re.compile(r"bytes=(\d+)-(\d*)")

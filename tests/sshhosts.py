@@ -11,7 +11,7 @@ from containers import podman
 from helpers import ROOT
 from proxy import TcpCounter
 
-from ops.localhub import free_port
+from ops.net import free_port
 
 HOST_IMAGE = "localhost/bakehouse-sshhost:bookworm"
 

@@ -192,7 +192,9 @@ def test_a_client_that_goes_away_cancels_its_non_streaming_request(random_lm: Ap
     body = json.dumps({"model": "random", "prompt": "The", "max_tokens": 2000, "n": 4, "temperature": 1.0, "ignore_eos": True}).encode()
     with socket.create_connection(("127.0.0.1", random_lm.port)) as s:
         s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        deadline = time.monotonic() + 60
         while metric(random_lm, "bakehouse_generated_tokens_total") < before[1] + 40:  # it is generating
+            assert time.monotonic() < deadline, "the request never started generating"
             time.sleep(0.02)
     left_at = metric(random_lm, "bakehouse_generated_tokens_total")
     assert left_at < before[1] + 4 * 2000 - 400, "the request ended before the client left: make it longer"

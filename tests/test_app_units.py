@@ -11,12 +11,16 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from app import precision
-from app.engine import DevicePlan, Engine, NotServableError, check_weights_format, pick_device
+from app.device import DevicePlan, pick_device
+from app.engine import Engine
+from app.loader import check_weights_format
 from app.kvcache import DecodeKernel, Segment, SlotCache, decode_attention, decode_mask
 from app.packed import pack_linears, packing_works
 from app.precision import compare, cpu_has_native_bf16
-from app.sampling import RowState, SamplingParams, sample
-from app.scheduler import first_stop, stop_prefix
+from app.params import SamplingParams
+from app.policy import Choice, first_stop, stop_prefix
+from app.sampling import sample
+from ops.errors import NotServableError
 from ops.models.lock import LockedFile, LockedModel
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,12 +44,16 @@ def test_safetensors_preferred_and_pickle_refused_unless_allowed() -> None:
     assert check_weights_format(locked("pytorch_model.bin"), allow_pickle=True) is False
 
 
+def row(params: SamplingParams, prompt: list[int], **fields: object) -> Choice:
+    return Choice(prompt, params, budget=params.max_tokens, **fields)  # type: ignore[arg-type]
+
+
 def test_sample_is_greedy_at_temperature_zero_per_row() -> None:
     logits = torch.tensor([[0.0, 5.0, 1.0], [3.0, 0.0, 0.0]])
-    rows = [RowState(SamplingParams(max_tokens=1, temperature=0), [0]), RowState(SamplingParams(max_tokens=1, temperature=0), [0])]
+    rows = [row(SamplingParams(max_tokens=1, temperature=0), [0]), row(SamplingParams(max_tokens=1, temperature=0), [0])]
     assert sample(logits, rows, eos=None) == [1, 0]
     torch.manual_seed(0)
-    mixed = [RowState(SamplingParams(max_tokens=1, temperature=t, top_p=p), [0]) for t, p in [(0.0, 1.0), (1.0, 0.01)] * 50]
+    mixed = [row(SamplingParams(max_tokens=1, temperature=t, top_p=p), [0]) for t, p in [(0.0, 1.0), (1.0, 0.01)] * 50]
     hot = sample(logits.repeat(50, 1), mixed, eos=None)
     assert hot[0::2] == [1] * 50  # greedy rows stay greedy
     assert hot[1::2] == [0] * 50  # top_p 0.01 keeps only the most likely token
@@ -53,14 +61,14 @@ def test_sample_is_greedy_at_temperature_zero_per_row() -> None:
 
 def test_seeds_repeat_and_penalties_and_limits_steer() -> None:
     logits = torch.zeros(1, 50)
-    draws = [sample(logits, [RowState(SamplingParams(max_tokens=1, seed=7), [0], generator=torch.Generator().manual_seed(7))], None) for _ in range(3)]
+    draws = [sample(logits, [row(SamplingParams(max_tokens=1, seed=7), [0], generator=torch.Generator().manual_seed(7))], None) for _ in range(3)]
     assert draws[0] == draws[1] == draws[2]
     flat = torch.tensor([[1.0, 1.0, 0.0]])
-    row = RowState(SamplingParams(max_tokens=4, temperature=0, presence_penalty=2.0), [2], generated=[0])
-    row.counts[0] = 1
-    assert sample(flat, [row], None) == [1]  # token 0 was said already
-    assert sample(torch.tensor([[0.0, 9.0, 0.0]]), [RowState(SamplingParams(max_tokens=4, temperature=0, min_tokens=2), [0])], eos=1) == [0]
-    assert sample(torch.tensor([[0.0, 9.0, 1.0]]), [RowState(SamplingParams(max_tokens=4, temperature=1.0, top_k=1), [0])], None) == [1]
+    said = row(SamplingParams(max_tokens=4, temperature=0, presence_penalty=2.0), [2], generated=[0])
+    said.counts[0] = 1
+    assert sample(flat, [said], None) == [1]  # token 0 was said already
+    assert sample(torch.tensor([[0.0, 9.0, 0.0]]), [row(SamplingParams(max_tokens=4, temperature=0, min_tokens=2), [0])], eos=1) == [0]
+    assert sample(torch.tensor([[0.0, 9.0, 1.0]]), [row(SamplingParams(max_tokens=4, temperature=1.0, top_k=1), [0])], None) == [1]
 
 
 def test_first_stop() -> None:

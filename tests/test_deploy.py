@@ -21,7 +21,7 @@ from helpers import HF_DEMO, ROOT, TOKEN, Hub, Project, manifest
 from proxy import Proxy
 from sshhosts import SshHost, start_host
 
-from ops.localhub import free_port
+from ops.net import free_port
 
 INVOKE = [sys.executable, "-m", "invoke"]
 SECRET = "app-secret-9f8e7d6c5b4a"

@@ -17,7 +17,7 @@ from containers import BASE_IMAGE, Engine, RegistryServer, source_tree, start_re
 from helpers import ROOT, TOKEN, Hub, Project
 from sshhosts import LocalSshd, client_keys, start_local_sshd
 
-from ops.localhub import free_port
+from ops.net import free_port
 
 CA = "/etc/ssl/certs/ca-certificates.crt"
 PASSWORD = "deploy-Passw0rd-4e5f"

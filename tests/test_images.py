@@ -27,7 +27,7 @@ from containers import (
 from helpers import ROOT, TOKEN, Hub, Project
 from proxy import Proxy
 
-from ops.localhub import free_port
+from ops.net import free_port
 
 CA = "/etc/ssl/certs/ca-certificates.crt"
 

@@ -22,7 +22,7 @@ from containers import podman
 from helpers import HF_DEMO, ROOT, TOKEN, Hub, Project, manifest
 from sshhosts import client_keys, trust_host_key
 
-from ops.localhub import free_port
+from ops.net import free_port
 
 HOST_IMAGE = "localhost/bakehouse-systemdhost:bookworm"
 PREFIX = "/opt/bakehouse"

@@ -37,10 +37,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from ops.errors import BakehouseError, SourceError, SourceUnreachableError, VerificationError
+from ops.errors import BakehouseError, Cancelled, SourceError, SourceUnreachableError, VerificationError
 from ops.models import safefs, values
 from ops.models.lock import LockedFile, LockedModel, load_lock, safe_relpath
-from ops.models.sources.base import Cancelled, FetchJob
+from ops.models.sources.base import FetchJob
 from ops.models.sources.transfer import HashingWriter, receive_file, status_error
 from ops.models.store import STAGING, Store
 

@@ -14,10 +14,6 @@ from ops.models.manifest import ModelSpec
 from ops.models.progress import Progress
 
 
-class Cancelled(Exception):
-    """Another worker failed or the user pressed Ctrl-C; stop at the next chunk."""
-
-
 def check_selection(spec: ModelSpec, commit: str, paths: Sequence[str], selected: Sequence[str], matches: Callable[[str, str], bool]) -> None:
     """At lock time: every `include` glob matches a file of the commit, and the model has at least one file."""
     at = f"{spec.source} at {commit[:12]}"

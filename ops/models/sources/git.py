@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from fnmatch import fnmatch
 from pathlib import Path
 
-from ops.errors import CommandError, SourceAuthError, SourceError, SourceNotFoundError, SourceUnreachableError, UnsafePathError, redact
+from ops.errors import Cancelled, CommandError, SourceAuthError, SourceError, SourceNotFoundError, SourceUnreachableError, UnsafePathError, redact
 from ops.models import safefs
 from ops.models.lock import LockedFile, LockedModel, safe_relpath
 from ops.models.manifest import ModelSpec, spec_fingerprint
-from ops.models.sources.base import Cancelled, FetchJob, check_selection
+from ops.models.sources.base import FetchJob, check_selection
 from ops.models.values import GIT_COMMIT
 from ops.models.verify import parse_lfs_pointer
 from ops.runner import run

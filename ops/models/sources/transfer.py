@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from ops.errors import (
+    Cancelled,
     SourceAuthError,
     SourceError,
     SourceNotFoundError,
@@ -26,7 +27,7 @@ from ops.errors import (
 )
 from ops.models import safefs
 from ops.models.lock import LockedFile
-from ops.models.sources.base import Cancelled, FetchJob
+from ops.models.sources.base import FetchJob
 
 
 class HashingWriter:
