@@ -197,3 +197,15 @@ def test_the_controller_verify_and_peers_start_without_the_hub_client() -> None:
     code = "import sys, tasks, ops.models.cli, ops.models.peer; print(sorted({m.split('.')[0] for m in sys.modules} & {'huggingface_hub', 'httpx2'}))"
     out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]", out
+
+
+def test_an_errors_data_survives_a_hosts_report() -> None:
+    from ops.errors import DiskSpaceError
+    from ops.models.report import Outcome, Report
+
+    sent = Report("fetch", [Outcome.failed("demo", DiskSpaceError("need 100 B, have 5 B at /models", need=100, have=5, path="/models"))],
+                  error=DiskSpaceError("whole command", need=7, have=1, path="/x"))
+    back = Report.from_json(sent.to_json())
+    [error] = [o.error for o in back.outcomes]
+    assert isinstance(error, DiskSpaceError) and (error.need, error.have, error.path) == (100, 5, "/models") and back.exit_code == 4
+    assert isinstance(back.error, DiskSpaceError) and back.error.details() == {"need": 7, "have": 1, "path": "/x"}

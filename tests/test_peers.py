@@ -202,7 +202,7 @@ def test_dry_run_shows_the_plan_and_touches_nothing(project: Project, keys: Path
     clean(hosts)
     r = fleet(project, keys, "fetch-models", "--fan-out", "peers", "--dry-run")
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "peer-serve" in r.stdout and "takes each file from the earliest host before it serving fewer than 2 peers" in r.stdout, r.stdout
+    assert "peer-serve" in r.stdout and "takes each file from p1 as soon as it has verified it" in r.stdout, r.stdout
     assert all(h.exec("test", "-e", "/srv/models/shards", check=False).returncode != 0 for h in hosts)
 
 

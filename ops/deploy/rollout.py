@@ -24,7 +24,7 @@ from ops.deploy import common
 from ops.deploy.release import build_release
 from ops.deploy.steps import STEPS, Context, DeployCommand, Deployment
 from ops.deploy.target import Target, target
-from ops.errors import ConfigError, DeployLockedError, RemoteError, StepFailedError, redact
+from ops.errors import ConfigError, DeployLockedError, RemoteError, StepFailedError, error_fields, redact
 from ops.images.actions import last_image
 from ops.images.build import check_reference
 from ops.images.registry import Registry
@@ -116,10 +116,10 @@ class deploy_lock:  # noqa: N801 (used as a `with` statement, like contextlib's 
         try:
             taken = sh.run(common.lock_argv(t.prefix, self.me), what=f"take the deploy lock under {t.prefix}", allow=(common.LOCKED,))
         except StepFailedError as exc:
-            raise RemoteError(f"{t.name}: could not take the deploy lock under {t.prefix}: {exc}", host=t.name, step="lock") from exc
+            raise RemoteError(f"could not take the deploy lock under {t.prefix}: {exc}", host=t.name, step="lock") from exc
         if taken.exit_code == common.LOCKED:
             holder = taken.stdout.strip()
-            raise DeployLockedError(f"{t.name}: another deploy holds the lock: {holder}. Wait for it; if it is gone (crashed), re-run with --break-lock.",
+            raise DeployLockedError(f"another deploy holds the lock: {holder}. Wait for it; if it is gone (crashed), re-run with --break-lock.",
                                     host=t.name, owner=holder)
 
     def __exit__(self, *exc: object) -> None:
@@ -129,16 +129,17 @@ class deploy_lock:  # noqa: N801 (used as a `with` statement, like contextlib's 
 def webhook(p: Plan, t: Target, sh: Shell) -> Deployment:
     """POST the deploy hook (Render and the like); the URL is a secret, only its host is ever shown."""
     if p.command == "rollback":
-        raise ConfigError(f"{t.name}: a deploy hook cannot roll back; use the service's own rollback (Render: the deploy list, Rollback).")
-    if sh.dry_run:
-        sh.note(f"POST ${t.hook_url_env}    # URL not shown")
-        return Deployment(None, None, "triggered")
+        raise ConfigError("a deploy hook cannot roll back; use the service's own rollback (Render: the deploy list, Rollback).")
+    return sh.local(f"POST ${t.hook_url_env}    # URL not shown", lambda: _post_hook(t), dry=Deployment(None, None, "triggered"))
+
+
+def _post_hook(t: Target) -> Deployment:
     url = os.environ[t.hook_url_env]
     where = _host_of(url)
     try:
         r = httpx.post(url, timeout=30)
     except httpx.HTTPError as exc:
-        raise RemoteError(f"{t.name}: the deploy hook at {where} did not answer ({type(exc).__name__}). Check {t.hook_url_env}.", host=t.name, step="webhook") from exc
+        raise RemoteError(f"the deploy hook at {where} did not answer ({type(exc).__name__}). Check {t.hook_url_env}.", host=t.name, step="webhook") from exc
     if r.is_success:
         return Deployment(None, _hook_id(r), "triggered")
     error = RemoteError(f"the deploy hook at {where} answered {r.status_code}: {redact(r.text[:200])}. Check {t.hook_url_env}.", host=t.name, step="webhook")
@@ -183,7 +184,7 @@ class DeployView:
 
     def reasons(self, r: HostResult[Deployment]) -> list[str]:
         error = r.error or (r.value.error if r.value is not None else None)
-        return [f"{r.host.name}: {str(error).removeprefix(f'{r.host.name}: ')}"] if error is not None else []
+        return [f"{r.host.name}: {error}"] if error is not None else []
 
     def closing(self, results: HostResults[Deployment]) -> str:
         failed = len(results.failed)
@@ -194,7 +195,7 @@ class DeployView:
         d = r.value
         if d is None:
             return {"old": None, "new": None, "result": result_of(r), "downtime": None}
-        return d.to_dict() | ({"error": str(d.error), "error_type": type(d.error).__name__} if d.error else {})
+        return d.to_dict() | (error_fields(d.error) if d.error else {})
 
 
 def execute(p: Plan, *, dry_run: bool = False, say: Callable[[str, str], None] | None = None) -> HostResults[Deployment]:

@@ -120,12 +120,10 @@ def _upload(sh: Shell, files: list[Path], directory: str) -> int:
 def fetch_release_models(sh: Shell, t: Target, rel: Release, ctx: Context) -> None:
     """Fetch and verify the release's model before anything stops: a failed download leaves the old app serving."""
     env = {**ctx.forwarded, **({"HF_TOKEN": ctx.token} if ctx.token else {})}
-    result = sh.run(bare.fetch_argv(t, rel.version), stdin=env_lines(env), kind="query")
-    if sh.dry_run:
-        return
+    result = sh.run(bare.fetch_argv(t, rel.version), stdin=env_lines(env), kind="report")
     failures = parse_report(t.name, result.stdout, result.stderr).failures()
     if failures:
-        raise rebuild({**failures[0].to_dict(), "message": f"{t.name}: fetching {t.model} failed: {failures[0]}"}) from failures[0]
+        raise rebuild({**failures[0].to_dict(), "message": f"fetching {t.model} failed: {failures[0]}"}) from failures[0]
 
 
 def config_text(t: Target, ctx: Context) -> str:
@@ -190,7 +188,7 @@ def rollback_bare(sh: Shell, t: Target, ctx: Context) -> Deployment:
     current = sh.run(bare.current_argv(t), kind="query").stdout.strip() or None
     target = common.previous_version(sh.run(common.history_argv(t.prefix), kind="query").stdout, current)
     if target is None or sh.run(rc.exists_argv(f"{bare.release_dir(t, target)}/.complete"), kind="query").exit_code != 0:
-        raise ConfigError(f"{t.name}: no previous release to roll back to (current: {current or 'none'}).")
+        raise ConfigError(f"no previous release to roll back to (current: {current or 'none'}).")
     sh.say(f"rolling back {current} -> {target}")
     ensure_config(sh, t, target, ctx)
     why, since = start_bare(sh, t, target)
@@ -244,7 +242,7 @@ def rollback_docker(sh: Shell, t: Target, ctx: Context) -> Deployment:
     current = sh.run(docker.running_image_argv(t), kind="query").stdout.strip() or None
     target = common.previous_version(sh.run(common.history_argv(t.prefix), kind="query").stdout, current)
     if target is None:
-        raise ConfigError(f"{t.name}: no previous image to roll back to (current: {current or 'none'}).")
+        raise ConfigError(f"no previous image to roll back to (current: {current or 'none'}).")
     if sh.run(docker.image_present_argv(t, target), kind="query").exit_code != 0:
         _pull(sh, t, ctx, target)
     sh.say(f"rolling back {current} -> {target}")
@@ -257,7 +255,7 @@ def check_gpus(sh: Shell, t: Target) -> None:
     if argv is not None and sh.run(argv, kind="query").exit_code != 0:
         need = ("the NVIDIA Container Toolkit with Docker's nvidia runtime (`nvidia-ctk runtime configure --runtime=docker`, then restart dockerd)"
                 if t.engine == "docker" else "a CDI spec for the GPUs (`nvidia-ctk cdi generate --output=/etc/cdi/nvidia.yaml`)")
-        raise StepFailedError(f"{t.name}: gpus is {t.gpus!r} but the host cannot give GPUs to a container: nvidia-smi must answer, and {t.engine} needs {need}. "
+        raise StepFailedError(f"gpus is {t.gpus!r} but the host cannot give GPUs to a container: nvidia-smi must answer, and {t.engine} needs {need}. "
                               "Install the NVIDIA driver and toolkit there, or set gpus to \"\" for a CPU host.", host=t.name, step="gpu check")
 
 
@@ -299,13 +297,13 @@ def fall_back(sh: Shell, t: Target, old: str | None, new: str | None, why: str, 
     sh.say(f"{new} did not become ready: {why}")
     if old is None:
         discard()
-        return Deployment(None, new, "failed", NotReadyError(f"{t.name}: {why}", host=t.name, reason=why))
+        return Deployment(None, new, "failed", NotReadyError(f"{why}", host=t.name, reason=why))
     sh.say(f"switching back to {old}")
     again = restore(old)
     if again is None:
-        return Deployment(old, new, back, NotReadyError(f"{t.name}: {why}", host=t.name, reason=why))
+        return Deployment(old, new, back, NotReadyError(f"{why}", host=t.name, reason=why))
     reason = f"{why}; {old} did not come back either: {again}"
-    return Deployment(old, new, "failed", NotReadyError(f"{t.name}: {reason}", host=t.name, reason=reason))
+    return Deployment(old, new, "failed", NotReadyError(f"{reason}", host=t.name, reason=reason))
 
 
 STEPS: dict[tuple[DeployCommand, str], Callable[[Shell, Target, Context], Deployment]] = {

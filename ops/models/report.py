@@ -11,8 +11,13 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from ops.errors import EXIT_OK, BakehouseError, VerificationError, rebuild
+from ops.errors import EXIT_OK, BakehouseError, VerificationError, error_fields, rebuild
 from ops.units import format_bytes
+
+
+def _details(data: dict[str, Any]) -> dict[str, Any]:
+    details = data.get("error_details")
+    return details if isinstance(details, dict) else {}
 
 
 @dataclass
@@ -46,11 +51,10 @@ class Outcome:
         return cls(model=model, status="failed", error=exc, **kw)
 
     def to_dict(self) -> dict[str, Any]:
-        error = self.error.to_dict() if self.error else {}
         return {
             "model": self.model, "status": self.status, "commit": self.commit, "path": self.path, "files": self.files,
             "bytes": self.bytes, "seconds": self.seconds, "warnings": self.warnings, "problems": list(self.problems),
-            "error": error.get("message"), "error_type": error.get("type"), "exit_code": self.exit_code, "ok": self.ok,
+            **error_fields(self.error), "exit_code": self.exit_code, "ok": self.ok,
         }
 
     @classmethod
@@ -58,7 +62,8 @@ class Outcome:
         error = None
         if data.get("error_type") or data.get("error") or data.get("problems"):
             kind = data.get("error_type") or ("VerificationError" if data.get("problems") else "BakehouseError")
-            error = rebuild({"type": kind, "message": data.get("error") or "; ".join(data.get("problems", [])), "problems": data.get("problems", [])})
+            message = data.get("error") or "; ".join(data.get("problems", []))
+            error = rebuild({"problems": data.get("problems", []), **_details(data), "type": kind, "message": message})
         keep = ("model", "status", "commit", "path", "files", "bytes", "seconds", "warnings")
         return cls(**{k: data[k] for k in keep if k in data}, error=error)
 
@@ -87,7 +92,7 @@ class Report:
     def to_dict(self) -> dict[str, Any]:
         body: dict[str, Any] = {"command": self.command, "ok": self.ok, "exit_code": self.exit_code, "seconds": round(self.seconds, 3)}
         if self.error is not None:
-            body["error"], body["error_type"] = str(self.error), type(self.error).__name__
+            body |= error_fields(self.error)
         body["models"] = [o.to_dict() for o in self.outcomes]
         return body
 
@@ -100,7 +105,7 @@ class Report:
         data = json.loads(text)
         if not isinstance(data, dict) or not isinstance(data.get("models", []), list):
             raise ValueError("not a bakehouse report")
-        error = rebuild({"type": data.get("error_type") or "BakehouseError", "message": data["error"]}) if data.get("error") else None
+        error = rebuild({**_details(data), "type": data.get("error_type") or "BakehouseError", "message": data["error"]}) if data.get("error") else None
         return cls(command=str(data.get("command", "")), outcomes=[Outcome.from_dict(m) for m in data.get("models", [])], seconds=float(data.get("seconds", 0)), error=error)
 
     def render(self) -> str:

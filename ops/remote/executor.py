@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
-from ops.errors import EXIT_OK, BakehouseError, RemoteError, redact
+from ops.errors import EXIT_OK, BakehouseError, RemoteError, error_fields, redact
 from ops.remote.inventory import Host
 from ops.remote.shell import DryShell, Say, Shell
 from ops.settings import progress_seconds
@@ -61,15 +61,12 @@ class HostResult(Generic[T]):
 
     def summary(self) -> str:
         if self.error is not None:
-            return f"FAILED: {str(self.error).removeprefix(f'{self.host.name}: ')}"
+            return f"FAILED: {self.error}"
         return self.value.summary() if self.value is not None else "not attempted"
 
     def to_dict(self) -> dict[str, Any]:
-        body = {"host": self.host.name, "runtime": self.host.runtime, "ok": self.ok, "exit_code": self.exit_code, "attempted": self.attempted,
-                "seconds": round(self.seconds, 3), "error": None if self.error is None else str(self.error)}
-        if self.error is not None:
-            body["error_type"] = type(self.error).__name__
-        return body
+        return {"host": self.host.name, "runtime": self.host.runtime, "ok": self.ok, "exit_code": self.exit_code, "attempted": self.attempted,
+                "seconds": round(self.seconds, 3), **error_fields(self.error)}
 
 
 class View(Protocol[T]):
@@ -125,7 +122,7 @@ class HostResults(Generic[T]):
             out.append(f"# {h.name} ({h.runtime}, {h.user}@{h.address}:{h.port})")
             out += r.transcript
             if r.error is not None:
-                out.append(f"# stops here: {str(r.error).removeprefix(f'{h.name}: ')}")
+                out.append(f"# stops here: {r.error}")
         return "\n".join(out)
 
     def render(self, *, as_json: bool = False, dry_run: bool = False) -> str:
@@ -205,7 +202,7 @@ def _one(host: Host, step: Step[T], shells: ShellFactory, say: Callable[[str, st
     except BakehouseError as exc:
         result.error = exc
     except Exception as exc:  # a host's surprise (SSH dropped mid-command, …) is its own row, not everyone's crash
-        wrapped = RemoteError(f"{host.name}: {type(exc).__name__}: {redact(str(exc))}", host=host.name)
+        wrapped = RemoteError(f"{type(exc).__name__}: {redact(str(exc))}", host=host.name)
         wrapped.__cause__ = exc
         result.error = wrapped
     finally:

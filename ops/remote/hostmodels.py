@@ -61,7 +61,7 @@ class ModelsView:
     def reasons(self, r: HostResult[HostModels]) -> list[str]:
         host = r.host.name
         if r.error is not None:
-            return [f"{host}: {str(r.error).removeprefix(f'{host}: ')}"]
+            return [f"{host}: {r.error}"]
         if r.value is None:
             return []
         report = r.value.report

@@ -26,12 +26,11 @@ import contextlib
 import os
 import secrets
 import threading
-import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ops.errors import BakehouseError, RemoteError
+from ops.errors import BakehouseError, RemoteError, StepFailedError
 from ops.models.peer import PEER_TOKEN
 from ops.models.report import Report
 from ops.remote import commands as rc
@@ -64,7 +63,8 @@ def start_argv(host: Host, seconds: int) -> list[str]:
 
 
 def port_argv(host: Host) -> list[str]:
-    return ["sh", "-c", 'cat "$1" 2>/dev/null', "sh", f"{peer_dir(host)}/port"]
+    """The peer server's port, once it has written it (waited for on the host: one exchange, up to 10 s)."""
+    return ["sh", "-c", 'for i in $(seq 100); do [ -s "$1" ] && exec cat "$1"; sleep 0.1; done; exit 1', "sh", f"{peer_dir(host)}/port"]
 
 
 def stop_argv(host: Host) -> list[str]:
@@ -140,20 +140,14 @@ def peer_step(sh: Shell, job: FleetJob, wh: Wheelhouse, run: Run, token: str, *,
         sh.run(rc.mkdir_argv(peer_dir(host)), what="create the peer directory")
         upload_lock(sh, job.lock_text)
         url = _serve(sh, run, seconds=seconds)  # before the fetch: each file is offered to this host's peers once verified
-        peers: list[str] = []
-        if sh.dry_run:
-            if host.name != run.root:
-                sh.note(f"takes each file from the earliest host before it serving fewer than {FANOUT} peers, as soon as that host has verified it "
-                        "(then from the other hosts before it, then the origin for what none of them has)")
-        else:
-            assert url is not None
-            run.join(host.name, url)
-            source, peers = run.acquire(host.name)
-            sh.say(f"takes files from {source} as it verifies them" if source else "fetches from the origin")
+        run.join(host.name, url)
+        source, peers = run.acquire(host.name)
+        sh.note(f"takes each file from {source} as soon as it has verified it, then from the other hosts before it, then the origin"
+                if source else "fetches from the origin")
         argv = rc.model_argv(host, "fetch", models=job.models) + ["--share"] + (["--peers", ",".join(peers)] if peers else ["--workers", str(ROOT_WORKERS)])
         env = rc.model_env("fetch", token) | ({PEER_TOKEN: run.token} if peers else {})
-        result = sh.run(argv, stdin=env_lines(env), kind="query", on_stderr_line=sh.say)
-        report = Report("fetch") if sh.dry_run else parse_report(host.name, result.stdout, result.stderr)
+        result = sh.run(argv, stdin=env_lines(env), kind="report", on_stderr_line=sh.say)
+        report = parse_report(host.name, result.stdout, result.stderr)
         for outcome in report.outcomes:
             outcome.warnings = [run.named(w) for w in outcome.warnings]
         ok = report.ok
@@ -166,19 +160,16 @@ def peer_step(sh: Shell, job: FleetJob, wh: Wheelhouse, run: Run, token: str, *,
                 sh.run(stop_argv(host), kind="query")
 
 
-def _serve(sh: Shell, run: Run, *, seconds: int) -> str | None:
+def _serve(sh: Shell, run: Run, *, seconds: int) -> str:
     """Start this host's peer server with the run's secret; where it listens."""
     host = sh.host
     sh.run(rc.write_file_argv(f"{peer_dir(host)}/token"), stdin=run.token, what="hand the peer server its secret")
     sh.run(start_argv(host, seconds), what="start the peer server")
-    if sh.dry_run:
-        return None
-    for _ in range(100):
-        port = sh.run(port_argv(host), kind="query").stdout.strip()
-        if port.isdigit():
-            return f"http://{host.address}:{port}"
-        time.sleep(0.1)
-    raise RemoteError(f"{host.name}: the peer server did not start; see {peer_dir(host)}/serve.log there.", host=host.name, step="peer-serve")
+    try:
+        port = sh.run(port_argv(host), kind="value", what="port").stdout.strip()
+    except StepFailedError as exc:
+        raise RemoteError(f"the peer server did not start; see {peer_dir(host)}/serve.log there.", host=host.name, step="peer-serve") from exc
+    return f"http://{host.address}:{port}"
 
 
 def run_with_peers(hosts: Sequence[Host], job: FleetJob) -> HostResults[HostModels]:

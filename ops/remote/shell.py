@@ -6,7 +6,12 @@ caller's `kind`:
 
     action   must exit 0 (or one of `allow`); anything else is a StepFailedError
     query    any exit status is the answer (does this exist? which version?)
+    value    must exit 0 and print what the step goes on with (a port)
+    report   a model command: its stdout is the JSON report (app.models.report), whatever its exit status
     probe    the /ready probe of the health gate
+
+Work a step does here rather than on the host (a webhook's POST) goes through
+`local`, so a dry run notes it instead. No step asks which shell it has.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import shlex
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Literal, Protocol, TypeVar
 
 from fabric import Connection
 
@@ -23,13 +28,14 @@ from ops.errors import StepFailedError, redact
 from ops.remote.inventory import Host
 from ops.remote.ssh import RemoteResult, SshOptions, connect, put_file, run_remote
 
-Kind = Literal["action", "query", "probe"]
+Kind = Literal["action", "query", "value", "report", "probe"]
 Say = Callable[[str], None]
+T = TypeVar("T")
+EMPTY_REPORT = '{"command": "", "models": []}'
 
 
 class Shell(Protocol):
     host: Host
-    dry_run: bool
 
     def run(self, argv: Sequence[str], *, stdin: str | None = None, kind: Kind = "action", what: str = "", allow: Sequence[int] = (),
             on_stderr_line: Say | None = None) -> RemoteResult: ...
@@ -39,16 +45,18 @@ class Shell(Protocol):
     def say(self, line: str) -> None:
         """A progress line (silent in a dry run: nothing happened)."""
     def note(self, line: str) -> None:
-        """What a step does without a host command (a webhook, a local fetch): a comment in the dry-run transcript."""
+        """What a step decides without a host command: a comment in the dry-run transcript."""
+    def local(self, line: str, action: Callable[[], T], *, dry: T) -> T:
+        """Work done on this machine for the host (a webhook's POST): run it; a dry run notes `line` and answers `dry`."""
     def close(self) -> None: ...
 
 
 def checked(host: Host, argv: Sequence[str], result: RemoteResult, kind: Kind, what: str, allow: Sequence[int]) -> RemoteResult:
     """The result, or StepFailedError when an action failed: what every shell does with an answer."""
-    if kind == "action" and result.exit_code != 0 and result.exit_code not in allow:
+    if kind in ("action", "value") and result.exit_code != 0 and result.exit_code not in allow:
         detail = (result.stderr.strip() or result.stdout.strip())[-500:] or f"exit {result.exit_code}"
         step = what or shlex.join(argv)[:120]
-        raise StepFailedError(f"{host.name}: {step} failed: {redact(detail)}", host=host.name, step=step)
+        raise StepFailedError(f"{step} failed: {redact(detail)}", host=host.name, step=step)
     return result
 
 
@@ -59,7 +67,6 @@ class SshShell:
     host: Host
     options: SshOptions
     on_line: Say = lambda line: None
-    dry_run: bool = False
     _conn: Connection | None = field(default=None, repr=False)
 
     @property
@@ -91,6 +98,9 @@ class SshShell:
     def note(self, line: str) -> None:
         self.on_line(line)
 
+    def local(self, line: str, action: Callable[[], T], *, dry: T) -> T:
+        return action()
+
     def close(self) -> None:
         if self._conn is not None:
             self._conn.close()
@@ -103,14 +113,13 @@ class DryShell:
 
     host: Host
     lines: list[str] = field(default_factory=list)
-    dry_run: bool = True
 
     def run(self, argv: Sequence[str], *, stdin: str | None = None, kind: Kind = "action", what: str = "", allow: Sequence[int] = (),
             on_stderr_line: Say | None = None) -> RemoteResult:
         self.lines.append(shlex.join(argv) + ("    # stdin: (not shown)" if stdin is not None else ""))
-        if kind == "probe":
-            return RemoteResult(0, "200", "")
-        return RemoteResult(1 if kind == "query" else 0, "", "")
+        answers = {"probe": RemoteResult(0, "200", ""), "query": RemoteResult(1, "", ""), "value": RemoteResult(0, f"<{what or 'value'}>", ""),
+                   "report": RemoteResult(0, EMPTY_REPORT, "")}
+        return answers.get(kind, RemoteResult(0, "", ""))
 
     def put(self, local: Path, remote: str) -> None:
         self.lines.append(f"# upload {local} -> {remote}")
@@ -126,6 +135,10 @@ class DryShell:
 
     def note(self, line: str) -> None:
         self.lines.append(f"# {line}")
+
+    def local(self, line: str, action: Callable[[], T], *, dry: T) -> T:
+        self.note(line)
+        return dry
 
     def close(self) -> None:
         pass

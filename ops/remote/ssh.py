@@ -162,18 +162,18 @@ def connect(host: Host, opts: SshOptions) -> Connection:
     try:
         conn.open()
     except paramiko.BadHostKeyException as exc:
-        raise HostKeyError(f"{host.name}: the host key does not match {opts.known_hosts}. If the host was rebuilt, remove its old key (ssh-keygen -R); "
+        raise HostKeyError(f"the host key does not match {opts.known_hosts}. If the host was rebuilt, remove its old key (ssh-keygen -R); "
                            "otherwise stop: this may not be your host.", host=host.name) from exc
     except paramiko.AuthenticationException as exc:
-        raise HostAuthError(f"{host.name}: SSH authentication refused for {host.user}@{where}. Check ansible_user and ansible_ssh_private_key_file.",
+        raise HostAuthError(f"SSH authentication refused for {host.user}@{where}. Check ansible_user and ansible_ssh_private_key_file.",
                             host=host.name, step="connect") from exc
     except paramiko.SSHException as exc:
         if "not found in known_hosts" in str(exc):
-            raise HostKeyError(f"{host.name}: unknown host key ({where} is not in {opts.known_hosts}). Add it (ssh-keyscan) or pass --host-keys accept-new for first contact.",
+            raise HostKeyError(f"unknown host key ({where} is not in {opts.known_hosts}). Add it (ssh-keyscan) or pass --host-keys accept-new for first contact.",
                                host=host.name) from exc
-        raise HostUnreachableError(f"{host.name}: SSH failed ({exc}).", host=host.name, step="connect") from exc
+        raise HostUnreachableError(f"SSH failed ({exc}).", host=host.name, step="connect") from exc
     except OSError as exc:
-        raise HostUnreachableError(f"{host.name}: cannot reach {where} ({exc.strerror or exc}). Is the host up and sshd listening?", host=host.name, step="connect") from exc
+        raise HostUnreachableError(f"cannot reach {where} ({exc.strerror or exc}). Is the host up and sshd listening?", host=host.name, step="connect") from exc
     if opts.host_key_policy == "accept-new" and not known:
         _remember(opts.known_hosts, name, client.get_host_keys())
     conn.transport.sock.settimeout(IDLE_WAKE_SECONDS)
@@ -221,7 +221,7 @@ def run_remote(conn: Connection, argv: Sequence[str], *, host: str, stdin: str |
         if (remaining := deadline - time.monotonic()) > 0:
             return remaining
         raise RemoteTimeoutError(
-            f"{host}: `{command[:80]}` did not finish within {timeout:g}s (--command-timeout). "
+            f"`{command[:80]}` did not finish within {timeout:g}s (--command-timeout). "
             "It may still be running there; raise the timeout and re-run: the work done so far is kept.",
             host=host, step=shlex.join(argv[:4]),
         )

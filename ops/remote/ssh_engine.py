@@ -13,7 +13,6 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from ops.models.report import Report
 from ops.remote import commands as rc
 from ops.remote.executor import HostResults, run_each
 from ops.remote.fanout import download_from, upload_staged
@@ -55,9 +54,7 @@ def model_command(sh: Shell, job: FleetJob, wh: Wheelhouse, token: str, *, seed:
             if sh.run(verify, stdin=env_lines(rc.model_env("verify", "")), kind="query").exit_code != 0:
                 upload_staged(sh, model, seed)
     argv = rc.model_argv(sh.host, job.command, models=job.models, full=job.full)
-    result = sh.run(argv, stdin=env_lines(rc.model_env(job.command, token)), kind="query", on_stderr_line=sh.say)
-    if sh.dry_run:
-        return HostModels(state, Report(job.command))
+    result = sh.run(argv, stdin=env_lines(rc.model_env(job.command, token)), kind="report", on_stderr_line=sh.say)
     return HostModels(state, parse_report(sh.host.name, result.stdout, result.stderr))
 
 
