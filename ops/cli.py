@@ -1,22 +1,27 @@
-"""The command line behind `invoke`: each task hands its raw flag values to one function here.
+"""The command line behind `invoke`: one function per task, whose keyword parameters are the task's flags.
 
-Each function parses its flags (a bad value is exit 2 naming the flag), runs
-one command, prints its report (a table, `--json`, or the `--dry-run`
-commands) on stdout and returns the exit code. Defaults live in the options'
-dataclasses and are shown in the help from there.
+Each function's signature is the one declaration of its flags: tasks.py turns
+it into an Invoke task (`as_task`), with each flag's help from `HELP` (or the
+command's own table). A function parses its raw flag values (a bad value is
+exit 2 naming the flag), runs one command, prints its report (a table,
+`--json`, or the `--dry-run` commands) on stdout and returns the exit code.
+Defaults live in the options' dataclasses and are shown in the help from there.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 import shlex
+import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from ops import settings
 from ops.errors import EXIT_INTERRUPTED, BakehouseError, ConfigError
 from ops.models.actions import ModelRequest
+from ops.deploy.steps import DeployCommand
 from ops.remote.executor import Rollout
 from ops.remote.inventory import DEFAULT_INVENTORY
 from ops.remote.job import ENGINES, FAN_OUT_MODES, AnsibleOptions, FanOut
@@ -67,12 +72,45 @@ DEPLOY_HELP = {
     "fan_out": "peers: before the rollout, bare hosts copy the release's verified models from each other (the origin serves each file once)",
 }
 
-REMOTE_FLAGS = ("hosts", "group", "inventory", "parallel", "host_keys", "connect_timeout", "command_timeout", "known_hosts", "engine", "serial",
-                "max_fail_percentage", "dry_run")
+BUILD_HELP = {
+    "bake": "bake models into the image (default: the models with bake = true)",
+    "models": "comma-separated models to bake (implies --bake)",
+    "gpu": "CUDA/PyTorch base image instead of the slim CPU one",
+    "engine": "docker or podman (default: docker when its engine answers, else podman)",
+    "tag": "extra tag, e.g. registry.example.com/bakehouse:1.2",
+    "base_image": "base image (default: $BAKEHOUSE_BASE_IMAGE, else python:3.11-slim; --gpu: a PyTorch CUDA image)",
+    "torch_wheels": "folder of local wheels for torch (default: $PIP_FIND_LINKS when it is a folder)",
+    "torch_index_url": "pip index for torch, e.g. https://download.pytorch.org/whl/cpu",
+    "ca_bundle": "extra CA bundle for pip and the hub inside the build (corporate proxies)",
+    "no_cache": "rebuild every layer (a clean build)",
+    "dry_run": "print the build command instead of running it",
+}
+
+OTHER_HELP = {
+    "push": {"tag": "local image to push (default: the last one built)", "engine": "docker or podman", "dry_run": "print the commands instead of running them"},
+    "serve": {"model": "model to serve (default: $MODEL, else demo)", "port": "port to listen on (default: $PORT, else 8000)"},
+    "test": {"args": 'extra pytest arguments, e.g. "-k fetch -x"', "quick": "the quick tier: unit and loopback tests, no containers, no SSH hosts, no vLLM"},
+}
 
 
-def help_for(*names: str, table: dict[str, str] = HELP) -> dict[str, str]:
-    return {n: table[n] for n in names}
+def as_task(command: Callable[..., int], table: Mapping[str, str] = HELP) -> Callable[..., None]:
+    """An Invoke task body whose flags are `command`'s keyword parameters; a non-zero exit code is the task's."""
+    from invoke import Exit
+
+    params = inspect.signature(command).parameters
+
+    def body(c: object, **flags: object) -> None:
+        code = command(**flags)
+        if code:
+            raise Exit(code=code)
+
+    context = inspect.Parameter("c", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    body.__signature__ = inspect.Signature([context, *(p.replace(kind=inspect.Parameter.POSITIONAL_OR_KEYWORD) for p in params.values())])  # type: ignore[attr-defined]
+    body.__name__ = body.__qualname__ = command.__name__
+    body.__doc__ = command.__doc__
+    body.__module__ = "tasks"
+    body.task_help = {name: table.get(name) or HELP[name] for name in params}  # type: ignore[attr-defined]
+    return body
 
 
 def guarded(run: Callable[[], int]) -> int:
@@ -95,7 +133,7 @@ def _print(text: str, code: int) -> int:
 
 # --- model commands ----------------------------------------------------------
 
-def model_command(command: str, *, json: bool = False, **flags: object) -> int:
+def _local(command: str, json: bool, **flags: object) -> int:
     """lock / fetch / verify in this process."""
     from ops.models.actions import run
 
@@ -106,23 +144,36 @@ def model_command(command: str, *, json: bool = False, **flags: object) -> int:
     return guarded(go)
 
 
-LOCAL_FLAGS = ("models", "manifest", "lock", "dest", "workers", "json", "full")
-FLEET_FLAGS = ("models", "lock", "dest", "full", "json", "fan_out", "from_local", "from_host", *REMOTE_FLAGS)
+def lock_models(*, models: str | None = None, manifest: str | None = None, lock: str | None = None, json: bool = False) -> int:
+    """Resolve revisions and write models.lock (commit + every file's size and sha256)."""
+    return _local("lock", json, models=models, manifest=manifest, lock=lock)
 
 
-def fetch_models(**flags: object) -> int:
-    """Locally, or on hosts when --hosts or --group is given."""
-    return _models("fetch", flags)
+def fetch_models(*, models: str | None = None, manifest: str | None = None, lock: str | None = None, json: bool = False, dest: str | None = None,
+                 workers: str | None = None, fan_out: str | None = None, from_local: bool = False, from_host: str | None = None, hosts: str | None = None,
+                 group: str | None = None, inventory: str | None = None, parallel: str | None = None, host_keys: str | None = None,
+                 connect_timeout: str | None = None, command_timeout: str | None = None, known_hosts: str | None = None, engine: str | None = None,
+                 serial: str | None = None, max_fail_percentage: str | None = None, dry_run: bool = False) -> int:
+    """Download, fully verify and activate models: into the local store, or on many hosts over SSH."""
+    if hosts or group:
+        return fleet_command("fetch", models=models, lock=lock, dest=dest, json=json, hosts=hosts, group=group, inventory=inventory, parallel=parallel,
+                             host_keys=host_keys, connect_timeout=connect_timeout, command_timeout=command_timeout, known_hosts=known_hosts, engine=engine,
+                             serial=serial, max_fail_percentage=max_fail_percentage, fan_out=fan_out, from_local=from_local, from_host=from_host,
+                             dry_run=dry_run)
+    return _local("fetch", json, models=models, manifest=manifest, lock=lock, dest=dest, workers=workers)
 
 
-def verify_models(**flags: object) -> int:
-    return _models("verify", flags)
-
-
-def _models(command: str, flags: dict[str, object]) -> int:
-    if flags.get("hosts") or flags.get("group"):
-        return fleet_command(command, **{k: v for k, v in flags.items() if k in FLEET_FLAGS})  # type: ignore[arg-type]
-    return model_command(command, **{k: v for k, v in flags.items() if k in LOCAL_FLAGS})
+def verify_models(*, models: str | None = None, manifest: str | None = None, lock: str | None = None, json: bool = False, dest: str | None = None,
+                  workers: str | None = None, full: bool = False, hosts: str | None = None, group: str | None = None, inventory: str | None = None,
+                  parallel: str | None = None, host_keys: str | None = None, connect_timeout: str | None = None, command_timeout: str | None = None,
+                  known_hosts: str | None = None, engine: str | None = None, serial: str | None = None, max_fail_percentage: str | None = None,
+                  dry_run: bool = False) -> int:
+    """Verify the store against models.lock (quick by default, --full re-hashes), locally or on hosts."""
+    if hosts or group:
+        return fleet_command("verify", models=models, lock=lock, full=full, json=json, hosts=hosts, group=group, inventory=inventory, parallel=parallel,
+                             host_keys=host_keys, connect_timeout=connect_timeout, command_timeout=command_timeout, known_hosts=known_hosts, engine=engine,
+                             serial=serial, max_fail_percentage=max_fail_percentage, dry_run=dry_run)
+    return _local("verify", json, models=models, manifest=manifest, lock=lock, dest=dest, workers=workers, full=full)
 
 
 def ssh_options(*, host_keys: str | None, connect_timeout: object, command_timeout: object, known_hosts: str | None) -> SshOptions:
@@ -187,15 +238,32 @@ def fleet_command(command: str, *, models: str | None = None, lock: str | None =
 
 # --- deploy and rollback -----------------------------------------------------
 
-def deploy(command: str, *, hosts: str | None = None, group: str | None = None, inventory: str | None = None, tag: str | None = None, serial: object = None,
-           dry_run: bool = False, break_lock: bool = False, json: bool = False, host_keys: str | None = None, connect_timeout: object = None,
-           command_timeout: object = None, known_hosts: str | None = None, lock: str | None = None, manifest: str | None = None,
+def deploy(*, hosts: str | None = None, group: str | None = None, inventory: str | None = None, tag: str | None = None, serial: str | None = None,
+           dry_run: bool = False, break_lock: bool = False, json: bool = False, host_keys: str | None = None, connect_timeout: str | None = None,
+           command_timeout: str | None = None, known_hosts: str | None = None, lock: str | None = None, manifest: str | None = None,
            fan_out: str | None = None) -> int:
+    """Put a release on Docker, bare and webhook hosts, gated on /ready, rolled back when it fails."""
+    return _deploy("deploy", hosts=hosts, group=group, inventory=inventory, tag=tag, serial=serial, dry_run=dry_run, break_lock=break_lock, json=json,
+                   host_keys=host_keys, connect_timeout=connect_timeout, command_timeout=command_timeout, known_hosts=known_hosts, lock=lock,
+                   manifest=manifest, fan_out=fan_out)
+
+
+def rollback(*, hosts: str | None = None, group: str | None = None, inventory: str | None = None, serial: str | None = None, dry_run: bool = False,
+             break_lock: bool = False, json: bool = False, host_keys: str | None = None, connect_timeout: str | None = None, command_timeout: str | None = None,
+             known_hosts: str | None = None) -> int:
+    """Back to the previous release (bare) or image (Docker) on each host, gated on /ready."""
+    return _deploy("rollback", hosts=hosts, group=group, inventory=inventory, serial=serial, dry_run=dry_run, break_lock=break_lock, json=json,
+                   host_keys=host_keys, connect_timeout=connect_timeout, command_timeout=command_timeout, known_hosts=known_hosts)
+
+
+def _deploy(command: DeployCommand, *, hosts: str | None, group: str | None, inventory: str | None, serial: object, dry_run: bool, break_lock: bool,
+            json: bool, host_keys: str | None, connect_timeout: object, command_timeout: object, known_hosts: str | None, tag: str | None = None,
+            lock: str | None = None, manifest: str | None = None, fan_out: str | None = None) -> int:
     from ops.deploy import rollout
 
     def go() -> int:
         p = rollout.plan(
-            "rollback" if command == "rollback" else "deploy",
+            command,
             select_hosts(inventory, hosts, group),
             project=ROOT,
             tag=tag,
@@ -204,7 +272,7 @@ def deploy(command: str, *, hosts: str | None = None, group: str | None = None, 
             break_lock=break_lock,
             manifest=Path(manifest) if manifest else settings.default_manifest(),
             lock=Path(lock) if lock else settings.default_lock(),
-            fan_out=settings.choice("--fan-out", fan_out, ["peers"]) if fan_out else None,  # type: ignore[arg-type]
+            fan_out=settings.choice("--fan-out", fan_out, ("peers",)) if fan_out else None,
         )
         results = rollout.execute(p, dry_run=dry_run)
         return _print(results.render(as_json=json, dry_run=dry_run), 0 if dry_run else results.exit_code)
@@ -221,6 +289,7 @@ def proxies() -> dict[str, str]:
 
 def build(*, bake: bool = False, models: str | None = None, gpu: bool = False, engine: str | None = None, tag: str | None = None, base_image: str | None = None,
           torch_wheels: str | None = None, torch_index_url: str | None = None, ca_bundle: str | None = None, no_cache: bool = False, dry_run: bool = False) -> int:
+    """Build the image (multi-stage; --bake puts verified weights in their own cached layer)."""
     from ops.images.actions import BuildRequest
     from ops.images.actions import build as build_image
 
@@ -248,6 +317,7 @@ def build(*, bake: bool = False, models: str | None = None, gpu: bool = False, e
 
 
 def push(*, tag: str | None = None, engine: str | None = None, dry_run: bool = False) -> int:
+    """Push the image to $BAKEHOUSE_REGISTRY (password on stdin, never in argv)."""
     from ops.images.actions import push as push_image
 
     def go() -> int:
@@ -259,13 +329,25 @@ def push(*, tag: str | None = None, engine: str | None = None, dry_run: bool = F
 
 # --- the app and the demo ----------------------------------------------------
 
-def serve(*, model: str | None = None, port: object = None) -> int:
+def serve(*, model: str | None = None, port: str | None = None) -> int:
+    """Run the app locally: quick verify (fetch if missing), then serve the OpenAI-compatible API."""
     from app.entrypoint import main
 
     return guarded(lambda: main(model=model, port=int(settings.number("--port", port, default=8000, maximum=65535)) if port else None))
 
 
 def demo() -> int:
+    """The whole path offline on the bundled demo model: local hub, lock, fetch, verify, serve, one completion."""
     from ops.demo import run_demo
 
     return guarded(lambda: run_demo(ROOT / ".demo"))
+
+
+QUICK_TIER = "not containers and not hosts and not vllm"
+
+
+def test(*, args: str = "", quick: bool = False) -> int:
+    """Run the test suite (real servers on loopback); --quick: the unit and loopback tier only (no containers, no SSH hosts, no vLLM)."""
+    # Two workers, a test file to each: waits on hosts, containers and servers overlap (module fixtures stay per file).
+    argv = [sys.executable, "-m", "pytest", "-n", "2", "--dist", "loadfile", *(["-m", QUICK_TIER] if quick else []), *shlex.split(args)]
+    return subprocess.call(argv, cwd=ROOT)

@@ -23,6 +23,8 @@ from sshhosts import SshHost, start_host
 
 from ops.net import free_port
 
+pytestmark = pytest.mark.hosts
+
 INVOKE = [sys.executable, "-m", "invoke"]
 SECRET = "app-secret-9f8e7d6c5b4a"
 PREFIX = "/opt/bakehouse"

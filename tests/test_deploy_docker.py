@@ -19,6 +19,8 @@ from sshhosts import LocalSshd, client_keys, start_local_sshd
 
 from ops.net import free_port
 
+pytestmark = pytest.mark.containers
+
 CA = "/etc/ssl/certs/ca-certificates.crt"
 PASSWORD = "deploy-Passw0rd-4e5f"
 

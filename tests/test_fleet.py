@@ -20,6 +20,8 @@ from sshhosts import SshHost, inventory, start_host
 from ops.remote.inventory import Host
 from ops.remote.ssh import SshOptions, connect
 
+pytestmark = pytest.mark.hosts
+
 INVOKE = [sys.executable, "-m", "invoke", "--search-root", str(ROOT)]
 
 

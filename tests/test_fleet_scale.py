@@ -13,6 +13,8 @@ from fleetsim import SimFleet, start_fleet
 from helpers import HF_DEMO, ROOT, Hub, Project, manifest
 from sshhosts import client_keys
 
+pytestmark = pytest.mark.hosts
+
 INVOKE = [sys.executable, "-m", "invoke", "--search-root", str(ROOT)]
 HOSTS = 100
 

@@ -29,6 +29,8 @@ from proxy import Proxy
 
 from ops.net import free_port
 
+pytestmark = pytest.mark.containers
+
 CA = "/etc/ssl/certs/ca-certificates.crt"
 
 

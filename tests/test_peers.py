@@ -26,6 +26,8 @@ from test_fleet import rows
 
 from ops.models.lock import Lock, LockedFile, LockedModel, dump_lock
 
+pytestmark = pytest.mark.hosts
+
 INVOKE = [sys.executable, "-m", "invoke", "--search-root", str(ROOT)]
 NAMES = ("p1", "p2", "p3", "p4")
 SHARD = "model-00001-of-00004.safetensors"

@@ -24,6 +24,8 @@ from sshhosts import client_keys, trust_host_key
 
 from ops.net import free_port
 
+pytestmark = pytest.mark.hosts
+
 HOST_IMAGE = "localhost/bakehouse-systemdhost:bookworm"
 PREFIX = "/opt/bakehouse"
 SECRET = "systemd-secret-1a2b3c"

@@ -11,6 +11,8 @@ from appserver import AppServer, start_app
 from helpers import HF_RANDOM_LLAMA, ROOT, Hub, Project, manifest
 from openai import OpenAI
 
+pytestmark = pytest.mark.vllm
+
 VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
 
 
