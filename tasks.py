@@ -1,26 +1,20 @@
-"""bakehouse tasks (`invoke --list`): each is one function of ops.cli, whose keyword parameters are its flags."""
+"""bakehouse tasks (`invoke --list`): each is one function of ops.cli, whose keyword parameters are its flags (ops.cli.as_task)."""
 
 from __future__ import annotations
 
-from invoke import Collection, task
+from invoke import Collection
 
 from ops import cli
 
-
-def _task(command, table=cli.HELP):  # noqa: ANN001, ANN202 (Invoke's own types)
-    body = cli.as_task(command, table)
-    return task(body, help=body.task_help)
-
-
 ns = Collection(
-    _task(cli.lock_models),
-    _task(cli.fetch_models),
-    _task(cli.verify_models),
-    _task(cli.build, cli.BUILD_HELP),
-    _task(cli.push, cli.OTHER_HELP["push"]),
-    _task(cli.deploy, cli.DEPLOY_HELP),
-    _task(cli.rollback, cli.DEPLOY_HELP),
-    _task(cli.serve, cli.OTHER_HELP["serve"]),
-    _task(cli.demo),
-    _task(cli.test, cli.OTHER_HELP["test"]),
+    cli.as_task(cli.lock_models),
+    cli.as_task(cli.fetch_models),
+    cli.as_task(cli.verify_models),
+    cli.as_task(cli.build, cli.BUILD_HELP),
+    cli.as_task(cli.push, cli.OTHER_HELP["push"]),
+    cli.as_task(cli.deploy, cli.DEPLOY_HELP),
+    cli.as_task(cli.rollback, cli.DEPLOY_HELP),
+    cli.as_task(cli.serve, cli.OTHER_HELP["serve"]),
+    cli.as_task(cli.demo),
+    cli.as_task(cli.test, cli.OTHER_HELP["test"]),
 )

@@ -60,4 +60,4 @@ class Settings:
             engine=choice("BAKEHOUSE_ENGINE", env.get("BAKEHOUSE_ENGINE") or None, ENGINES, default="transformers"),
             allow_pickle=env_flag("BAKEHOUSE_ALLOW_PICKLE", False),
         )
-        return replace(settings, **{k: v for k, v in overrides.items() if v is not None})
+        return replace(settings, **{k: v for k, v in overrides.items() if v is not None})  # type: ignore[arg-type]  # the CLI's overrides are checked there

@@ -25,15 +25,16 @@ log = logging.getLogger("bakehouse.engine")
 class Engine:
     """The model and its tokenizer on their device, and one forward pass over the slotted cache (app.kvcache)."""
 
-    def __init__(self, directory: Path, *, name: str, safetensors_only: bool = True, plan: DevicePlan | None = None):
+    def __init__(self, directory: Path, *, name: str, safetensors_only: bool = True, plan: DevicePlan | None = None) -> None:
         self.name = name
         self.plan = plan or device_plan()
         start = time.monotonic()
         self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(directory, local_files_only=True)
 
         def load(dtype: torch.dtype) -> PreTrainedModel:
-            return AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, use_safetensors=safetensors_only or None, dtype=dtype,
-                                                        attn_implementation=SLOT_ATTENTION).to(self.plan.device).eval()
+            model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, use_safetensors=safetensors_only or None,
+                                                                          dtype=dtype, attn_implementation=SLOT_ATTENTION)
+            return model.to(self.plan.device).eval()  # type: ignore[arg-type]  # transformers types .to() for its own wrapper
 
         self.model = load(self.plan.dtype)
         config = self.model.config
@@ -69,24 +70,24 @@ class Engine:
                 return self.forward(ids, cache, torch.arange(len(ids)))
 
         def to_bf16() -> None:
-            self.model.to(torch.bfloat16)
+            self.model.to(torch.bfloat16)  # type: ignore[arg-type]
             self.dtype = torch.bfloat16
 
         return compare(logits, to_bf16)
 
     def encode(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+        return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))
 
     def token_text(self, token: int) -> str:
-        return self.tokenizer.decode([token])
+        return str(self.tokenizer.decode([token]))
 
     def chat_prompt(self, messages: list[dict[str, str]]) -> str:
         """The tokenizer's chat template; without one, 'role: content' lines and 'assistant:'."""
         if self.tokenizer.chat_template:
-            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            return str(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
         return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
 
     def forward(self, ids: Sequence[int], cache: SlotCache, keep: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ import uvicorn
 
 from app.config import Settings
 from ops.errors import BakehouseError, ConfigError, SourceError
-from ops.models.fetch import fetch_models
+from ops.models.fetch import fetch_locked
 from ops.models.lock import Lock, LockedModel, load_lock, write_lock
 from ops.models.manifest import ModelSpec, spec_fingerprint
 from ops.models.sources.git import GitSource
@@ -71,7 +71,7 @@ def ensure_model(settings: Settings) -> Settings:
         why = f"the store at {settings.models_dir} is read-only" if read_only else "BAKEHOUSE_AUTO_FETCH is off"
         raise BakehouseError(f"{settings.model} does not verify and {why}: {problems}. Fix the store (invoke fetch-models) or enable auto-fetch.")
     log.info("%s: %s; fetching", settings.model, problems)
-    [fetched] = _step("fetch", lambda: fetch_models([model], store))
+    [fetched] = _step("fetch", lambda: fetch_locked([model], store))
     if fetched.error is not None:
         raise fetched.error
     return settings

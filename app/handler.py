@@ -22,7 +22,8 @@ from app.scheduler import Scheduler, complete
 from app.schemas import CompletionRequest, check_text, prompts_of, sampling, validation_error
 from ops.errors import ApiError
 
-DEFAULTS = {"max_tokens": 64, "temperature": 0.0}
+DEFAULT_MAX_TOKENS = 64
+DEFAULTS = {"max_tokens": DEFAULT_MAX_TOKENS, "temperature": 0.0}
 
 
 @functools.cache
@@ -47,7 +48,7 @@ def handler(job: dict[str, Any]) -> dict[str, Any]:
             raise ApiError(400, "prompt: give one string", param="prompt")
         check_text(body.prompt, "prompt")
         [prompt] = prompts_of(body)
-        checked = sampling(body, settings.max_tokens_limit, max_tokens=body.max_tokens if body.max_tokens is not None else DEFAULTS["max_tokens"])
+        checked = sampling(body, settings.max_tokens_limit, max_tokens=body.max_tokens if body.max_tokens is not None else DEFAULT_MAX_TOKENS)
     except ValidationError as exc:
         return {"error": f"input.{validation_error(exc).message}"}
     except ApiError as exc:

@@ -33,7 +33,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from transformers import AttentionInterface
@@ -72,8 +72,10 @@ class Step:
 
 class SlotLayer(CacheLayerMixin):
     is_compileable = False
+    keys: torch.Tensor  # allocated at the first update (lazy_initialization), as transformers' own layers
+    values: torch.Tensor
 
-    def __init__(self, step: Callable[[], Step], slots: int):
+    def __init__(self, step: Callable[[], Step], slots: int) -> None:
         super().__init__()
         self.step, self.slots, self.capacity = step, slots, 0
 
@@ -133,14 +135,15 @@ class SlotLayer(CacheLayerMixin):
 class SlotCache(Cache):
     """The model's `past_key_values`: a SlotLayer per layer, all reading the current Step."""
 
-    def __init__(self, num_layers: int, slots: int, kernel: DecodeKernel = "sdpa"):
+    def __init__(self, num_layers: int, slots: int, kernel: DecodeKernel = "sdpa") -> None:
         self.current, self.kernel = Step(), kernel
-        super().__init__(layers=[SlotLayer(lambda: self.current, slots) for _ in range(num_layers)])
+        self.slot_layers = [SlotLayer(lambda: self.current, slots) for _ in range(num_layers)]
+        super().__init__(layers=list[Any](self.slot_layers))  # Cache's own union of layer kinds varies across transformers releases
 
     def move(self, src: int, dst: int, length: int) -> None:
         """Copy slot `src`'s first `length` positions into slot `dst` (a row changing seats)."""
-        for layer in self.layers:
-            layer.move(src, dst, length)  # type: ignore[attr-defined]
+        for layer in self.slot_layers:
+            layer.move(src, dst, length)
 
     def plan(self, lengths: torch.Tensor | None, segments: Sequence[Segment], dtype: torch.dtype, device: torch.device) -> Step:
         """The next step: decode rows at `lengths` (slots [0, len)), then `segments`; its masks made once for every layer, on `device`."""

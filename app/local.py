@@ -42,7 +42,7 @@ class Run:
     def start(cls, scheduler: Scheduler, prompts: list[list[int]], params: SamplingParams, n: int, metrics: Metrics) -> Run:
         loop, queue = asyncio.get_running_loop(), asyncio.Queue[tuple[int, Output]]()
         context = scheduler.engine.context
-        choices = []
+        choices: list[Choice] = []
         for p in prompts:
             if len(p) >= context:
                 raise ApiError(400, f"the prompt is {len(p)} tokens; this model's context is {context} tokens. Shorten the prompt.",
@@ -95,7 +95,7 @@ class Run:
 class LocalClient:
     name: EngineName = "transformers"
 
-    def __init__(self, settings: Settings, metrics: Metrics):
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self.settings, self.metrics = settings, metrics
         self.engine: Engine | None = None
         self.scheduler: Scheduler | None = None

@@ -30,7 +30,7 @@ async def send_error(error: ApiError, scope: Scope, send: Send) -> None:
 class BodyLimit:
     """A request body over `limit` bytes is answered 413 as soon as it is over (declared or counted), never read whole."""
 
-    def __init__(self, app: ASGIApp, limit: int):
+    def __init__(self, app: ASGIApp, limit: int) -> None:
         self.app, self.limit = app, limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -67,7 +67,7 @@ class BodyLimit:
 class CountRequests:
     """Requests by route and status in /metrics."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics):
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app, self.metrics = app, metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -22,7 +22,7 @@ log = logging.getLogger("bakehouse.packed")
 
 
 class PackedLinear(torch.nn.Module):
-    def __init__(self, linear: torch.nn.Linear):
+    def __init__(self, linear: torch.nn.Linear) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1)
@@ -52,7 +52,7 @@ def pack_linears(model: torch.nn.Module, dtype: torch.dtype, device: torch.devic
     """Replace the model's linear layers but its output layer with packed ones (bf16 on CPU only); how many were replaced."""
     if device.type != "cpu" or dtype != torch.bfloat16 or not packing_works(dtype):
         return 0
-    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    output = getattr(model, "get_output_embeddings", lambda: None)()
     count = 0
     for module in list(model.modules()):
         for name, child in list(module.named_children()):

@@ -164,7 +164,7 @@ class Update:
 
 
 class Policy:
-    def __init__(self, *, max_batch: int, step_tokens: int = 512, max_queue: int = 256, max_prefill: int = 8, eos: int | None = None):
+    def __init__(self, *, max_batch: int, step_tokens: int = 512, max_queue: int = 256, max_prefill: int = 8, eos: int | None = None) -> None:
         self.max_batch, self.step_tokens, self.max_queue, self.max_prefill, self.eos = max_batch, step_tokens, max_queue, max_prefill, eos
         self.waiting: collections.deque[Choice] = collections.deque()
         self.running: list[Choice] = []

@@ -84,7 +84,7 @@ def sse(events: AsyncIterator[dict[str, Any]], on_close: Callable[[], None]) -> 
 class CompletionReply:
     """/v1/completions answers: whole, or as chunks."""
 
-    def __init__(self, run: Outputs, texts: Texts, model: str, body: CompletionRequest, prompts: list[list[int]]):
+    def __init__(self, run: Outputs, texts: Texts, model: str, body: CompletionRequest, prompts: list[list[int]]) -> None:
         self.run, self.texts, self.model, self.body, self.prompts = run, texts, model, body, prompts
         self.id, self.created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
@@ -143,7 +143,7 @@ class CompletionReply:
 class ChatReply:
     """/v1/chat/completions answers: whole, or as chunks."""
 
-    def __init__(self, run: Outputs, texts: Texts, model: str, body: ChatRequest):
+    def __init__(self, run: Outputs, texts: Texts, model: str, body: ChatRequest) -> None:
         self.run, self.texts, self.model, self.body = run, texts, model, body
         self.id, self.created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 

@@ -41,7 +41,7 @@ log = logging.getLogger("bakehouse.scheduler")
 class Detokenizer:
     """Incremental: each token decodes a short window, not the whole text again; half a character waits for the rest."""
 
-    def __init__(self, tokenizer: object, context: Sequence[int]):
+    def __init__(self, tokenizer: object, context: Sequence[int]) -> None:
         self.tokenizer, self.ids = tokenizer, list(context)
         self.prefix, self.read = 0, len(self.ids)
 
@@ -66,7 +66,7 @@ def choice(prompt: list[int], params: SamplingParams, context: int, emit: object
 
 
 class Scheduler:
-    def __init__(self, engine: Engine, metrics: Metrics, *, max_batch: int, step_tokens: int = 512, max_queue: int = 256, max_prefill: int = 8):
+    def __init__(self, engine: Engine, metrics: Metrics, *, max_batch: int, step_tokens: int = 512, max_queue: int = 256, max_prefill: int = 8) -> None:
         self.engine, self.metrics = engine, metrics
         self.policy = Policy(max_batch=max_batch, step_tokens=step_tokens, max_queue=max_queue, max_prefill=max_prefill, eos=engine.eos)
         self.cache = SlotCache(engine.num_layers, self.policy.slots, engine.decode_kernel)
@@ -173,7 +173,10 @@ class Completion:
 
 def complete(scheduler: Scheduler, prompt: list[int], params: SamplingParams) -> Completion:
     """One choice, waited for in this thread: the warm-up, and the serverless handler."""
-    done, parts, tokens, finish = threading.Event(), [], [], []
+    done = threading.Event()
+    parts: list[str] = []
+    tokens: list[int] = []
+    finish: list[FinishReason] = []
 
     def emit(out: Output) -> None:
         parts.append(out.text)

@@ -6,7 +6,7 @@ Strict types ('5' is not a number of tokens); unknown OpenAI parameters
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -126,7 +126,12 @@ def sampling(body: CompletionRequest | ChatRequest, limit: int, *, max_tokens: i
 def prompts_of(body: CompletionRequest) -> list[str | list[int]]:
     """The request's prompts, each text or token ids: one, or a list of them; none empty."""
     p = body.prompt
-    prompts: list[str | list[int]] = [p] if isinstance(p, str) else ([p] if p and isinstance(p[0], int) else list(p))  # type: ignore[list-item]
+    if isinstance(p, str):
+        prompts: list[str | list[int]] = [p]
+    elif p and isinstance(p[0], int):
+        prompts = [p]
+    else:
+        prompts = list(cast(list[str | list[int]], p))
     if not prompts:
         raise ApiError(400, "prompt: give a string, a list of strings, a list of token ids, or a list of such lists.", param="prompt")
     if any(len(x) == 0 for x in prompts):

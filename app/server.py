@@ -8,6 +8,7 @@ that goes away cancels its generation. /health answers whatever a request does.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -33,6 +34,7 @@ def create_app(settings: Settings) -> FastAPI:
     client = engine_client(settings, metrics)
     created = int(time.time())
 
+    @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         threading.Thread(target=load, args=(settings, state, metrics, client.start), kwargs={"engine": client.name}, name="loader", daemon=True).start()
         yield

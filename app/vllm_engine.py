@@ -104,7 +104,7 @@ class VllmChild:
     say why a start failed.
     """
 
-    def __init__(self, argv: Sequence[str], port: int):
+    def __init__(self, argv: Sequence[str], port: int) -> None:
         self.url = f"http://127.0.0.1:{port}"
         self.last: collections.deque[str] = collections.deque(maxlen=8)
         logger.info("starting vLLM: %s", shlex.join(argv))
@@ -146,7 +146,7 @@ class VllmClient:
 
     name: EngineName = "vllm"
 
-    def __init__(self, settings: Settings, metrics: Metrics):
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self.settings, self.metrics = settings, metrics
         self.child: VllmChild | None = None
         self.stopping = False

@@ -17,15 +17,19 @@ import subprocess
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ops import settings
+from ops.deploy.steps import DeployCommand
 from ops.errors import EXIT_INTERRUPTED, BakehouseError, ConfigError
 from ops.models.actions import ModelRequest
-from ops.deploy.steps import DeployCommand
 from ops.remote.executor import Rollout
 from ops.remote.inventory import DEFAULT_INVENTORY
 from ops.remote.job import ENGINES, FAN_OUT_MODES, AnsibleOptions, FanOut
 from ops.remote.ssh import HOST_KEY_POLICIES, SshOptions
+
+if TYPE_CHECKING:
+    from invoke import Task
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -93,9 +97,9 @@ OTHER_HELP = {
 }
 
 
-def as_task(command: Callable[..., int], table: Mapping[str, str] = HELP) -> Callable[..., None]:
-    """An Invoke task body whose flags are `command`'s keyword parameters; a non-zero exit code is the task's."""
-    from invoke import Exit
+def as_task(command: Callable[..., int], table: Mapping[str, str] = HELP) -> Task:
+    """An Invoke task whose flags are `command`'s keyword parameters (help from `table`, else HELP); a non-zero exit code is the task's."""
+    from invoke import Exit, Task
 
     params = inspect.signature(command).parameters
 
@@ -109,8 +113,7 @@ def as_task(command: Callable[..., int], table: Mapping[str, str] = HELP) -> Cal
     body.__name__ = body.__qualname__ = command.__name__
     body.__doc__ = command.__doc__
     body.__module__ = "tasks"
-    body.task_help = {name: table.get(name) or HELP[name] for name in params}  # type: ignore[attr-defined]
-    return body
+    return Task(body, help={name: table.get(name) or HELP[name] for name in params})
 
 
 def guarded(run: Callable[[], int]) -> int:
@@ -180,7 +183,7 @@ def ssh_options(*, host_keys: str | None, connect_timeout: object, command_timeo
     d = SshOptions()
     return SshOptions(
         known_hosts=Path(known_hosts).expanduser() if known_hosts else d.known_hosts,
-        host_key_policy=settings.choice("--host-keys", host_keys, HOST_KEY_POLICIES, default=d.host_key_policy),  # type: ignore[arg-type]
+        host_key_policy=settings.choice("--host-keys", host_keys, HOST_KEY_POLICIES, default=d.host_key_policy),
         connect_timeout=float(settings.number("--connect-timeout", connect_timeout, default=d.connect_timeout, kind=float)),
         command_timeout=float(settings.number("--command-timeout", command_timeout, default=0, kind=float)) if command_timeout else None,
     )
@@ -224,7 +227,7 @@ def fleet_command(command: str, *, models: str | None = None, lock: str | None =
             ssh=ssh_options(host_keys=host_keys, connect_timeout=connect_timeout, command_timeout=command_timeout, known_hosts=known_hosts),
             rollout=Rollout(parallel=int(settings.number("--parallel", parallel, default=Rollout.parallel, maximum=1024))),
             fan_out=fan_out_for(fan_out, from_local=from_local, from_host=from_host, dest=dest),
-            engine=settings.choice("--engine", engine, ENGINES, default="ssh"),  # type: ignore[arg-type]
+            engine=settings.choice("--engine", engine, ENGINES, default="ssh"),
             ansible=AnsibleOptions(serial=str(serial or AnsibleOptions.serial),
                                    max_fail_percentage=int(settings.number("--max-fail-percentage", max_fail_percentage, default=AnsibleOptions.max_fail_percentage,
                                                                            minimum=0, maximum=100))),
@@ -272,7 +275,7 @@ def _deploy(command: DeployCommand, *, hosts: str | None, group: str | None, inv
             break_lock=break_lock,
             manifest=Path(manifest) if manifest else settings.default_manifest(),
             lock=Path(lock) if lock else settings.default_lock(),
-            fan_out=settings.choice("--fan-out", fan_out, ("peers",)) if fan_out else None,
+            fan_out=settings.choice("--fan-out", fan_out, rollout.DEPLOY_FAN_OUT) if fan_out else None,
         )
         results = rollout.execute(p, dry_run=dry_run)
         return _print(results.render(as_json=json, dry_run=dry_run), 0 if dry_run else results.exit_code)
@@ -346,8 +349,14 @@ def demo() -> int:
 QUICK_TIER = "not containers and not hosts and not vllm"
 
 
+LINTERS = ([sys.executable, "-m", "ruff", "check", "ops", "app", "tasks.py"], [sys.executable, "-m", "mypy"])
+
+
 def test(*, args: str = "", quick: bool = False) -> int:
-    """Run the test suite (real servers on loopback); --quick: the unit and loopback tier only (no containers, no SSH hosts, no vLLM)."""
+    """The linters (ruff, mypy on ops/ and app/), then the test suite (real servers on loopback); --quick: the unit and loopback tier only."""
+    for linter in LINTERS:
+        if code := subprocess.call(linter, cwd=ROOT):
+            return code
     # Two workers, a test file to each: waits on hosts, containers and servers overlap (module fixtures stay per file).
     argv = [sys.executable, "-m", "pytest", "-n", "2", "--dist", "loadfile", *(["-m", QUICK_TIER] if quick else []), *shlex.split(args)]
     return subprocess.call(argv, cwd=ROOT)

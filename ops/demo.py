@@ -20,10 +20,10 @@ from pathlib import Path
 import httpx
 
 from ops.localhub import LocalHub
-from ops.net import free_port
 from ops.models.actions import fetch, lock_models, verify_models
 from ops.models.lock import load_lock
 from ops.models.report import Report
+from ops.net import free_port
 from ops.runner import stop
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -18,6 +18,7 @@ def run_streaming(argv: Sequence[str], *, cwd: Path | None = None, env: Mapping[
     """Run a long command (a build, a push): echo its output to stderr as it comes, return all of it."""
     log.info("$ %s", redact(" ".join(argv)))
     proc = subprocess.Popen(list(argv), cwd=cwd, env={**os.environ, **(env or {})}, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert proc.stdin is not None and proc.stdout is not None  # both are pipes
     if stdin is not None:
         proc.stdin.write(stdin)
     proc.stdin.close()

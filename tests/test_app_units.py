@@ -15,7 +15,7 @@ from app.device import DevicePlan, pick_device
 from app.engine import Engine
 from app.loader import check_weights_format
 from app.kvcache import DecodeKernel, Segment, SlotCache, decode_attention, decode_mask
-from app.packed import pack_linears, packing_works
+from app.packed import PackedLinear, pack_linears, packing_works
 from app.precision import compare, cpu_has_native_bf16
 from app.params import SamplingParams
 from app.policy import Choice, first_stop, stop_prefix
@@ -186,6 +186,18 @@ def test_auto_dtype_keeps_bf16_only_when_the_check_passes(small_engine: tuple[En
     assert engine.dtype == expected and {p.dtype for p in engine.model.parameters()} == {expected}
 
 
+def packed_op_agrees(linear: torch.nn.Module) -> bool:
+    """Does oneDNN's packed op run here and give F.linear's result? Asked of the op itself, not of packing_works."""
+    x = torch.randn(1, 8, linear.in_features, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    try:
+        with torch.inference_mode():
+            got = PackedLinear(linear)(x).float()
+    except RuntimeError:
+        return False
+    with torch.inference_mode():
+        return torch.allclose(got, linear(x).float(), atol=0.05, rtol=0.02)
+
+
 def test_packed_linear_layers_give_the_plain_ones_result(small_engine: tuple[Engine, torch.nn.Module]) -> None:
     """bf16 on CPU: every linear layer but the output one packed for oneDNN, the logits those of the plain model (to bf16's precision)."""
     _, reference = small_engine
@@ -194,6 +206,7 @@ def test_packed_linear_layers_give_the_plain_ones_result(small_engine: tuple[Eng
     assert pack_linears(packed, torch.float32, torch.device("cpu")) == 0  # fp32 keeps its layers
     count = pack_linears(packed, torch.bfloat16, torch.device("cpu"))
     linears = [m for m in plain.modules() if type(m) is torch.nn.Linear and m is not plain.get_output_embeddings()]
+    assert packing_works(torch.bfloat16) is packed_op_agrees(torch.nn.Linear(256, 384).to(torch.bfloat16))  # the engine's verdict is this CPU's truth
     if not packing_works(torch.bfloat16):  # this CPU's oneDNN has no packed bf16 kernel (no AVX-512 BF16, say): every plain layer stays
         assert count == 0 and len([m for m in packed.modules() if type(m) is torch.nn.Linear]) == len([m for m in plain.modules() if type(m) is torch.nn.Linear])
         return

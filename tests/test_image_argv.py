@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from ops.images.build import BuildSpec, build_argv, image_tag, model_stage_cached
 from ops.images.registry import Registry, compare_layers, login_argv, push_argv, remote_ref, split_ref
 
@@ -28,10 +30,21 @@ def test_docker_build_argv_uses_buildkit_plain_progress() -> None:
                     "--build-arg=HF_HUB_DISABLE_XET=", "/src"]
 
 
-def test_the_token_is_never_a_build_argument() -> None:
-    argv = " ".join(build_argv(SPEC))
-    assert "HF_TOKEN" not in argv and "hf_" not in argv.replace("hf_token", "")
-    assert "HF_ENDPOINT" not in argv and "8090" not in argv
+def test_the_token_and_endpoint_are_build_secrets_never_arguments(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """From the environment to the build command, as `invoke build --dry-run` makes it: the values go into 0600 files passed as secrets."""
+    from helpers import ROOT
+
+    from ops.images.actions import BuildRequest, build
+
+    token, endpoint = "hf_BuildSecret0123456789abcdef", "http://user:pw@hub.internal:8090"
+    monkeypatch.setenv("HF_TOKEN", token)
+    monkeypatch.setenv("HF_ENDPOINT", endpoint)
+    for name in ("models.toml", "models.lock", "Dockerfile"):
+        (tmp_path / name).write_bytes((ROOT / name).read_bytes())
+    argv = build(BuildRequest(context=tmp_path, bake=True, engine="podman"), dry_run=True).argv
+    text = " ".join(argv)
+    assert token not in text and endpoint not in text and "hub.internal" not in text
+    assert any(a.startswith("--secret=id=hf_token,src=") for a in argv) and any(a.startswith("--secret=id=hub_endpoint,src=") for a in argv)
 
 
 def test_image_tag() -> None:

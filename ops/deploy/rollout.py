@@ -37,6 +37,9 @@ from ops.remote.peers import run_with_peers
 from ops.remote.shell import Shell, shell_factory
 from ops.remote.ssh import SshOptions
 
+DeployFanOut = Literal["peers"]
+DEPLOY_FAN_OUT: tuple[DeployFanOut, ...] = ("peers",)
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -46,11 +49,11 @@ class Plan:
     ssh: SshOptions
     serial: int = 1
     break_lock: bool = False
-    fan_out: Literal["peers"] | None = None
+    fan_out: DeployFanOut | None = None
 
 
 def plan(command: DeployCommand, hosts: Sequence[Host], *, project: Path, tag: str | None, serial: int, ssh: SshOptions, break_lock: bool = False,
-         manifest: Path | None = None, lock: Path | None = None, build_context: Path = Path(), fan_out: Literal["peers"] | None = None) -> Plan:
+         manifest: Path | None = None, lock: Path | None = None, build_context: Path = Path(), fan_out: DeployFanOut | None = None) -> Plan:
     """Check everything that can be checked here (host variables, secrets, registry, release) before touching a host.
 
     `project` is the bakehouse checkout the release is built from; models.toml and models.lock default to it.
@@ -104,7 +107,7 @@ def host_step(p: Plan) -> Callable[[Shell], Deployment]:
 class deploy_lock:  # noqa: N801 (used as a `with` statement, like contextlib's helpers)
     """The host's deploy lock: an atomic mkdir naming its owner; released only by its owner."""
 
-    def __init__(self, sh: Shell, t: Target, me: str, *, break_lock: bool):
+    def __init__(self, sh: Shell, t: Target, me: str, *, break_lock: bool) -> None:
         self.sh, self.t, self.me, self.break_lock = sh, t, me, break_lock
 
     def __enter__(self) -> None:

@@ -25,7 +25,8 @@ class Registry:
     def from_env(cls) -> Registry:
         host, user = os.environ.get("BAKEHOUSE_REGISTRY", ""), os.environ.get("BAKEHOUSE_REGISTRY_USER", "")
         if not host:
-            raise ConfigError("no registry configured. Set BAKEHOUSE_REGISTRY (e.g. registry.example.com or 127.0.0.1:5000), BAKEHOUSE_REGISTRY_USER and BAKEHOUSE_REGISTRY_PASSWORD.")
+            raise ConfigError("no registry configured. Set BAKEHOUSE_REGISTRY (e.g. registry.example.com or 127.0.0.1:5000), "
+                              "BAKEHOUSE_REGISTRY_USER and BAKEHOUSE_REGISTRY_PASSWORD.")
         if not _HOST.match(host):
             raise ConfigError(f"BAKEHOUSE_REGISTRY={redact(host)!r} must be a registry host[:port] (registry.example.com, 127.0.0.1:5000), without scheme or credentials.")
         if user and not _USER.match(user):
@@ -83,7 +84,7 @@ class PushResult:
 class RegistryApi:
     """Just enough of the registry v2 API to tell which layers a push really uploaded."""
 
-    def __init__(self, registry: Registry):
+    def __init__(self, registry: Registry) -> None:
         scheme = "http" if registry.insecure else "https"
         self._base = f"{scheme}://{registry.host}/v2"
         self._verify = not registry.insecure

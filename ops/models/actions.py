@@ -11,7 +11,7 @@ from typing import Literal
 
 from ops import settings
 from ops.errors import BakehouseError, ConfigError
-from ops.models.fetch import Peers, fetch_models
+from ops.models.fetch import Peers, fetch_locked
 from ops.models.lock import Lock, LockedModel, load_lock, write_lock
 from ops.models.manifest import Manifest, load_manifest
 from ops.models.peer import PEER_TOKEN
@@ -43,7 +43,7 @@ class ModelRequest:
               dest: str | Path | None = None, full: bool = False, workers: object = None, peers: str | None = None, share: bool = False) -> ModelRequest:
         """From flag values as a command line gives them (strings or None)."""
         return cls(
-            command=settings.choice("command", command, MODEL_COMMANDS),  # type: ignore[arg-type]
+            command=settings.choice("command", command, MODEL_COMMANDS),
             names=settings.names(models),
             manifest=Path(manifest) if manifest else None,
             lock=Path(lock) if lock else None,
@@ -111,7 +111,7 @@ def fetch(*, manifest_path: Path, lock_path: Path, dest: Path, names: list[str] 
           peers: Peers | None = None) -> Report:
     start = time.monotonic()
     models = load_lock(lock_path).select(names, _manifest_if_present(manifest_path, manifest_explicit))
-    report = Report("fetch", fetch_models(models, Store(dest), workers=workers, peers=peers or Peers()))
+    report = Report("fetch", fetch_locked(models, Store(dest), workers=workers, peers=peers or Peers()))
     report.seconds = time.monotonic() - start
     return report
 

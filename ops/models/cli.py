@@ -7,6 +7,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from ops.errors import EXIT_INTERRUPTED, EXIT_USAGE, BakehouseError
 from ops.models.actions import MODEL_COMMANDS, ModelRequest, run
@@ -21,7 +22,7 @@ HELP = {
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # usage errors exit 2, as documented
+    def error(self, message: str) -> NoReturn:  # usage errors exit 2, as documented
         self.print_usage(sys.stderr)
         self.exit(EXIT_USAGE, f"error: {message}. See `python -m ops.models {self.prog.split()[-1]} --help`.\n")
 

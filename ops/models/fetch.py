@@ -41,7 +41,7 @@ class Peers:
     share: bool = False
 
 
-def fetch_models(models: Sequence[LockedModel], store: Store, *, workers: int = 8, tty: bool | None = None, peers: Peers | None = None) -> list[Outcome]:
+def fetch_locked(models: Sequence[LockedModel], store: Store, *, workers: int = 8, tty: bool | None = None, peers: Peers | None = None) -> list[Outcome]:
     """Fetch every model; one model's failure is reported and does not stop the others."""
     if not store.writable():
         return [_read_only(store, m) for m in models]

@@ -18,7 +18,7 @@ log = logging.getLogger("bakehouse.progress")
 class Progress:
     """Thread-safe byte counter shared by every download or hash worker."""
 
-    def __init__(self, label: str, total: int, *, tty: bool | None = None):
+    def __init__(self, label: str, total: int, *, tty: bool | None = None) -> None:
         self.label, self.total, self.done = label, total, 0
         self._lock = threading.Lock()
         self._start = self._last_log = time.monotonic()

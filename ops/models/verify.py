@@ -116,25 +116,29 @@ def _compare(path: str, size: int, sha256: str, o: Observed, name: str) -> Probl
     return None
 
 
-def observe(directory: Path, model: LockedModel, hash_paths: set[str], known: Mapping[str, str], *, workers: int | None = None, on_bytes: Callable[[int], None] | None = None) -> tuple[dict[str, Observed], int]:
+def observe(directory: Path, model: LockedModel, hash_paths: set[str], known: Mapping[str, str], *, workers: int | None = None,
+            on_bytes: Callable[[int], None] | None = None) -> tuple[dict[str, Observed], int]:
     """Stat every locked file; hash those in `hash_paths`; reuse `known` hashes for the rest."""
     root = os.path.realpath(directory)
-    stats: dict[str, os.stat_result | None] = {}
     kinds: dict[str, ObservedKind] = {}
+    on_disk: dict[str, int] = {}  # the size of each locked path that is a regular file
     for f in model.files:
-        kinds[f.path], stats[f.path] = _classify(directory / f.path, root)
+        kind, st = _classify(directory / f.path, root)
+        kinds[f.path] = kind
+        if kind == "file" and st is not None:
+            on_disk[f.path] = st.st_size
     sizes = {f.path: f.size for f in model.files}
-    to_hash = [p for p in hash_paths if kinds[p] == "file" and stats[p].st_size == sizes[p]]
+    to_hash = [p for p in hash_paths if on_disk.get(p) == sizes[p]]
     hashes = {str(path.relative_to(directory)): sha for path, sha in sha256_files([directory / p for p in to_hash], workers=workers, on_bytes=on_bytes).items()}
     observed = {}
     for path, kind in kinds.items():
-        st = stats[path]
-        if kind != "file":
+        if path not in on_disk:
             observed[path] = Observed(kind)
             continue
-        pointer = _read_pointer(directory / path) if st.st_size < _POINTER_MAX and st.st_size != sizes[path] else None
-        observed[path] = Observed("file", st.st_size, hashes.get(path, known.get(path)), pointer)
-    return observed, sum(stats[p].st_size for p in to_hash)
+        size = on_disk[path]
+        pointer = _read_pointer(directory / path) if size < _POINTER_MAX and size != sizes[path] else None
+        observed[path] = Observed("file", size, hashes.get(path, known.get(path)), pointer)
+    return observed, sum(on_disk[p] for p in to_hash)
 
 
 def _classify(path: Path, root: str) -> tuple[ObservedKind, os.stat_result | None]:
@@ -168,7 +172,8 @@ def find_extra(directory: Path, model: LockedModel) -> list[str]:
     return sorted(extra)
 
 
-def verify(directory: Path, model: LockedModel, *, full: bool, workers: int | None = None, on_bytes: Callable[[int], None] | None = None, known: Mapping[str, str] | None = None) -> VerifyResult:
+def verify(directory: Path, model: LockedModel, *, full: bool, workers: int | None = None, on_bytes: Callable[[int], None] | None = None,
+           known: Mapping[str, str] | None = None) -> VerifyResult:
     """Verify `directory` against `model`; on success (re)write the stamp when the store is writable.
 
     `known` maps paths to hashes computed while the bytes were written (fetch);
@@ -205,11 +210,13 @@ def _trusted_hashes(directory: Path, model: LockedModel) -> dict[str, str]:
     trusted = {}
     for f in model.files:
         entry = stamp.files.get(f.path)
+        if entry is None or entry.sha256 != f.sha256:
+            continue
         try:
-            unchanged = entry is not None and FileStat.of(os.lstat(directory / f.path)) == entry.stat
+            unchanged = FileStat.of(os.lstat(directory / f.path)) == entry.stat
         except OSError:
             unchanged = False
-        if unchanged and entry.sha256 == f.sha256:
+        if unchanged:
             trusted[f.path] = entry.sha256
     return trusted
 

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ops.errors import ConfigError
-from ops.models.fetch import fetch_models
+from ops.models.fetch import fetch_locked
 from ops.models.lock import LockedModel
 from ops.models.store import Store
 from ops.remote import commands as rc
@@ -25,7 +25,7 @@ from ops.units import format_bytes
 
 def seed_locally(job: FleetJob, store: Path) -> None:
     """Fetch once here; the first failure stops the fan-out before any host is touched."""
-    for outcome in fetch_models(job.selected, Store(store)):
+    for outcome in fetch_locked(job.selected, Store(store)):
         if outcome.error is not None:
             raise outcome.error
 

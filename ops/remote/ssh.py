@@ -10,10 +10,10 @@ import select
 import shlex
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import paramiko
 from fabric import Config, Connection
@@ -27,9 +27,12 @@ HostKeyPolicy = Literal["strict", "accept-new"]
 HOST_KEY_POLICIES: tuple[HostKeyPolicy, ...] = ("strict", "accept-new")
 
 
+KNOWN_HOSTS = Path("~/.ssh/known_hosts").expanduser()
+
+
 @dataclass(frozen=True)
 class SshOptions:
-    known_hosts: Path = Path("~/.ssh/known_hosts").expanduser()
+    known_hosts: Path = KNOWN_HOSTS
     host_key_policy: HostKeyPolicy = "strict"  # accept-new: trust and record a first-contact key, as `ssh -o StrictHostKeyChecking=accept-new`
     connect_timeout: float = 10.0
     command_timeout: float | None = None
@@ -49,7 +52,7 @@ class KnownHosts:
     """A known_hosts file parsed once, indexed by host name. paramiko's HostKeys drops duplicate lines by checking every
     line against all before it, and its lookup walks every line: both grew with the fleet, once per host."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path) -> None:
         self.by_name: dict[str, dict[str, paramiko.PKey]] = {}
         self.hashed: list[HostKeyEntry] = []  # HashKnownHosts lines: matched by hashing the name with each line's salt
         try:
@@ -108,7 +111,7 @@ def host_key_name(host: Host) -> str:
 
 def _remember(path: Path, name: str, keys: paramiko.HostKeys) -> None:
     """accept-new: append this host's first-contact key (under a lock: hosts connect in parallel, and a rewrite of the whole file lost keys)."""
-    entries = keys.lookup(name) or {}
+    entries: Mapping[str, paramiko.PKey] = keys.lookup(name) or {}
     with _KNOWN_HOSTS_LOCK:
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a") as f:
@@ -124,7 +127,7 @@ IDLE_WAKE_SECONDS = 1.0
 AEAD_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
 
 
-def _transport(sock: object, **kwargs: object) -> paramiko.Transport:
+def _transport(sock: Any, **kwargs: Any) -> paramiko.Transport:
     """A transport that offers AES-GCM first (OpenSSH has it since 6.2): its integrity check is done by the cipher, in C;
     with paramiko's default AES-CTR, each packet's MAC is compared byte by byte in Python."""
     transport = paramiko.Transport(sock, **kwargs)
@@ -155,8 +158,8 @@ def connect(host: Host, opts: SshOptions) -> Connection:
     name = host_key_name(host)
     known = known_hosts(opts.known_hosts).lookup(name)
     client.get_host_keys().clear()  # only this host's entries: the client looks its key up in them
-    for keytype, key in known.items():
-        client.get_host_keys().add(name, keytype, key)
+    for keytype, pkey in known.items():
+        client.get_host_keys().add(name, keytype, pkey)
     client.set_missing_host_key_policy(paramiko.AutoAddPolicy() if opts.host_key_policy == "accept-new" else paramiko.RejectPolicy())
     where = f"{host.address}:{host.port}"
     try:
@@ -183,7 +186,7 @@ def connect(host: Host, opts: SshOptions) -> Connection:
 class Output:
     """Remote output kept whole and, for stderr, handed on line by line as it arrives (decoded across packet boundaries)."""
 
-    def __init__(self, on_line: Callable[[str], None] | None):
+    def __init__(self, on_line: Callable[[str], None] | None) -> None:
         self.on_line, self.pending = on_line, ""
         self.chunks: list[str] = []
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -255,7 +258,7 @@ def _drain(channel: paramiko.Channel, out: Output, err: Output) -> bool:
         out.feed(channel.recv(1 << 16))
     while channel.recv_stderr_ready():
         err.feed(channel.recv_stderr(1 << 16))
-    return (channel.eof_received or channel.closed) and not channel.recv_ready() and not channel.recv_stderr_ready()
+    return bool(channel.eof_received or channel.closed) and not channel.recv_ready() and not channel.recv_stderr_ready()
 
 
 def put_file(conn: Connection, local: Path, remote: str) -> None:

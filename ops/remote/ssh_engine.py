@@ -43,7 +43,7 @@ def upload_lock(sh: Shell, lock_text: str) -> None:
     sh.run(rc.write_file_argv(rc.lock_path(sh.host)), stdin=lock_text, what="upload the lock")
 
 
-def model_command(sh: Shell, job: FleetJob, wh: Wheelhouse, token: str, *, seed: Path | None) -> HostModels:
+def host_model_command(sh: Shell, job: FleetJob, wh: Wheelhouse, token: str, *, seed: Path | None) -> HostModels:
     """Bootstrap, upload the lock (and fan-out files), run the model command; the host's report."""
     state = bootstrap(sh, wh)
     sh.say(f"bootstrap: {state}")
@@ -60,7 +60,7 @@ def model_command(sh: Shell, job: FleetJob, wh: Wheelhouse, token: str, *, seed:
 
 def run_with_ssh(hosts: Sequence[Host], job: FleetJob, *, seed: Path | None = None) -> HostResults[HostModels]:
     token, wh = os.environ.get("HF_TOKEN", ""), build_wheelhouse()
-    return run_each(job.command, hosts, lambda sh: model_command(sh, job, wh, token, seed=seed),
+    return run_each(job.command, hosts, lambda sh: host_model_command(sh, job, wh, token, seed=seed),
                     shells=shell_factory(job.ssh, dry_run=job.dry_run), view=ModelsView(), rollout=job.rollout)
 
 

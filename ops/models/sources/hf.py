@@ -7,6 +7,7 @@ import tempfile
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import BinaryIO, cast
 
 from huggingface_hub import HfApi, constants, hf_hub_url
 from huggingface_hub.file_download import http_get
@@ -70,7 +71,8 @@ class HfSource:
         with ThreadPoolExecutor(max_workers=8) as pool:
             hashed = dict(zip([e.path for e in small], pool.map(lambda e: self._hash_remote(e.path, commit), small), strict=True))
         files = tuple(
-            LockedFile(path=safe_relpath(e.path), size=e.lfs.size, sha256=e.lfs.sha256) if e.lfs else LockedFile(path=safe_relpath(e.path), size=hashed[e.path][0], sha256=hashed[e.path][1])
+            LockedFile(path=safe_relpath(e.path), size=e.lfs.size, sha256=e.lfs.sha256) if e.lfs
+            else LockedFile(path=safe_relpath(e.path), size=hashed[e.path][0], sha256=hashed[e.path][1])
             for e in selected
         )
         return LockedModel(name=spec.name, source=spec.source, revision=spec.revision, commit=commit, spec=spec_fingerprint(spec), files=files, allow_pickle=spec.allow_pickle)
@@ -80,7 +82,7 @@ class HfSource:
         url = hf_hub_url(self.repo_id, path, revision=commit, endpoint=endpoint())
         with tempfile.TemporaryFile() as f, translate_http_errors(f"{self.label}: {path}"):
             writer = HashingWriter(f, lambda n: None, lambda: False)
-            http_get(url, writer, headers=build_hf_headers(token=_token()), displayed_filename=path)
+            http_get(url, cast(BinaryIO, writer), headers=build_hf_headers(token=_token()), displayed_filename=path)
             return f.tell(), writer.hexdigest()
 
     def fetch(self, model: LockedModel, files: Sequence[LockedFile], job: FetchJob) -> dict[str, str]:

@@ -13,7 +13,7 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 from ops.errors import (
     Cancelled,
@@ -33,7 +33,7 @@ from ops.models.sources.base import FetchJob
 class HashingWriter:
     """The file object given to http_get: hashes what it writes, survives a server ignoring Range."""
 
-    def __init__(self, f: BinaryIO, on_bytes: Callable[[int], None], cancel: Callable[[], bool]):
+    def __init__(self, f: BinaryIO, on_bytes: Callable[[int], None], cancel: Callable[[], bool]) -> None:
         self._f, self._on_bytes, self._cancelled = f, on_bytes, cancel
         self._digest = self._rehash(f.tell())
 
@@ -47,7 +47,7 @@ class HashingWriter:
         self._f.seek(upto)
         return digest
 
-    def write(self, data: bytes) -> int:
+    def write(self, data: bytes | memoryview) -> int:
         if self._cancelled():
             raise Cancelled()
         self._f.write(data)
@@ -89,7 +89,7 @@ def download_file(d: Download, job: FetchJob, *, source: str) -> str:
 
     def fill(writer: HashingWriter, have: int) -> None:
         with translate_http_errors(source):
-            http_get(d.url, writer, resume_size=have, headers=d.headers, expected_size=d.file.size, displayed_filename=d.file.path)
+            http_get(d.url, cast(BinaryIO, writer), resume_size=have, headers=d.headers, expected_size=d.file.size, displayed_filename=d.file.path)
 
     return receive_file(d.file, job, fill)
 
@@ -136,7 +136,7 @@ def download_all(downloads: Sequence[Download], job: FetchJob, *, source: str) -
         done, _ = wait(futures, return_when=FIRST_EXCEPTION)
         failed = [f for f in done if f.exception() and not isinstance(f.exception(), Cancelled)]
         if failed:
-            raise failed[0].exception()
+            raise failed[0].exception() or RuntimeError("a download failed")
         return {futures[f]: f.result() for f in futures}
     finally:
         job.cancel.set()
