@@ -12,6 +12,7 @@
     │   ├── SourceAuthError
     │   ├── SourceNotFoundError
     │   ├── SourceRefusedError                  a 4xx other than 401/403/404/429
+    │   ├── PeerError (SourceUnreachableError)  a peer did not give a file (another peer or the origin will)
     │   └── OfflineError
     ├── RemoteError                     exit 3  a host could not be reached or a step on it failed
     │   ├── HostUnreachableError
@@ -116,6 +117,21 @@ class SourceNotFoundError(SourceError):
 
 class SourceRefusedError(SourceError):
     """The source refused the request for a reason retrying will not fix (a 4xx)."""
+
+
+class PeerError(SourceUnreachableError):
+    """A peer did not give a file (down, silent, an unexpected answer or range): the file is taken from another peer or the origin."""
+
+    def __init__(self, message: str, *, peer: str = "", path: str = "", why: str = "") -> None:
+        super().__init__(message)
+        self.peer, self.path, self.why = peer, path, why
+
+    @classmethod
+    def of(cls, peer: str, path: str, why: str) -> PeerError:
+        return cls(f"peer {peer}: {path}: {why}. Another peer or the origin gives it; completed bytes are kept.", peer=peer, path=path, why=why)
+
+    def details(self) -> dict[str, Any]:
+        return {"peer": self.peer, "path": self.path, "why": self.why}
 
 
 class OfflineError(SourceError):

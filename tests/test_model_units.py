@@ -194,7 +194,7 @@ def test_the_controller_verify_and_peers_start_without_the_hub_client() -> None:
     import subprocess
     import sys
 
-    code = "import sys, tasks, ops.models.cli, ops.models.peer; print(sorted({m.split('.')[0] for m in sys.modules} & {'huggingface_hub', 'httpx2'}))"
+    code = "import sys, tasks, ops.models.cli, ops.models.peer_client, ops.models.peer_server; print(sorted({m.split('.')[0] for m in sys.modules} & {'huggingface_hub', 'httpx2'}))"
     out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]", out
 

@@ -17,7 +17,8 @@ from ops.cli import fan_out_for
 from ops.errors import ConfigError, SourceUnreachableError, VerificationError
 from ops.models.actions import check_peer
 from ops.models.lock import LockedFile
-from ops.models.peer import file_path, still_coming, take_file
+from ops.models.peer_client import take_file
+from ops.models.peer_server import file_path, still_coming
 from ops.models.sources.base import FetchJob
 from ops.remote.inventory import Host
 from ops.remote.peers import FANOUT, Run, start_argv, stop_argv
@@ -204,7 +205,7 @@ def test_a_file_from_a_peer_resumes_from_the_bytes_already_here(tmp_path: Path, 
     (job.partial / "w.bin").write_bytes(BODY[:1000])
     peer = HostilePeer(BODY, ranges=ranges)
     try:
-        assert take_file(peer.url, {}, LOCKED, job, source="peer p") == LOCKED.sha256
+        assert take_file(peer.url, {}, LOCKED, job, peer="p") == LOCKED.sha256
     finally:
         peer.stop()
     assert peer.asked == ["bytes=1000-"] and (job.staging / "w.bin").read_bytes() == BODY
@@ -216,8 +217,8 @@ def test_a_peer_answering_from_another_offset_than_asked_is_refused_before_a_byt
     (job.partial / "w.bin").write_bytes(BODY[:1000])
     peer = HostilePeer(BODY, skew=500)
     try:
-        with pytest.raises(SourceUnreachableError, match=r"peer p: answered w.bin from bytes 1500-\d+/\d+, not from byte 1000"):
-            take_file(peer.url, {}, LOCKED, job, source="peer p")
+        with pytest.raises(SourceUnreachableError, match=r"peer p: w.bin: answered from bytes 1500-\d+/\d+, not from byte 1000"):
+            take_file(peer.url, {}, LOCKED, job, peer="p")
     finally:
         peer.stop()
     assert (job.partial / "w.bin").read_bytes() == BODY[:1000]  # kept as it was: the next peer resumes from here
@@ -228,7 +229,7 @@ def test_a_peer_sending_bytes_without_end_fills_no_disk_and_nothing_is_kept(tmp_
     peer = HostilePeer(None)
     try:
         with pytest.raises(VerificationError, match="models.lock pins"):
-            take_file(peer.url, {}, LOCKED, job, source="peer p")
+            take_file(peer.url, {}, LOCKED, job, peer="p")
     finally:
         peer.stop()
     assert not (job.partial / "w.bin").exists() and not (job.staging / "w.bin").exists()
@@ -239,11 +240,11 @@ def test_a_peer_that_stops_early_or_refuses_is_a_source_error_naming_it(tmp_path
     short = LockedFile(path="w.bin", size=len(BODY) + 10, sha256=LOCKED.sha256)
     peer = HostilePeer(BODY)
     try:
-        with pytest.raises(SourceUnreachableError, match=f"peer p: w.bin ended after {len(BODY)} of {len(BODY) + 10} bytes"):
-            take_file(peer.url, {}, short, job, source="peer p")
+        with pytest.raises(SourceUnreachableError, match=f"peer p: w.bin: ended after {len(BODY)} of {len(BODY) + 10} bytes"):
+            take_file(peer.url, {}, short, job, peer="p")
     finally:
         peer.stop()
     assert (job.partial / "w.bin").stat().st_size == len(BODY)  # kept: the next peer resumes from here
     (tmp_path / "b").mkdir()
-    with pytest.raises(SourceUnreachableError, match="peer q: cannot download w.bin"):
-        take_file(peer.url, {}, LOCKED, job_in(tmp_path / "b"), source="peer q")  # the server is gone: connection refused
+    with pytest.raises(SourceUnreachableError, match="peer q: w.bin: ConnectionRefusedError"):
+        take_file(peer.url, {}, LOCKED, job_in(tmp_path / "b"), peer="q")  # the server is gone: connection refused

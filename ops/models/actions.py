@@ -14,7 +14,7 @@ from ops.errors import BakehouseError, ConfigError
 from ops.models.fetch import Peers, fetch_locked
 from ops.models.lock import Lock, LockedModel, load_lock, write_lock
 from ops.models.manifest import Manifest, load_manifest
-from ops.models.peer import PEER_TOKEN
+from ops.models.peer_server import PEER_TOKEN
 from ops.models.report import Outcome, Report
 from ops.models.sources import source_for
 from ops.models.store import Store

@@ -73,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging()
     if args.command == "peer-serve":
-        from ops.models.peer import serve
+        from ops.models.peer_server import serve
 
         try:
             return serve(Path(args.dest), args.bind, args.port, Path(args.token_file), Path(args.port_file), lock=Path(args.lock) if args.lock else None,

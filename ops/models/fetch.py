@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from ops.errors import BakehouseError, ConfigError, DiskSpaceError, VerificationError
 from ops.models import safefs
 from ops.models.lock import LockedFile, LockedModel
-from ops.models.peer import fetch_from_peers
+from ops.models.peer_client import fetch_from_peers
 from ops.models.progress import Progress
 from ops.models.report import Outcome
 from ops.models.sources import FetchJob, source_for

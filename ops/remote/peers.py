@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ops.errors import BakehouseError, RemoteError, StepFailedError
-from ops.models.peer import PEER_TOKEN
+from ops.models.peer_server import PEER_TOKEN
 from ops.models.report import Report
 from ops.remote import commands as rc
 from ops.remote.executor import HostResults, run_each

@@ -1,4 +1,4 @@
-"""Peers: a host serves its verified files to the hosts that still need them, and takes files from its peers.
+"""The peer server: a host serves its verified files to the hosts that still need them (ops.models.peer_client takes them).
 
     python -m ops.models peer-serve --dest DIR --bind ADDR [--port 0] --token-file F --port-file P [--lock models.lock] [--max-rate B/s] [--seconds S]
 
@@ -24,34 +24,25 @@ from __future__ import annotations
 
 import contextlib
 import hmac
-import http.client
 import os
 import signal
 import socket
 import stat
-import threading
 import time
-import urllib.parse
-from collections.abc import Collection, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
-from ops.errors import BakehouseError, Cancelled, SourceError, SourceUnreachableError, VerificationError
+from ops.errors import BakehouseError
 from ops.models import safefs, values
-from ops.models.lock import LockedFile, LockedModel, load_lock, safe_relpath
-from ops.models.sources.base import FetchJob
-from ops.models.sources.transfer import HashingWriter, receive_file, status_error
+from ops.models.lock import load_lock, safe_relpath
 from ops.models.store import STAGING, Store
 
-PEER_TOKEN = "BAKEHOUSE_PEER_TOKEN"
-POLL_SECONDS = 0.2  # how long a host waits to ask again after a peer answered 425 (still fetching that file)
+PEER_TOKEN = "BAKEHOUSE_PEER_TOKEN"  # the variable a fetch reads its peers' secret from (on stdin, with --env-stdin)
 # A question for a file still on its way is held this long, looking for the file every ARRIVAL_CHECK_SECONDS, and answered as soon
 # as it lands: 8 hosts asking 5 times a second for each of their files cost a core a quarter of its time in connections and 425s.
 HOLD_SECONDS = 2.0
 ARRIVAL_CHECK_SECONDS = 0.05
-PEER_TIMEOUT = 30.0  # seconds a peer may stay silent, connecting or mid-file, before it is dropped
-READ_BYTES = 1 << 20
 
 
 def file_path(root: Path, name: str, commit: str, path: str) -> Path | None:
@@ -192,110 +183,3 @@ def _drop_ready(root: Path) -> None:
         with contextlib.suppress(BakehouseError, OSError):
             if stat.S_ISDIR(os.lstat(store.commit_dir(name, commit)).st_mode):
                 safefs.remove(root, ready)
-
-
-def fetch_from_peers(model: LockedModel, files: Sequence[LockedFile], job: FetchJob, peers: Sequence[str], token: str) -> tuple[dict[str, str], list[LockedFile], list[str]]:
-    """Take each file from the first peer that serves the locked bytes, `job.workers` files at once.
-
-    Returns the verified hashes, the files no peer could give (the source fetches those), and what went wrong with which peer.
-    """
-    known: dict[str, str] = {}
-    left: list[LockedFile] = []
-    notes: list[str] = []
-    dropped: set[str] = set()
-    guard = threading.Lock()
-    headers = {"authorization": f"Bearer {token}"}
-
-    def one(f: LockedFile) -> None:
-        for peer in peers:
-            with guard:
-                if peer in dropped:
-                    continue
-            url = f"{peer}/{model.name}/{model.commit}/{f.path}"
-            try:
-                await_file(url, headers, job, source=f"peer {peer}")
-                sha = take_file(url, headers, f, job, source=f"peer {peer}")
-            except (VerificationError, SourceError) as exc:
-                with guard:
-                    if peer not in dropped:  # workers waiting on the same peer all fail at once: one line says it
-                        notes.append(_note(peer, f, exc))
-                    dropped.add(peer)
-                continue
-            with guard:
-                known[f.path] = sha
-            return
-        with guard:
-            left.append(f)
-
-    ordered = sorted(files, key=lambda x: x.size, reverse=True)
-    with ThreadPoolExecutor(max_workers=max(1, min(job.workers, len(ordered))), thread_name_prefix="peer") as pool:
-        try:
-            list(pool.map(one, ordered))
-        except BaseException:
-            job.cancel.set()  # Ctrl-C or a failure: workers waiting on a peer still fetching stop at their next ask, so the pool can end
-            raise
-    return known, left, notes
-
-
-def take_file(url: str, headers: dict[str, str], f: LockedFile, job: FetchJob, *, source: str) -> str:
-    """One file from a peer into staging, resumed with Range from what job.partial holds, hashed as it arrives, checked against the lock.
-
-    Read with http.client straight into one buffer: through httpx and the hub client's 10 MB chunks, receiving took
-    four times the CPU (2.0 s of a core for a 297 MB file, against 0.5 s), and a host that passes files on is short of CPU.
-    Never more than the lock's size is read: a peer sending more cannot fill the disk.
-    """
-    parts = urllib.parse.urlsplit(url)
-
-    def fill(writer: HashingWriter, have: int) -> None:
-        conn = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=PEER_TIMEOUT)
-        try:
-            conn.request("GET", parts.path, headers=headers | ({"range": f"bytes={have}-"} if have else {}))
-            answer = conn.getresponse()
-            if answer.status == 200 and have:
-                writer.truncate(0)  # the peer sent the whole file, not the rest
-            elif answer.status == 206 and not (answer.getheader("content-range") or "").startswith(f"bytes {have}-"):
-                served = (answer.getheader("content-range") or "no Content-Range").removeprefix("bytes ")
-                raise SourceUnreachableError(f"{source}: answered {f.path} from bytes {served}, not from byte {have} as asked. "
-                                             "Another peer or the origin gives it; completed bytes are kept.")
-            elif answer.status not in (200, 206):
-                raise status_error(source, answer.status, answer.read(200).decode(errors="replace"))
-            buffer = memoryview(bytearray(READ_BYTES))
-            while (left := f.size - writer.tell()) > 0 and (n := answer.readinto(buffer[: min(left, READ_BYTES)])):
-                writer.write(buffer[:n])
-        except (OSError, http.client.HTTPException) as exc:
-            raise SourceUnreachableError(f"{source}: cannot download {f.path} ({type(exc).__name__}: {exc}). Another peer or the origin gives it; "
-                                         "completed bytes are kept.") from exc
-        finally:
-            conn.close()
-        if writer.tell() < f.size:
-            raise SourceUnreachableError(f"{source}: {f.path} ended after {writer.tell()} of {f.size} bytes. Another peer or the origin gives the rest.")
-
-    return receive_file(f, job, fill)
-
-
-def await_file(url: str, headers: dict[str, str], job: FetchJob, *, source: str) -> None:
-    """Ask until the peer has the file: while it answers 425 it is still fetching it (fetch --share); any other answer but 200 is its failure."""
-    parts = urllib.parse.urlsplit(url)
-    while True:
-        # A connection per question: one kept open across polls would be closed by the peer's idle timeout and read as its death.
-        conn = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=PEER_TIMEOUT)
-        try:
-            conn.request("HEAD", parts.path, headers=headers)
-            answer = conn.getresponse()
-            answer.read()
-        except (OSError, http.client.HTTPException) as exc:
-            raise SourceUnreachableError(f"{source}: cannot ask for {parts.path} ({type(exc).__name__}: {exc}). Another peer or the origin gives it.") from exc
-        finally:
-            conn.close()
-        if answer.status == 200:
-            return
-        if answer.status != 425:
-            raise status_error(source, answer.status, answer.reason)
-        if job.cancel.wait(POLL_SECONDS):
-            raise Cancelled()
-
-
-def _note(peer: str, f: LockedFile, exc: BakehouseError) -> str:
-    if isinstance(exc, VerificationError):
-        return f"peer {peer} served other bytes than the lock pins for {f.path}; dropped it and took the file elsewhere"
-    return f"peer {peer} failed for {f.path} ({str(exc).split('(')[0].strip()}); dropped it and took the file elsewhere"
