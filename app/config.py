@@ -34,6 +34,8 @@ class Settings:
     dtype: Dtype = "auto"
     engine: EngineName = "transformers"
     allow_pickle: bool = False
+    drain_seconds: float = 30.0  # on SIGTERM: how long running requests and streams may take to finish
+    deregister_seconds: float = 1.0  # on SIGTERM: how long new requests are still taken while the front proxy takes the instance out
 
     def device_plan(self) -> DevicePlan:
         return device_plan(self.dtype)
@@ -59,5 +61,7 @@ class Settings:
             dtype=choice("BAKEHOUSE_DTYPE", env.get("BAKEHOUSE_DTYPE") or None, DTYPES, default="auto"),
             engine=choice("BAKEHOUSE_ENGINE", env.get("BAKEHOUSE_ENGINE") or None, ENGINES, default="transformers"),
             allow_pickle=env_flag("BAKEHOUSE_ALLOW_PICKLE", False),
+            drain_seconds=float(env_number("BAKEHOUSE_DRAIN_SECONDS", cls.drain_seconds, float, minimum=0, maximum=86400)),
+            deregister_seconds=float(env_number("BAKEHOUSE_DEREGISTER_SECONDS", cls.deregister_seconds, float, minimum=0, maximum=60)),
         )
         return replace(settings, **{k: v for k, v in overrides.items() if v is not None})  # type: ignore[arg-type]  # the CLI's overrides are checked there

@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import TypeVar
+from types import FrameType
+from typing import TYPE_CHECKING, TypeVar
 
 import uvicorn
 
@@ -33,6 +35,9 @@ from ops.models.sources.git import GitSource
 from ops.models.store import Store
 from ops.models.verify import PICKLE_SUFFIXES, verify_one
 from ops.settings import configure_logging, env_flag
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
 
 log = logging.getLogger("bakehouse.entrypoint")
 T = TypeVar("T")
@@ -125,8 +130,27 @@ def main(**overrides: object) -> int:
     from app.server import create_app  # imports torch: after the cheap checks, so failures are fast
 
     log.info("entrypoint: serving %s on %s:%d", settings.model, settings.host, settings.port)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    app = create_app(settings)
+    DrainingServer(app, uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info", timeout_graceful_shutdown=5)).run()
     return 0
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, but SIGTERM drains (app.drain) before the server stops, and the process then exits 0; SIGINT stops at once."""
+
+    def __init__(self, app: FastAPI, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.app, self._draining = app, False
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if sig != signal.SIGTERM or self.should_exit:
+            super().handle_exit(sig, frame)
+            return
+        from app.server import begin_drain
+
+        if not self._draining:
+            self._draining = True
+            begin_drain(self.app, lambda: setattr(self, "should_exit", True))
 
 
 if __name__ == "__main__":

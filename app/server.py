@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.client import EngineClient, engine_client
 from app.config import Settings
+from app.drain import Drain, DrainGate
 from app.loader import LoadState, load
 from app.metrics import Metrics
 from app.middleware import BodyLimit, CountRequests, error_response
@@ -29,8 +30,17 @@ from app.schemas import ChatRequest, CompletionRequest, DetokenizeRequest, Token
 from ops.errors import ApiError
 
 
+def begin_drain(app: FastAPI, stop: Callable[[], None]) -> None:
+    """SIGTERM: /ready 503 now, then the drain (app.drain) in its own thread, and `stop` the server at its end."""
+    state: LoadState = app.state.bakehouse
+    was_ready = state.ready
+    state.set("draining", "draining: this instance is stopping (a deploy or a restart)")
+    threading.Thread(target=app.state.drain.run, args=(was_ready, stop), name="drain", daemon=True).start()
+
+
 def create_app(settings: Settings) -> FastAPI:
     state, metrics = LoadState(), Metrics()
+    drain = Drain(deregister=settings.deregister_seconds, seconds=settings.drain_seconds)
     client = engine_client(settings, metrics)
     created = int(time.time())
 
@@ -43,6 +53,8 @@ def create_app(settings: Settings) -> FastAPI:
 
     app = FastAPI(title="bakehouse", lifespan=lifespan)
     app.state.bakehouse = state
+    app.state.drain = drain
+    app.add_middleware(DrainGate, drain=drain)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     app.add_middleware(CountRequests, metrics=metrics)
 

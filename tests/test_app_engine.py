@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import socket
 import threading
 import time
@@ -269,3 +270,46 @@ def test_tokenize_and_detokenize_round_trip(demo: AppServer) -> None:
 def test_every_error_has_the_openai_shape(demo: AppServer, method: str, path: str, status: int) -> None:
     r = httpx.request(method, demo.url + path, timeout=30)
     assert r.status_code == status and set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
+# --- drain on SIGTERM ----------------------------------------------------------------
+
+def test_sigterm_during_16_streams_finishes_every_one_then_exits_0(store: Project, tmp_path: Path) -> None:
+    """/ready is 503 at once; every stream already running ends with [DONE] and all its tokens; new work is 503 + Retry-After; exit 0."""
+    s = serve(store, tmp_path / "drain.log", MODEL="random", BAKEHOUSE_MAX_TOKENS="2000", BAKEHOUSE_DEREGISTER_SECONDS="0.5", BAKEHOUSE_DTYPE="float32")
+    started = threading.Barrier(17)
+    results: list[tuple[int, bool, str | None]] = []
+
+    def stream() -> None:
+        body = {"model": "random", "prompt": "The", "max_tokens": 1500, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+        with httpx.stream("POST", f"{s.url}/v1/completions", json=body, timeout=120) as r:
+            events = []
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line[6:])
+                    if len(events) == 1:
+                        started.wait()
+            usage = json.loads(events[-2])["usage"]["completion_tokens"] if len(events) > 1 else 0
+            finish = next((c["finish_reason"] for e in events[:-1] for c in json.loads(e)["choices"] if c["finish_reason"]), None)
+            results.append((usage, events[-1] == "[DONE]", finish))
+
+    threads = [threading.Thread(target=stream) for _ in range(16)]
+    for t in threads:
+        t.start()
+    try:
+        started.wait(timeout=120)  # every stream has its first event
+        s.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 5
+        while s.get("/ready").status_code != 503:
+            assert time.monotonic() < deadline, "/ready did not turn 503"
+            time.sleep(0.02)
+        time.sleep(0.7)  # past BAKEHOUSE_DEREGISTER_SECONDS: new work is refused
+        refused = httpx.post(f"{s.url}/v1/completions", json={"model": "random", "prompt": "x", "max_tokens": 2}, timeout=30)
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "1" and refused.json()["error"]["code"] == "draining"
+        for t in threads:
+            t.join(timeout=180)
+        assert s.process.wait(timeout=60) == 0, s.output()
+    finally:
+        s.stop()
+    assert sorted(results) == [(1500, True, "length")] * 16, results
+    assert "waiting for 16 running request(s)" in s.output() and "drained: every request finished" in s.output()
