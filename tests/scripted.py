@@ -6,13 +6,16 @@ at once with what was expected instead.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from ops.remote.inventory import Host
 from ops.remote.shell import Kind, Say, checked
 from ops.remote.ssh import RemoteResult
+
+T = TypeVar("T")
 
 
 def ok(stdout: str = "") -> RemoteResult:
@@ -27,7 +30,6 @@ def fails(code: int = 1, stdout: str = "") -> RemoteResult:
 class ScriptedShell:
     host: Host
     script: list[tuple[list[str], RemoteResult]]
-    dry_run: bool = False
     said: list[str] = field(default_factory=list)
 
     def run(self, argv: Sequence[str], *, stdin: str | None = None, kind: Kind = "action", what: str = "", allow: Sequence[int] = (),
@@ -51,6 +53,9 @@ class ScriptedShell:
 
     def note(self, line: str) -> None:
         self.said.append(line)
+
+    def local(self, line: str, action: Callable[[], T], *, dry: T) -> T:
+        return action()
 
     def close(self) -> None:
         pass

@@ -34,7 +34,15 @@ def sh(argv: list[str], stdin: str | None = None) -> subprocess.CompletedProcess
 def test_host_variables_have_defaults_and_bad_values_stop_the_run() -> None:
     t = host_target()
     assert (t.port, t.model, t.process_manager, t.app_deps, t.keep_releases, t.engine) == (8000, "demo", "systemd", "wheelhouse", 3, "docker")
+    assert (t.instance_ports, t.rollout, t.hold_timeout, t.drain_seconds) == ((8001, 8002), "blue-green", 300.0, 30.0)
+    assert host_target(port=9000, ready_timeout=60, instance_ports=[7001, "7002"], rollout="hold").instance_ports == (7001, 7002)
+    assert host_target(ready_timeout=60).hold_timeout == 60.0 and host_target(port=65535).instance_ports == (65533, 65534)
     for bad, message in [({"process_manager": "pm2"}, "process_manager 'pm2' is not one of systemd, supervise"),
+                         ({"rollout": "canary"}, "rollout 'canary' is not one of blue-green, hold"),
+                         ({"instance_ports": [8001]}, "a list of two port numbers"),
+                         ({"instance_ports": [8001, 8001]}, "two different ports"),
+                         ({"instance_ports": [8000, 8001]}, "neither of them the public port 8000"),
+                         ({"instance_ports": [8001, "--x"]}, "instance_ports must be a number"),
                          ({"keep_releases": 1}, "at least 2"),
                          ({"port": "http"}, "port must be a number"),
                          ({"secrets": ["HF-TOKEN"]}, "not an environment variable name"),
@@ -67,14 +75,20 @@ def test_secrets_travel_on_stdin_never_in_argv(tmp_path: Path) -> None:
 
 def test_docker_run_argv_and_gpu_flags() -> None:
     t = host_target(runtime="docker", engine="docker", gpus="0,1", models_dir="/data/models", port=9000)
-    assert docker.run_argv(t, "reg/bakehouse:v2") == [
-        "docker", "run", "--detach", "--name", "bakehouse", "--network", "host", "--restart", "on-failure:3", "--env-file", "/opt/bakehouse/bakehouse.env",
-        "--volume", "/data/models:/models", "--gpus", '"device=0,1"', "--label", "bakehouse.deploy=1", "reg/bakehouse:v2",
+    assert docker.run_argv(t, "reg/bakehouse:v2", 9001) == [
+        "docker", "run", "--detach", "--name", "bakehouse-9001", "--network", "host", "--restart", "on-failure:3", "--stop-timeout", "45",
+        "--env-file", "/opt/bakehouse/bakehouse-9001.env", "--volume", "/data/models:/models", "--gpus", '"device=0,1"', "--label", "bakehouse.deploy=1",
+        "reg/bakehouse:v2",
+    ]
+    assert docker.proxy_run_argv(t, "reg/bakehouse:v2") == [
+        "docker", "run", "--detach", "--name", "bakehouse-proxy", "--network", "host", "--restart", "unless-stopped", "--entrypoint", "caddy",
+        "--env", "HOME=/tmp", "--env", "XDG_DATA_HOME=/tmp", "--env", "XDG_CONFIG_HOME=/tmp", "--volume", "/opt/bakehouse/proxy:/etc/bakehouse-proxy:ro",
+        "--label", "bakehouse.deploy=1", "reg/bakehouse:v2", "run", "--config", "/etc/bakehouse-proxy/caddy.json",
     ]
     assert docker.gpu_flags("podman", "all") == ["--device=nvidia.com/gpu=all"]
     assert docker.gpu_flags("docker", "all") == ["--gpus", "all"]
     assert docker.gpu_flags("podman", "") == []
-    assert "--volume" not in docker.run_argv(host_target(runtime="docker", models_volume=False), "x:1")
+    assert "--volume" not in docker.run_argv(host_target(runtime="docker", models_volume=False), "x:1", 8001)
     assert docker.image_ref(t, Registry("reg.example:5000", "", ""), "v2") == "reg.example:5000/bakehouse:v2"
 
 
@@ -82,8 +96,9 @@ def test_bare_app_environment_points_at_current_and_never_fetches() -> None:
     t = host_target(prefix="/srv/bh", port=8100, app_env={"BAKEHOUSE_MAX_BATCH": "8"})
     env = bare.app_env(t)
     assert env["BAKEHOUSE_LOCK"] == "/srv/bh/current/models.lock" and env["BAKEHOUSE_AUTO_FETCH"] == "0" and env["HF_HUB_OFFLINE"] == "1"
-    assert env["PORT"] == "8100" and env["BAKEHOUSE_MAX_BATCH"] == "8"
-    assert bare.app_argv(t) == ["/srv/bh/current/venv/bin/python", "-m", "app.entrypoint"]
+    assert "PORT" not in env and env["BAKEHOUSE_MAX_BATCH"] == "8"
+    assert common.instance_env(t, 8102) == {"HOST": "127.0.0.1", "PORT": "8102", "BAKEHOUSE_DRAIN_SECONDS": "30"}
+    assert bare.app_argv(t, 8101) == ["/srv/bh/instances/8101/venv/bin/python", "-m", "app.entrypoint"]
     assert bare.fetch_argv(t, "v3") == [
         "/srv/bh/releases/v3/venv/bin/python", "-m", "ops.models", "fetch", "--lock", "/srv/bh/releases/v3/models.lock",
         "--manifest", "/srv/bh/releases/v3/models.toml", "--dest", "/srv/models", "--models", "demo", "--json", "--env-stdin",
@@ -91,15 +106,19 @@ def test_bare_app_environment_points_at_current_and_never_fetches() -> None:
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
-def test_systemd_unit_passes_systemd_analyze(tmp_path: Path) -> None:
+def test_systemd_units_pass_systemd_analyze(tmp_path: Path) -> None:
     t = host_target(prefix=str(tmp_path), service="bakehouse-test")
-    (tmp_path / "current" / "venv" / "bin").mkdir(parents=True)
-    (tmp_path / "current" / "venv" / "bin" / "python").symlink_to(shutil.which("python3"))
-    unit = tmp_path / "bakehouse-test.service"
-    unit.write_text(bare.unit_text(t))
-    r = sh(["systemd-analyze", "verify", str(unit)])
+    (tmp_path / "instances" / "8001" / "venv" / "bin").mkdir(parents=True)
+    (tmp_path / "instances" / "8001" / "venv" / "bin" / "python").symlink_to(shutil.which("python3"))
+    (tmp_path / "proxy").mkdir()
+    (tmp_path / "proxy" / "caddy").symlink_to(shutil.which("true"))
+    instance = tmp_path / "bakehouse-test@8001.service"  # the template, as systemd loads it for one instance
+    instance.write_text(bare.unit_text(t))
+    front = tmp_path / "bakehouse-test-proxy.service"
+    front.write_text(bare.proxy_unit_text(t))
+    r = sh(["systemd-analyze", "verify", str(instance), str(front)])
     assert r.returncode == 0, r.stderr
-    assert f"EnvironmentFile={tmp_path}/current/app.env" in unit.read_text() and "Restart=on-failure" in unit.read_text()
+    assert f"EnvironmentFile={tmp_path}/instances/%i.env" in instance.read_text() and "TimeoutStopSec=45" in instance.read_text()
 
 
 def test_lock_is_exclusive_names_its_owner_and_only_the_owner_unlocks(tmp_path: Path) -> None:
@@ -136,7 +155,7 @@ def test_switch_and_prune_on_a_real_tree(tmp_path: Path) -> None:
 def test_dry_shell_assumes_a_fresh_host_and_a_ready_app() -> None:
     t = host_target()
     shell = DryShell(t.host)
-    assert wait_ready(shell, t, bare.alive_argv(t), bare.logs_argv(t)) is None
+    wait_ready(shell, t, 8001, bare.alive_argv(t, 8001), bare.logs_argv(t, 8001))  # no NotReadyError
     assert shell.run(bare.current_argv(t), kind="query").stdout == ""
     assert shell.run(rc.write_file_argv("/x"), stdin="SECRET=1").exit_code == 0
     assert "SECRET" not in "\n".join(shell.lines) and shell.lines[-1].endswith("# stdin: (not shown)")
@@ -148,16 +167,16 @@ def row(name: str, runtime: str, deployment: Deployment | None = None, seconds: 
 
 def test_table_lists_every_host_with_old_new_result_time_and_downtime() -> None:
     why = NotReadyError("h2: the app exited before it became ready", host="h2", reason="the app exited before it became ready")
-    rows = [row("h1", "bare", Deployment("v1", "v2", "deployed", downtime=4.2), 12.3),
-            row("h2", "bare", Deployment("v1", "v2", "rolled back", why, 9.9), 30.0),
+    rows = [row("h1", "bare", Deployment("v1", "v2", "deployed", held=4.2, drained=1.5), 12.3),
+            row("h2", "bare", Deployment("v1", "v2", "rolled back", why, held=9.9), 30.0),
             row("h3", "bare", attempted=False)]
     text = HostResults("deploy", rows, DeployView()).render(as_json=False)
     lines = text.splitlines()
-    assert lines[0].split() == ["host", "runtime", "old", "new", "result", "time", "down"]
-    assert lines[1].split() == ["h1", "bare", "v1", "v2", "deployed", "12.3s", "4.2s"]
-    assert lines[3].split() == ["h3", "bare", "-", "-", "not", "attempted", "0.0s", "-"]
+    assert lines[0].split() == ["host", "runtime", "old", "new", "result", "time", "held", "drained"]
+    assert lines[1].split() == ["h1", "bare", "v1", "v2", "deployed", "12.3s", "4.2s", "1.5s"]
+    assert lines[3].split() == ["h3", "bare", "-", "-", "not", "attempted", "0.0s", "-", "-"]
     assert "3 host(s): 1 failed, 1 not attempted (exit 1)" in text and "h2: the app exited before it became ready" in text
-    assert Deployment("a", "b", "deployed").downtime is None
+    assert Deployment("a", "b", "deployed").held is None
 
 
 def test_the_example_inventory_is_valid_for_deploys() -> None:
@@ -211,52 +230,73 @@ def test_the_gate_probes_ready_and_liveness_in_one_command() -> None:
 def test_json_report_has_a_row_per_host_and_the_exit_code() -> None:
     import json
 
-    rows = [row("h1", "docker", Deployment("v1", "v2", "deployed", downtime=1.5), 3.0), row("h2", "bare", error=DeployLockedError("h2: locked", host="h2", owner="x"))]
+    rows = [row("h1", "docker", Deployment("v1", "v2", "deployed", held=1.5), 3.0), row("h2", "bare", error=DeployLockedError("locked", host="h2", owner="x"))]
     doc = json.loads(HostResults("deploy", rows, DeployView()).render(as_json=True))
     assert doc["command"] == "deploy" and doc["exit_code"] == 5
-    assert [h["result"] for h in doc["hosts"]] == ["deployed", "locked"] and doc["hosts"][0]["downtime"] == 1.5
+    assert [h["result"] for h in doc["hosts"]] == ["deployed", "locked"] and doc["hosts"][0]["held"] == 1.5
+    assert doc["hosts"][1]["error_type"] == "DeployLockedError" and doc["hosts"][1]["error_details"] == {"host": "h2", "owner": "x"}
 
 
-def rollback_script(t, *, previous_comes_back: bool) -> list:
-    """rollback_bare on a host serving v2 whose previous release v1 crashes at start."""
+def start_script(t, port: int, version: str, gate_answer: str, logs: str | None = None) -> list:
+    """What starting `version` on the instance at `port` runs (supervised bare host), up to its /ready gate."""
     from scripted import ok
 
-    def start(version: str, gate_answer: str, logs: str | None = None) -> list:
-        steps = [(bare.switch_argv(t, version), ok()), (bare.supervise_argv(t, "restart"), ok()),
-                 (common.gate_argv(t.host.python, t.port, bare.alive_argv(t)), ok(gate_answer))]
-        return steps + ([(bare.logs_argv(t), ok(logs))] if logs is not None else [])
+    steps = [(bare.point_instance_argv(t, port, version), ok()), (rc.write_file_argv(bare.instance_env_path(t, port)), ok()),
+             *((argv, ok()) for argv in bare.start_argvs(t, port)), (common.gate_argv(t.host.python, port, bare.alive_argv(t, port)), ok(gate_answer))]
+    return steps + ([(bare.logs_argv(t, port), ok(logs))] if logs is not None else [])
+
+
+def rollback_start(t) -> list:
+    """rollback_bare's first steps on a host whose instance on 8001 serves v2, with v1 before it in the history."""
+    from scripted import ok
 
     return [
-        (bare.current_argv(t), ok("v2\n")),
+        (rc.read_argv(bare.active_path(t)), ok("8001\n")),
+        (bare.instance_version_argv(t, 8001), ok("v2\n")),
         (common.history_argv(t.prefix), ok("v1\nv2\n")),
         (rc.exists_argv(f"{t.prefix}/releases/v1/.complete"), ok()),
         (rc.exists_argv(f"{t.prefix}/releases/v1/app.env"), ok()),  # v1 has its own configuration: it is not rewritten
-        *start("v1", "0 connection refused\ndead", "boom: v1 cannot start"),
-        *(start("v2", "200\nalive") if previous_comes_back else start("v2", "0 connection refused\ndead", "boom: v2 is gone too")),
     ]
 
 
-def test_a_rollback_whose_target_never_starts_restores_the_current_release() -> None:
-    from scripted import ScriptedShell
+def test_blue_green_a_rollback_whose_target_never_starts_leaves_the_current_release_serving() -> None:
+    from scripted import ScriptedShell, ok
 
     from ops.deploy.steps import Context, rollback_bare
 
     t = host_target(process_manager="supervise", prefix="/opt/bh")
-    sh = ScriptedShell(t.host, rollback_script(t, previous_comes_back=True))
+    sh = ScriptedShell(t.host, [*rollback_start(t), *start_script(t, 8002, "v1", "0 connection refused\ndead", "boom: v1 cannot start"),
+                                (bare.stop_argv(t, 8002), ok())])
+    d = rollback_bare(sh, t, Context())
+    sh.done()  # v2's instance on 8001 was never stopped
+    assert (d.old, d.new, d.result, d.exit_code, d.held) == ("v2", "v1", "restored", 1, None)
+    assert "the app exited before it became ready. Last log lines: boom: v1 cannot start" in str(d.error)
+
+
+def test_hold_a_rollback_whose_target_never_starts_brings_the_current_release_back() -> None:
+    from scripted import ScriptedShell, ok
+
+    from ops.deploy.steps import Context, rollback_bare
+
+    t = host_target(process_manager="supervise", prefix="/opt/bh", rollout="hold")
+    sh = ScriptedShell(t.host, [*rollback_start(t), (bare.stop_argv(t, 8001), ok()),
+                                *start_script(t, 8002, "v1", "0 connection refused\ndead", "boom: v1 cannot start"), (bare.stop_argv(t, 8002), ok()),
+                                *start_script(t, 8001, "v2", "200\nalive")])
     d = rollback_bare(sh, t, Context())
     sh.done()
-    assert (d.old, d.new, d.result, d.exit_code) == ("v2", "v1", "restored", 1)
-    assert "the app exited before it became ready. Last log lines: boom: v1 cannot start" in str(d.error)
-    assert "switching back to v2" in sh.said
+    assert (d.old, d.new, d.result, d.exit_code) == ("v2", "v1", "restored", 1) and d.held is not None and d.drained is not None
+    assert "starting v2 again" in " ".join(sh.said)
 
 
-def test_a_rollback_where_neither_release_starts_says_so() -> None:
-    from scripted import ScriptedShell
+def test_hold_a_rollback_where_neither_release_starts_says_so() -> None:
+    from scripted import ScriptedShell, ok
 
     from ops.deploy.steps import Context, rollback_bare
 
-    t = host_target(process_manager="supervise", prefix="/opt/bh")
-    sh = ScriptedShell(t.host, rollback_script(t, previous_comes_back=False))
+    t = host_target(process_manager="supervise", prefix="/opt/bh", rollout="hold")
+    sh = ScriptedShell(t.host, [*rollback_start(t), (bare.stop_argv(t, 8001), ok()),
+                                *start_script(t, 8002, "v1", "0 connection refused\ndead", "boom: v1 cannot start"), (bare.stop_argv(t, 8002), ok()),
+                                *start_script(t, 8001, "v2", "0 connection refused\ndead", "boom: v2 is gone too")])
     d = rollback_bare(sh, t, Context())
     sh.done()
     assert (d.result, d.exit_code) == ("failed", 1)
@@ -269,9 +309,25 @@ def test_the_scripted_shell_fails_on_an_unexpected_command() -> None:
     from ops.deploy.steps import Context, rollback_bare
 
     t = host_target(process_manager="supervise")
-    sh = ScriptedShell(t.host, [(bare.current_argv(t), ok("v2\n")), (["true"], ok())])
+    sh = ScriptedShell(t.host, [(rc.read_argv(bare.active_path(t)), ok("8001\n")), (["true"], ok())])
     with pytest.raises(AssertionError, match="expected \\['true'\\]"):
         rollback_bare(sh, t, Context())
+
+
+def test_the_proxy_holds_checks_ready_and_streams_unbuffered() -> None:
+    import json
+
+    from ops.deploy import proxy
+
+    config = json.loads(proxy.config_text(host_target(port=9000, instance_ports=[9101, 9102], hold_timeout=120)))
+    server = config["apps"]["http"]["servers"]["bakehouse"]
+    [handler] = server["routes"][0]["handle"]
+    assert server["listen"] == [":9000"] and config["admin"]["disabled"] is True
+    assert [u["dial"] for u in handler["upstreams"]] == ["127.0.0.1:9101", "127.0.0.1:9102"]
+    assert handler["flush_interval"] == -1 and handler["load_balancing"]["try_duration"] == "120s"
+    assert handler["health_checks"]["active"]["uri"] == "/ready"
+    headers = server["errors"]["routes"][0]["handle"][0]["response"]["set"]
+    assert headers["Retry-After"] == ["5"]
 
 
 def test_gpu_hosts_are_checked_before_anything_stops() -> None:

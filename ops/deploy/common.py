@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from ops.deploy.target import Target
 from ops.errors import ConfigError
 
 LOCKED = 75  # exit status of lock_argv when another deploy holds the lock (EX_TEMPFAIL)
@@ -74,6 +75,11 @@ def previous_version(history: str, current: str | None) -> str | None:
         if version != current:
             return version
     return None
+
+
+def instance_env(t: Target, port: int) -> dict[str, str]:
+    """What makes an app instance itself, on any runtime: its loopback port behind the front proxy, and how long it may drain."""
+    return {"HOST": "127.0.0.1", "PORT": str(port), "BAKEHOUSE_DRAIN_SECONDS": f"{t.drain_seconds:g}"}
 
 
 def env_file(entries: Mapping[str, str]) -> str:

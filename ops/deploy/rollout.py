@@ -176,14 +176,19 @@ def result_of(r: HostResult[Deployment]) -> str:
 
 
 class DeployView:
-    """host | runtime | old | new | result | time | down; why each host failed, below."""
+    """host | runtime | old | new | result | time | held | drained; why each host failed, below.
 
-    header: tuple[str, ...] = ("host", "runtime", "old", "new", "result", "time", "down")
+    `held`: how long the front proxy held new requests (hold rollouts; blue-green holds none: "-"), the most a request waited
+    for the switch. `drained`: how long the old instance took to finish its running requests and stop.
+    """
+
+    header: tuple[str, ...] = ("host", "runtime", "old", "new", "result", "time", "held", "drained")
 
     def rows(self, r: HostResult[Deployment]) -> list[tuple[str, ...]]:
         d = r.value
-        down = "-" if d is None or d.downtime is None else f"{d.downtime:.1f}s"
-        return [(r.host.name, r.host.runtime, (d and d.old) or "-", (d and d.new) or "-", result_of(r), f"{r.seconds:.1f}s", down)]
+        held = "-" if d is None or d.held is None else f"{d.held:.1f}s"
+        drained = "-" if d is None or d.drained is None else f"{d.drained:.1f}s"
+        return [(r.host.name, r.host.runtime, (d and d.old) or "-", (d and d.new) or "-", result_of(r), f"{r.seconds:.1f}s", held, drained)]
 
     def reasons(self, r: HostResult[Deployment]) -> list[str]:
         error = r.error or (r.value.error if r.value is not None else None)
@@ -197,7 +202,7 @@ class DeployView:
     def fields(self, r: HostResult[Deployment]) -> dict[str, Any]:
         d = r.value
         if d is None:
-            return {"old": None, "new": None, "result": result_of(r), "downtime": None}
+            return {"old": None, "new": None, "result": result_of(r), "held": None, "drained": None}
         return d.to_dict() | (error_fields(d.error) if d.error else {})
 
 

@@ -1,21 +1,32 @@
 """One host's deploy or rollback, step by step, against a shell (SSH or dry-run).
 
-Kamal's boot loop, adapted to GPU hosts: a GPU rarely holds two copies of a
-model, so the old app stops before the new one starts; the new one must answer
-/ready within `ready_timeout` (failing fast when it crashes), or the previous
-release or container is put back and must answer /ready in its turn.
+Every app host runs a front proxy on its public port (ops.deploy.proxy) and
+two app instances behind it, on loopback. A deploy puts the new release (bare
+hosts) or image (Docker hosts) in the idle instance and moves the traffic
+without failing a request, by the host's `rollout`:
+
+    blue-green  start the new instance, wait for its /ready, then drain the old one
+                (the proxy sends to whichever instances are ready)
+    hold        drain the old instance (the proxy holds new requests: none is ready),
+                start the new one, and the held requests go to it once it is ready
+
+A new instance that never becomes ready is stopped, and the previous release
+takes the traffic again: with blue-green it never lost it; with hold it is
+started again and the held requests go to it. `invoke rollback` is a deploy of
+the previous release, on the same path.
 """
 
 from __future__ import annotations
 
 import hashlib
+import shlex
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
-from ops.deploy import bare, common, docker
+from ops.deploy import bare, common, docker, proxy
 from ops.deploy.gate import serving, wait_ready
 from ops.deploy.release import Release
 from ops.deploy.target import Target
@@ -51,7 +62,8 @@ class Deployment:
     new: str | None
     result: Result
     error: BakehouseError | None = None  # why it was rolled back or failed
-    downtime: float | None = None  # from stopping the old app to /ready of the new (or of the old, put back)
+    held: float | None = None  # hold: how long the proxy held new requests (the longest any request waited for the switch)
+    drained: float | None = None  # how long the old instance took to finish its running requests and stop
 
     @property
     def exit_code(self) -> int:
@@ -61,12 +73,103 @@ class Deployment:
         return self.result + (f": {self.error}" if self.error else "")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"old": self.old, "new": self.new, "result": self.result, "downtime": self.downtime}
+        return {"old": self.old, "new": self.new, "result": self.result, "held": self.held, "drained": self.drained}
 
 
-def _down_since(d: Deployment, since: float) -> Deployment:
-    d.downtime = time.monotonic() - since
-    return d
+@dataclass(frozen=True)
+class Instance:
+    port: int
+    version: str  # a release (bare) or an image reference (Docker)
+
+
+class Instances(Protocol):
+    """How a host runs the app's instances: bare (systemd or the supervisor) or containers."""
+
+    @property
+    def t(self) -> Target: ...
+
+    def start(self, sh: Shell, port: int, version: str) -> None: ...
+    def stop(self, sh: Shell, port: int) -> None:
+        """SIGTERM and wait: the instance drains (app.drain) before it exits."""
+    def alive_argv(self, port: int) -> list[str]: ...
+    def logs_argv(self, port: int) -> list[str]: ...
+
+
+@dataclass(frozen=True)
+class Switch:
+    """How moving the traffic to a new instance went."""
+
+    ready: bool  # the new instance serves
+    restored: bool  # it did not, and the old one serves (it never stopped, or it came back)
+    failure: NotReadyError | None = None  # why the new instance did not become ready (and, if so, why the old one did not come back)
+    held: float | None = None
+    drained: float | None = None
+
+
+def switch(sh: Shell, inst: Instances, old: Instance | None, version: str) -> Switch:
+    """Serve `version` from the idle instance instead of `old`, by the host's rollout; the old one is drained, or serves again if the new one fails."""
+    t = inst.t
+    idle = next(p for p in t.instance_ports if old is None or p != old.port)
+    if old is None or t.rollout == "blue-green":
+        return _blue_green(sh, inst, old, idle, version)
+    return _hold(sh, inst, old, idle, version)
+
+
+def _blue_green(sh: Shell, inst: Instances, old: Instance | None, idle: int, version: str) -> Switch:
+    sh.say(f"starting {version} on port {idle}" + (f" beside {old.version} on port {old.port}" if old else ""))
+    try:
+        _start_ready(sh, inst, idle, version)
+    except NotReadyError as exc:
+        inst.stop(sh, idle)
+        return Switch(ready=False, restored=old is not None, failure=exc)
+    drained = _drain(sh, inst, old) if old else None
+    return Switch(ready=True, restored=False, drained=drained)
+
+
+def _hold(sh: Shell, inst: Instances, old: Instance, idle: int, version: str) -> Switch:
+    sh.say(f"holding requests: draining {old.version} on port {old.port}, then starting {version} on port {idle}")
+    held_from = time.monotonic()
+    drained = _drain(sh, inst, old)
+    try:
+        _start_ready(sh, inst, idle, version)
+        return Switch(ready=True, restored=False, held=time.monotonic() - held_from, drained=drained)
+    except NotReadyError as exc:
+        inst.stop(sh, idle)
+        sh.say(f"{version} did not become ready; starting {old.version} again")
+        try:
+            _start_ready(sh, inst, old.port, old.version)
+        except NotReadyError as again:
+            reason = f"{exc.reason}; {old.version} did not come back either: {again.reason}"
+            return Switch(ready=False, restored=False, failure=NotReadyError(reason, host=inst.t.name, reason=reason), held=None, drained=drained)
+        return Switch(ready=False, restored=True, failure=exc, held=time.monotonic() - held_from, drained=drained)
+
+
+def _start_ready(sh: Shell, inst: Instances, port: int, version: str) -> None:
+    inst.start(sh, port, version)
+    wait_ready(sh, inst.t, port, inst.alive_argv(port), inst.logs_argv(port))
+
+
+def _drain(sh: Shell, inst: Instances, old: Instance) -> float:
+    started = time.monotonic()
+    inst.stop(sh, old.port)
+    return time.monotonic() - started
+
+
+def outcome(sw: Switch, old: str | None, new: str, *, done: Result, back: Result) -> Deployment:
+    """The host's row: `done` when the new one serves, `back` when the old one does, else failed."""
+    if sw.ready:
+        return Deployment(old, new, done, held=sw.held, drained=sw.drained)
+    return Deployment(old, new, back if sw.restored else "failed", sw.failure, held=sw.held, drained=sw.drained)
+
+
+def active(sh: Shell, path: str, ports: tuple[int, int]) -> int | None:
+    """The port the last deploy made active, if it is one of the host's instance ports."""
+    text = sh.run(rc.read_argv(path), kind="query").stdout.strip()
+    return int(text) if text.isdigit() and int(text) in ports else None
+
+
+def proxy_digest(*texts: str) -> str:
+    return hashlib.sha256("\0".join(texts).encode()).hexdigest()[:16]
 
 
 # --- bare hosts --------------------------------------------------------------
@@ -118,12 +221,12 @@ def _upload(sh: Shell, files: list[Path], directory: str) -> int:
 
 
 def fetch_release_models(sh: Shell, t: Target, rel: Release, ctx: Context) -> None:
-    """Fetch and verify the release's model before anything stops: a failed download leaves the old app serving."""
+    """Fetch and verify the release's model before anything stops: a failed download leaves the old instance serving."""
     env = {**ctx.forwarded, **({"HF_TOKEN": ctx.token} if ctx.token else {})}
     result = sh.run(bare.fetch_argv(t, rel.version), stdin=env_lines(env), kind="report")
     failures = parse_report(t.name, result.stdout, result.stderr).failures()
     if failures:
-        raise rebuild({**failures[0].to_dict(), "message": f"fetching {t.model} failed: {failures[0]}"}) from failures[0]
+        raise rebuild({**failures[0].to_dict(), **failures[0].details(), "message": f"fetching {t.model} failed: {failures[0]}"}) from failures[0]
 
 
 def config_text(t: Target, ctx: Context) -> str:
@@ -148,55 +251,100 @@ def ensure_config(sh: Shell, t: Target, version: str, ctx: Context) -> None:
         write_config(sh, t, version, config_text(t, ctx))
 
 
-def start_bare(sh: Shell, t: Target, version: str) -> tuple[str | None, float]:
-    """Switch `current` (and with it the configuration), restart, wait for /ready: (None when ready, else why not; when the old app was stopped)."""
-    if t.process_manager == "systemd":
-        sh.run(rc.write_file_argv(bare.unit_path(t)), stdin=bare.unit_text(t), what="write the systemd unit")
+@dataclass(frozen=True)
+class BareInstances:
+    t: Target
+
+    def start(self, sh: Shell, port: int, version: str) -> None:
+        t = self.t
+        sh.run(bare.point_instance_argv(t, port, version), what=f"point the instance on port {port} at {version}")
+        sh.run(rc.write_file_argv(bare.instance_env_path(t, port)), stdin=common.env_file(common.instance_env(t, port)), what="write the instance's settings")
+        for argv in bare.start_argvs(t, port):
+            sh.run(argv, what=f"start the instance on port {port}")
+
+    def stop(self, sh: Shell, port: int) -> None:
+        sh.run(bare.stop_argv(self.t, port), what=f"drain and stop the instance on port {port}")
+
+    def alive_argv(self, port: int) -> list[str]:
+        return bare.alive_argv(self.t, port)
+
+    def logs_argv(self, port: int) -> list[str]:
+        return bare.logs_argv(self.t, port)
+
+
+def bare_proxy(sh: Shell, t: Target, rel_python: str, deps_digest: str) -> None:
+    """The front proxy, installed and running with this host's configuration; restarted only when its binary or configuration changed."""
+    d = proxy.proxy_dir(t)
+    sh.run(rc.mkdir_argv(f"{d}/data"), what="create the proxy's directory")
+    for argv in bare.retire_legacy_argvs(t):
+        sh.run(argv, what="retire the app that ran on the public port before the front proxy")
+    changed = sh.run(bare.install_proxy_argv(t, deps_digest), what="install the front proxy (Caddy)").stdout.strip() == "changed"
+    config = proxy.config_text(t)
+    unit = bare.proxy_unit_text(t) + bare.unit_text(t) if t.process_manager == "systemd" else bare.proxy_env(t)
+    digest = proxy_digest(config, unit)
+    if sh.run(rc.marked_argv(f"{d}/config.digest", digest), kind="query").exit_code != 0:
+        sh.run(rc.write_file_argv(proxy.config_path(t), public=True), stdin=config, what="write the proxy's configuration")
+        if t.process_manager == "systemd":
+            sh.run(rc.write_file_argv(f"/etc/systemd/system/{bare.proxy_unit(t)}", public=True), stdin=bare.proxy_unit_text(t), what="write the proxy's unit")
+            sh.run(rc.write_file_argv(bare.unit_path(t), public=True), stdin=bare.unit_text(t), what="write the instances' unit")
+        else:
+            sh.run(rc.write_file_argv(f"{d}/env"), stdin=bare.proxy_env(t), what="write the proxy's environment")
+        changed = True
+    for argv in bare.daemon_reload_argvs(t):
+        sh.run(argv, what="reload systemd's units")
+    if changed or sh.run(bare.proxy_alive_argv(t, rel_python), kind="query").exit_code != 0:
+        for argv in bare.proxy_start_argvs(t, rel_python):
+            sh.run(argv, what="start the front proxy")
+        sh.run(rc.mark_argv(f"{d}/config.digest", digest), what="record the proxy's configuration")
+
+
+def _running_bare(sh: Shell, t: Target) -> Instance | None:
+    port = active(sh, bare.active_path(t), t.instance_ports)
+    version = sh.run(bare.instance_version_argv(t, port), kind="query").stdout.strip() if port else ""
+    return Instance(port, version) if port and version else None
+
+
+def _activate_bare(sh: Shell, t: Target, port: int, version: str) -> None:
+    sh.run(rc.write_value_argv(bare.active_path(t), str(port)), what="record the active instance")
     sh.run(bare.switch_argv(t, version), what="switch current")
-    stopped = time.monotonic()
-    for argv in bare.restart_argvs(t):
-        sh.run(argv, what="restart the app")
-    return wait_ready(sh, t, bare.alive_argv(t), bare.logs_argv(t)), stopped
+    sh.run(common.record_argv(t.prefix, version, bare.config_mark(t, version)), what="record the release")
 
 
 def deploy_bare(sh: Shell, t: Target, ctx: Context) -> Deployment:
     rel = ctx.release
     assert rel is not None  # plan() builds one whenever a bare host is deployed
     config = config_text(t, ctx)
-    old = sh.run(bare.current_argv(t), kind="query").stdout.strip() or None
-    if old == rel.version and serving(sh, t, bare.alive_argv(t)) and _installed(sh, t, rel) and _configured(sh, t, rel.version, config):
-        return Deployment(old, rel.version, "unchanged")
+    old = _running_bare(sh, t)
     install_release(sh, t, rel)
+    bare_proxy(sh, t, bare.release_python(t, rel.version), rel.deps.digest)
+    if old and old.version == rel.version and serving(sh, t, old.port, bare.alive_argv(t, old.port)) and _configured(sh, t, rel.version, config):
+        return Deployment(old.version, rel.version, "unchanged")
     fetch_release_models(sh, t, rel, ctx)
     write_config(sh, t, rel.version, config)
-    sh.say(f"starting {rel.version}" + (f" in place of {old}" if old else ""))
-    why, since = start_bare(sh, t, rel.version)
-    if why is None:
-        done = _down_since(Deployment(old, rel.version, "deployed"), since)
-        sh.run(common.record_argv(t.prefix, rel.version, bare.config_mark(t, rel.version)), what="record the release")
-        _prune(sh, t, rel.version, old)
-        return done
-
-    def restore(version: str) -> str | None:
-        ensure_config(sh, t, version, ctx)
-        return start_bare(sh, t, version)[0]
-
-    return _down_since(fall_back(sh, t, old, rel.version, why, restore, lambda: sh.run(bare.stop_argv(t), kind="query")), since)
+    sw = switch(sh, BareInstances(t), old, rel.version)
+    if sw.ready:
+        _activate_bare(sh, t, _other(t, old), rel.version)
+        _prune(sh, t, rel.version, old.version if old else None)
+    return outcome(sw, old.version if old else None, rel.version, done="deployed", back="rolled back")
 
 
 def rollback_bare(sh: Shell, t: Target, ctx: Context) -> Deployment:
-    current = sh.run(bare.current_argv(t), kind="query").stdout.strip() or None
+    old = _running_bare(sh, t)
+    current = old.version if old else None
     target = common.previous_version(sh.run(common.history_argv(t.prefix), kind="query").stdout, current)
     if target is None or sh.run(rc.exists_argv(f"{bare.release_dir(t, target)}/.complete"), kind="query").exit_code != 0:
         raise ConfigError(f"no previous release to roll back to (current: {current or 'none'}).")
     sh.say(f"rolling back {current} -> {target}")
     ensure_config(sh, t, target, ctx)
-    why, since = start_bare(sh, t, target)
-    if why is None:
-        done = _down_since(Deployment(current, target, "reverted"), since)
-        sh.run(common.record_argv(t.prefix, target, bare.config_mark(t, target)), what="record the release")
-        return done
-    return _down_since(fall_back(sh, t, current, target, why, lambda v: start_bare(sh, t, v)[0], lambda: None, back="restored"), since)
+    sw = switch(sh, BareInstances(t), old, target)
+    if sw.ready:
+        _activate_bare(sh, t, _other(t, old), target)
+    return outcome(sw, current, target, done="reverted", back="restored")
+
+
+def _other(t: Target, old: Instance | None) -> int:
+    """The instance a switch starts: the one that is not `old`'s (the first one on a new host)."""
+    return next(p for p in t.instance_ports if old is None or p != old.port)
 
 
 def _configured(sh: Shell, t: Target, version: str, config: str) -> bool:
@@ -215,38 +363,86 @@ def _prune(sh: Shell, t: Target, new: str, old: str | None) -> None:
 
 # --- docker hosts ------------------------------------------------------------
 
-def start_docker(sh: Shell, t: Target, ref: str, ctx: Context) -> tuple[str | None, float]:
-    """Write the env file, set the serving container aside, run the new one, wait for /ready."""
-    env = {**docker.app_env(t, ctx.forwarded), **({"HF_TOKEN": ctx.token} if ctx.token else {}), **ctx.secrets}
-    sh.run(rc.write_file_argv(docker.env_path(t)), stdin=common.env_file(env), what="write the env file")
-    stopped = time.monotonic()
-    for argv in docker.retire_argvs(t):
-        sh.run(argv, what="stop the serving container")
-    sh.run(docker.run_argv(t, ref), what=f"start {ref}")
-    return wait_ready(sh, t, docker.alive_argv(t), docker.logs_argv(t)), stopped
+@dataclass(frozen=True)
+class DockerInstances:
+    t: Target
+    ctx: Context
+
+    def start(self, sh: Shell, port: int, version: str) -> None:
+        t, ctx = self.t, self.ctx
+        env = {**docker.app_env(t, ctx.forwarded), **({"HF_TOKEN": ctx.token} if ctx.token else {}), **ctx.secrets, **common.instance_env(t, port)}
+        sh.run(rc.write_file_argv(docker.instance_env_path(t, port)), stdin=common.env_file(env), what="write the instance's env file")
+        sh.run(docker.remove_argv(t, docker.instance(t, port)), what="clear a stopped container of this instance")
+        sh.run(docker.run_argv(t, version, port), what=f"start {version} on port {port}")
+
+    def stop(self, sh: Shell, port: int) -> None:
+        sh.run(docker.stop_argv(self.t, port), what=f"drain and stop the instance on port {port}")
+
+    def alive_argv(self, port: int) -> list[str]:
+        return docker.alive_argv(self.t, port)
+
+    def logs_argv(self, port: int) -> list[str]:
+        return docker.logs_argv(self.t, port)
+
+
+def docker_proxy(sh: Shell, t: Target, ref: str) -> None:
+    """The front proxy's container (Caddy from the app image), running with this host's configuration; recreated only when that changed."""
+    d = proxy.proxy_dir(t)
+    config = proxy.config_text(t)
+    digest = proxy_digest(config, shlex.join(docker.proxy_run_argv(t, "IMAGE")))  # its flags, not the image: a new image does not restart it
+    changed = sh.run(rc.marked_argv(f"{d}/config.digest", digest), kind="query").exit_code != 0
+    if changed:
+        sh.run(rc.write_file_argv(proxy.config_path(t), public=True), stdin=config, what="write the proxy's configuration")
+    if changed or sh.run(docker.proxy_alive_argv(t), kind="query").exit_code != 0:
+        for argv in docker.retire_legacy_argvs(t):
+            sh.run(argv, what="retire the container that ran on the public port before the front proxy")
+        sh.run(docker.proxy_remove_argv(t), what="remove the old proxy container")
+        sh.run(docker.proxy_run_argv(t, ref), what="start the front proxy (Caddy)")
+        sh.run(rc.mark_argv(f"{d}/config.digest", digest), what="record the proxy's configuration")
+
+
+def _running_docker(sh: Shell, t: Target) -> Instance | None:
+    port = active(sh, docker.active_path(t), t.instance_ports)
+    ref = sh.run(docker.running_image_argv(t, port), kind="query").stdout.strip() if port else ""
+    return Instance(port, ref) if port and ref else None
+
+
+def _activate_docker(sh: Shell, t: Target, port: int, ref: str) -> None:
+    sh.run(rc.write_value_argv(docker.active_path(t), str(port)), what="record the active instance")
+    sh.run(common.record_argv(t.prefix, ref), what="record the release")
 
 
 def deploy_docker(sh: Shell, t: Target, ctx: Context) -> Deployment:
     assert ctx.registry is not None and ctx.tag is not None  # plan() sets both whenever a Docker host is deployed
     ref = docker.image_ref(t, ctx.registry, ctx.tag)
-    old = sh.run(docker.running_image_argv(t), kind="query").stdout.strip() or None
     sh.run(docker.mkdir_argv(t), what="create directories")
+    sh.run(rc.mkdir_argv(proxy.proxy_dir(t)), what="create the proxy's directory")
+    old = _running_docker(sh, t)
     _pull(sh, t, ctx, ref)
-    if old == ref and serving(sh, t, docker.alive_argv(t)):
-        return Deployment(_tag(old), _tag(ref), "unchanged")
-    sh.say(f"starting {ref}" + (f" in place of {old}" if old else ""))
-    return _swap_container(sh, t, ctx, old, ref, done="deployed", back="rolled back")
+    docker_proxy(sh, t, ref)
+    if old and old.version == ref and serving(sh, t, old.port, docker.alive_argv(t, old.port)):
+        return Deployment(_tag(old.version), _tag(ref), "unchanged")
+    check_gpus(sh, t)
+    sw = switch(sh, DockerInstances(t, ctx), old, ref)
+    if sw.ready:
+        _activate_docker(sh, t, _other(t, old), ref)
+    return outcome(sw, _tag(old.version) if old else None, _tag(ref) or ref, done="deployed", back="rolled back")
 
 
 def rollback_docker(sh: Shell, t: Target, ctx: Context) -> Deployment:
-    current = sh.run(docker.running_image_argv(t), kind="query").stdout.strip() or None
+    old = _running_docker(sh, t)
+    current = old.version if old else None
     target = common.previous_version(sh.run(common.history_argv(t.prefix), kind="query").stdout, current)
     if target is None:
         raise ConfigError(f"no previous image to roll back to (current: {current or 'none'}).")
     if sh.run(docker.image_present_argv(t, target), kind="query").exit_code != 0:
         _pull(sh, t, ctx, target)
     sh.say(f"rolling back {current} -> {target}")
-    return _swap_container(sh, t, ctx, current, target, done="reverted", back="restored")
+    check_gpus(sh, t)
+    sw = switch(sh, DockerInstances(t, ctx), old, target)
+    if sw.ready:
+        _activate_docker(sh, t, _other(t, old), target)
+    return outcome(sw, _tag(current), _tag(target) or target, done="reverted", back="restored")
 
 
 def check_gpus(sh: Shell, t: Target) -> None:
@@ -259,19 +455,6 @@ def check_gpus(sh: Shell, t: Target) -> None:
                               "Install the NVIDIA driver and toolkit there, or set gpus to \"\" for a CPU host.", host=t.name, step="gpu check")
 
 
-def _swap_container(sh: Shell, t: Target, ctx: Context, old: str | None, ref: str, *, done: Result, back: Result) -> Deployment:
-    """Start `ref` in place of the serving container; keep it if ready, else put the old one back."""
-    check_gpus(sh, t)
-    why, since = start_docker(sh, t, ref, ctx)
-    if why is None:
-        d = _down_since(Deployment(_tag(old), _tag(ref), done), since)
-        sh.run(docker.remove_argv(t, docker.previous(t)), what="remove the previous container")
-        sh.run(common.record_argv(t.prefix, ref), what="record the release")
-        return d
-    d = fall_back(sh, t, _tag(old), _tag(ref), why, lambda _: _restore_container(sh, t), lambda: sh.run(docker.remove_argv(t, t.container), kind="query"), back=back)
-    return _down_since(d, since)
-
-
 def _pull(sh: Shell, t: Target, ctx: Context, ref: str) -> None:
     assert ctx.registry is not None
     if ctx.registry.user:
@@ -279,31 +462,8 @@ def _pull(sh: Shell, t: Target, ctx: Context, ref: str) -> None:
     sh.run(docker.pull_argv(t, ctx.registry, ref), what=f"pull {ref}")
 
 
-def _restore_container(sh: Shell, t: Target) -> str | None:
-    for argv in docker.restore_argvs(t):
-        sh.run(argv, what="restore the previous container")
-    return wait_ready(sh, t, docker.alive_argv(t), docker.logs_argv(t))
-
-
 def _tag(ref: str | None) -> str | None:
     return ref.rsplit(":", 1)[-1] if ref and ":" in ref.rsplit("/", 1)[-1] else ref
-
-
-# --- both --------------------------------------------------------------------
-
-def fall_back(sh: Shell, t: Target, old: str | None, new: str | None, why: str, restore: Callable[[str], str | None], discard: Callable[[], object],
-              back: Result = "rolled back") -> Deployment:
-    """The new release never became ready: put the old one back (it must become ready too), or stop the new one when there is none."""
-    sh.say(f"{new} did not become ready: {why}")
-    if old is None:
-        discard()
-        return Deployment(None, new, "failed", NotReadyError(f"{why}", host=t.name, reason=why))
-    sh.say(f"switching back to {old}")
-    again = restore(old)
-    if again is None:
-        return Deployment(old, new, back, NotReadyError(f"{why}", host=t.name, reason=why))
-    reason = f"{why}; {old} did not come back either: {again}"
-    return Deployment(old, new, "failed", NotReadyError(f"{reason}", host=t.name, reason=reason))
 
 
 STEPS: dict[tuple[DeployCommand, str], Callable[[Shell, Target, Context], Deployment]] = {

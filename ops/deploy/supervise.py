@@ -1,14 +1,16 @@
 """The fallback process manager for bare hosts without systemd (`process_manager: supervise`).
 
-    python -m ops.deploy.supervise start|restart --run-dir D --env-file F -- ARGV…
-    python -m ops.deploy.supervise stop|status --run-dir D
+    python -m ops.deploy.supervise start|restart --run-dir D --env-file F [--env-file F2] [--stop-timeout S] -- ARGV…
+    python -m ops.deploy.supervise stop|status --run-dir D [--stop-timeout S]
 
 `start` detaches a small supervisor (its own session, so it outlives the SSH
-connection) that runs ARGV with the env file's variables, logs to D/app.log,
-and restarts it when it exits, at most 3 times a minute (as systemd's
-StartLimitBurst). `status` exits 0 only while the supervisor runs and the app
-has not exited since it was started: the deploy's health gate fails fast on a
-release that crashes at start instead of waiting out its timeout.
+connection) that runs ARGV with the env files' variables (a later file wins),
+logs to D/app.log, and restarts it when it exits, at most 3 times a minute (as
+systemd's StartLimitBurst). `stop` sends SIGTERM and waits up to the stop
+timeout (the app drains meanwhile), then kills. `status` exits 0 only while
+the supervisor runs and the app has not exited since it was started: the
+deploy's health gate fails fast on a release that crashes at start instead of
+waiting out its timeout.
 """
 
 from __future__ import annotations
@@ -23,6 +25,13 @@ import time
 from pathlib import Path
 
 BURST, WINDOW_S, STOP_TIMEOUT_S = 3, 60.0, 30.0
+
+
+def read_env_files(paths: list[Path]) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for path in paths:
+        env |= read_env_file(path)
+    return env
 
 
 def read_env_file(path: Path) -> dict[str, str]:
@@ -56,7 +65,7 @@ def _write_state(run_dir: Path, **state: object) -> None:
     tmp.replace(run_dir / "state.json")
 
 
-def start(run_dir: Path, env_file: Path, argv: list[str]) -> int:
+def start(run_dir: Path, env_files: list[Path], argv: list[str], stop_timeout: float) -> int:
     if _pid(run_dir):
         print(f"already running (pid {_pid(run_dir)}); use restart", file=sys.stderr)
         return 1
@@ -64,19 +73,20 @@ def start(run_dir: Path, env_file: Path, argv: list[str]) -> int:
     _write_state(run_dir, starts=0, exits=0)
     log = (run_dir / "app.log").open("ab")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "ops.deploy.supervise", "_loop", "--run-dir", str(run_dir), "--env-file", str(env_file), "--", *argv],
+        [sys.executable, "-m", "ops.deploy.supervise", "_loop", "--run-dir", str(run_dir), *(f"--env-file={f}" for f in env_files),
+         f"--stop-timeout={stop_timeout:g}", "--", *argv],
         stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, close_fds=True,
     )
     (run_dir / "supervise.pid").write_text(str(proc.pid))
     return 0
 
 
-def stop(run_dir: Path) -> int:
+def stop(run_dir: Path, stop_timeout: float) -> int:
     pid = _pid(run_dir)
     if pid is None:
         return 0
     os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + STOP_TIMEOUT_S + 5
+    deadline = time.monotonic() + stop_timeout + 5
     while _pid(run_dir) == pid and time.monotonic() < deadline:
         time.sleep(0.1)
     if _pid(run_dir) == pid:  # it ignored SIGTERM: take the whole session down
@@ -92,7 +102,7 @@ def status(run_dir: Path) -> int:
     return 0 if up else 1
 
 
-def loop(run_dir: Path, env_file: Path, argv: list[str]) -> int:
+def loop(run_dir: Path, env_files: list[Path], argv: list[str], stop_timeout: float) -> int:
     """Run the app, restart it when it exits, give up after BURST exits within WINDOW_S."""
     child: subprocess.Popen | None = None
     stopping = False
@@ -107,13 +117,13 @@ def loop(run_dir: Path, env_file: Path, argv: list[str]) -> int:
     exits: list[float] = []
     starts = 0
     while not stopping:
-        env = {k: os.environ[k] for k in ("PATH", "HOME", "LANG") if k in os.environ} | read_env_file(env_file)
+        env = {k: os.environ[k] for k in ("PATH", "HOME", "LANG") if k in os.environ} | read_env_files(env_files)
         child = subprocess.Popen(argv, env=env, process_group=0)
         starts += 1
         _write_state(run_dir, starts=starts, exits=len(exits), child=child.pid)
         while True:
             try:
-                code = child.wait(timeout=STOP_TIMEOUT_S if stopping else None)
+                code = child.wait(timeout=stop_timeout if stopping else None)
                 break
             except subprocess.TimeoutExpired:
                 os.killpg(child.pid, signal.SIGKILL)
@@ -138,16 +148,17 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m ops.deploy.supervise")
     ap.add_argument("action", choices=["start", "stop", "restart", "status", "_loop"])
     ap.add_argument("--run-dir", type=Path, required=True)
-    ap.add_argument("--env-file", type=Path)
+    ap.add_argument("--env-file", type=Path, action="append", default=[])
+    ap.add_argument("--stop-timeout", type=float, default=STOP_TIMEOUT_S)
     args = ap.parse_args(ours)
-    if args.action in ("start", "restart", "_loop") and (not command or args.env_file is None):
+    if args.action in ("start", "restart", "_loop") and (not command or not args.env_file):
         ap.error(f"{args.action} needs --env-file and the command after --")
     if args.action == "_loop":
-        return loop(args.run_dir, args.env_file, command)
+        return loop(args.run_dir, args.env_file, command, args.stop_timeout)
     if args.action in ("stop", "restart"):
-        stop(args.run_dir)
+        stop(args.run_dir, args.stop_timeout)
     if args.action in ("start", "restart"):
-        return start(args.run_dir, args.env_file, command)
+        return start(args.run_dir, args.env_file, command, args.stop_timeout)
     return status(args.run_dir) if args.action == "status" else 0
 
 

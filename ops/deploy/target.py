@@ -17,6 +17,8 @@ from ops.models.values import NAME
 from ops.remote.inventory import Host
 
 ProcessManager = Literal["systemd", "supervise"]
+Strategy = Literal["blue-green", "hold"]  # blue-green: two copies fit; hold: one GPU, one copy (the proxy holds requests while it reloads)
+STRATEGIES: tuple[Strategy, ...] = ("blue-green", "hold")
 AppDeps = Literal["wheelhouse", "system"]  # system: the host's own site-packages (a CUDA torch installed there)
 PROCESS_MANAGERS: tuple[ProcessManager, ...] = ("systemd", "supervise")
 APP_DEPS: tuple[AppDeps, ...] = ("wheelhouse", "system")
@@ -27,9 +29,13 @@ _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 @dataclass(frozen=True)
 class Target:
     host: Host
-    port: int = 8000
+    port: int = 8000  # the front proxy's: what clients use
+    instance_ports: tuple[int, int] = (8001, 8002)  # the app's two instances, on loopback behind the proxy
+    rollout: Strategy = "blue-green"
     model: str = "demo"
     ready_timeout: float = 300.0
+    hold_timeout: float = 300.0  # hold: how long the proxy holds a request while no instance is ready (default: ready_timeout)
+    drain_seconds: float = 30.0  # how long a stopping instance may take to finish its running requests
     keep_releases: int = 3
     secrets: tuple[str, ...] = ()  # names of variables copied from this machine's environment into the host's 0600 env file
     app_env: dict[str, str] = field(default_factory=dict)  # plain settings for the app (BAKEHOUSE_MAX_BATCH, …)
@@ -55,15 +61,26 @@ class Target:
     def prefix(self) -> str:
         return self.host.prefix
 
+    @property
+    def stop_timeout(self) -> int:
+        """What stopping an instance waits for: its drain, the deregistration second, and the release of the model."""
+        return int(self.drain_seconds) + 15
+
 
 def target(host: Host, default_model: str) -> Target:
     """The host's deploy variables, each checked: a value that could become an option, a path or a line of shell never gets through."""
     v = host.vars
+    port = _int(host, v, "port", 8000, 1, 65535)
+    ready_timeout = float(_int(host, v, "ready_timeout", 300, 1, 86400))
     t = Target(
         host=host,
-        port=_int(host, v, "port", 8000, 1, 65535),
+        port=port,
+        instance_ports=_instance_ports(host, v, port),
+        rollout=_choice(host, v, "rollout", STRATEGIES),
         model=_match(host, v, "model", NAME, default_model),
-        ready_timeout=float(_int(host, v, "ready_timeout", 300, 1, 86400)),
+        ready_timeout=ready_timeout,
+        hold_timeout=float(_int(host, v, "hold_timeout", int(ready_timeout), 1, 86400)),
+        drain_seconds=float(_int(host, v, "drain_seconds", 30, 0, 86400)),
         keep_releases=_int(host, v, "keep_releases", 3, 2, 1000),
         secrets=tuple(_env_name(host, "secrets", x) for x in _list(host, v, "secrets")),
         app_env=_app_env(host, v.get("app_env")),
@@ -87,6 +104,18 @@ _UNIT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,127}$")
 _CONTAINER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _IMAGE_REPO = re.compile(r"^[a-z0-9][a-z0-9._-]*(:[0-9]+)?(/[a-z0-9][a-z0-9._-]*)*$")  # a repository without tag, optionally with a registry host
 _GPUS = re.compile(r"^(|all|none|[A-Za-z0-9][A-Za-z0-9-]*(,[A-Za-z0-9][A-Za-z0-9-]*)*)$")
+
+
+def _instance_ports(host: Host, v: dict[str, Any], port: int) -> tuple[int, int]:
+    """Two loopback ports for the app's instances: `instance_ports: [A, B]`, else the two ports after the public one."""
+    default = [port + 1, port + 2] if port <= 65533 else [port - 2, port - 1]
+    value = v.get("instance_ports", default)
+    if not isinstance(value, list) or len(value) != 2:
+        raise ConfigError(f"{host.name}: instance_ports must be a list of two port numbers, not {value!r}.")
+    a, b = (_int(host, {"instance_ports": x}, "instance_ports", 0, 1, 65535) for x in value)
+    if len({a, b, port}) != 3:
+        raise ConfigError(f"{host.name}: instance_ports {[a, b]} must be two different ports, neither of them the public port {port}.")
+    return a, b
 
 
 def _int(host: Host, v: dict[str, Any], key: str, default: int, low: int, high: int) -> int:

@@ -16,7 +16,7 @@ from ops.remote.inventory import Host
 # Only these reach the remote model commands; HF_TOKEN goes on stdin instead.
 FORWARDED_ENV = ("HF_ENDPOINT", "HF_HUB_OFFLINE", "HF_HUB_DISABLE_XET", "HF_HUB_DISABLE_TELEMETRY")
 # Secrets arrive on stdin; umask makes the file 0600 from its first byte.
-_WRITE = 'umask 077 && mkdir -p "$(dirname "$1")" && cat > "$1.tmp" && mv -f "$1.tmp" "$1"'
+_WRITE = 'umask {mask} && mkdir -p "$(dirname "$1")" && cat > "$1.tmp" && mv -f "$1.tmp" "$1"'
 
 
 def forwarded_env() -> dict[str, str]:
@@ -28,9 +28,19 @@ def mkdir_argv(*paths: str) -> list[str]:
     return ["mkdir", "-p", *paths]
 
 
-def write_file_argv(path: str) -> list[str]:
-    """Write stdin to `path` (0600, atomically): how env files and secrets reach a host, never through argv."""
-    return ["sh", "-c", _WRITE, "sh", path]
+def write_file_argv(path: str, *, public: bool = False) -> list[str]:
+    """Write stdin to `path` (0600, atomically): how env files and secrets reach a host, never through argv. `public`: 0644 (a proxy's config)."""
+    return ["sh", "-c", _WRITE.format(mask="022" if public else "077"), "sh", path]
+
+
+def read_argv(path: str) -> list[str]:
+    """A small state file's content (empty output when it does not exist)."""
+    return ["sh", "-c", 'cat "$1" 2>/dev/null || true', "sh", path]
+
+
+def write_value_argv(path: str, value: str) -> list[str]:
+    """A small state file, replaced atomically."""
+    return ["sh", "-c", 'printf "%s\\n" "$2" > "$1.new" && mv -f "$1.new" "$1"', "sh", path, value]
 
 
 def exists_argv(path: str) -> list[str]:
