@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+
 DEMO = ROOT / "demo" / "demo-tiny"
 RESULTS = ROOT / "bench" / "results"
 

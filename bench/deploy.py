@@ -21,19 +21,14 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
-
-from common import DEMO, machine, markdown_table, random_lm, save_results
-from helpers import Project
-from sshhosts import client_keys, ensure_host_image, start_host
-
+from bench.common import DEMO, ROOT, machine, markdown_table, random_lm, save_results
 from ops.localhub import LocalHub
 from ops.net import free_port
+from testbed.helpers import Project
+from testbed.sshhosts import client_keys, ensure_host_image, start_host
 
 WORK = ROOT / "bench" / "work" / "deploy"
 INVOKE = [sys.executable, "-m", "invoke", "--search-root", str(ROOT)]

@@ -27,16 +27,12 @@ import huggingface_hub
 import torch
 from safetensors.torch import save_file
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
-
-from common import machine, markdown_table, save_results  # noqa: E402
-from proxy import Proxy  # noqa: E402
-
-from ops.localhub import LocalHub  # noqa: E402
-from ops.models.lock import load_lock  # noqa: E402
-from ops.models.store import Store  # noqa: E402
-from ops.models.verify import verify  # noqa: E402
+from bench.common import ROOT, machine, markdown_table, save_results
+from ops.localhub import LocalHub
+from ops.models.lock import load_lock
+from ops.models.store import Store
+from ops.models.verify import verify
+from testbed.proxy import Proxy
 
 WORK = ROOT / "bench" / "work"
 PY = sys.executable
@@ -134,7 +130,7 @@ def measure(args: argparse.Namespace, files: dict[str, Path], total: int, hub: L
     # (c) full verify, files in the page cache for every tool.
     shards = sorted(str(p) for p in (store / "bench" / "current").glob("*.safetensors"))
     verify_cli = [PY, "-m", "ops.models", "verify", "--full", "--models", "bench", "--lock", str(proj / "models.lock"), "--manifest", str(proj / "models.toml"), "--dest", str(store)]
-    noop = lambda: None  # noqa: E731
+    noop = lambda: None
     r["verify_full_bakehouse_s"] = median_runs(args.runs, noop, verify_cli, env)
     r["verify_sha256sum_s"] = median_runs(args.runs, noop, ["sha256sum", *shards], env)
     r["verify_hf_cache_s"] = median_runs(args.runs, noop, [HF, "cache", "verify", REPO, "--revision", commit, "--local-dir", str(hf_dir)], {**env, "HF_HUB_OFFLINE": "0"})
@@ -152,7 +148,7 @@ def measure(args: argparse.Namespace, files: dict[str, Path], total: int, hub: L
 
 def write_results(r: dict, m: dict, args: argparse.Namespace) -> None:
     gb = r["bytes"] / 1e9
-    rate = lambda s: f"{gb / s * 1000:.0f} MB/s"  # noqa: E731
+    rate = lambda s: f"{gb / s * 1000:.0f} MB/s"
     rows = [
         ("server ceiling (curl, all shards in parallel)", f"{r['ceiling_s']:.2f} s", rate(r["ceiling_s"]), ""),
         ("(a) cold fetch: bakehouse (download + full verify + activate)", f"{r['fetch_bakehouse_s']:.2f} s", rate(r["fetch_bakehouse_s"]), f"{r['fetch_hf_s'] / r['fetch_bakehouse_s']:.2f}x hf download throughput"),

@@ -20,18 +20,13 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
-
-from common import RESULTS, machine, markdown_table, random_lm, save_results  # noqa: E402
-from helpers import Project  # noqa: E402
-from proxy import Proxy  # noqa: E402
-from sshhosts import SshHost, client_keys, counted, ensure_host_image, inventory, start_host  # noqa: E402
-
-from ops.localhub import LocalHub  # noqa: E402
-from ops.units import format_bytes  # noqa: E402
+from bench.common import RESULTS, ROOT, machine, markdown_table, random_lm, save_results
+from ops.localhub import LocalHub
+from ops.units import format_bytes
+from testbed.helpers import Project
+from testbed.proxy import Proxy
+from testbed.sshhosts import SshHost, client_keys, counted, ensure_host_image, inventory, start_host
 
 WORK = ROOT / "bench" / "work" / "fleet"
 INVOKE = [sys.executable, "-m", "invoke", "--search-root", str(ROOT)]

@@ -24,15 +24,11 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
-
-from common import machine, markdown_table, save_results  # noqa: E402
-from fleetsim import start_fleet  # noqa: E402
-from helpers import DEMO, Project  # noqa: E402
-from sshhosts import client_keys  # noqa: E402
-
-from ops.localhub import LocalHub  # noqa: E402
+from bench.common import ROOT, machine, markdown_table, save_results
+from ops.localhub import LocalHub
+from testbed.fleetsim import start_fleet
+from testbed.helpers import DEMO, Project
+from testbed.sshhosts import client_keys
 
 WORK = ROOT / "bench" / "work" / "fleet-controller"
 INVOKE = [sys.executable, "-m", "invoke", "--search-root", str(ROOT)]

@@ -24,15 +24,11 @@ from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
-
-from common import RESULTS, machine, markdown_table, random_lm, save_results  # noqa: E402
-from containers import BASE_IMAGE, PODMAN, DockerDaemon, Engine, ensure_base_image, load_image, podman, source_tree, start_docker  # noqa: E402
-
-from ops.localhub import LocalHub  # noqa: E402
-from ops.net import free_port  # noqa: E402
-from ops.units import format_bytes  # noqa: E402
+from bench.common import RESULTS, ROOT, machine, markdown_table, random_lm, save_results
+from ops.localhub import LocalHub
+from ops.net import free_port
+from ops.units import format_bytes
+from testbed.containers import BASE_IMAGE, PODMAN, DockerDaemon, Engine, ensure_base_image, load_image, podman, source_tree, start_docker
 
 WORK = ROOT / "bench" / "work" / "images"
 ENGINE: Engine = PODMAN

@@ -27,13 +27,9 @@ from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
-
-from appserver import start_app  # noqa: E402
-from common import machine, markdown_table, random_lm, save_results  # noqa: E402
-
-from ops.localhub import LocalHub  # noqa: E402
+from bench.common import ROOT, machine, markdown_table, random_lm, save_results
+from ops.localhub import LocalHub
+from testbed.appserver import start_app
 
 WORK = ROOT / "bench" / "work" / "serve"
 

@@ -27,13 +27,12 @@ import time
 from pathlib import Path
 
 import httpx
-from appserver import start_app
-from common import machine, markdown_table, save_results
 
+from bench.common import ROOT, machine, markdown_table, save_results
 from ops.net import free_port
 from ops.runner import stop
+from testbed.appserver import start_app
 
-ROOT = Path(__file__).resolve().parent.parent
 VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
 PROMPT_TOKENS = 128
 LOADS = {"fixed": lambda rng: 64, "mixed": lambda rng: rng.randint(16, 256)}

@@ -9,9 +9,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from containers import PODMAN, Engine, ensure_base_image, load_image, source_tree, start_docker
-from helpers import HF_DEMO, HF_SHARDS, Hub, Project, manifest, start_hub
-from sshhosts import client_keys, ensure_host_image
+from testbed.containers import PODMAN, Engine, ensure_base_image, load_image, source_tree, start_docker
+from testbed.helpers import HF_DEMO, HF_SHARDS, Hub, Project, manifest, start_hub
+from testbed.sshhosts import client_keys, ensure_host_image
 
 
 @pytest.fixture(scope="session")

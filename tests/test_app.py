@@ -11,8 +11,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from appserver import AppServer, start_app
-from helpers import DEMO, HF_DEMO, HF_RANDOM_LM, Hub, Project, manifest
+from testbed.appserver import AppServer, start_app
+from testbed.helpers import DEMO, HF_DEMO, HF_RANDOM_LM, Hub, Project, manifest
 from openai import AsyncOpenAI, BadRequestError, NotFoundError, OpenAI
 
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from appserver import AppServer, start_app
-from helpers import HF_DEMO, HF_RANDOM_LM, Hub, Project, manifest
+from testbed.appserver import AppServer, start_app
+from testbed.helpers import HF_DEMO, HF_RANDOM_LM, Hub, Project, manifest
 from openai import AsyncOpenAI, BadRequestError, OpenAI
 
 from app.precision import cpu_has_native_bf16

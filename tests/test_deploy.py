@@ -17,9 +17,9 @@ from typing import ClassVar
 
 import httpx
 import pytest
-from helpers import HF_DEMO, ROOT, TOKEN, Hub, Project, manifest
-from proxy import Proxy
-from sshhosts import SshHost, start_host
+from testbed.helpers import HF_DEMO, ROOT, TOKEN, Hub, Project, manifest
+from testbed.proxy import Proxy
+from testbed.sshhosts import SshHost, start_host
 
 from ops.net import free_port
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from containers import BASE_IMAGE, Engine, RegistryServer, source_tree, start_registry
-from helpers import ROOT, TOKEN, Hub, Project
-from sshhosts import LocalSshd, client_keys, start_local_sshd
+from testbed.containers import BASE_IMAGE, Engine, RegistryServer, source_tree, start_registry
+from testbed.helpers import ROOT, TOKEN, Hub, Project
+from testbed.sshhosts import LocalSshd, client_keys, start_local_sshd
 
 from ops.net import free_port
 

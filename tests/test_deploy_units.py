@@ -180,7 +180,7 @@ def test_table_lists_every_host_with_old_new_result_time_and_downtime() -> None:
 
 
 def test_the_example_inventory_is_valid_for_deploys() -> None:
-    from helpers import ROOT
+    from testbed.helpers import ROOT
 
     from ops.remote.inventory import load_inventory
 
@@ -191,7 +191,7 @@ def test_the_example_inventory_is_valid_for_deploys() -> None:
 
 
 def test_a_webhook_target_refuses_rollback_and_dry_run_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
-    from helpers import ROOT
+    from testbed.helpers import ROOT
 
     from ops.deploy.rollout import Plan, execute, result_of
     from ops.deploy.steps import Context
@@ -239,7 +239,7 @@ def test_json_report_has_a_row_per_host_and_the_exit_code() -> None:
 
 def start_script(t, port: int, version: str, gate_answer: str, logs: str | None = None) -> list:
     """What starting `version` on the instance at `port` runs (supervised bare host), up to its /ready gate."""
-    from scripted import ok
+    from testbed.scripted import ok
 
     steps = [(bare.point_instance_argv(t, port, version), ok()), (rc.write_file_argv(bare.instance_env_path(t, port)), ok()),
              *((argv, ok()) for argv in bare.start_argvs(t, port)), (common.gate_argv(t.host.python, port, bare.alive_argv(t, port)), ok(gate_answer))]
@@ -248,7 +248,7 @@ def start_script(t, port: int, version: str, gate_answer: str, logs: str | None 
 
 def rollback_start(t) -> list:
     """rollback_bare's first steps on a host whose instance on 8001 serves v2, with v1 before it in the history."""
-    from scripted import ok
+    from testbed.scripted import ok
 
     return [
         (rc.read_argv(bare.active_path(t)), ok("8001\n")),
@@ -260,7 +260,7 @@ def rollback_start(t) -> list:
 
 
 def test_blue_green_a_rollback_whose_target_never_starts_leaves_the_current_release_serving() -> None:
-    from scripted import ScriptedShell, ok
+    from testbed.scripted import ScriptedShell, ok
 
     from ops.deploy.steps import Context, rollback_bare
 
@@ -274,7 +274,7 @@ def test_blue_green_a_rollback_whose_target_never_starts_leaves_the_current_rele
 
 
 def test_hold_a_rollback_whose_target_never_starts_brings_the_current_release_back() -> None:
-    from scripted import ScriptedShell, ok
+    from testbed.scripted import ScriptedShell, ok
 
     from ops.deploy.steps import Context, rollback_bare
 
@@ -289,7 +289,7 @@ def test_hold_a_rollback_whose_target_never_starts_brings_the_current_release_ba
 
 
 def test_hold_a_rollback_where_neither_release_starts_says_so() -> None:
-    from scripted import ScriptedShell, ok
+    from testbed.scripted import ScriptedShell, ok
 
     from ops.deploy.steps import Context, rollback_bare
 
@@ -304,7 +304,7 @@ def test_hold_a_rollback_where_neither_release_starts_says_so() -> None:
 
 
 def test_the_scripted_shell_fails_on_an_unexpected_command() -> None:
-    from scripted import ScriptedShell, ok
+    from testbed.scripted import ScriptedShell, ok
 
     from ops.deploy.steps import Context, rollback_bare
 
@@ -331,7 +331,7 @@ def test_the_proxy_holds_checks_ready_and_streams_unbuffered() -> None:
 
 
 def test_gpu_hosts_are_checked_before_anything_stops() -> None:
-    from scripted import ScriptedShell, fails
+    from testbed.scripted import ScriptedShell, fails
 
     from ops.deploy.steps import check_gpus
     from ops.errors import StepFailedError

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from appserver import start_app
-from helpers import HF_DEMO, ROOT, Hub, Project, manifest
+from testbed.appserver import start_app
+from testbed.helpers import HF_DEMO, ROOT, Hub, Project, manifest
 
 
 @pytest.fixture

@@ -9,9 +9,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fleetsim import SimFleet, start_fleet
-from helpers import HF_DEMO, ROOT, Hub, Project, manifest
-from sshhosts import client_keys
+from testbed.fleetsim import SimFleet, start_fleet
+from testbed.helpers import HF_DEMO, ROOT, Hub, Project, manifest
+from testbed.sshhosts import client_keys
 
 pytestmark = pytest.mark.hosts
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import tomli_w
-from helpers import HF_DEMO, ROOT, Hub, Project, manifest
+from testbed.helpers import HF_DEMO, ROOT, Hub, Project, manifest
 
 INVOKE = [sys.executable, "-m", "invoke", "--search-root", str(ROOT)]
 MODEL = "demo"

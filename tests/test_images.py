@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from containers import (
+from testbed.containers import (
     BASE_IMAGE,
     Engine,
     RegistryServer,
@@ -24,8 +24,8 @@ from containers import (
     start_registry,
     wait_ready_inside,
 )
-from helpers import ROOT, TOKEN, Hub, Project
-from proxy import Proxy
+from testbed.helpers import ROOT, TOKEN, Hub, Project
+from testbed.proxy import Proxy
 
 from ops.net import free_port
 

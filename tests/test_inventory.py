@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import ROOT
+from testbed.helpers import ROOT
 
 from ops.errors import ConfigError
 from ops.remote.inventory import load_inventory, parse_inventory

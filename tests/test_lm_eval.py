@@ -15,8 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from appserver import AppServer, start_app
-from helpers import DEMO, HF_DEMO, Hub, Project, manifest
+from testbed.appserver import AppServer, start_app
+from testbed.helpers import DEMO, HF_DEMO, Hub, Project, manifest
 
 QUESTIONS = [{"question": "The weights are", "choices": [" locked", " banana", " purple"], "answer": 0}] * 2
 PROMPTS = [{"prompt": "The weights are", "target": " locked"}, {"prompt": "Quick verify", "target": ""}]

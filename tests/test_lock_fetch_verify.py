@@ -8,8 +8,8 @@ import os
 import tomllib
 from pathlib import Path
 
-from helpers import DEMO, HF_DEMO, TOKEN, Hub, Project, manifest, shard_files
-from proxy import Proxy
+from testbed.helpers import DEMO, HF_DEMO, TOKEN, Hub, Project, manifest, shard_files
+from testbed.proxy import Proxy
 
 
 def sha(data: bytes) -> str:

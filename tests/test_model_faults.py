@@ -11,8 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import HF_BIG, HF_DEMO, HF_SHARDS, Hub, Project, manifest, shard_files
-from proxy import Proxy
+from testbed.helpers import HF_BIG, HF_DEMO, HF_SHARDS, Hub, Project, manifest, shard_files
+from testbed.proxy import Proxy
 
 SHARD = "model-00001-of-00004.safetensors"
 

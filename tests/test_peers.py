@@ -19,9 +19,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import HF_SHARDS, ROOT, Hub, Project, manifest
-from proxy import Proxy, TcpCounter
-from sshhosts import SshHost, counted, start_host
+from testbed.helpers import HF_SHARDS, ROOT, Hub, Project, manifest
+from testbed.proxy import Proxy, TcpCounter
+from testbed.sshhosts import SshHost, counted, start_host
 from test_fleet import rows
 
 from ops.models.lock import Lock, LockedFile, LockedModel, dump_lock

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from containers import podman
-from helpers import HF_DEMO, ROOT, TOKEN, Hub, Project, manifest
-from sshhosts import client_keys, trust_host_key
+from testbed.containers import podman
+from testbed.helpers import HF_DEMO, ROOT, TOKEN, Hub, Project, manifest
+from testbed.sshhosts import client_keys, trust_host_key
 
 from ops.net import free_port
 

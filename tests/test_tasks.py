@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from helpers import ROOT, Hub, Project
+from testbed.helpers import ROOT, Hub, Project
 
 INVOKE = [sys.executable, "-m", "invoke", "--search-root", str(ROOT)]
 

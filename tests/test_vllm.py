@@ -7,8 +7,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from appserver import AppServer, start_app
-from helpers import HF_RANDOM_LLAMA, ROOT, Hub, Project, manifest
+from testbed.appserver import AppServer, start_app
+from testbed.helpers import HF_RANDOM_LLAMA, ROOT, Hub, Project, manifest
 from openai import OpenAI
 
 pytestmark = pytest.mark.vllm

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-from helpers import ROOT
+from testbed.helpers import ROOT
 
 from ops.net import free_port
 from ops.runner import stop

@@ -17,8 +17,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from containers import podman
-from sshhosts import HOST_IMAGE, ensure_host_image, trust_host_key
+from testbed.containers import podman
+from testbed.sshhosts import HOST_IMAGE, ensure_host_image, trust_host_key
 
 from ops.net import free_port
 from ops.remote import commands as rc

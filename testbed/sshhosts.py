@@ -7,9 +7,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from containers import podman
-from helpers import ROOT
-from proxy import TcpCounter
+from testbed.containers import podman
+from testbed.helpers import ROOT
+from testbed.proxy import TcpCounter
 
 from ops.net import free_port
 
