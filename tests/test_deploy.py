@@ -10,24 +10,26 @@ import sys
 import threading
 import time
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import ClassVar
 
 import httpx
 import pytest
-from testbed.helpers import HF_DEMO, ROOT, TOKEN, Hub, Project, manifest
-from testbed.proxy import Proxy
-from testbed.sshhosts import SshHost, start_host
 
 from ops.net import free_port
+from testbed.helpers import HF_DEMO, ROOT, TOKEN, Hub, Project, manifest
+from testbed.load import Load, LoadReport
+from testbed.proxy import Proxy
+from testbed.sshhosts import SshHost, start_host
 
 pytestmark = pytest.mark.hosts
 
 INVOKE = [sys.executable, "-m", "invoke"]
 SECRET = "app-secret-9f8e7d6c5b4a"
 PREFIX = "/opt/bakehouse"
+INSTANCE_PORTS: dict[str, tuple[int, int]] = {}
 
 
 @pytest.fixture(scope="module")
@@ -40,15 +42,23 @@ def hosts(keys: Path) -> Iterator[dict[str, SshHost]]:
 
 @pytest.fixture(scope="module")
 def ports(hosts: dict[str, SshHost]) -> dict[str, int]:
-    """The hosts share this machine's network, so each app listens on its own port."""
+    """The hosts share this machine's network, so each front proxy listens on its own port."""
     return {name: free_port() for name in hosts}
+
+
+@pytest.fixture(scope="module")
+def instance_ports(hosts: dict[str, SshHost]) -> dict[str, tuple[int, int]]:
+    """And each host's two app instances on theirs."""
+    return {name: (free_port(), free_port()) for name in hosts}
 
 
 def write_inventory(path: Path, keys: Path, hosts: dict[str, SshHost], ports: dict[str, int], extra: dict[str, str] | None = None) -> Path:
     lines = ["all:", "  vars:", f"    ansible_ssh_private_key_file: {keys / 'id'}", "    runtime: bare", "    process_manager: supervise",
              "    ready_timeout: 180", "    secrets: [APP_SECRET]", "  children:", "    web:", "      hosts:"]
     for name, h in hosts.items():
-        lines += [f"        {name}:", "          ansible_host: 127.0.0.1", f"          ansible_port: {h.port}", f"          port: {ports[name]}"]
+        a, b = INSTANCE_PORTS[name]
+        lines += [f"        {name}:", "          ansible_host: 127.0.0.1", f"          ansible_port: {h.port}", f"          port: {ports[name]}",
+                  f"          instance_ports: [{a}, {b}]"]
         lines += [f"          {line}" for line in (extra or {}).get(name, "").splitlines()]
     lines += ["        down:", "          ansible_host: 127.0.0.1", f"          ansible_port: {free_port()}"]
     path.write_text("\n".join(lines) + "\n")
@@ -56,7 +66,9 @@ def write_inventory(path: Path, keys: Path, hosts: dict[str, SshHost], ports: di
 
 
 @pytest.fixture(scope="module")
-def site(hub: Hub, tmp_path_factory: pytest.TempPathFactory, keys: Path, hosts: dict[str, SshHost], ports: dict[str, int]) -> Project:
+def site(hub: Hub, tmp_path_factory: pytest.TempPathFactory, keys: Path, hosts: dict[str, SshHost], ports: dict[str, int],
+         instance_ports: dict[str, tuple[int, int]]) -> Project:
+    INSTANCE_PORTS.update(instance_ports)
     p = Project(tmp_path_factory.mktemp("deploy") / "project", hub.endpoint)
     p.dir.mkdir()
     p.write_manifest('default = ["demo"]\n\n' + manifest(demo=HF_DEMO))
@@ -90,10 +102,11 @@ def current(host: SshHost) -> str:
 
 
 def fresh(host: SshHost) -> None:
-    """Nothing deployed (no app, release, history or lock); the shared dependency venvs stay, as on a host that had them once."""
-    stop = f"[ -x {PREFIX}/current/venv/bin/python ] && {PREFIX}/current/venv/bin/python -m ops.deploy.supervise stop --run-dir {PREFIX}/run"
-    host.exec("sh", "-c", f"{stop}; pkill -f '[a]pp.entrypoint'; rm -rf {PREFIX}/releases {PREFIX}/current {PREFIX}/history {PREFIX}/deploy.lock {PREFIX}/run",
-              check=False)
+    """Nothing deployed (no app, proxy, release, history or lock); the shared dependency venvs stay, as on a host that had them once."""
+    stop = (f"for d in {PREFIX}/run/*/; do [ -x {PREFIX}/current/venv/bin/python ] && {PREFIX}/current/venv/bin/python -m ops.deploy.supervise stop "
+            f"--run-dir $d --stop-timeout 1; done")
+    host.exec("sh", "-c", f"{stop}; pkill -f '[a]pp.entrypoint'; pkill -f '[c]addy run'; rm -rf {PREFIX}/releases {PREFIX}/current {PREFIX}/history "
+              f"{PREFIX}/deploy.lock {PREFIX}/run {PREFIX}/instances {PREFIX}/active {PREFIX}/proxy", check=False)
 
 
 def serving_versions(site: Project, keys: Path, host: SshHost, *versions: str) -> None:
@@ -109,8 +122,12 @@ def state(host: SshHost) -> str:
     return host.exec("sh", "-c", f"find {PREFIX} -exec ls -ld --time-style=full-iso {{}} + 2>/dev/null || echo absent", check=False).stdout
 
 
+def active_port(host: SshHost) -> int:
+    return int(host.exec("cat", f"{PREFIX}/active").stdout)
+
+
 def app_pid(host: SshHost) -> int:
-    return json.loads(host.exec("cat", f"{PREFIX}/run/state.json").stdout)["child"]
+    return json.loads(host.exec("cat", f"{PREFIX}/run/{active_port(host)}/state.json").stdout)["child"]
 
 
 def alive(host: SshHost, pid: int) -> bool:
@@ -176,7 +193,7 @@ def test_deploy_serves_the_new_release_and_retires_the_old(site: Project, keys: 
     history = h1.exec("cat", f"{PREFIX}/history").stdout
     assert re.search(r"^v2 config=[0-9a-f]{12}$", history, re.M) and SECRET not in history
     assert len(seen) > 5 and not any(SECRET in s or TOKEN in s for s in seen)
-    for text in (first.stdout + first.stderr, second.stdout + second.stderr, h1.exec("cat", f"{PREFIX}/run/app.log").stdout):
+    for text in (first.stdout + first.stderr, second.stdout + second.stderr, h1.exec("cat", f"{PREFIX}/run/{active_port(h1)}/app.log").stdout):
         assert SECRET not in text and TOKEN not in text
 
     again = deploy(site, keys, "deploy", "--hosts", "h1", "--tag", "v2")
@@ -223,7 +240,7 @@ def test_deploy_with_peer_fan_out_takes_each_file_from_the_origin_once(site: Pro
         fresh(hosts[name])
         hosts[name].exec("rm", "-rf", "/srv/models/demo", "/srv/models/.staging/demo")
     plan = deploy(site, keys, "deploy", "--hosts", "h2,h3", "--tag", "v1", "--fan-out", "peers", "--dry-run")
-    assert plan.returncode == 0 and "peer-serve" in plan.stderr and "takes each file from the earliest host before it" in plan.stderr, plan.stdout + plan.stderr
+    assert plan.returncode == 0 and "peer-serve" in plan.stderr and "takes each file from h2 as soon as it has verified it" in plan.stderr, plan.stdout + plan.stderr
     proxy = Proxy(hub.endpoint).start()
     try:
         r = deploy(site, keys, "deploy", "--hosts", "h2,h3", "--tag", "v1", "--serial", "2", "--fan-out", "peers", HF_ENDPOINT=proxy.url)
@@ -235,6 +252,51 @@ def test_deploy_with_peer_fan_out_takes_each_file_from_the_origin_once(site: Pro
     served = sorted(req.path.rsplit("/", 1)[-1] for req in proxy.requests if "/resolve/" in req.path and req.method == "GET")
     assert served == sorted(f["path"] for f in tomllib.loads((site.dir / "models.lock").read_text())["models"]["demo"]["files"])
     assert ready(ports["h2"]) == 200 and ready(ports["h3"]) == 200
+
+
+def under_load(port: int, action: Callable[[], subprocess.CompletedProcess[str]]) -> tuple[subprocess.CompletedProcess[str], LoadReport]:
+    """`action` while 4 clients send streamed and whole completions to the host's public port the whole time."""
+    load = Load(f"http://127.0.0.1:{port}", clients=4).start()
+    time.sleep(1)
+    try:
+        result = action()
+    finally:
+        time.sleep(1)
+        report = load.stop()
+    return result, report
+
+
+def assert_no_request_failed(report: LoadReport, out: str) -> None:
+    bad = report.bad()
+    assert not bad, f"{len(bad)} of {len(report.answers)} requests failed, e.g. {bad[:3]}\n{out}"
+    assert report.sent == len(report.answers) > 20, report.summary()
+    assert {a.kind for a in report.answers} == {"stream", "whole"}
+
+
+@pytest.mark.parametrize("rollout", ["blue-green", "hold"])
+def test_deploy_failed_deploy_and_rollback_fail_no_request_under_load(site: Project, keys: Path, hosts: dict[str, SshHost], ports: dict[str, int],
+                                                                      broken_checkout: Path, rollout: str) -> None:
+    h2, port = hosts["h2"], ports["h2"]
+    write_inventory(site.dir / f"{rollout}.yml", keys, hosts, ports, {"h2": f"rollout: {rollout}"})
+    fresh(h2)
+    first = deploy(site, keys, "deploy", "--hosts", "h2", "--tag", "v1", inventory=f"{rollout}.yml")
+    assert first.returncode == 0, first.stdout + first.stderr
+
+    r, load = under_load(port, lambda: deploy(site, keys, "deploy", "--hosts", "h2", "--tag", "v2", inventory=f"{rollout}.yml"))
+    assert r.returncode == 0 and table(r.stdout)["h2"][:4] == ["bare", "v1", "v2", "deployed"], r.stdout + r.stderr
+    assert_no_request_failed(load, r.stdout)
+    held = table(r.stdout)["h2"][-2]
+    assert (held == "-") if rollout == "blue-green" else held.endswith("s"), r.stdout
+
+    r, load = under_load(port, lambda: deploy(site, keys, "deploy", "--hosts", "h2", "--tag", "broken", search_root=broken_checkout,
+                                              inventory=f"{rollout}.yml"))
+    assert r.returncode == 1 and table(r.stdout)["h2"][:5] == ["bare", "v2", "broken", "rolled", "back"], r.stdout + r.stderr
+    assert_no_request_failed(load, r.stdout)
+
+    r, load = under_load(port, lambda: deploy(site, keys, "rollback", "--hosts", "h2", inventory=f"{rollout}.yml"))
+    assert r.returncode == 0 and table(r.stdout)["h2"][:4] == ["bare", "v2", "v1", "reverted"], r.stdout + r.stderr
+    assert_no_request_failed(load, r.stdout)
+    assert current(h2) == "v1"
 
 
 def wait_for_lock(host: SshHost, proc: subprocess.Popen, timeout: float = 300) -> None:

@@ -94,8 +94,8 @@ def test_docker_run_argv_and_gpu_flags() -> None:
 
 def test_bare_app_environment_points_at_current_and_never_fetches() -> None:
     t = host_target(prefix="/srv/bh", port=8100, app_env={"BAKEHOUSE_MAX_BATCH": "8"})
-    env = bare.app_env(t)
-    assert env["BAKEHOUSE_LOCK"] == "/srv/bh/current/models.lock" and env["BAKEHOUSE_AUTO_FETCH"] == "0" and env["HF_HUB_OFFLINE"] == "1"
+    env = bare.app_env(t, "v3")
+    assert env["BAKEHOUSE_LOCK"] == "/srv/bh/releases/v3/models.lock" and env["BAKEHOUSE_AUTO_FETCH"] == "0" and env["HF_HUB_OFFLINE"] == "1"
     assert "PORT" not in env and env["BAKEHOUSE_MAX_BATCH"] == "8"
     assert common.instance_env(t, 8102) == {"HOST": "127.0.0.1", "PORT": "8102", "BAKEHOUSE_DRAIN_SECONDS": "30"}
     assert bare.app_argv(t, 8101) == ["/srv/bh/instances/8101/venv/bin/python", "-m", "app.entrypoint"]

@@ -88,13 +88,13 @@ def prune_argv(t: Target, keep: Sequence[str]) -> list[str]:
     return ["sh", "-c", _PRUNE, "sh", t.prefix, *keep]
 
 
-def app_env(t: Target) -> dict[str, str]:
-    """The app's settings on a bare host (each instance adds its port); the models were fetched and verified by the deploy."""
+def app_env(t: Target, version: str) -> dict[str, str]:
+    """A release's settings on a bare host (each instance adds its port): its own models.lock; the models were fetched and verified by the deploy."""
     return {
         "MODEL": t.model,
         "MODELS_DIR": t.host.models_dir,
-        "BAKEHOUSE_MANIFEST": f"{t.prefix}/current/models.toml",
-        "BAKEHOUSE_LOCK": f"{t.prefix}/current/models.lock",
+        "BAKEHOUSE_MANIFEST": f"{release_dir(t, version)}/models.toml",
+        "BAKEHOUSE_LOCK": f"{release_dir(t, version)}/models.lock",
         "BAKEHOUSE_AUTO_FETCH": "0",
         "HF_HUB_OFFLINE": "1",
         **t.app_env,

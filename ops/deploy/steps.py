@@ -229,9 +229,9 @@ def fetch_release_models(sh: Shell, t: Target, rel: Release, ctx: Context) -> No
         raise rebuild({**failures[0].to_dict(), **failures[0].details(), "message": f"fetching {t.model} failed: {failures[0]}"}) from failures[0]
 
 
-def config_text(t: Target, ctx: Context) -> str:
+def config_text(t: Target, version: str, ctx: Context) -> str:
     """The env file a release deployed now runs with: its settings and secrets."""
-    return common.env_file({**bare.app_env(t), **ctx.secrets})
+    return common.env_file({**bare.app_env(t, version), **ctx.secrets})
 
 
 def config_digest(text: str) -> str:
@@ -248,7 +248,7 @@ def ensure_config(sh: Shell, t: Target, version: str, ctx: Context) -> None:
     """A release installed before configurations belonged to releases has none: it gets today's, once."""
     if sh.run(rc.exists_argv(bare.env_path(t, version)), kind="query").exit_code != 0:
         sh.say(f"{version} has no configuration of its own; writing the current settings into it")
-        write_config(sh, t, version, config_text(t, ctx))
+        write_config(sh, t, version, config_text(t, version, ctx))
 
 
 @dataclass(frozen=True)
@@ -313,7 +313,7 @@ def _activate_bare(sh: Shell, t: Target, port: int, version: str) -> None:
 def deploy_bare(sh: Shell, t: Target, ctx: Context) -> Deployment:
     rel = ctx.release
     assert rel is not None  # plan() builds one whenever a bare host is deployed
-    config = config_text(t, ctx)
+    config = config_text(t, rel.version, ctx)
     old = _running_bare(sh, t)
     install_release(sh, t, rel)
     bare_proxy(sh, t, bare.release_python(t, rel.version), rel.deps.digest)
