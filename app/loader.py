@@ -45,6 +45,11 @@ class LoadState:
     def ready(self) -> bool:
         return self.status == "ready"
 
+    @property
+    def serving(self) -> bool:
+        """Loaded: ready, or draining (still answering what app.drain lets through)."""
+        return self.status in ("ready", "draining")
+
 
 def check_weights_format(model: LockedModel, allow_pickle: bool) -> bool:
     """True when the model must be loaded from safetensors; refuse pickle-only weights unless allowed."""

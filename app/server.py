@@ -75,7 +75,7 @@ def create_app(settings: Settings) -> FastAPI:
         return await api_error(request, ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}.", type_=kind))
 
     def serving(model: str) -> EngineClient:
-        if not state.ready:
+        if not state.serving:
             raise ApiError(503, f"the model is not ready: {state.reason}. Poll GET /ready and retry.", type_="service_unavailable", code="not_ready")
         if model != settings.model:
             raise ApiError(404, f"model {model!r} is not served here; this server serves {settings.model!r} (GET /v1/models).", param="model",
