@@ -8,16 +8,17 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-from testbed.containers import BASE_IMAGE, Engine, RegistryServer, source_tree, start_registry
-from testbed.helpers import ROOT, TOKEN, Hub, Project
-from testbed.sshhosts import LocalSshd, client_keys, start_local_sshd
 
 from ops.net import free_port
+from testbed.containers import BASE_IMAGE, Engine, RegistryServer, source_tree, start_registry
+from testbed.helpers import ROOT, TOKEN, Hub, Project
+from testbed.load import Load
+from testbed.sshhosts import LocalSshd, client_keys, start_local_sshd
 
 pytestmark = pytest.mark.containers
 
@@ -66,23 +67,26 @@ def dock(engine: Engine, tmp_path_factory: pytest.TempPathFactory, hub: Hub) -> 
     sshd: LocalSshd = start_local_sshd(root / "sshd", keys, env=session_env)
     project = Project(root / "project", hub.endpoint)
     project.dir.mkdir()
-    port = free_port()
+    port, a, b = free_port(), free_port(), free_port()
     container = f"bakehouse-deploy-{port}"
-    (project.dir / "hosts.yml").write_text(
-        "all:\n  children:\n    gpu:\n      hosts:\n        dock:\n"
-        f"          ansible_host: 127.0.0.1\n          ansible_port: {sshd.port}\n          ansible_ssh_private_key_file: {keys / 'id'}\n"
-        f"          runtime: docker\n          engine: {engine.name}\n          port: {port}\n          container: {container}\n"
-        f"          prefix: {root / 'opt'}\n          models_dir: {root / 'models'}\n          ready_timeout: 240\n"
-    )
+    for rollout in ("blue-green", "hold"):
+        (project.dir / f"{rollout}.yml").write_text(
+            "all:\n  children:\n    gpu:\n      hosts:\n        dock:\n"
+            f"          ansible_host: 127.0.0.1\n          ansible_port: {sshd.port}\n          ansible_ssh_private_key_file: {keys / 'id'}\n"
+            f"          runtime: docker\n          engine: {engine.name}\n          port: {port}\n          instance_ports: [{a}, {b}]\n"
+            f"          container: {container}\n          rollout: {rollout}\n"
+            f"          prefix: {root / 'opt'}\n          models_dir: {root / 'models'}\n          ready_timeout: 240\n"
+        )
     yield project, keys, port, container
-    for name in (container, f"{container}-previous"):
+    for name in (f"{container}-{a}", f"{container}-{b}", f"{container}-proxy"):
         engine.cli("rm", "-f", name, check=False)
     sshd.stop()
 
 
-def deploy(dock: tuple[Project, Path, int, str], registry: RegistryServer, command: str, *flags: str) -> subprocess.CompletedProcess[str]:
+def deploy(dock: tuple[Project, Path, int, str], registry: RegistryServer, command: str, *flags: str, rollout: str = "blue-green") -> subprocess.CompletedProcess[str]:
     project, keys, _, _ = dock
-    argv = [sys.executable, "-m", "invoke", "--search-root", str(ROOT), command, "--inventory", "hosts.yml", "--known-hosts", str(keys / "known_hosts"), "--hosts", "dock", *flags]
+    argv = [sys.executable, "-m", "invoke", "--search-root", str(ROOT), command, "--inventory", f"{rollout}.yml", "--known-hosts", str(keys / "known_hosts"),
+            "--hosts", "dock", *flags]
     env = project.env(HF_TOKEN=TOKEN, **registry_env(registry))
     return subprocess.run(argv, cwd=project.dir, env=env, capture_output=True, text=True, timeout=900, check=False)
 
@@ -91,8 +95,23 @@ def row(out: str) -> list[str]:
     return next(line.split() for line in out.splitlines() if line.startswith("dock "))
 
 
-def running_image(engine: Engine, container: str) -> str:
-    return engine.cli("inspect", "--format", "{{.Config.Image}}", container).stdout.strip()
+def running_image(engine: Engine, dock: tuple[Project, Path, int, str]) -> str:
+    """The image of the instance the last deploy made active."""
+    project, _, _, container = dock
+    [prefix] = re.findall(r"prefix: (\S+)", (project.dir / "blue-green.yml").read_text())
+    port = (Path(prefix) / f"{container}.active").read_text().strip()
+    return engine.cli("inspect", "--format", "{{.Config.Image}}", f"{container}-{port}").stdout.strip()
+
+
+def under_load(port: int, action: Callable[[], subprocess.CompletedProcess[str]]) -> subprocess.CompletedProcess[str]:
+    load = Load(f"http://127.0.0.1:{port}", clients=4).start()
+    time.sleep(1)
+    r = action()
+    time.sleep(1)
+    report = load.stop()
+    bad = report.bad()
+    assert not bad and report.sent == len(report.answers) > 20, f"{len(bad)} of {len(report.answers)} failed, e.g. {bad[:3]}\n{r.stdout}{r.stderr}"
+    return r
 
 
 def ready(port: int) -> int:
@@ -102,7 +121,8 @@ def ready(port: int) -> int:
         return 0
 
 
-def test_docker_host_deploy_health_gate_rollback(engine: Engine, dock: tuple[Project, Path, int, str], registry: RegistryServer, images: dict[str, str]) -> None:
+def test_docker_host_deploys_gate_and_roll_back_without_failing_a_request(engine: Engine, dock: tuple[Project, Path, int, str],
+                                                                          registry: RegistryServer, images: dict[str, str]) -> None:
     _, _, port, container = dock
     seen: list[str] = []
     stop = threading.Event()
@@ -116,28 +136,27 @@ def test_docker_host_deploy_health_gate_rollback(engine: Engine, dock: tuple[Pro
     watcher.start()
     try:
         good = deploy(dock, registry, "deploy", "--tag", images["good"])
-        bad = deploy(dock, registry, "deploy", "--tag", images["bad"])
+        assert good.returncode == 0, good.stdout + good.stderr
+        bad = under_load(port, lambda: deploy(dock, registry, "deploy", "--tag", images["bad"]))
     finally:
         stop.set()
         watcher.join()
-    assert good.returncode == 0, good.stdout + good.stderr
     assert row(good.stdout)[:5] == ["dock", "docker", "-", images["good"], "deployed"]
-    assert re.search(rf"bakehouse:{images['good']}$", running_image(engine, container))
+    assert engine.exists(f"{container}-proxy")
 
     assert bad.returncode == 1, bad.stdout + bad.stderr
     assert row(bad.stdout)[:6] == ["dock", "docker", images["good"], images["bad"], "rolled", "back"]
     assert "BAKEHOUSE_MAX_BATCH" in bad.stdout
-    assert running_image(engine, container).endswith(f":{images['good']}") and ready(port) == 200
-    assert not engine.exists(f"{container}-previous")
+    assert running_image(engine, dock).endswith(f":{images['good']}") and ready(port) == 200
 
     for text in [*seen, good.stdout + good.stderr, bad.stdout + bad.stderr]:
         assert PASSWORD not in text and TOKEN not in text
 
-    newer = deploy(dock, registry, "deploy", "--tag", images["good2"])
-    assert newer.returncode == 0 and row(newer.stdout)[:5] == ["dock", "docker", images["good"], images["good2"], "deployed"]
-    back = deploy(dock, registry, "rollback")
+    newer = under_load(port, lambda: deploy(dock, registry, "deploy", "--tag", images["good2"]))
+    assert newer.returncode == 0 and row(newer.stdout)[:5] == ["dock", "docker", images["good"], images["good2"], "deployed"], newer.stdout
+    back = under_load(port, lambda: deploy(dock, registry, "rollback", rollout="hold"))
     assert back.returncode == 0, back.stdout + back.stderr
-    assert row(back.stdout)[:5] == ["dock", "docker", images["good2"], images["good"], "reverted"]
-    assert running_image(engine, container).endswith(f":{images['good']}") and ready(port) == 200
+    assert row(back.stdout)[:5] == ["dock", "docker", images["good2"], images["good"], "reverted"] and row(back.stdout)[-2].endswith("s")
+    assert running_image(engine, dock).endswith(f":{images['good']}") and ready(port) == 200
     completion = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"model": "demo", "prompt": "hi", "max_tokens": 3}, timeout=60)
     assert completion.status_code == 200
