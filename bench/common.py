@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import shutil
+import subprocess
 import time
 from pathlib import Path
 
@@ -30,11 +31,21 @@ def save_results(name: str, md: list[str], data: dict) -> None:
 
 
 def machine() -> dict[str, str]:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor())
+    """Where a figure was measured: lscpu's model name and flags, cores, memory, GPU, versions, and the commit."""
+    lscpu = dict(line.split(":", 1) for line in subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout.splitlines() if ":" in line)
+    cpu = lscpu.get("Model name", platform.processor()).strip()
     mem = next(line.split()[1] for line in open("/proc/meminfo") if line.startswith("MemTotal"))
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else ""
-    return {"cpu": cpu, "cores": str(os.cpu_count()), "memory_gb": f"{int(mem) / 1e6:.0f}", "gpu": gpu, "kernel": platform.release(),
-            "python": platform.python_version(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False).stdout.strip()
+    return {"cpu": cpu, "cpu_flags": lscpu.get("Flags", "").strip(), "cores": str(os.cpu_count()), "memory_gb": f"{int(mem) / 1e6:.0f}", "gpu": gpu,
+            "kernel": platform.release(), "python": platform.python_version(), "torch": torch.__version__, "commit": commit, "date": time.strftime("%Y-%m-%d")}
+
+
+def cpu_line(m: dict[str, str]) -> str:
+    """The CPU a figure holds for, with the flags that change CPU inference (AMX, AVX-512 BF16)."""
+    flags = set(m.get("cpu_flags", "").split())
+    notable = [f for f in ("amx_bf16", "amx_tile", "avx512_bf16", "avx512f", "avx2") if f in flags]
+    return f"{m['cpu']} ({', '.join(notable) or 'no AVX-512/AMX'}), {m['cores']} cores, {m['memory_gb']} GB"
 
 
 def random_lm(kind: str) -> Path:

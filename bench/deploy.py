@@ -1,142 +1,111 @@
-"""Deploy wall time on 1 and 3 bare hosts (serial 1 vs serial 3), and each host's unavailability during a deploy.
+"""Rollouts under load: what 16 clients sending completions to a host's public port see during a deploy, for each strategy.
 
-    .venv/bin/python bench/deploy.py [--model demo|1g] [--rounds 2]
+    .venv/bin/python -m bench.deploy [--clients 16] [--baseline-seconds 20]
 
-Hosts are sshd containers with their own filesystems (tests/sshhosts.py), the
-app run by the fallback supervisor. Every measured deploy ships a new release
-(a new version of this project's wheel; the dependencies are installed once,
-in a warm-up deploy that is timed too). Unavailability is measured two ways:
-the deploy's own `down` column (stop of the old app to /ready of the new) and
-a poller hitting each host's /ready every 50 ms from outside (the longest run
-of non-200 answers). Writes bench/results/deploy.{json,md}.
+One bare host (an sshd container, the app under the fallback supervisor, the
+front proxy on its public port). Per strategy (blue-green, hold): the same
+load with no deploy first (the baseline), then a deploy of a new release under
+that load. Reported: requests sent and failed, the time the proxy held
+requests (hold), and p50/p99/max latency of the requests that started during
+the deploy against the baseline's. Writes bench/results/deploy.{json,md}.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import re
 import statistics
 import subprocess
 import sys
-import threading
 import time
 
-import httpx
-
-from bench.common import DEMO, ROOT, machine, markdown_table, random_lm, save_results
+from bench.common import DEMO, ROOT, cpu_line, machine, markdown_table, save_results
 from ops.localhub import LocalHub
 from ops.net import free_port
 from testbed.helpers import Project
+from testbed.load import Load, LoadReport
 from testbed.sshhosts import client_keys, ensure_host_image, start_host
 
 WORK = ROOT / "bench" / "work" / "deploy"
 INVOKE = [sys.executable, "-m", "invoke", "--search-root", str(ROOT)]
 
 
-class Poller:
-    """GET /ready every 50 ms; the longest stretch without a 200 is the unavailability seen by a client."""
-
-    def __init__(self, port: int):
-        self.port, self.longest, self._stop = port, 0.0, threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        down_since = None
-        with httpx.Client(timeout=1) as client:
-            while not self._stop.is_set():
-                try:
-                    up = client.get(f"http://127.0.0.1:{self.port}/ready").status_code == 200
-                except httpx.TransportError:
-                    up = False
-                now = time.monotonic()
-                if up and down_since is not None:
-                    self.longest, down_since = max(self.longest, now - down_since), None
-                elif not up and down_since is None:
-                    down_since = now
-                time.sleep(0.05)
-
-    def __enter__(self) -> Poller:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
+def percentiles(values: list[float]) -> dict[str, float]:
+    v = sorted(values) or [0.0]
+    return {"p50_s": statistics.median(v), "p99_s": v[min(len(v) - 1, int(0.99 * len(v)))], "max_s": v[-1], "n": len(v)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", choices=["demo", "1g"], default="demo")
-    ap.add_argument("--rounds", type=int, default=2, help="measurements per configuration (the median is reported)")
+    ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--baseline-seconds", type=float, default=20.0)
     args = ap.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
     ensure_host_image()
     keys = client_keys(WORK / f"keys-{time.time_ns()}")
-    hosts = [start_host(f"d{i}", keys) for i in (1, 2, 3)]
-    ports = {h.name: free_port() for h in hosts}
-    weights = DEMO if args.model == "demo" else random_lm("1g")
-    results: list[dict] = []
+    host = start_host("bench", keys)
+    port, a, b = free_port(), free_port(), free_port()
+    results = []
     try:
         with LocalHub(WORK / f"hub-{time.time_ns()}") as hub:
-            hub.add_repo("bench/model", {p.name: p for p in weights.iterdir() if p.is_file()})
+            hub.add_repo("bench/model", {p.name: p for p in DEMO.iterdir() if p.is_file()})
             project = Project(WORK / f"project-{time.time_ns()}", hub.endpoint)
             project.dir.mkdir(parents=True)
-            project.write_manifest('default = ["bench"]\n\n[models.bench]\nsource = "hf://bench/model"\nrevision = "main"\n')
+            project.write_manifest('default = ["demo"]\n\n[models.demo]\nsource = "hf://bench/model"\nrevision = "main"\n')
             subprocess.run([sys.executable, "-m", "ops.models", "lock"], cwd=project.dir, env=project.env(), check=True, capture_output=True)
-            lines = ["all:", "  vars:", f"    ansible_ssh_private_key_file: {keys / 'id'}", "    runtime: bare", "    process_manager: supervise",
-                     "    ready_timeout: 600", "  hosts:"]
-            for h in hosts:
-                lines += [f"    {h.name}:", "      ansible_host: 127.0.0.1", f"      ansible_port: {h.port}", f"      port: {ports[h.name]}"]
-            (project.dir / "hosts.yml").write_text("\n".join(lines) + "\n")
-            version = iter(range(1, 1000))
+            versions = iter(range(1, 1000))
 
-            def deploy(names: list[str], serial: int) -> dict:
-                tag = f"r{next(version)}"
-                with contextlib.ExitStack() as stack:
-                    pollers = [stack.enter_context(Poller(ports[n])) for n in names]
-                    start = time.monotonic()
-                    r = subprocess.run([*INVOKE, "deploy", "--inventory", "hosts.yml", "--known-hosts", str(keys / "known_hosts"), "--hosts", ",".join(names),
-                                        "--tag", tag, "--serial", str(serial)], cwd=project.dir, env=project.env(), capture_output=True, text=True, check=False)
-                    wall = time.monotonic() - start
+            def deploy(rollout: str) -> subprocess.CompletedProcess[str]:
+                (project.dir / "hosts.yml").write_text("\n".join([
+                    "all:", "  hosts:", "    bench:", "      ansible_host: 127.0.0.1", f"      ansible_port: {host.port}",
+                    f"      ansible_ssh_private_key_file: {keys / 'id'}", "      runtime: bare", "      process_manager: supervise", f"      port: {port}",
+                    f"      instance_ports: [{a}, {b}]", f"      rollout: {rollout}", "      ready_timeout: 600", ""]))
+                r = subprocess.run([*INVOKE, "deploy", "--inventory", "hosts.yml", "--known-hosts", str(keys / "known_hosts"), "--hosts", "bench",
+                                    "--tag", f"r{next(versions)}"], cwd=project.dir, env=project.env(), capture_output=True, text=True, check=False)
                 if r.returncode != 0:
                     raise SystemExit(r.stdout + r.stderr[-3000:])
-                down = [float(m) for m in re.findall(r"deployed\s+\S+s\s+([\d.]+)s", r.stdout)]
-                return {"wall_s": wall, "down_s": down, "outside_down_s": [p.longest for p in pollers]}
+                return r
 
-            names = [h.name for h in hosts]
-            first = deploy(names, 3)
-            results.append({"config": "first deploy, 3 hosts, serial 3 (installs the dependencies)", **first})
-            print(f"first deploy: {first['wall_s']:.1f}s", flush=True)
-            for label, subset, serial in (("1 host", names[:1], 1), ("3 hosts, serial 1", names, 1), ("3 hosts, serial 3", names, 3)):
-                runs = [deploy(subset, serial) for _ in range(args.rounds)]
-                results.append({"config": label, "wall_s": statistics.median(r["wall_s"] for r in runs),
-                                "down_s": [statistics.median(r["down_s"][i] for r in runs) for i in range(len(subset))],
-                                "outside_down_s": [statistics.median(r["outside_down_s"][i] for r in runs) for i in range(len(subset))], "runs": runs})
-                print(f"{label}: {results[-1]['wall_s']:.1f}s", flush=True)
+            deploy("blue-green")  # the first release: dependencies installed, the proxy started
+            for rollout in ("blue-green", "hold"):
+                load = Load(f"http://127.0.0.1:{port}", clients=args.clients).start()
+                time.sleep(args.baseline_seconds)
+                split = time.monotonic()
+                r = deploy(rollout)
+                ended = time.monotonic()
+                time.sleep(2)
+                report = load.stop()
+                results.append(measure(rollout, report, split, ended, r.stdout))
+                print(results[-1], flush=True)
     finally:
-        for h in hosts:
-            h.stop()
-    write(results, args.model, args.rounds)
+        host.stop()
+    write(results, args.clients)
 
 
-def write(results: list[dict], model: str, rounds: int) -> None:
+def measure(rollout: str, report: LoadReport, split: float, ended: float, table: str) -> dict:
+    row = next(line.split() for line in table.splitlines() if line.startswith("bench "))
+    held, drained = (None if v == "-" else float(v.rstrip("s")) for v in row[-2:])
+    return {"rollout": rollout, "sent": report.sent, "answered": len(report.answers), "failed": len(report.bad()), "deploy_s": ended - split,
+            "held_s": held, "drained_s": drained, "baseline": percentiles(report.latencies(end=split)),
+            "during_deploy": percentiles(report.latencies(start=split, end=ended)), "table": re.sub(r"\s+", " ", " ".join(row))}
+
+
+def write(results: list[dict], clients: int) -> None:
     m = machine()
-    one = next(r["wall_s"] for r in results if r["config"] == "1 host")
+    rows = [[r["rollout"], str(r["sent"]), str(r["failed"]), "-" if r["held_s"] is None else f"{r['held_s']:.1f} s", f"{r['drained_s']:.1f} s",
+             f"{r['baseline']['p50_s']:.2f} / {r['baseline']['p99_s']:.2f} s", f"{r['during_deploy']['p50_s']:.2f} / {r['during_deploy']['p99_s']:.2f} s",
+             f"{r['during_deploy']['p99_s'] - r['baseline']['p99_s']:+.2f} s", f"{r['during_deploy']['max_s']:.2f} s"] for r in results]
     md = [
-        f"# Deploy: a new release onto bare hosts over SSH ({model} model)",
+        f"# Rollouts under load: {clients} clients on one bare host's public port",
         "",
-        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB RAM; every host is an sshd container on this same machine; {m['date']}.",
-        f"Each measured deploy ships a new release of this project (median of {rounds}); the app is started by the fallback supervisor.",
-        "`down`: stop of the old app to /ready of the new, as the deploy reports it (polled over SSH every 0.25 s); `seen from outside`: longest run of non-200",
-        "/ready answers from a client polling every 50 ms. The first deploy has no old app, so its `down` is the new app's start to ready.",
+        f"Machine: {cpu_line(m)}; the host is an sshd container on this machine (the app and the clients share its cores); commit {m['commit']}, {m['date']}.",
+        "Each client sends greedy completions of 12 tokens back to back, streamed and whole in turn, through the front proxy. The baseline is the same",
+        "load before the deploy; `during` covers the requests that started while the deploy ran. `held`: how long the proxy held new requests",
+        "(hold only); `drained`: the old instance's drain and stop. Generated from deploy.json by bench/deploy.py.",
         "",
-        *markdown_table(["deploy", "wall time", "vs 1 host", "down per host", "seen from outside"],
-                        [[r["config"], f"{r['wall_s']:.1f} s", f"{r['wall_s'] / one:.2f}x",
-                          ", ".join(f"{d:.1f} s" for d in r["down_s"]),
-                          "-" if r["config"].startswith("first") else ", ".join(f"{d:.1f} s" for d in r["outside_down_s"])] for r in results]),
+        *markdown_table(["rollout", "requests", "failed", "held", "drained", "p50 / p99 baseline", "p50 / p99 during", "p99 added", "max during"], rows),
     ]
-    save_results(f"deploy-{model}" if model != "demo" else "deploy", md, {"machine": m, "model": model, "results": results})
+    save_results("deploy", md, {"machine": m, "clients": clients, "results": results})
 
 
 if __name__ == "__main__":
