@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 import uvicorn
 
+from app.auth import ApiKeys
 from app.config import Settings
 from ops.errors import BakehouseError, ConfigError, SourceError
 from ops.models.fetch import fetch_locked
@@ -123,6 +124,7 @@ def main(**overrides: object) -> int:
     """Run the entrypoint; `overrides` (model, port, …) win over the environment."""
     configure_logging()
     try:
+        keys = ApiKeys.from_env()
         settings = ensure_model(Settings.from_env(**overrides))
     except BakehouseError as exc:
         log.error("error: %s", exc)
@@ -130,7 +132,9 @@ def main(**overrides: object) -> int:
     from app.server import create_app  # imports torch: after the cheap checks, so failures are fast
 
     log.info("entrypoint: serving %s on %s:%d", settings.model, settings.host, settings.port)
-    app = create_app(settings)
+    if not keys.required and settings.host not in ("127.0.0.1", "::1", "localhost"):
+        log.warning("no API key (BAKEHOUSE_API_KEY or BAKEHOUSE_API_KEY_FILE): anyone who reaches %s:%d can use the API", settings.host, settings.port)
+    app = create_app(settings, keys)
     DrainingServer(app, uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info", timeout_graceful_shutdown=5)).run()
     return 0
 

@@ -24,7 +24,19 @@ from app.params import Output, SamplingParams
 from app.policy import Choice
 from app.replies import ChatReply, CompletionReply, sse
 from app.scheduler import Scheduler, choice, complete
-from app.schemas import ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, bounded, check_ids, check_text, count_choices, prompts_of, sampling
+from app.schemas import (
+    ChatRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+    bounded,
+    check_ids,
+    check_messages,
+    check_text,
+    count_choices,
+    prompts_of,
+    sampling,
+)
 from ops.errors import ApiError, QueueFullError
 
 
@@ -76,8 +88,12 @@ class Run:
                 self.done += 1
             yield index, out
 
+    def error(self) -> str | None:
+        """Why a choice failed, if one did (the whole answer is then an error: its other choices are dropped)."""
+        return next((out.error for _, out in self.collected if out.error is not None), None)
+
     async def wait(self, request: Request) -> None:
-        """Run to the end; a client that goes away meanwhile cancels every choice."""
+        """Run to the end; a client that goes away meanwhile cancels every choice. A failed choice is a 500 in the OpenAI error shape."""
 
         async def collect() -> None:
             async for item in self.outputs():
@@ -90,6 +106,8 @@ class Run:
                 task.cancel()
                 raise ApiError(499, "the client went away", code="client_closed")
             await asyncio.wait([task], timeout=0.5)
+        if (error := self.error()) is not None:
+            raise ApiError(500, f"generation failed: {error}", type_="server_error", code="generation_failed")
 
 
 class LocalClient:
@@ -130,8 +148,7 @@ class LocalClient:
             text = body.prompt
         else:
             messages = [{"role": m.role, "content": m.text()} for m in body.messages or []]
-            for m in messages:
-                bounded(m["content"], self.settings.max_prompt_chars, "messages")
+            check_messages([m["content"] for m in messages], self.settings.max_prompt_chars)
             text = await asyncio.to_thread(engine.chat_prompt, messages)
         check_text(text, "prompt")
         bounded(text, self.settings.max_prompt_chars, "prompt")
@@ -169,9 +186,9 @@ class LocalClient:
         s = self.settings
         count_choices(1, body.n, s.max_choices)
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        check_messages([m["content"] for m in messages], s.max_prompt_chars)
         for m in messages:
             check_text(m["content"], "messages")
-            bounded(m["content"], s.max_prompt_chars, "messages")
         requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         max_tokens = requested if requested is not None else min(256, s.max_tokens_limit)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 FinishReason = Literal["stop", "length", "error"]
+GREEDY_BELOW = 1e-5
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        """Temperatures below GREEDY_BELOW are greedy (as vLLM's): dividing logits by 1e-40 would make them infinite."""
+        return self.temperature < GREEDY_BELOW
 
     @property
     def penalized(self) -> bool:
@@ -51,3 +53,4 @@ class Output:
     logprobs: tuple[TokenLogprob, ...] = ()
     finish: FinishReason | None = None
     prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
+    error: str | None = None  # finish "error": what the client is told (the log has the details)

@@ -224,10 +224,11 @@ class Policy:
         moves, self.moves = tuple(self.moves), []
         return StepPlan(moves, tuple(self.running), tuple(chunks), tuple(dropped))
 
-    def update(self, plan: StepPlan, tokens: Seq[int], decode: Decode, *, logprobs: Mapping[int, TokenLogprob] | None = None,
-               prompt_logprobs: Mapping[int, list[TokenLogprob]] | None = None) -> Update:
-        """The step ran: `tokens` holds one token for each of `plan.sampled`; `logprobs` (by index into `sampled`) and
-        `prompt_logprobs` (by index into `plan.chunks`) only for the rows that asked for them."""
+    def update(self, plan: StepPlan, tokens: Seq[int | None], decode: Decode, *, logprobs: Mapping[int, TokenLogprob] | None = None,
+               prompt_logprobs: Mapping[int, list[TokenLogprob]] | None = None, failed: str = "") -> Update:
+        """The step ran: `tokens` holds one token for each of `plan.sampled`, None for a row whose sampling failed (it ends with
+        `failed` as its error; the other rows go on); `logprobs` (by index into `sampled`) and `prompt_logprobs` (by index into
+        `plan.chunks`) only for the rows that asked for them."""
         for s in plan.rows:
             s.length += 1
         started = []
@@ -245,7 +246,7 @@ class Policy:
                 self.running.append(seq)
                 started.append(seq)
         sent = [out for i, (seq, token) in enumerate(zip(plan.sampled, tokens, strict=True))
-                for out in self._advance(seq, token, (logprobs or {}).get(i), decode)]
+                for out in (self._advance(seq, token, (logprobs or {}).get(i), decode) if token is not None else self._error(seq, failed))]
         for i in reversed([i for i, s in enumerate(self.running) if s.finish is not None]):
             self._leave(i)
         return Update(sent, started)
@@ -256,8 +257,7 @@ class Policy:
         for seq in list(choices):
             if seq.finish is not None:
                 continue
-            seq.finish = "error"
-            sent.append((seq, Output(message, finish="error")))
+            sent += self._error(seq, message)
             if seq in self.prefilling:
                 self.prefilling.remove(seq)
                 self.free_slots.append(seq.slot)
@@ -266,6 +266,11 @@ class Policy:
         return sent
 
     # --- inside ---------------------------------------------------------------
+
+    @staticmethod
+    def _error(seq: Choice, message: str) -> list[tuple[Choice, Output]]:
+        seq.finish = "error"
+        return [(seq, Output("", tuple(seq.pending_ids), finish="error", error=message))]
 
     def _drop_cancelled(self) -> list[Choice]:
         with self._lock:

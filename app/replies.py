@@ -62,6 +62,11 @@ def gather(run: Outputs) -> list[Gathered]:
     return gathered
 
 
+def error_event(out: Output) -> dict[str, Any]:
+    """A stream's error, as OpenAI-compatible servers send it: an event with an `error` object instead of choices."""
+    return {"error": {"message": f"generation failed: {out.error}", "type": "server_error", "param": None, "code": "generation_failed"}}
+
+
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
 
@@ -125,6 +130,9 @@ class CompletionReply:
         completion_tokens = 0
         echoed: set[int] = set()
         async for index, out in self.run.outputs():
+            if out.error is not None:
+                yield error_event(out)
+                continue
             g = Gathered()
             g.add(out)
             completion_tokens += len(out.token_ids)
@@ -169,6 +177,9 @@ class ChatReply:
             yield self._chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None, "logprobs": None}])
         completion_tokens = 0
         async for index, out in self.run.outputs():
+            if out.error is not None:
+                yield error_event(out)
+                continue
             completion_tokens += len(out.token_ids)
             delta = {"content": out.text} if out.text else {}
             yield self._chunk([{"index": index, "delta": delta, "finish_reason": out.finish, "logprobs": self._logprobs(list(out.logprobs))}])

@@ -63,9 +63,17 @@ def _truncate(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     return probs
 
 
-def sample(logits: torch.Tensor, rows: Sequence[Row], eos: int | None) -> list[int]:
-    """One token per row from `logits` [rows, vocab] (float32): greedy rows without penalties in one argmax, the others one by one."""
-    chosen = [0] * len(rows)
+class SamplingError(ValueError):
+    """One row's settings gave no valid distribution: that row ends with an error, the batch goes on."""
+
+
+def sample(logits: torch.Tensor, rows: Sequence[Row], eos: int | None) -> tuple[list[int | None], dict[int, Exception]]:
+    """One token per row from `logits` [rows, vocab] (float32): greedy rows without penalties in one argmax, the others one by one.
+
+    A row whose sampling fails gets None and its exception in the second map; the other rows are not touched by it.
+    """
+    chosen: list[int | None] = [0] * len(rows)
+    failed: dict[int, Exception] = {}
     plain = [i for i, r in enumerate(rows) if r.params.greedy and not r.params.penalized]
     if plain:
         x = logits[plain]
@@ -75,18 +83,25 @@ def sample(logits: torch.Tensor, rows: Sequence[Row], eos: int | None) -> list[i
         for i, token in zip(plain, x.argmax(dim=-1).tolist(), strict=True):
             chosen[i] = token
     for i in sorted(set(range(len(rows))) - set(plain)):
-        row = rows[i]
-        x = logits[i].clone()
-        blocked_ids = blocked(row, eos)
-        if blocked_ids:
-            x[blocked_ids] = float("-inf")
-        _penalize(x, row)
-        if row.params.greedy:
-            chosen[i] = int(x.argmax())
-            continue
-        probs = _truncate(x / row.params.temperature, row.params)
-        chosen[i] = int(torch.multinomial(probs, 1, generator=row.generator))
-    return chosen
+        try:
+            chosen[i] = _one(logits[i], rows[i], eos)
+        except (RuntimeError, ValueError) as exc:
+            chosen[i], failed[i] = None, exc
+    return chosen, failed
+
+
+def _one(logits: torch.Tensor, row: Row, eos: int | None) -> int:
+    x = logits.clone()
+    blocked_ids = blocked(row, eos)
+    if blocked_ids:
+        x[blocked_ids] = float("-inf")
+    _penalize(x, row)
+    if row.params.greedy:
+        return int(x.argmax())
+    probs = _truncate(x / row.params.temperature, row.params)
+    if not bool(torch.isfinite(probs).all()) or float(probs.sum()) <= 0:
+        raise SamplingError("the sampling settings left no valid probabilities")
+    return int(torch.multinomial(probs, 1, generator=row.generator))
 
 
 def logprobs_of(logits: torch.Tensor, tokens: Sequence[int], top: int) -> list[TokenLogprob]:

@@ -114,9 +114,11 @@ class Scheduler:
             self.metrics.cancelled.inc(len(plan.dropped))
             try:
                 self._step(plan)
-            except Exception as exc:  # a failed forward pass must answer its requests, not hang them
-                log.exception("generation step failed")
-                self._send(self.policy.fail([*plan.rows, *(c.seq for c in plan.chunks)], f"[generation failed: {type(exc).__name__}]"))
+            except Exception as exc:  # a failed forward pass (out of memory, …) must answer its requests, not hang them
+                log.error("a generation step failed for %d sequence(s): %s: %s", len(plan.rows) + len(plan.chunks), type(exc).__name__, exc)
+                log.debug("the step's traceback", exc_info=True)
+                self.metrics.errors.labels("generation_error").inc(len(plan.rows) + len(plan.chunks))
+                self._send(self.policy.fail([*plan.rows, *(c.seq for c in plan.chunks)], f"generation failed on the server ({type(exc).__name__})"))
 
     @torch.inference_mode()
     def _step(self, plan: StepPlan) -> None:
@@ -135,22 +137,27 @@ class Scheduler:
         prompt_logprobs = {plan.chunks.index(c): scored[i] for i, (c, _) in enumerate(plan.scored_at) if i in scored}
         sampled = plan.sampled
         picked = logits[plan.sampled_at]
-        tokens = sample(picked, sampled, self.engine.eos) if sampled else []
+        tokens, failed = sample(picked, sampled, self.engine.eos) if sampled else ([], {})
+        for exc in failed.values():
+            log.warning("sampling failed for one sequence (%s: %s); it ends with an error, the others go on", type(exc).__name__, exc)
+            log.debug("the sampling traceback", exc_info=exc)
+        self.metrics.errors.labels("sampling_error").inc(len(failed))
         logprobs = self._logprobs(sampled, picked, tokens)
-        self.metrics.tokens.inc(len(sampled))
-        update = self.policy.update(plan, tokens, self._decode, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+        self.metrics.tokens.inc(len(sampled) - len(failed))
+        update = self.policy.update(plan, tokens, self._decode, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+                                    failed="its sampling settings gave no valid probabilities; choose other settings")
         now = time.monotonic()
         for seq in update.started:
             self.metrics.ttft.observe(now - seq.submitted)
         self._send(update.sent)
 
     @staticmethod
-    def _logprobs(rows: Sequence[Choice], logits: torch.Tensor, tokens: Sequence[int]) -> dict[int, TokenLogprob]:
-        want = [i for i, s in enumerate(rows) if s.params.logprobs is not None]
+    def _logprobs(rows: Sequence[Choice], logits: torch.Tensor, tokens: Sequence[int | None]) -> dict[int, TokenLogprob]:
+        want = [i for i, s in enumerate(rows) if s.params.logprobs is not None and tokens[i] is not None]
         if not want:
             return {}
         top = max(rows[i].params.logprobs or 0 for i in want)
-        return dict(zip(want, logprobs_of(logits[want], [tokens[i] for i in want], top), strict=True))
+        return dict(zip(want, logprobs_of(logits[want], [t for i in want if (t := tokens[i]) is not None], top), strict=True))
 
     def _decode(self, seq: Choice, token: int) -> str:
         if seq.detok is None:

@@ -6,6 +6,7 @@ Strict types ('5' is not a number of tokens); unknown OpenAI parameters
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal, cast
 
 from fastapi.exceptions import RequestValidationError
@@ -90,8 +91,14 @@ class DetokenizeRequest(_Strict):
     tokens: list[int]
 
 
+MAX_STOP_TOKEN_IDS = 1024
+MAX_MESSAGES = 4096
+SEED_RANGE = 2**63  # a seed n choices draw from is seed .. seed + n - 1, each a valid torch generator seed
+
+
 def _between(name: str, value: float, low: float, high: float, *, low_open: bool = False) -> None:
-    if value < low or value > high or (low_open and value == low):
+    """`value` in range; NaN and infinities are not (a NaN compares false with every bound, so it is checked first)."""
+    if not math.isfinite(value) or value < low or value > high or (low_open and value == low):
         bounds = f"above {low:g} and at most {high:g}" if low_open else f"between {low:g} and {high:g}"
         raise ApiError(400, f"{name} must be {bounds}, got {value}.", param=name)
 
@@ -105,7 +112,7 @@ def sampling(body: CompletionRequest | ChatRequest, limit: int, *, max_tokens: i
     _between("min_p", body.min_p, 0, 1)
     _between("presence_penalty", body.presence_penalty, -2, 2)
     _between("frequency_penalty", body.frequency_penalty, -2, 2)
-    _between("repetition_penalty", body.repetition_penalty, 0, 2, low_open=True)
+    _between("repetition_penalty", body.repetition_penalty, 0.01, 2)
     if body.top_k < -1:
         raise ApiError(400, f"top_k must be -1 or 0 (off) or a positive number, got {body.top_k}.", param="top_k")
     if not 0 <= body.min_tokens <= max_tokens:
@@ -115,6 +122,10 @@ def sampling(body: CompletionRequest | ChatRequest, limit: int, *, max_tokens: i
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     if len(stop) > 16 or any(len(s) > 512 for s in stop):
         raise ApiError(400, "stop: at most 16 strings of at most 512 characters.", param="stop")
+    if len(body.stop_token_ids or ()) > MAX_STOP_TOKEN_IDS:
+        raise ApiError(400, f"stop_token_ids: at most {MAX_STOP_TOKEN_IDS} ids, got {len(body.stop_token_ids or ())}.", param="stop_token_ids")
+    if body.seed is not None and not 0 <= body.seed <= SEED_RANGE - 1 - body.n:
+        raise ApiError(400, f"seed must be between 0 and {SEED_RANGE - 1 - body.n} (with n={body.n}), got {body.seed}.", param="seed")
     return SamplingParams(
         max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=max(body.top_k, 0), min_p=body.min_p,
         presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty, repetition_penalty=body.repetition_penalty,
@@ -172,6 +183,16 @@ def count_choices(prompts: int, n: int, limit: int) -> None:
     if prompts * n > limit:
         raise ApiError(400, f"this request asks for {prompts * n} completions (prompts x n); this server takes at most {limit} per request "
                        "(BAKEHOUSE_MAX_CHOICES). Split it.", param="n")
+
+
+def check_messages(texts: list[str], limit: int) -> None:
+    """Before a chat template renders them: how many messages, and how much text in all."""
+    if len(texts) > MAX_MESSAGES:
+        raise ApiError(400, f"messages: {len(texts)} messages; this server takes at most {MAX_MESSAGES}.", param="messages")
+    total = sum(map(len, texts))
+    if total > limit:
+        raise ApiError(400, f"messages: {total} characters in all; this server takes at most {limit} (BAKEHOUSE_MAX_PROMPT_CHARS). Shorten them.",
+                       param="messages", code="context_length_exceeded")
 
 
 def check_ids(ids: list[int], vocab: int, param: str) -> list[int]:

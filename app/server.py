@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.auth import ApiKeys, RequireKey
 from app.client import EngineClient, engine_client
 from app.config import Settings
 from app.drain import Drain, DrainGate
@@ -38,8 +39,9 @@ def begin_drain(app: FastAPI, stop: Callable[[], None]) -> None:
     threading.Thread(target=app.state.drain.run, args=(was_ready, stop), name="drain", daemon=True).start()
 
 
-def create_app(settings: Settings) -> FastAPI:
+def create_app(settings: Settings, keys: ApiKeys | None = None) -> FastAPI:
     state, metrics = LoadState(), Metrics()
+    keys = keys or ApiKeys()
     drain = Drain(deregister=settings.deregister_seconds, seconds=settings.drain_seconds)
     client = engine_client(settings, metrics)
     created = int(time.time())
@@ -56,6 +58,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.drain = drain
     app.add_middleware(DrainGate, drain=drain)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(RequireKey, keys=keys)  # before the body is read: a caller without a key costs nothing
     app.add_middleware(CountRequests, metrics=metrics)
 
     @app.exception_handler(ApiError)

@@ -60,10 +60,11 @@ class VllmOptions:
     @classmethod
     def from_env(cls) -> VllmOptions:
         extra = tuple(shlex.split(os.environ.get("BAKEHOUSE_VLLM_ARGS", "")))
-        owned = {"--model", "--served-model-name", "--host", "--port", "--dtype"}
+        owned = {"--model", "--served-model-name", "--host", "--port", "--dtype", "--api-key"}
         clash = [a for a in extra if a.split("=", 1)[0] in owned]
         if clash:
-            raise ConfigError(f"BAKEHOUSE_VLLM_ARGS: {clash[0]!r} is set by bakehouse (the verified directory, the model name, the loopback port, BAKEHOUSE_DTYPE).")
+            raise ConfigError(f"BAKEHOUSE_VLLM_ARGS: {clash[0].split('=', 1)[0]!r} is set by bakehouse (the verified directory, the model name, the loopback port, "
+                              "BAKEHOUSE_DTYPE; API keys: BAKEHOUSE_API_KEY, checked in front of vLLM).")
         quantization = os.environ.get("BAKEHOUSE_VLLM_QUANTIZATION") or None
         if quantization is not None and not quantization.replace("_", "").isalnum():
             raise ConfigError(f"BAKEHOUSE_VLLM_QUANTIZATION={quantization!r}: a vLLM quantization method name (awq, gptq, fp8, …).")
@@ -90,10 +91,13 @@ def vllm_argv(opts: VllmOptions, directory: Path, name: str, port: int, dtype: s
     return [*argv, *opts.extra]
 
 
+SECRET_ENV = ("BAKEHOUSE_API_KEY", "BAKEHOUSE_API_KEY_FILE", "HF_TOKEN", "VLLM_API_KEY")
+
+
 def child_env() -> dict[str, str]:
-    """The child never asks a hub: everything it loads is in the verified directory."""
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "VLLM_NO_USAGE_STATS": "1",
-            "DO_NOT_TRACK": "1"}
+    """The child never asks a hub (everything it loads is in the verified directory), and gets none of the app's secrets."""
+    inherited = {k: v for k, v in os.environ.items() if k not in SECRET_ENV}
+    return {**inherited, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
 
 
 class VllmChild:
@@ -107,7 +111,7 @@ class VllmChild:
     def __init__(self, argv: Sequence[str], port: int) -> None:
         self.url = f"http://127.0.0.1:{port}"
         self.last: collections.deque[str] = collections.deque(maxlen=8)
-        logger.info("starting vLLM: %s", shlex.join(argv))
+        logger.info("starting vLLM: %s", redact(shlex.join(argv)))
         self.process = subprocess.Popen(list(argv), env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
         threading.Thread(target=self._relay, name="vllm-log", daemon=True).start()
 

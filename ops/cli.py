@@ -336,7 +336,9 @@ def serve(*, model: str | None = None, port: str | None = None) -> int:
     """Run the app locally: quick verify (fetch if missing), then serve the OpenAI-compatible API."""
     from app.entrypoint import main
 
-    return guarded(lambda: main(model=model, port=int(settings.number("--port", port, default=8000, maximum=65535)) if port else None))
+    # Loopback unless HOST says otherwise: a laptop's `invoke serve` is not a server for the network (the image and deploys bind as configured).
+    host = None if os.environ.get("HOST") else "127.0.0.1"
+    return guarded(lambda: main(model=model, host=host, port=int(settings.number("--port", port, default=8000, maximum=65535)) if port else None))
 
 
 def demo() -> int:

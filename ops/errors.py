@@ -314,9 +314,11 @@ def rebuild(data: dict[str, Any]) -> BakehouseError:
 
 _USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/@\s]+@", re.IGNORECASE)
 _BEARER = re.compile(r"(hf_[A-Za-z0-9]{6,}|Bearer\s+\S+)")
+_QUERY_SECRET = re.compile(r"([?&;](?:[a-z_]*token|[a-z_]*key|password|passwd|secret|sig|signature|auth|credential)=)[^&#\s]+", re.IGNORECASE)
 
 
 def redact(text: str) -> str:
-    """Strip credentials from URLs and token-looking strings before they are shown."""
+    """Strip credentials from URLs (user:password@, ?token=…) and token-looking strings before they are shown."""
     text = _USERINFO.sub(r"\g<scheme>***@", text)
+    text = _QUERY_SECRET.sub(r"\1***", text)
     return _BEARER.sub("***", text)

@@ -51,24 +51,34 @@ def row(params: SamplingParams, prompt: list[int], **fields: object) -> Choice:
 def test_sample_is_greedy_at_temperature_zero_per_row() -> None:
     logits = torch.tensor([[0.0, 5.0, 1.0], [3.0, 0.0, 0.0]])
     rows = [row(SamplingParams(max_tokens=1, temperature=0), [0]), row(SamplingParams(max_tokens=1, temperature=0), [0])]
-    assert sample(logits, rows, eos=None) == [1, 0]
+    assert sample(logits, rows, eos=None)[0] == [1, 0]
     torch.manual_seed(0)
     mixed = [row(SamplingParams(max_tokens=1, temperature=t, top_p=p), [0]) for t, p in [(0.0, 1.0), (1.0, 0.01)] * 50]
-    hot = sample(logits.repeat(50, 1), mixed, eos=None)
+    hot, _ = sample(logits.repeat(50, 1), mixed, eos=None)
     assert hot[0::2] == [1] * 50  # greedy rows stay greedy
     assert hot[1::2] == [0] * 50  # top_p 0.01 keeps only the most likely token
 
 
 def test_seeds_repeat_and_penalties_and_limits_steer() -> None:
     logits = torch.zeros(1, 50)
-    draws = [sample(logits, [row(SamplingParams(max_tokens=1, seed=7), [0], generator=torch.Generator().manual_seed(7))], None) for _ in range(3)]
+    draws = [sample(logits, [row(SamplingParams(max_tokens=1, seed=7), [0], generator=torch.Generator().manual_seed(7))], None)[0] for _ in range(3)]
     assert draws[0] == draws[1] == draws[2]
     flat = torch.tensor([[1.0, 1.0, 0.0]])
     said = row(SamplingParams(max_tokens=4, temperature=0, presence_penalty=2.0), [2], generated=[0])
     said.counts[0] = 1
-    assert sample(flat, [said], None) == [1]  # token 0 was said already
-    assert sample(torch.tensor([[0.0, 9.0, 0.0]]), [row(SamplingParams(max_tokens=4, temperature=0, min_tokens=2), [0])], eos=1) == [0]
-    assert sample(torch.tensor([[0.0, 9.0, 1.0]]), [row(SamplingParams(max_tokens=4, temperature=1.0, top_k=1), [0])], None) == [1]
+    assert sample(flat, [said], None)[0] == [1]  # token 0 was said already
+    assert sample(torch.tensor([[0.0, 9.0, 0.0]]), [row(SamplingParams(max_tokens=4, temperature=0, min_tokens=2), [0])], eos=1)[0] == [0]
+    assert sample(torch.tensor([[0.0, 9.0, 1.0]]), [row(SamplingParams(max_tokens=4, temperature=1.0, top_k=1), [0])], None)[0] == [1]
+
+
+def test_a_row_whose_sampling_fails_fails_alone() -> None:
+    """A row with no valid distribution (its logits went NaN) gets None and its reason; its neighbours are sampled as usual."""
+    logits = torch.tensor([[0.0, 5.0, 1.0], [float("nan"), float("nan"), float("nan")], [3.0, 0.0, 0.0]])
+    rows = [row(SamplingParams(max_tokens=1, temperature=1.0, top_k=1), [0]), row(SamplingParams(max_tokens=1, temperature=1.0), [0]),
+            row(SamplingParams(max_tokens=1, temperature=0), [0])]
+    tokens, failed = sample(logits, rows, eos=None)
+    assert tokens == [1, None, 0] and list(failed) == [1]
+    assert SamplingParams(max_tokens=1, temperature=1e-40).greedy  # below 1e-5: greedy, never logits / 1e-40
 
 
 def test_first_stop() -> None:
