@@ -333,3 +333,56 @@ def test_git_authentication_and_http_refusals_say_what_they_are(project: Project
     assert bad.returncode == 3 and "refused the request (HTTP 400" in bad.stdout and "Retry later" not in bad.stdout, bad.stdout
     limited = run(project, "lock", "--models", "limited")
     assert limited.returncode == 3 and "rate limited (HTTP 429)" in limited.stdout, limited.stdout
+
+
+# --- the inventory as untrusted input -------------------------------------------------
+
+def test_the_ansible_engine_refuses_connection_commands_from_the_inventory(fetched: Project, tmp_path: Path) -> None:
+    """A ProxyCommand in ansible_ssh_common_args would run on this machine: refused (exit 2, host and variable named) before ansible-playbook runs."""
+    pwned = tmp_path / "pwned"
+    evil = tmp_path / "evil.yml"
+    evil.write_text("all:\n  hosts:\n    web1:\n      ansible_host: 127.0.0.1\n"
+                    f"      ansible_ssh_common_args: -o ProxyCommand=\"sh -c 'id > {pwned}'\"\n")
+    base = [*INVOKE, "fetch-models", "--inventory", str(evil), "--hosts", "web1", "--engine", "ansible", "--lock", str(fetched.dir / "models.lock")]
+    r = no_traceback(subprocess.run(base, cwd=fetched.dir, env=fetched.env(), capture_output=True, text=True, timeout=300))
+    assert r.returncode == 2 and "web1: ansible_ssh_common_args" in r.stderr and "BAKEHOUSE_TRUST_INVENTORY" in r.stderr, r.stdout + r.stderr
+    assert not pwned.exists()
+    evil.write_text("all:\n  hosts:\n    web1:\n      ansible_host: 127.0.0.1\n      ansible_connection: local\n")
+    r = no_traceback(subprocess.run(base, cwd=fetched.dir, env=fetched.env(), capture_output=True, text=True, timeout=300))
+    assert r.returncode == 2 and "web1: ansible_connection" in r.stderr
+    evil.write_text("all:\n  hosts:\n    web1:\n      ansible_host: 127.0.0.1\n      ansible_python_interpreter: /usr/bin/python3 -c 'import os'\n")
+    r = no_traceback(subprocess.run(base, cwd=fetched.dir, env=fetched.env(), capture_output=True, text=True, timeout=300))
+    assert r.returncode == 2 and "web1: ansible_python_interpreter" in r.stderr
+
+
+@pytest.mark.parametrize(("hostvars", "needle"), [
+    ("app_env: {PYTHONWARNINGS: 'all:0:antigravity.x:0:0', BROWSER: \"/bin/sh -c 'id > /tmp/x' #%s\"}", "app_env PYTHONWARNINGS is not an app setting"),
+    ("app_env: {LD_PRELOAD: /tmp/evil.so}", "app_env LD_PRELOAD is not an app setting"),
+    ("app_env: {PYTHONPATH: /tmp/evil}", "app_env PYTHONPATH is not an app setting"),
+    ('app_env: {BAKEHOUSE_MAX_BATCH: "4\\u2028HF_ENDPOINT=http://evil"}', "line or paragraph separator"),
+    ('service: "bakehouse\\n"', "service"),
+    ('ansible_host: "10.0.0.1\\n"', "ansible_host"),
+    ("secrets: [AWS_SECRET_ACCESS_KEY_NOT_SET_HERE]", "AWS_SECRET_ACCESS_KEY_NOT_SET_HERE not set in this environment"),
+])
+def test_deploy_refuses_hostile_host_variables_before_touching_a_host(fetched: Project, tmp_path: Path, hostvars: str, needle: str) -> None:
+    inventory = tmp_path / "hosts.yml"
+    inventory.write_text(f"all:\n  hosts:\n    web1:\n      ansible_host: 192.0.2.1\n      runtime: bare\n      {hostvars}\n")
+    r = no_traceback(subprocess.run([*INVOKE, "deploy", "--inventory", str(inventory), "--hosts", "web1", "--tag", "v1", "--dry-run"], cwd=fetched.dir,
+                                    env=fetched.env(), capture_output=True, text=True, timeout=300))
+    assert r.returncode == 2 and needle in r.stderr, r.stdout + r.stderr
+
+
+def test_a_tag_with_a_trailing_newline_is_refused(fetched: Project, tmp_path: Path) -> None:
+    inventory = tmp_path / "hosts.yml"
+    inventory.write_text("all:\n  hosts:\n    web1:\n      ansible_host: 192.0.2.1\n      runtime: bare\n")
+    r = no_traceback(subprocess.run([*INVOKE, "deploy", "--inventory", str(inventory), "--hosts", "web1", "--tag", "v1\n", "--dry-run"], cwd=fetched.dir,
+                                    env=fetched.env(), capture_output=True, text=True, timeout=300))
+    assert r.returncode == 2 and "release version" in r.stderr, r.stdout + r.stderr
+
+
+def test_the_supervisor_reads_env_files_by_newlines_only(tmp_path: Path) -> None:
+    from ops.deploy.supervise import read_env_file
+
+    f = tmp_path / "app.env"
+    f.write_text("BAKEHOUSE_MAX_BATCH=4\u2028HF_ENDPOINT=http://evil\nMODEL=demo\n")
+    assert read_env_file(f) == {"BAKEHOUSE_MAX_BATCH": "4\u2028HF_ENDPOINT=http://evil", "MODEL": "demo"}

@@ -85,6 +85,6 @@ def instance_env(t: Target, port: int) -> dict[str, str]:
 def env_file(entries: Mapping[str, str]) -> str:
     """KEY=VALUE lines, the format docker --env-file, systemd EnvironmentFile and the supervisor all read."""
     for key, value in entries.items():
-        if "\n" in value or "\r" in value:
-            raise ConfigError(f"the value of {key} holds a line break; an env file cannot carry it.")
+        if value.splitlines() not in ([], [value]) or "\0" in value:
+            raise ConfigError(f"the value of {key} holds a line break (or a line or paragraph separator) or a NUL; an env file cannot carry it.")
     return "".join(f"{k}={v}\n" for k, v in entries.items())

@@ -24,7 +24,7 @@ from ops.images.actions import git_revision
 from ops.remote.wheelhouse import ROOT, Wheelhouse, build_wheelhouse, exclusive, wheelhouse_of
 from ops.runner import run
 
-_VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z")
 
 
 @dataclass(frozen=True)

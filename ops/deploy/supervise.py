@@ -36,7 +36,7 @@ def read_env_files(paths: list[Path]) -> dict[str, str]:
 
 def read_env_file(path: Path) -> dict[str, str]:
     env = {}
-    for line in path.read_text().splitlines():
+    for line in path.read_text().split("\n"):  # only newlines end a line, as systemd and docker read env files (not U+2028 and the like)
         if line.strip() and not line.lstrip().startswith("#") and "=" in line:
             key, value = line.split("=", 1)
             env[key.strip()] = value

@@ -23,7 +23,7 @@ AppDeps = Literal["wheelhouse", "system"]  # system: the host's own site-package
 PROCESS_MANAGERS: tuple[ProcessManager, ...] = ("systemd", "supervise")
 APP_DEPS: tuple[AppDeps, ...] = ("wheelhouse", "system")
 C = TypeVar("C", bound=str)
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
 @dataclass(frozen=True)
@@ -100,10 +100,10 @@ def target(host: Host, default_model: str) -> Target:
     return t
 
 
-_UNIT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,127}$")
-_CONTAINER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-_IMAGE_REPO = re.compile(r"^[a-z0-9][a-z0-9._-]*(:[0-9]+)?(/[a-z0-9][a-z0-9._-]*)*$")  # a repository without tag, optionally with a registry host
-_GPUS = re.compile(r"^(|all|none|[A-Za-z0-9][A-Za-z0-9-]*(,[A-Za-z0-9][A-Za-z0-9-]*)*)$")
+_UNIT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,127}\Z")
+_CONTAINER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z")
+_IMAGE_REPO = re.compile(r"^[a-z0-9][a-z0-9._-]*(:[0-9]+)?(/[a-z0-9][a-z0-9._-]*)*\Z")  # a repository without tag, optionally with a registry host
+_GPUS = re.compile(r"^(|all|none|[A-Za-z0-9][A-Za-z0-9-]*(,[A-Za-z0-9][A-Za-z0-9-]*)*)\Z")
 
 
 def _instance_ports(host: Host, v: dict[str, Any], port: int) -> tuple[int, int]:
@@ -145,6 +145,12 @@ def _env_name(host: Host, key: str, name: object) -> str:
     return name
 
 
+# app_env is an allow-list: the app's and its libraries' settings. A deny-list of loader and interpreter variables
+# (LD_PRELOAD, PYTHONPATH, PYTHONWARNINGS with a module, BROWSER, PATH, …) would miss the next one.
+APP_ENV_PREFIXES = ("BAKEHOUSE_", "HF_", "TRANSFORMERS_", "TOKENIZERS_", "VLLM_", "OMP_", "MKL_", "KMP_", "CUDA_", "NCCL_", "PYTORCH_")
+APP_ENV_NAMES = ("TZ", "LANG", "LC_ALL")
+
+
 def _app_env(host: Host, value: object) -> dict[str, str]:
     if value is None:
         return {}
@@ -152,8 +158,11 @@ def _app_env(host: Host, value: object) -> dict[str, str]:
         raise ConfigError(f"{host.name}: app_env must map variable names to plain values (strings or numbers).")
     env = {_env_name(host, "app_env", k): str(x) for k, x in value.items()}
     for k, x in env.items():
-        if "\n" in x or "\r" in x or "\0" in x:
-            raise ConfigError(f"{host.name}: app_env {k} holds a line break or a NUL; an env file cannot carry it.")
+        if not (k.startswith(APP_ENV_PREFIXES) or k in APP_ENV_NAMES):
+            raise ConfigError(f"{host.name}: app_env {k} is not an app setting; app_env takes {', '.join(p + '*' for p in APP_ENV_PREFIXES)}, "
+                              f"{', '.join(APP_ENV_NAMES)}. Variables that change how programs load or start are refused.")
+        if x.splitlines() not in ([], [x]) or "\0" in x:
+            raise ConfigError(f"{host.name}: app_env {k} holds a line break (or a line or paragraph separator) or a NUL; an env file cannot carry it.")
     return env
 
 

@@ -64,7 +64,7 @@ def build_argv(spec: BuildSpec) -> list[str]:
     return [*argv, str(spec.context)]
 
 
-_REFERENCE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@-]{0,254}$")
+_REFERENCE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@-]{0,254}\Z")
 
 
 def check_reference(flag: str, value: str) -> str:

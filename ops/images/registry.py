@@ -10,8 +10,8 @@ import httpx
 
 from ops.errors import ConfigError, redact
 
-_HOST = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]*(:[0-9]{1,5})?$")
-_USER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]*$")
+_HOST = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]*(:[0-9]{1,5})?\Z")
+_USER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]*\Z")
 
 
 @dataclass(frozen=True)

@@ -55,7 +55,7 @@ class ModelRequest:
         )
 
 
-_PEER = re.compile(r"^http://[A-Za-z0-9.:\[\]_-]+:[0-9]{1,5}$")
+_PEER = re.compile(r"^http://[A-Za-z0-9.:\[\]_-]+:[0-9]{1,5}\Z")
 
 
 def check_peer(url: str) -> str:

@@ -22,7 +22,7 @@ from ops.models.manifest import Manifest, spec_fingerprint
 from ops.settings import read_text
 
 LOCK_VERSION = 1
-_SPEC = re.compile(r"^[0-9a-f]{16}$")
+_SPEC = re.compile(r"^[0-9a-f]{16}\Z")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _HEADER = "# models.lock: written by `invoke lock-models`; commit it, do not edit it.\n"
 

@@ -11,10 +11,10 @@ import re
 from urllib.parse import urlsplit
 
 SCHEMES = ("hf://", "git+https://", "git+http://", "git+file://", "https://", "http://")
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-SHA256 = re.compile(r"^[0-9a-f]{64}$")
-GIT_COMMIT = re.compile(r"^[0-9a-f]{40}$")
-_HF_PART = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?$")
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
+SHA256 = re.compile(r"^[0-9a-f]{64}\Z")
+GIT_COMMIT = re.compile(r"^[0-9a-f]{40}\Z")
+_HF_PART = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?\Z")
 _SPACE_OR_CONTROL = re.compile(r"[\x00-\x20\x7f]")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # What git's check-ref-format forbids anywhere in a ref name, plus a leading '-' (it would read as an option).

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -24,9 +25,38 @@ from ops.remote.inventory import Host
 from ops.remote.job import FleetJob
 from ops.remote.wheelhouse import Wheelhouse, build_wheelhouse
 from ops.runner import run_streaming
-from ops.settings import env_lines
+from ops.settings import env_flag, env_lines
 
 PLAYBOOK = Path(__file__).with_name("models-playbook.yml")
+TRUST_ENV = "BAKEHOUSE_TRUST_INVENTORY"
+# Variables with which ansible-playbook runs a command of the inventory's choosing on this machine (ProxyCommand in ssh's
+# arguments, another ssh, a local connection) or runs something else than what bakehouse planned on the host.
+_COMMAND_VARS = re.compile(r"ansible_(ssh_common_args|ssh_extra_args|sftp_extra_args|scp_extra_args|ssh_args|ssh_executable|shell_executable|"
+                           r"become_exe|become_flags|paramiko_proxy_command|executable|.*_interpreter|connection)\Z")
+_PLAIN_PROGRAM = re.compile(r"[A-Za-z0-9/][A-Za-z0-9/._+-]*\Z")
+_CONNECTIONS = ("ssh", "paramiko", "smart")
+
+
+def check_trusted(hosts: Sequence[Host], inventory: Path) -> None:
+    """Refuse an inventory that could make ansible-playbook run commands of its own, unless BAKEHOUSE_TRUST_INVENTORY=1 says it is trusted.
+
+    The SSH engine reads only the variables it knows; ansible-playbook honours all of them, and reads host_vars/ and
+    group_vars/ beside the inventory, and runs an executable inventory file as a script.
+    """
+    if env_flag(TRUST_ENV, False):
+        return
+    hint = f"If this inventory is yours, set {TRUST_ENV}=1; else use the ssh engine (the default), which reads only the variables it knows."
+    if os.access(inventory, os.X_OK) or any((inventory.parent / d).exists() for d in ("host_vars", "group_vars")):
+        raise ConfigError(f"{inventory}: an executable inventory, or host_vars/ or group_vars/ beside it: ansible-playbook would run or read what "
+                          f"bakehouse has not checked. {hint}")
+    for host in hosts:
+        for var, value in host.vars.items():
+            if not _COMMAND_VARS.match(str(var)):
+                continue
+            plain = (var.endswith("_interpreter") and isinstance(value, str) and _PLAIN_PROGRAM.match(value)) or \
+                (var == "ansible_connection" and value in _CONNECTIONS)
+            if not plain:
+                raise ConfigError(f"{host.name}: {var} makes ansible-playbook run a command of the inventory's choosing ({str(value)[:80]!r}). {hint}")
 
 
 def host_plan(host: Host, job: FleetJob, wh: Wheelhouse) -> dict[str, list[str] | str]:
@@ -69,6 +99,7 @@ def ansible_env(job: FleetJob) -> dict[str, str]:
 
 
 def run_with_ansible(hosts: Sequence[Host], job: FleetJob, inventory: Path) -> HostResults[HostModels]:
+    check_trusted(hosts, inventory)
     program = ansible_playbook()
     if program is None:
         raise ConfigError("--engine ansible needs ansible-playbook: pip install 'bakehouse[ansible]' (ansible-core).")

@@ -61,11 +61,11 @@ class Inventory:
         raise ConfigError("no hosts selected: pass --hosts h1,h2 or --group G (see inventory/hosts.yml).")
 
 
-_HOST_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_ADDRESS = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.:_%-]{0,252}$")
-_USER = re.compile(r"^[A-Za-z_][A-Za-z0-9._-]{0,63}$")
-_ABS_PATH = re.compile(r"^/[A-Za-z0-9._/@+-]*$")
-_COMMAND = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+_HOST_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
+_ADDRESS = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.:_%-]{0,252}\Z")
+_USER = re.compile(r"^[A-Za-z_][A-Za-z0-9._-]{0,63}\Z")
+_ABS_PATH = re.compile(r"^/[A-Za-z0-9._/@+-]*\Z")
+_COMMAND = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*\Z")
 _MAX_NODES = 100_000  # an alias-laden YAML file could otherwise make the walk exponential
 
 
