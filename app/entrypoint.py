@@ -35,7 +35,7 @@ from ops.models.manifest import ModelSpec, spec_fingerprint
 from ops.models.sources.git import GitSource
 from ops.models.store import Store
 from ops.models.verify import PICKLE_SUFFIXES, verify_one
-from ops.settings import configure_logging, env_flag
+from ops.settings import check_endpoint, check_store_dir, configure_logging, env_flag
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -63,6 +63,8 @@ def seed_model(name: str) -> ModelSpec | None:
 
 def ensure_model(settings: Settings) -> Settings:
     """Return settings whose lock holds a verified, current copy of settings.model; raise if impossible."""
+    check_endpoint()
+    check_store_dir(settings.models_dir, "MODELS_DIR")
     store = Store(settings.models_dir)
     spec = seed_model(settings.model)
     if spec is not None:

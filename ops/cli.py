@@ -120,6 +120,7 @@ def guarded(run: Callable[[], int]) -> int:
     """Run a command; an expected failure is one line on stderr and its exit code, never a traceback."""
     settings.configure_logging()
     try:
+        settings.check_endpoint()
         return run()
     except BakehouseError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -14,6 +14,7 @@ import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from urllib.parse import urlsplit
 from typing import Any, TextIO, TypeVar
 
 from ops.errors import ConfigError, redact
@@ -32,6 +33,26 @@ def default_lock() -> Path:
 
 def default_models_dir() -> Path:
     return Path(os.environ.get("MODELS_DIR") or "models")
+
+
+def check_store_dir(path: Path, label: str) -> None:
+    """The store is a directory (or not there yet): a regular file there is a usage error, not a traceback later."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{label} {path}: is a file, not a directory. Point {label} at the model store (a directory; it is created if missing).")
+
+
+def check_endpoint() -> None:
+    """HF_ENDPOINT, when set, is an http(s) URL with a valid host and port: the hub client would fail on it deep inside, with a traceback."""
+    value = os.environ.get("HF_ENDPOINT")
+    if not value:
+        return
+    try:
+        parts = urlsplit(value)
+        port = parts.port
+    except ValueError as exc:
+        raise ConfigError(f"HF_ENDPOINT={redact(value)!r} is not a valid URL ({exc}). Set it to the hub's address, e.g. https://huggingface.co.") from exc
+    if parts.scheme not in ("http", "https") or not parts.hostname or (port is not None and port == 0):
+        raise ConfigError(f"HF_ENDPOINT={redact(value)!r} is not an http(s) URL with a host. Set it to the hub's address, e.g. https://huggingface.co.")
 
 
 def names(value: str | Sequence[str] | None) -> tuple[str, ...]:

@@ -386,3 +386,15 @@ def test_the_supervisor_reads_env_files_by_newlines_only(tmp_path: Path) -> None
     f = tmp_path / "app.env"
     f.write_text("BAKEHOUSE_MAX_BATCH=4\u2028HF_ENDPOINT=http://evil\nMODEL=demo\n")
     assert read_env_file(f) == {"BAKEHOUSE_MAX_BATCH": "4\u2028HF_ENDPOINT=http://evil", "MODEL": "demo"}
+
+
+@pytest.mark.parametrize(("args", "env", "needle"), [
+    (["verify", "--dest", "/etc/hostname"], {}, "--dest /etc/hostname: is a file, not a directory"),
+    (["verify"], {"MODELS_DIR": "/etc/hostname"}, "MODELS_DIR /etc/hostname: is a file, not a directory"),
+    (["fetch"], {"HF_ENDPOINT": "http://[::1"}, "HF_ENDPOINT='http://[::1' is not a valid URL"),
+    (["fetch"], {"HF_ENDPOINT": "http://127.0.0.1:99999/hub?token=sekrit-token-value"}, "?token=***"),
+])
+def test_a_store_that_is_a_file_and_a_malformed_endpoint_are_exit_2_not_tracebacks(fetched: Project, args: list[str], env: dict[str, str],
+                                                                                   needle: str) -> None:
+    r = no_traceback(run(fetched, *args, **env))
+    assert r.returncode == 2 and needle in r.stderr and "sekrit" not in r.stdout + r.stderr, r.stderr

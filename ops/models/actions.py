@@ -66,10 +66,12 @@ def check_peer(url: str) -> str:
 
 def run(req: ModelRequest) -> Report:
     """Run one model command in this process."""
+    settings.check_endpoint()
     manifest, lock, names = req.manifest or settings.default_manifest(), req.lock or settings.default_lock(), list(req.names) or None
     if req.command == "lock":
         return lock_models(manifest_path=manifest, lock_path=lock, names=names)
     dest, explicit = req.dest or settings.default_models_dir(), req.manifest is not None or "BAKEHOUSE_MANIFEST" in os.environ
+    settings.check_store_dir(dest, "--dest" if req.dest else "MODELS_DIR")
     if req.command == "fetch":
         peers = Peers(req.peers, os.environ.get(PEER_TOKEN, ""), share=req.share)
         return fetch(manifest_path=manifest, lock_path=lock, names=names, dest=dest, workers=req.workers, manifest_explicit=explicit, peers=peers)
