@@ -32,7 +32,7 @@ from ops.errors import BakehouseError, ConfigError, SourceError
 from ops.models.fetch import fetch_locked
 from ops.models.lock import Lock, LockedModel, load_lock, write_lock
 from ops.models.manifest import ModelSpec, spec_fingerprint
-from ops.models.sources.git import GitSource
+from ops.models.sources.git import GitSource, without_credentials
 from ops.models.store import Store
 from ops.models.verify import PICKLE_SUFFIXES, verify_one
 from ops.settings import check_endpoint, check_store_dir, configure_logging, env_flag
@@ -53,7 +53,7 @@ def seed_model(name: str) -> ModelSpec | None:
     model_file = os.environ.get("MODEL_FILE") or "neuroq_pretrained.pt"
     return ModelSpec(
         name=name,
-        source=f"git+{url}",
+        source=f"git+{without_credentials(url)}",  # credentials reach git as a header from GIT_REPO_URL itself (ops.models.sources.git.auth_env)
         revision=os.environ.get("GIT_BRANCH") or "main",
         include=(model_file, *SMALL_FILES),
         allow_pickle=model_file.endswith(PICKLE_SUFFIXES),

@@ -17,6 +17,7 @@ import tomllib
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import tomli_w
@@ -296,9 +297,12 @@ def test_a_fetch_waiting_for_another_says_whose_lock_and_since_when(fetched: Pro
 
 
 class Refusing(BaseHTTPRequestHandler):
-    """A git or file server that answers every request with the status in the path's first segment."""
+    """A git or file server that answers every request with the status in the path's first segment (and notes the credentials it got)."""
+
+    authorizations: ClassVar[list[str]] = []
 
     def do_GET(self) -> None:
+        Refusing.authorizations.append(self.headers.get("authorization", ""))
         status = int(self.path.split("/")[1])
         self.send_response(status)
         if status == 401:
@@ -398,3 +402,24 @@ def test_a_store_that_is_a_file_and_a_malformed_endpoint_are_exit_2_not_tracebac
                                                                                    needle: str) -> None:
     r = no_traceback(run(fetched, *args, **env))
     assert r.returncode == 2 and needle in r.stderr and "sekrit" not in r.stdout + r.stderr, r.stderr
+
+
+def test_git_repo_url_credentials_reach_git_as_a_header_never_its_argv_or_the_disk(fetched: Project, refusing: str, tmp_path: Path) -> None:
+    """The first seed's GIT_REPO_URL=http://user:password@…: git gets the credentials as an Authorization header from its environment."""
+    import base64
+
+    url = refusing.replace("http://", "http://deployer:s3cret-git-pw@") + "/401/private.git"
+    store = tmp_path / "models"
+    seen: list[str] = []
+    Refusing.authorizations.clear()
+    proc = subprocess.Popen([sys.executable, "-m", "app.entrypoint"], cwd=fetched.dir, env=fetched.env(GIT_REPO_URL=url, MODELS_DIR=str(store), MODEL="seed"),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    while proc.poll() is None:
+        seen.append(subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=False).stdout)
+        time.sleep(0.05)
+    out = proc.stdout.read() if proc.stdout else ""
+    assert proc.returncode == 3 and "authentication refused" in out, out
+    assert f"Basic {base64.b64encode(b'deployer:s3cret-git-pw').decode()}" in Refusing.authorizations
+    assert not any("s3cret-git-pw" in s for s in seen) and "s3cret-git-pw" not in out
+    on_disk = [p for p in store.rglob("*") if p.is_file() and b"s3cret-git-pw" in p.read_bytes()] if store.exists() else []
+    assert not on_disk

@@ -6,6 +6,7 @@ their pointer, other files by hashing their blob at lock time.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import os
 import re
@@ -15,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatch
 from pathlib import Path
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from ops.errors import Cancelled, CommandError, SourceAuthError, SourceError, SourceNotFoundError, SourceUnreachableError, UnsafePathError, redact
 from ops.models import safefs
@@ -27,6 +29,32 @@ from ops.runner import run
 
 # Never prompt for credentials (CI has no terminal) and never smudge: LFS objects come via `git lfs fetch`.
 GIT_ENV = {"GIT_TERMINAL_PROMPT": "0", "GIT_LFS_SKIP_SMUDGE": "1"}
+CREDENTIALS_ENV = "GIT_REPO_URL"  # the first seed's variable: the only place a git URL with user:password@ comes from
+
+
+def without_credentials(url: str) -> str:
+    """The URL without its user:password@ part: what a lock, a log line and git's argv may hold."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"[{host}]" if ":" in host else host
+    return urlunsplit(parts._replace(netloc=netloc + (f":{parts.port}" if parts.port else "")))
+
+
+def auth_env(url: str) -> dict[str, str]:
+    """Credentials for `url`'s host from GIT_REPO_URL, as an HTTP header git and git-lfs send: in the environment of git only,
+    never in its argv (`ps` shows that), a config file, or the lock."""
+    given = os.environ.get(CREDENTIALS_ENV, "")
+    try:
+        have, want = urlsplit(given), urlsplit(url)
+        same = have.password is not None and (have.scheme, have.hostname, have.port) == (want.scheme, want.hostname, want.port)
+    except ValueError:
+        return {}
+    if not same:
+        return {}
+    token = base64.b64encode(f"{unquote(have.username or '')}:{unquote(have.password or '')}".encode()).decode()
+    return {"GIT_CONFIG_COUNT": "1", "GIT_CONFIG_KEY_0": "http.extraHeader", "GIT_CONFIG_VALUE_0": f"Authorization: Basic {token}"}
 _AUTH = re.compile(r"Authentication failed|could not read (Username|Password)|Access denied|returned error: 40[13]|Permission denied \(publickey", re.IGNORECASE)
 
 
@@ -100,7 +128,7 @@ class GitSource:
 
     def _git(self, argv: list[str], stdin: bytes | None = None) -> bytes:
         try:
-            return run(argv, env=GIT_ENV, stdin=stdin)
+            return run(argv, env=GIT_ENV | auth_env(self.url), stdin=stdin)
         except CommandError as exc:
             raise _source_error(self.url, exc) from exc
 
