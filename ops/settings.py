@@ -14,8 +14,8 @@ import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from urllib.parse import urlsplit
 from typing import Any, TextIO, TypeVar
+from urllib.parse import urlsplit
 
 from ops.errors import ConfigError, redact
 

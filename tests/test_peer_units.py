@@ -111,16 +111,25 @@ def test_bad_peer_addresses_are_refused(url: str) -> None:
         check_peer(url)
 
 
-def test_a_peer_serves_only_real_files_of_commit_directories(tmp_path: Path) -> None:
-    (tmp_path / "m" / COMMIT / "sub").mkdir(parents=True)
-    (tmp_path / "m" / COMMIT / "sub" / "w.bin").write_bytes(b"x")
+def test_a_peer_serves_only_real_files_of_commit_directories_as_verified(tmp_path: Path) -> None:
+    from ops.models.stamp import write_stamp
+
+    commit_dir = tmp_path / "m" / COMMIT
+    (commit_dir / "sub").mkdir(parents=True)
+    (commit_dir / "sub" / "w.bin").write_bytes(b"x")
+    write_stamp(commit_dir, "digest", {"sub/w.bin": hashlib.sha256(b"x").hexdigest()})
     (tmp_path / "secret").write_text("no")
-    os.symlink(tmp_path / "secret", tmp_path / "m" / COMMIT / "link")
-    os.symlink(tmp_path / "m" / COMMIT, tmp_path / "m" / ("b" * 40))
-    assert file_path(tmp_path, "m", COMMIT, "sub/w.bin") == tmp_path / "m" / COMMIT / "sub" / "w.bin"
+    os.symlink(tmp_path / "secret", commit_dir / "link")
+    os.symlink(commit_dir, tmp_path / "m" / ("b" * 40))
+    os.link(tmp_path / "secret", commit_dir / "planted")  # a hard link put there after the verify: not in the stamp
+    assert file_path(tmp_path, "m", COMMIT, "sub/w.bin") == commit_dir / "sub" / "w.bin"
     for name, commit, path in [("m", COMMIT, "link"), ("m", "b" * 40, "sub/w.bin"), ("m", COMMIT, "../../secret"), ("m", COMMIT, "sub"),
-                               ("..", COMMIT, "secret"), ("m", "current", "sub/w.bin"), (".staging", COMMIT, "x"), ("m", COMMIT, "missing")]:
+                               ("..", COMMIT, "secret"), ("m", "current", "sub/w.bin"), (".staging", COMMIT, "x"), ("m", COMMIT, "missing"),
+                               ("m", COMMIT, "planted")]:
         assert file_path(tmp_path, name, commit, path) is None, (name, commit, path)
+    (commit_dir / "sub" / "w.bin").unlink()
+    os.link(tmp_path / "secret", commit_dir / "sub" / "w.bin")  # the verified file replaced by a hard link to another: another inode
+    assert file_path(tmp_path, "m", COMMIT, "sub/w.bin") is None
 
 
 def test_a_file_verified_by_a_fetch_in_progress_is_served_and_one_still_coming_is_425(tmp_path: Path) -> None:
@@ -129,7 +138,10 @@ def test_a_file_verified_by_a_fetch_in_progress_is_served_and_one_still_coming_i
     (ready / "w.bin").write_bytes(b"x")
     (tmp_path / ".staging" / "m" / COMMIT).mkdir()
     (tmp_path / ".staging" / "m" / COMMIT / "half.bin").write_bytes(b"unverified")  # in staging, not offered: not served
-    assert file_path(tmp_path, "m", COMMIT, "w.bin") == ready / "w.bin"
+    locked = {("m", COMMIT, "w.bin"): 1, ("m", COMMIT, "half.bin"): 10}
+    assert file_path(tmp_path, "m", COMMIT, "w.bin", locked) == ready / "w.bin"
+    assert file_path(tmp_path, "m", COMMIT, "w.bin") is None  # a server with no lock serves only verified commit directories
+    assert file_path(tmp_path, "m", COMMIT, "w.bin", {("m", COMMIT, "w.bin"): 2}) is None  # not the lock's size
     coming = {("m", COMMIT)}  # what this host's lock pins
     assert file_path(tmp_path, "m", COMMIT, "half.bin") is None and still_coming(tmp_path, "m", COMMIT, "half.bin", coming)
     assert not still_coming(tmp_path, "m", COMMIT, "../x", coming) and not still_coming(tmp_path, "m", "current", "w.bin", coming)
@@ -248,3 +260,61 @@ def test_a_peer_that_stops_early_or_refuses_is_a_source_error_naming_it(tmp_path
     (tmp_path / "b").mkdir()
     with pytest.raises(SourceUnreachableError, match="peer q: w.bin: ConnectionRefusedError"):
         take_file(peer.url, {}, LOCKED, job_in(tmp_path / "b"), peer="q")  # the server is gone: connection refused
+
+
+def test_the_peer_server_wants_bearer_closes_slow_and_surplus_connections_and_stops_at_its_deadline(tmp_path: Path) -> None:
+    import http.client
+    import socket
+    import subprocess
+    import sys
+
+    from ops.models.peer_server import FIRST_REQUEST_SECONDS, PER_CLIENT
+    from ops.models.stamp import write_stamp
+
+    commit_dir = tmp_path / "store" / "m" / COMMIT
+    commit_dir.mkdir(parents=True)
+    (commit_dir / "w.bin").write_bytes(b"weights")
+    write_stamp(commit_dir, "digest", {"w.bin": hashlib.sha256(b"weights").hexdigest()})
+    token = "t" * 32
+    (tmp_path / "token").write_text(token)
+    seconds = FIRST_REQUEST_SECONDS + 8
+    proc = subprocess.Popen([sys.executable, "-m", "ops.models", "peer-serve", "--dest", str(tmp_path / "store"), "--bind", "127.0.0.1",
+                             "--token-file", str(tmp_path / "token"), "--port-file", str(tmp_path / "port"), "--seconds", str(seconds)])
+    try:
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "port").exists():
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.05)
+        port = int((tmp_path / "port").read_text())
+        started = time.monotonic()
+
+        def get(auth: str) -> int:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            conn.request("GET", f"/m/{COMMIT}/w.bin", headers={"authorization": auth})
+            status = conn.getresponse().status
+            conn.close()
+            return status
+
+        assert get(f"Bearer {token}") == 200 and get(token) == 401 and get(f"Basic {token}") == 401
+        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(PER_CLIENT + 4)]
+        time.sleep(0.5)
+        closed = []
+        for s in idle:
+            s.settimeout(0.2)
+            try:
+                closed.append(s.recv(1) == b"")
+            except TimeoutError:
+                closed.append(False)
+        assert closed.count(True) >= 4 and closed[:PER_CLIENT].count(False) >= PER_CLIENT - 4  # the surplus is closed at once
+        time.sleep(FIRST_REQUEST_SECONDS + 0.5)
+        for s in idle:  # silent connections are closed after FIRST_REQUEST_SECONDS
+            s.settimeout(2)
+            assert s.recv(1) == b""
+            s.close()
+        assert get(f"Bearer {token}") == 200
+        time.sleep(max(0.0, seconds - (time.monotonic() - started)) + 2)
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", port), timeout=2)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        proc.kill()

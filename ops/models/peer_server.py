@@ -28,14 +28,16 @@ import os
 import signal
 import socket
 import stat
+import threading
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
 from ops.errors import BakehouseError
 from ops.models import safefs, values
 from ops.models.lock import load_lock, safe_relpath
+from ops.models.stamp import FileStat, read_stamp
 from ops.models.store import STAGING, Store
 
 PEER_TOKEN = "BAKEHOUSE_PEER_TOKEN"  # the variable a fetch reads its peers' secret from (on stdin, with --env-stdin)
@@ -43,25 +45,42 @@ PEER_TOKEN = "BAKEHOUSE_PEER_TOKEN"  # the variable a fetch reads its peers' sec
 # as it lands: 8 hosts asking 5 times a second for each of their files cost a core a quarter of its time in connections and 425s.
 HOLD_SECONDS = 2.0
 ARRIVAL_CHECK_SECONDS = 0.05
+IDLE_SECONDS = 5  # between requests on one connection
+FIRST_REQUEST_SECONDS = 10  # from connecting to a whole request
+PER_CLIENT = 16  # connections one address may hold at once (a host fetching with 8 workers needs 8)
 
 
-def file_path(root: Path, name: str, commit: str, path: str) -> Path | None:
-    """The store file a peer may serve, or None: a validated name, commit and path, a real file under real directories.
+Locked = Mapping[tuple[str, str, str], int]  # (model, commit, path) -> size, from this host's lock
 
-    A commit directory's file (activated, so verified), else one this host's `fetch --share` already matched against the lock.
+
+def file_path(root: Path, name: str, commit: str, path: str, locked: Locked | None = None) -> Path | None:
+    """The store file a peer may serve, or None: a validated name, commit and path, a real file under real directories, and
+    either a commit directory's file exactly as its `.verified` stamp recorded it (size, mtime, inode: not a file put there
+    since, a planted hard link included), or one this host's `fetch --share` already matched against the lock (its size the lock's).
     """
     rel = _valid(name, commit, path)
     if rel is None:
         return None
     store = Store(root)
-    for target in (store.commit_dir(name, commit) / rel, store.ready_dir(name, commit) / rel):
-        try:
-            safefs.check_no_link(root, target)
-            if stat.S_ISREG(os.lstat(target).st_mode):
-                return target
-        except (BakehouseError, OSError):
-            continue
-    return None
+    stamped = store.commit_dir(name, commit) / rel
+    if _real_file(root, stamped) is not None:
+        stamp = read_stamp(store.commit_dir(name, commit))
+        entry = stamp.files.get(rel) if stamp else None
+        st = _real_file(root, stamped)
+        return stamped if entry is not None and st is not None and FileStat.of(st) == entry.stat else None
+    ready = store.ready_dir(name, commit) / rel
+    st = _real_file(root, ready)
+    size = (locked or {}).get((name, commit, rel))
+    return ready if st is not None and size is not None and st.st_size == size else None
+
+
+def _real_file(root: Path, target: Path) -> os.stat_result | None:
+    try:
+        safefs.check_no_link(root, target)
+        st = os.lstat(target)
+    except (BakehouseError, OSError):
+        return None
+    return st if stat.S_ISREG(st.st_mode) else None
 
 
 def still_coming(root: Path, name: str, commit: str, path: str, coming: Collection[tuple[str, str]]) -> bool:
@@ -79,7 +98,8 @@ def _valid(name: str, commit: str, path: str) -> str | None:
         return None
 
 
-def peer_app(root: Path, token: str, *, coming: Collection[tuple[str, str]] = (), max_rate: int = 0, deadline: float = 0.0) -> Any:
+def peer_app(root: Path, token: str, *, coming: Collection[tuple[str, str]] = (), locked: Locked | None = None, max_rate: int = 0,
+             deadline: float = 0.0) -> Any:
     """The ASGI app: GET or HEAD /<name>/<commit>/<path> with `Authorization: Bearer <token>`; 425 for a file still on its way here."""
     import anyio
     from starlette.applications import Starlette
@@ -93,15 +113,15 @@ def peer_app(root: Path, token: str, *, coming: Collection[tuple[str, str]] = ()
     async def serve_file(request: Request) -> Response:
         if deadline and time.time() > deadline:
             return PlainTextResponse("this peer's run is over", status_code=410)
-        given = request.headers.get("authorization", "").removeprefix("Bearer ")
-        if not hmac.compare_digest(given.encode(), token.encode()):
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme != "Bearer" or not hmac.compare_digest(given.encode(), token.encode()):
             return PlainTextResponse("unauthorized", status_code=401)
         p = request.path_params
-        target = file_path(root, p["name"], p["commit"], p["path"])
+        target = file_path(root, p["name"], p["commit"], p["path"], locked)
         held = time.monotonic() + HOLD_SECONDS
         while target is None and still_coming(root, p["name"], p["commit"], p["path"], coming) and time.monotonic() < held:
             await anyio.sleep(ARRIVAL_CHECK_SECONDS)
-            target = file_path(root, p["name"], p["commit"], p["path"])
+            target = file_path(root, p["name"], p["commit"], p["path"], locked)
         if target is None and still_coming(root, p["name"], p["commit"], p["path"], coming):
             return PlainTextResponse("not yet: this host is still fetching it", status_code=425)
         if target is None:
@@ -134,9 +154,45 @@ def paced(app: Any, max_rate: int) -> Any:
     return wrapped
 
 
+def guarded_protocol() -> type:
+    """uvicorn's HTTP protocol with two guards against clients that hold connections: a connection must have sent a whole
+    request within FIRST_REQUEST_SECONDS (a slow or silent one is closed), and one client address holds at most
+    PER_CLIENT connections (its next ones are closed at once). Between requests, uvicorn's keep-alive timeout applies."""
+    import asyncio
+    from collections import Counter
+
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    per_client: Counter[str] = Counter()
+
+    class Guarded(H11Protocol):
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._who = self.client[0] if self.client else "?"
+            per_client[self._who] += 1
+            if per_client[self._who] > PER_CLIENT:
+                transport.close()
+                return
+            self._first = self.loop.call_later(FIRST_REQUEST_SECONDS, self._slow)
+
+        def _slow(self) -> None:
+            if self.cycle is None and not self.transport.is_closing():
+                self.transport.close()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            per_client[self._who] -= 1
+            if getattr(self, "_first", None) is not None:
+                self._first.cancel()
+            super().connection_lost(exc)
+
+    return Guarded
+
+
 def serve(root: Path, bind: str, port: int, token_file: Path, port_file: Path, *, lock: Path | None = None, max_rate: int = 0, seconds: float = 3600) -> int:
     """Run until the deadline: read (and remove) the token file, write the port we bound to, serve."""
-    coming = frozenset((m.name, m.commit) for m in load_lock(lock).models.values()) if lock else frozenset()
+    models = load_lock(lock).models.values() if lock else ()
+    coming = frozenset((m.name, m.commit) for m in models)
+    locked = {(m.name, m.commit, f.path): f.size for m in models for f in m.files}
     import uvicorn
 
     try:
@@ -156,8 +212,15 @@ def serve(root: Path, bind: str, port: int, token_file: Path, port_file: Path, *
     tmp = port_file.with_name(port_file.name + ".tmp")
     tmp.write_text(str(sock.getsockname()[1]))
     os.replace(tmp, port_file)
-    config = uvicorn.Config(peer_app(root, token, coming=coming, max_rate=max_rate, deadline=time.time() + seconds), log_level="warning", timeout_graceful_shutdown=1)
+    # Idle, slow and too many connections from one address are closed (guarded_protocol): clients that only hold connections
+    # open cannot starve the peers that fetch.
+    config = uvicorn.Config(peer_app(root, token, coming=coming, locked=locked, max_rate=max_rate, deadline=time.time() + seconds), log_level="warning",
+                            timeout_graceful_shutdown=1, timeout_keep_alive=IDLE_SECONDS, http=guarded_protocol())
     server = uvicorn.Server(config)
+    # At the run's deadline the socket closes: a server orphaned by a lost controller does not listen for ever.
+    closer = threading.Timer(seconds, lambda: setattr(server, "should_exit", True))
+    closer.daemon = True
+    closer.start()
     # uvicorn re-raises the signal it stopped for once it has shut down: make SIGTERM an exit that runs the cleanup below.
     signal.signal(signal.SIGTERM, _exit)
     try:
