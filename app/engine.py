@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -74,6 +75,23 @@ class Engine:
             self.dtype = torch.bfloat16
 
         return compare(logits, to_bf16)
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Keys and values of one token in every layer: what one column of one cache slot costs."""
+        config = self.model.config
+        heads = int(config.num_attention_heads)
+        kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+        head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+        return 2 * self.num_layers * kv_heads * head_dim * torch.finfo(self.dtype).bits // 8
+
+    def kv_budget(self, gb: float | None) -> int:
+        """The KV cache's budget in bytes: BAKEHOUSE_KV_CACHE_GB, else half the GPU memory free after loading, or a quarter of this machine's memory."""
+        if gb is not None:
+            return int(gb * 1e9)
+        if self.device.type == "cuda":
+            return int(torch.cuda.mem_get_info()[0] * 0.5)
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 0.25)
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])

@@ -90,11 +90,18 @@ class SlotLayer(CacheLayerMixin):
         if width <= self.capacity:
             return
         capacity = max(width, 2 * self.capacity, _GROW)
-        capacity = -(-capacity // _GROW) * _GROW
+        self._resize(-(-capacity // _GROW) * _GROW, self.capacity)
+
+    def fit(self, width: int) -> None:
+        """Give memory back: when the longest row needs a quarter of the buffers or less, they shrink to twice what it needs."""
+        if self.is_initialized and self.capacity > 4 * max(width, _GROW):
+            self._resize(-(-2 * max(width, _GROW) // _GROW) * _GROW, width)
+
+    def _resize(self, capacity: int, keep: int) -> None:
         keys = torch.zeros((self.slots, self.heads, capacity, self.k_dim), dtype=self.dtype, device=self.device)
         values = torch.zeros((self.slots, self.heads, capacity, self.v_dim), dtype=self.dtype, device=self.device)
-        keys[:, :, : self.capacity] = self.keys
-        values[:, :, : self.capacity] = self.values
+        keys[:, :, :keep] = self.keys[:, :, :keep]
+        values[:, :, :keep] = self.values[:, :, :keep]
         self.keys, self.values, self.capacity = keys, values, capacity
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,10 +152,15 @@ class SlotCache(Cache):
         for layer in self.slot_layers:
             layer.move(src, dst, length)
 
-    def plan(self, lengths: torch.Tensor | None, segments: Sequence[Segment], dtype: torch.dtype, device: torch.device) -> Step:
-        """The next step: decode rows at `lengths` (slots [0, len)), then `segments`; its masks made once for every layer, on `device`."""
+    def plan(self, lengths: torch.Tensor | None, segments: Sequence[Segment], dtype: torch.dtype, device: torch.device, *, occupied: int = 0) -> Step:
+        """The next step: decode rows at `lengths` (slots [0, len)), then `segments`; its masks made once for every layer, on `device`.
+
+        `occupied`: the longest sequence held in any slot (a prompt waiting for its next chunk included): the buffers never shrink below it.
+        """
         rows = 0 if lengths is None else len(lengths)
         widths = [s.start + s.count for s in segments] + ([int(lengths.max()) + 1] if rows else [])  # type: ignore[union-attr]
+        for layer in self.slot_layers:
+            layer.fit(max(*widths, occupied))
         self.current = Step(rows, lengths if rows else None, tuple(segments), self.kernel, max(widths),
                             decode_mask(lengths, dtype) if rows else None,  # type: ignore[arg-type]
                             [prefill_mask(s.start, s.count, dtype, device) if s.start else None for s in segments])

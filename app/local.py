@@ -8,6 +8,7 @@ queue. A client that goes away (streaming or not) cancels its run.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
@@ -39,6 +40,8 @@ from app.schemas import (
 )
 from ops.errors import ApiError, QueueFullError
 
+log = logging.getLogger("bakehouse.local")
+
 
 @dataclass
 class Run:
@@ -51,7 +54,7 @@ class Run:
     collected: list[tuple[int, Output]] = field(default_factory=list)
 
     @classmethod
-    def start(cls, scheduler: Scheduler, prompts: list[list[int]], params: SamplingParams, n: int, metrics: Metrics) -> Run:
+    def start(cls, scheduler: Scheduler, prompts: list[list[int]], params: SamplingParams, n: int, metrics: Metrics, *, max_width: int) -> Run:
         loop, queue = asyncio.get_running_loop(), asyncio.Queue[tuple[int, Output]]()
         context = scheduler.engine.context
         choices: list[Choice] = []
@@ -59,6 +62,9 @@ class Run:
             if len(p) >= context:
                 raise ApiError(400, f"the prompt is {len(p)} tokens; this model's context is {context} tokens. Shorten the prompt.",
                                param="prompt", code="context_length_exceeded")
+            if (need := len(p) + min(params.max_tokens, context - len(p))) > max_width:
+                raise ApiError(400, f"the prompt and max_tokens need {need} tokens of KV cache; this server's budget holds {max_width} per sequence "
+                                    "(BAKEHOUSE_KV_CACHE_GB). Lower max_tokens or shorten the prompt.", param="max_tokens", code="context_length_exceeded")
             for j in range(n):
                 seeded = params if params.seed is None or j == 0 else replace(params, seed=params.seed + j)
                 index = len(choices)
@@ -117,12 +123,18 @@ class LocalClient:
         self.settings, self.metrics = settings, metrics
         self.engine: Engine | None = None
         self.scheduler: Scheduler | None = None
+        self.max_width = 0  # tokens one sequence may hold in the KV cache within its budget
 
     def start(self, verified: Verified) -> None:
         s = self.settings
         engine = Engine(verified.directory, name=s.model, safetensors_only=verified.safetensors_only, plan=s.device_plan())
         self.metrics.load_seconds.set(engine.load_seconds)
         scheduler = Scheduler(engine, self.metrics, max_batch=s.max_batch, step_tokens=s.step_tokens, max_queue=s.max_queue).start()
+        # Every slot holds as many columns as the longest sequence: the budget bounds that length, so the cache never outgrows it.
+        budget = engine.kv_budget(s.kv_cache_gb)
+        self.max_width = budget // (scheduler.policy.slots * engine.kv_bytes_per_token)
+        log.info("KV cache budget %.2f GB: %d slots of up to %d tokens (%d bytes a token)", budget / 1e9, scheduler.policy.slots, self.max_width,
+                 engine.kv_bytes_per_token)
         t0 = time.monotonic()
         complete(scheduler, engine.encode("Hello") or [0], SamplingParams(max_tokens=2, temperature=0))
         self.metrics.warmup_seconds.set(time.monotonic() - t0)
@@ -131,7 +143,8 @@ class LocalClient:
     def describe(self) -> dict[str, Any]:
         if self.engine is None:
             return {}
-        out: dict[str, Any] = {"dtype": str(self.engine.dtype).removeprefix("torch."), "max_model_len": self.engine.context}
+        out: dict[str, Any] = {"dtype": str(self.engine.dtype).removeprefix("torch."), "max_model_len": self.engine.context,
+                               "kv_cache_tokens_per_sequence": self.max_width}
         if self.engine.precision is not None:
             out["precision_check"] = self.engine.precision.describe()
         return out
@@ -174,7 +187,7 @@ class LocalClient:
         vocab = len(engine.tokenizer)
         check_ids(list(params.stop_token_ids), vocab, "stop_token_ids")
         ids = [await asyncio.to_thread(engine.encode, p) if isinstance(p, str) else check_ids(p, vocab, "prompt") for p in prompts]
-        run = Run.start(scheduler, ids, params, body.n, self.metrics)
+        run = Run.start(scheduler, ids, params, body.n, self.metrics, max_width=self.max_width)
         reply = CompletionReply(run, engine, s.model, body, ids)
         if body.stream:
             return sse(reply.chunks(), run.cancel)
@@ -196,7 +209,7 @@ class LocalClient:
         check_ids(list(params.stop_token_ids), len(engine.tokenizer), "stop_token_ids")
         prompt = await asyncio.to_thread(engine.chat_prompt, messages)
         ids = [await asyncio.to_thread(engine.encode, prompt)]
-        run = Run.start(scheduler, ids, params, body.n, self.metrics)
+        run = Run.start(scheduler, ids, params, body.n, self.metrics, max_width=self.max_width)
         reply = ChatReply(run, engine, s.model, body)
         if body.stream:
             return sse(reply.chunks(), run.cancel)

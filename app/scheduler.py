@@ -128,7 +128,8 @@ class Scheduler:
             return
         device = self.engine.device
         lengths = torch.tensor(plan.lengths, device=device) if plan.rows else None
-        self.cache.plan(lengths, [Segment(c.slot, c.start, c.count) for c in plan.chunks], self.engine.dtype, device)
+        occupied = max((s.length for s in self.policy.prefilling), default=0)
+        self.cache.plan(lengths, [Segment(c.slot, c.start, c.count) for c in plan.chunks], self.engine.dtype, device, occupied=occupied)
         logits = self.engine.forward(plan.token_ids, self.cache, torch.tensor(plan.keep, device=device)).float()
         if plan.rows:
             self.metrics.batch_size.observe(len(plan.rows))

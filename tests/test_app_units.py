@@ -224,3 +224,17 @@ def test_packed_linear_layers_give_the_plain_ones_result(small_engine: tuple[Eng
     ids = torch.randint(0, 400, (1, 40), generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
         torch.testing.assert_close(packed(input_ids=ids).logits.float(), plain(input_ids=ids).logits.float(), atol=0.05, rtol=0.05)
+
+
+def test_cache_buffers_shrink_when_the_long_rows_are_gone() -> None:
+    from app.kvcache import SlotLayer, Step
+
+    layer = SlotLayer(lambda: Step(), slots=4)
+    layer.lazy_initialization(torch.zeros(1, 2, 1, 8), torch.zeros(1, 2, 1, 8))
+    layer._reserve(4000)
+    assert layer.capacity >= 4000 and layer.keys.shape[2] == layer.capacity
+    layer.keys[1, :, :100] = 1.0
+    layer.fit(100)  # only short rows left: memory back, their columns kept
+    assert layer.capacity == 512 and layer.keys.shape[2] == 512 and bool((layer.keys[1, :, :100] == 1.0).all())
+    layer.fit(300)  # not a quarter: kept
+    assert layer.capacity == 512

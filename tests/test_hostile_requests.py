@@ -176,3 +176,16 @@ def test_a_short_key_stops_the_start_with_exit_2(store: Project, tmp_path: Path)
     finally:
         s.stop()
     assert "at least 16 printable characters" in s.output() and "Traceback" not in s.output()
+
+
+def test_a_request_larger_than_the_kv_budget_is_refused_before_it_runs(store: Project, tmp_path: Path) -> None:
+    s = serve(store, tmp_path / "budget.log", MODEL="random", BAKEHOUSE_KV_CACHE_GB="0.02", BAKEHOUSE_MAX_TOKENS="2000", BAKEHOUSE_DTYPE="float32")
+    try:
+        per_sequence = s.get("/ready").json()["kv_cache_tokens_per_sequence"]
+        assert 0 < per_sequence < 2000
+        r = post(s, {"model": "random", "prompt": "x", "max_tokens": per_sequence + 10})
+        assert r.status_code == 400 and "BAKEHOUSE_KV_CACHE_GB" in r.json()["error"]["message"]
+        ok = post(s, {"model": "random", "prompt": "x", "max_tokens": min(per_sequence - 5, 100), "ignore_eos": True})
+        assert ok.status_code == 200
+    finally:
+        s.stop()
