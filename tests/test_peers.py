@@ -8,6 +8,7 @@ share this machine's network), each on a port of its own.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from testbed.sshhosts import SshHost, counted, start_host
 from test_fleet import rows
 
 from ops.models.lock import Lock, LockedFile, LockedModel, dump_lock
+from ops.models.stamp import write_stamp
 
 pytestmark = pytest.mark.hosts
 
@@ -222,6 +224,7 @@ def test_the_peer_server_serves_only_verified_files_to_holders_of_the_secret(tmp
     store = tmp_path / "store"
     (store / "m" / commit).mkdir(parents=True)
     (store / "m" / commit / "w.bin").write_bytes(b"0123456789")
+    write_stamp(store / "m" / commit, "0" * 16, {"w.bin": hashlib.sha256(b"0123456789").hexdigest()})  # verified: served as stamped
     (store / ".staging" / "m" / commit).mkdir(parents=True)
     (store / ".staging" / "m" / commit / "half.bin").write_bytes(b"unverified")
     fetching = "d" * 40  # a commit this host is still fetching with --share: one file verified so far
@@ -235,7 +238,8 @@ def test_the_peer_server_serves_only_verified_files_to_holders_of_the_secret(tmp
     (store / "m" / commit / "link").symlink_to(tmp_path / "outside")
     token, port_file, lock = tmp_path / "token", tmp_path / "port", tmp_path / "models.lock"
     token.write_text(secret)
-    lock.write_text(dump_lock(Lock(lock, {name: LockedModel(name, "hf://o/r", "main", c, "0" * 16, (LockedFile("early.bin", 14, "0" * 64),))
+    files = (LockedFile("early.bin", 14, "0" * 64), LockedFile("later.bin", 14, "0" * 64))
+    lock.write_text(dump_lock(Lock(lock, {name: LockedModel(name, "hf://o/r", "main", c, "0" * 16, files)
                                           for name, c in (("m", fetching), ("other", commit))})))
     base = [sys.executable, "-m", "ops.models", "peer-serve", "--dest", str(store), "--bind", "127.0.0.1", "--token-file", str(token), "--port-file", str(port_file),
             "--lock", str(lock)]
