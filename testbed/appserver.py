@@ -10,10 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-from testbed.helpers import ROOT
 
 from ops.net import free_port
 from ops.runner import stop
+from testbed.helpers import ROOT, Project
 
 
 @dataclass
@@ -49,6 +49,13 @@ class AppServer:
 
     def stop(self) -> None:
         stop(self.process)
+
+
+def serve_store(project: Project, log: Path, **env: str) -> AppServer:
+    """The app on `project`'s lock and store, offline, once it answers /ready."""
+    s = start_app(project.env(BAKEHOUSE_LOCK=str(project.dir / "models.lock"), HF_HUB_OFFLINE="1", **env), log)
+    s.wait()
+    return s
 
 
 def start_app(env: dict[str, str], log: Path, **extra: str) -> AppServer:

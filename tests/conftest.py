@@ -9,8 +9,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
 from testbed.containers import PODMAN, Engine, ensure_base_image, load_image, source_tree, start_docker
-from testbed.helpers import HF_DEMO, HF_SHARDS, Hub, Project, manifest, start_hub
+from testbed.helpers import HF_DEMO, HF_RANDOM_LM, HF_SHARDS, Hub, Project, manifest, start_hub
 from testbed.sshhosts import client_keys, ensure_host_image
 
 
@@ -26,6 +27,17 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A client key pair and an empty known_hosts for a module's SSH hosts (the host image built once)."""
     ensure_host_image()
     return client_keys(tmp_path_factory.mktemp("keys"))
+
+
+@pytest.fixture(scope="module")
+def models_store(hub: Hub, tmp_path_factory: pytest.TempPathFactory) -> Project:
+    """A project with the demo model and an untrained GPT-2 (4096-token context) locked and fetched: what the app tests serve."""
+    p = Project(tmp_path_factory.mktemp("models") / "project", hub.endpoint)
+    p.dir.mkdir()
+    p.write_manifest(manifest(demo=HF_DEMO, random=HF_RANDOM_LM))
+    assert p.run("lock", "--models", "demo,random").returncode == 0
+    assert p.run("fetch", "--models", "demo,random").returncode == 0
+    return p
 
 
 @pytest.fixture

@@ -13,43 +13,27 @@ from pathlib import Path
 
 import httpx
 import pytest
-from testbed.appserver import AppServer, start_app
-from testbed.helpers import HF_DEMO, HF_RANDOM_LM, Hub, Project, manifest
 from openai import AsyncOpenAI, BadRequestError, OpenAI
 
 from app.precision import cpu_has_native_bf16
+from testbed.appserver import AppServer, serve_store
+from testbed.helpers import Project
 
 
 @pytest.fixture(scope="module")
-def store(hub: Hub, tmp_path_factory: pytest.TempPathFactory) -> Project:
-    p = Project(tmp_path_factory.mktemp("engine") / "project", hub.endpoint)
-    p.dir.mkdir()
-    p.write_manifest(manifest(demo=HF_DEMO, random=HF_RANDOM_LM))
-    assert p.run("lock", "--models", "demo,random").returncode == 0
-    assert p.run("fetch", "--models", "demo,random").returncode == 0
-    return p
-
-
-def serve(store: Project, log: Path, **env: str) -> AppServer:
-    s = start_app(store.env(BAKEHOUSE_LOCK=str(store.dir / "models.lock"), HF_HUB_OFFLINE="1", **env), log)
-    s.wait()
-    return s
-
-
-@pytest.fixture(scope="module")
-def random_lm(store: Project, tmp_path_factory: pytest.TempPathFactory) -> Iterator[AppServer]:
+def random_lm(models_store: Project, tmp_path_factory: pytest.TempPathFactory) -> Iterator[AppServer]:
     """An untrained GPT-2 with a 4096-token context: it rarely stops by itself, so lengths are what the request asks."""
     # fp32: its tests compare greedy text across batch compositions, and an untrained model's top logits are close enough for bf16's
     # rounding (which differs with the batch's shape) to flip them
-    s = serve(store, tmp_path_factory.mktemp("logs") / "random.log", MODEL="random", BAKEHOUSE_MAX_TOKENS="2000", BAKEHOUSE_STEP_TOKENS="128",
+    s = serve_store(models_store, tmp_path_factory.mktemp("logs") / "random.log", MODEL="random", BAKEHOUSE_MAX_TOKENS="2000", BAKEHOUSE_STEP_TOKENS="128",
               BAKEHOUSE_DTYPE="float32")
     yield s
     s.stop()
 
 
 @pytest.fixture(scope="module")
-def demo(store: Project, tmp_path_factory: pytest.TempPathFactory) -> Iterator[AppServer]:
-    s = serve(store, tmp_path_factory.mktemp("logs") / "demo.log", MODEL="demo", BAKEHOUSE_MAX_BODY_BYTES="65536", BAKEHOUSE_MAX_PROMPT_CHARS="20000")
+def demo(models_store: Project, tmp_path_factory: pytest.TempPathFactory) -> Iterator[AppServer]:
+    s = serve_store(models_store, tmp_path_factory.mktemp("logs") / "demo.log", MODEL="demo", BAKEHOUSE_MAX_BODY_BYTES="65536", BAKEHOUSE_MAX_PROMPT_CHARS="20000")
     yield s
     s.stop()
 
@@ -162,8 +146,8 @@ def test_a_huge_body_is_413_and_health_stays_fast(demo: AppServer) -> None:
     assert demo.get("/ready").status_code == 200
 
 
-def test_a_full_queue_answers_429_with_retry_after(store: Project, tmp_path: Path) -> None:
-    s = serve(store, tmp_path / "busy.log", MODEL="random", BAKEHOUSE_MAX_BATCH="1", BAKEHOUSE_MAX_QUEUE="2", BAKEHOUSE_MAX_TOKENS="2000")
+def test_a_full_queue_answers_429_with_retry_after(models_store: Project, tmp_path: Path) -> None:
+    s = serve_store(models_store, tmp_path / "busy.log", MODEL="random", BAKEHOUSE_MAX_BATCH="1", BAKEHOUSE_MAX_QUEUE="2", BAKEHOUSE_MAX_TOKENS="2000")
     try:
         async def flood() -> list[httpx.Response]:
             async with httpx.AsyncClient(timeout=300) as c:
@@ -274,9 +258,9 @@ def test_every_error_has_the_openai_shape(demo: AppServer, method: str, path: st
 
 # --- drain on SIGTERM ----------------------------------------------------------------
 
-def test_sigterm_during_16_streams_finishes_every_one_then_exits_0(store: Project, tmp_path: Path) -> None:
+def test_sigterm_during_16_streams_finishes_every_one_then_exits_0(models_store: Project, tmp_path: Path) -> None:
     """/ready is 503 at once; every stream already running ends with [DONE] and all its tokens; new work is 503 + Retry-After; exit 0."""
-    s = serve(store, tmp_path / "drain.log", MODEL="random", BAKEHOUSE_MAX_TOKENS="2000", BAKEHOUSE_DEREGISTER_SECONDS="0.5", BAKEHOUSE_DTYPE="float32")
+    s = serve_store(models_store, tmp_path / "drain.log", MODEL="random", BAKEHOUSE_MAX_TOKENS="2000", BAKEHOUSE_DEREGISTER_SECONDS="0.5", BAKEHOUSE_DTYPE="float32")
     started = threading.Barrier(17)
     results: list[tuple[int, bool, str | None]] = []
 

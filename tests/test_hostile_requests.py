@@ -12,31 +12,16 @@ from pathlib import Path
 import httpx
 import pytest
 from openai import AuthenticationError, OpenAI
-from testbed.appserver import AppServer, start_app
-from testbed.helpers import HF_DEMO, HF_RANDOM_LM, Hub, Project, manifest
+
+from testbed.appserver import AppServer, serve_store, start_app
+from testbed.helpers import Project
 
 KEY = "bh-test-key-4f9a8b7c6d5e4f3a"
 
 
 @pytest.fixture(scope="module")
-def store(hub: Hub, tmp_path_factory: pytest.TempPathFactory) -> Project:
-    p = Project(tmp_path_factory.mktemp("hostile") / "project", hub.endpoint)
-    p.dir.mkdir()
-    p.write_manifest(manifest(demo=HF_DEMO, random=HF_RANDOM_LM))
-    assert p.run("lock", "--models", "demo,random").returncode == 0
-    assert p.run("fetch", "--models", "demo,random").returncode == 0
-    return p
-
-
-def serve(store: Project, log: Path, **env: str) -> AppServer:
-    s = start_app(store.env(BAKEHOUSE_LOCK=str(store.dir / "models.lock"), HF_HUB_OFFLINE="1", **env), log)
-    s.wait()
-    return s
-
-
-@pytest.fixture(scope="module")
-def server(store: Project, tmp_path_factory: pytest.TempPathFactory) -> Iterator[AppServer]:
-    s = serve(store, tmp_path_factory.mktemp("logs") / "random.log", MODEL="random", BAKEHOUSE_MAX_TOKENS="400", BAKEHOUSE_DTYPE="float32")
+def server(models_store: Project, tmp_path_factory: pytest.TempPathFactory) -> Iterator[AppServer]:
+    s = serve_store(models_store, tmp_path_factory.mktemp("logs") / "random.log", MODEL="random", BAKEHOUSE_MAX_TOKENS="400", BAKEHOUSE_DTYPE="float32")
     yield s
     s.stop()
 
@@ -134,12 +119,12 @@ def test_a_huge_prompt_list_with_n_0_is_refused_before_tokenizing_and_health_sta
 # --- API keys ------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def keyed(store: Project, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[AppServer, Path]]:
+def keyed(models_store: Project, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[AppServer, Path]]:
     d = tmp_path_factory.mktemp("keys")
     keyfile = d / "keys"
     keyfile.write_text(f"# rotated by hand\n{KEY}-file-one\n")
     keyfile.chmod(0o600)
-    s = serve(store, d / "keyed.log", MODEL="demo", BAKEHOUSE_API_KEY=KEY, BAKEHOUSE_API_KEY_FILE=str(keyfile))
+    s = serve_store(models_store, d / "keyed.log", MODEL="demo", BAKEHOUSE_API_KEY=KEY, BAKEHOUSE_API_KEY_FILE=str(keyfile))
     yield s, keyfile
     s.stop()
 
@@ -169,8 +154,8 @@ def test_a_key_file_rotates_without_a_restart(keyed: tuple[AppServer, Path]) -> 
     assert httpx.post(f"{server.url}/v1/completions", json=body, headers={"authorization": f"Bearer {KEY}-file-two"}).status_code == 200
 
 
-def test_a_short_key_stops_the_start_with_exit_2(store: Project, tmp_path: Path) -> None:
-    s = start_app(store.env(BAKEHOUSE_LOCK=str(store.dir / "models.lock"), HF_HUB_OFFLINE="1", MODEL="demo", BAKEHOUSE_API_KEY="short"), tmp_path / "l")
+def test_a_short_key_stops_the_start_with_exit_2(models_store: Project, tmp_path: Path) -> None:
+    s = start_app(models_store.env(BAKEHOUSE_LOCK=str(models_store.dir / "models.lock"), HF_HUB_OFFLINE="1", MODEL="demo", BAKEHOUSE_API_KEY="short"), tmp_path / "l")
     try:
         assert s.process.wait(timeout=60) == 2
     finally:
@@ -178,8 +163,8 @@ def test_a_short_key_stops_the_start_with_exit_2(store: Project, tmp_path: Path)
     assert "at least 16 printable characters" in s.output() and "Traceback" not in s.output()
 
 
-def test_a_request_larger_than_the_kv_budget_is_refused_before_it_runs(store: Project, tmp_path: Path) -> None:
-    s = serve(store, tmp_path / "budget.log", MODEL="random", BAKEHOUSE_KV_CACHE_GB="0.02", BAKEHOUSE_MAX_TOKENS="2000", BAKEHOUSE_DTYPE="float32")
+def test_a_request_larger_than_the_kv_budget_is_refused_before_it_runs(models_store: Project, tmp_path: Path) -> None:
+    s = serve_store(models_store, tmp_path / "budget.log", MODEL="random", BAKEHOUSE_KV_CACHE_GB="0.02", BAKEHOUSE_MAX_TOKENS="2000", BAKEHOUSE_DTYPE="float32")
     try:
         per_sequence = s.get("/ready").json()["kv_cache_tokens_per_sequence"]
         assert 0 < per_sequence < 2000

@@ -271,6 +271,18 @@ class BareInstances:
     def logs_argv(self, port: int) -> list[str]:
         return bare.logs_argv(self.t, port)
 
+    def running(self, sh: Shell) -> Instance | None:
+        """The instance the last deploy made active, and the release it runs."""
+        port = active(sh, bare.active_path(self.t), self.t.instance_ports)
+        version = sh.run(bare.instance_version_argv(self.t, port), kind="query").stdout.strip() if port else ""
+        return Instance(port, version) if port and version else None
+
+    def activate(self, sh: Shell, port: int, version: str) -> None:
+        t = self.t
+        sh.run(rc.write_value_argv(bare.active_path(t), str(port)), what="record the active instance")
+        sh.run(bare.switch_argv(t, version), what="switch current")
+        sh.run(common.record_argv(t.prefix, version, bare.config_mark(t, version)), what="record the release")
+
 
 def bare_proxy(sh: Shell, t: Target, rel_python: str, deps_digest: str) -> None:
     """The front proxy, installed and running with this host's configuration; restarted only when its binary or configuration changed."""
@@ -298,47 +310,37 @@ def bare_proxy(sh: Shell, t: Target, rel_python: str, deps_digest: str) -> None:
         sh.run(rc.mark_argv(f"{d}/config.digest", digest), what="record the proxy's configuration")
 
 
-def _running_bare(sh: Shell, t: Target) -> Instance | None:
-    port = active(sh, bare.active_path(t), t.instance_ports)
-    version = sh.run(bare.instance_version_argv(t, port), kind="query").stdout.strip() if port else ""
-    return Instance(port, version) if port and version else None
-
-
-def _activate_bare(sh: Shell, t: Target, port: int, version: str) -> None:
-    sh.run(rc.write_value_argv(bare.active_path(t), str(port)), what="record the active instance")
-    sh.run(bare.switch_argv(t, version), what="switch current")
-    sh.run(common.record_argv(t.prefix, version, bare.config_mark(t, version)), what="record the release")
-
-
 def deploy_bare(sh: Shell, t: Target, ctx: Context) -> Deployment:
     rel = ctx.release
     assert rel is not None  # plan() builds one whenever a bare host is deployed
     config = config_text(t, rel.version, ctx)
-    old = _running_bare(sh, t)
+    inst = BareInstances(t)
+    old = inst.running(sh)
     install_release(sh, t, rel)
     bare_proxy(sh, t, bare.release_python(t, rel.version), rel.deps.digest)
     if old and old.version == rel.version and serving(sh, t, old.port, bare.alive_argv(t, old.port)) and _configured(sh, t, rel.version, config):
         return Deployment(old.version, rel.version, "unchanged")
     fetch_release_models(sh, t, rel, ctx)
     write_config(sh, t, rel.version, config)
-    sw = switch(sh, BareInstances(t), old, rel.version)
+    sw = switch(sh, inst, old, rel.version)
     if sw.ready:
-        _activate_bare(sh, t, _other(t, old), rel.version)
+        inst.activate(sh, _other(t, old), rel.version)
         _prune(sh, t, rel.version, old.version if old else None)
     return outcome(sw, old.version if old else None, rel.version, done="deployed", back="rolled back")
 
 
 def rollback_bare(sh: Shell, t: Target, ctx: Context) -> Deployment:
-    old = _running_bare(sh, t)
+    inst = BareInstances(t)
+    old = inst.running(sh)
     current = old.version if old else None
     target = common.previous_version(sh.run(common.history_argv(t.prefix), kind="query").stdout, current)
     if target is None or sh.run(rc.exists_argv(f"{bare.release_dir(t, target)}/.complete"), kind="query").exit_code != 0:
         raise ConfigError(f"no previous release to roll back to (current: {current or 'none'}).")
     sh.say(f"rolling back {current} -> {target}")
     ensure_config(sh, t, target, ctx)
-    sw = switch(sh, BareInstances(t), old, target)
+    sw = switch(sh, inst, old, target)
     if sw.ready:
-        _activate_bare(sh, t, _other(t, old), target)
+        inst.activate(sh, _other(t, old), target)
     return outcome(sw, current, target, done="reverted", back="restored")
 
 
@@ -384,6 +386,16 @@ class DockerInstances:
     def logs_argv(self, port: int) -> list[str]:
         return docker.logs_argv(self.t, port)
 
+    def running(self, sh: Shell) -> Instance | None:
+        """The instance the last deploy made active, and the image its container runs."""
+        port = active(sh, docker.active_path(self.t), self.t.instance_ports)
+        ref = sh.run(docker.running_image_argv(self.t, port), kind="query").stdout.strip() if port else ""
+        return Instance(port, ref) if port and ref else None
+
+    def activate(self, sh: Shell, port: int, ref: str) -> None:
+        sh.run(rc.write_value_argv(docker.active_path(self.t), str(port)), what="record the active instance")
+        sh.run(common.record_argv(self.t.prefix, ref), what="record the release")
+
 
 def docker_proxy(sh: Shell, t: Target, ref: str) -> None:
     """The front proxy's container (Caddy from the app image), running with this host's configuration; recreated only when that changed."""
@@ -401,36 +413,27 @@ def docker_proxy(sh: Shell, t: Target, ref: str) -> None:
         sh.run(rc.mark_argv(f"{d}/config.digest", digest), what="record the proxy's configuration")
 
 
-def _running_docker(sh: Shell, t: Target) -> Instance | None:
-    port = active(sh, docker.active_path(t), t.instance_ports)
-    ref = sh.run(docker.running_image_argv(t, port), kind="query").stdout.strip() if port else ""
-    return Instance(port, ref) if port and ref else None
-
-
-def _activate_docker(sh: Shell, t: Target, port: int, ref: str) -> None:
-    sh.run(rc.write_value_argv(docker.active_path(t), str(port)), what="record the active instance")
-    sh.run(common.record_argv(t.prefix, ref), what="record the release")
-
-
 def deploy_docker(sh: Shell, t: Target, ctx: Context) -> Deployment:
     assert ctx.registry is not None and ctx.tag is not None  # plan() sets both whenever a Docker host is deployed
     ref = docker.image_ref(t, ctx.registry, ctx.tag)
     sh.run(docker.mkdir_argv(t), what="create directories")
     sh.run(rc.mkdir_argv(proxy.proxy_dir(t)), what="create the proxy's directory")
-    old = _running_docker(sh, t)
+    inst = DockerInstances(t, ctx)
+    old = inst.running(sh)
     _pull(sh, t, ctx, ref)
     docker_proxy(sh, t, ref)
     if old and old.version == ref and serving(sh, t, old.port, docker.alive_argv(t, old.port)):
         return Deployment(_tag(old.version), _tag(ref), "unchanged")
     check_gpus(sh, t)
-    sw = switch(sh, DockerInstances(t, ctx), old, ref)
+    sw = switch(sh, inst, old, ref)
     if sw.ready:
-        _activate_docker(sh, t, _other(t, old), ref)
+        inst.activate(sh, _other(t, old), ref)
     return outcome(sw, _tag(old.version) if old else None, _tag(ref) or ref, done="deployed", back="rolled back")
 
 
 def rollback_docker(sh: Shell, t: Target, ctx: Context) -> Deployment:
-    old = _running_docker(sh, t)
+    inst = DockerInstances(t, ctx)
+    old = inst.running(sh)
     current = old.version if old else None
     target = common.previous_version(sh.run(common.history_argv(t.prefix), kind="query").stdout, current)
     if target is None:
@@ -439,9 +442,9 @@ def rollback_docker(sh: Shell, t: Target, ctx: Context) -> Deployment:
         _pull(sh, t, ctx, target)
     sh.say(f"rolling back {current} -> {target}")
     check_gpus(sh, t)
-    sw = switch(sh, DockerInstances(t, ctx), old, target)
+    sw = switch(sh, inst, old, target)
     if sw.ready:
-        _activate_docker(sh, t, _other(t, old), target)
+        inst.activate(sh, _other(t, old), target)
     return outcome(sw, _tag(current), _tag(target) or target, done="reverted", back="restored")
 
 
