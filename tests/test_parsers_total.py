@@ -139,11 +139,14 @@ def test_hostile_host_variables_are_refused_or_kept_out_of_option_position(key: 
     except ConfigError:
         return
     registry = Registry("reg.example:5000", "ci", "pw")
+    port = t.instance_ports[0]
     argvs = [rc.model_argv(host, "fetch", models=["demo"]), *vars(rc.bootstrap(host, ["w.whl"], "d")).values(),
-             bare.fetch_argv(t, "v1"), bare.switch_argv(t, "v1"), bare.prune_argv(t, ["v1"]), *bare.restart_argvs(t), bare.stop_argv(t), bare.alive_argv(t),
-             bare.logs_argv(t), bare.supervise_argv(t, "restart"), docker.run_argv(t, "reg/bakehouse:v1"), docker.mkdir_argv(t), *docker.retire_argvs(t),
-             docker.login_argv(t, registry), docker.pull_argv(t, registry, "reg/b:v1"), common.lock_argv(t.prefix, "me"), rc.write_file_argv(bare.env_path(t, "v1")),
-             common.gate_argv(t.host.python, t.port, bare.alive_argv(t))]
+             bare.fetch_argv(t, "v1"), bare.switch_argv(t, "v1"), bare.prune_argv(t, ["v1"]), *bare.start_argvs(t, port), bare.stop_argv(t, port),
+             bare.alive_argv(t, port), bare.logs_argv(t, port), bare.point_instance_argv(t, port, "v1"), bare.instance_version_argv(t, port),
+             bare.install_proxy_argv(t, "d"), *bare.proxy_start_argvs(t, "python3"), bare.proxy_alive_argv(t, "python3"), *bare.retire_legacy_argvs(t),
+             docker.run_argv(t, "reg/bakehouse:v1", port), docker.mkdir_argv(t), docker.stop_argv(t, port), docker.proxy_run_argv(t, "reg/bakehouse:v1"),
+             *docker.retire_legacy_argvs(t), docker.login_argv(t, registry), docker.pull_argv(t, registry, "reg/b:v1"), common.lock_argv(t.prefix, "me"),
+             rc.write_file_argv(bare.env_path(t, "v1")), rc.write_value_argv(bare.active_path(t), str(port)), common.gate_argv(t.host.python, port, bare.alive_argv(t, port))]
     for argv in argvs:
         if isinstance(argv, list):
             assert not in_option_position(argv, hostile), argv
