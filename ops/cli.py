@@ -349,7 +349,7 @@ def demo() -> int:
     return guarded(lambda: run_demo(ROOT / ".demo"))
 
 
-QUICK_TIER = "not containers and not hosts and not vllm"
+QUICK_TIER = "not containers and not hosts and not vllm and not slow"
 
 
 LINTERS = ([sys.executable, "-m", "ruff", "check", "ops", "app", "tasks.py"], [sys.executable, "-m", "mypy"])

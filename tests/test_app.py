@@ -11,9 +11,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+from openai import AsyncOpenAI, BadRequestError, NotFoundError, OpenAI
+
 from testbed.appserver import AppServer, start_app
 from testbed.helpers import DEMO, HF_DEMO, HF_RANDOM_LM, Hub, Project, manifest
-from openai import AsyncOpenAI, BadRequestError, NotFoundError, OpenAI
 
 
 @pytest.fixture(scope="session")

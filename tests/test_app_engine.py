@@ -146,6 +146,7 @@ def test_a_huge_body_is_413_and_health_stays_fast(demo: AppServer) -> None:
     assert demo.get("/ready").status_code == 200
 
 
+@pytest.mark.slow
 def test_a_full_queue_answers_429_with_retry_after(models_store: Project, tmp_path: Path) -> None:
     s = serve_store(models_store, tmp_path / "busy.log", MODEL="random", BAKEHOUSE_MAX_BATCH="1", BAKEHOUSE_MAX_QUEUE="2", BAKEHOUSE_MAX_TOKENS="2000")
     try:
@@ -258,6 +259,7 @@ def test_every_error_has_the_openai_shape(demo: AppServer, method: str, path: st
 
 # --- drain on SIGTERM ----------------------------------------------------------------
 
+@pytest.mark.slow
 def test_sigterm_during_16_streams_finishes_every_one_then_exits_0(models_store: Project, tmp_path: Path) -> None:
     """/ready is 503 at once; every stream already running ends with [DONE] and all its tokens; new work is 503 + Retry-After; exit 0."""
     s = serve_store(models_store, tmp_path / "drain.log", MODEL="random", BAKEHOUSE_MAX_TOKENS="2000", BAKEHOUSE_DEREGISTER_SECONDS="0.5", BAKEHOUSE_DTYPE="float32")

@@ -13,12 +13,12 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from app import precision
 from app.device import DevicePlan, pick_device
 from app.engine import Engine
-from app.loader import check_weights_format
 from app.kvcache import DecodeKernel, Segment, SlotCache, decode_attention, decode_mask
+from app.loader import check_weights_format
 from app.packed import PackedLinear, pack_linears, packing_works
-from app.precision import compare, cpu_has_native_bf16
 from app.params import SamplingParams
 from app.policy import Choice, first_stop, stop_prefix
+from app.precision import compare, cpu_has_native_bf16
 from app.sampling import sample
 from ops.errors import NotServableError
 from ops.models.lock import LockedFile, LockedModel

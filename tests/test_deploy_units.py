@@ -180,9 +180,8 @@ def test_table_lists_every_host_with_old_new_result_time_and_downtime() -> None:
 
 
 def test_the_example_inventory_is_valid_for_deploys() -> None:
-    from testbed.helpers import ROOT
-
     from ops.remote.inventory import load_inventory
+    from testbed.helpers import ROOT
 
     inv = load_inventory(ROOT / "inventory" / "hosts.yml")
     targets = {name: target(h, "demo") for name, h in inv.hosts.items()}
@@ -191,11 +190,10 @@ def test_the_example_inventory_is_valid_for_deploys() -> None:
 
 
 def test_a_webhook_target_refuses_rollback_and_dry_run_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
-    from testbed.helpers import ROOT
-
     from ops.deploy.rollout import Plan, execute, result_of
     from ops.deploy.steps import Context
     from ops.remote.ssh import SshOptions
+    from testbed.helpers import ROOT
 
     monkeypatch.setenv("RENDER_DEPLOY_HOOK", "http://127.0.0.1:9/never-called")
     t = host_target(runtime="webhook", hook_url_env="RENDER_DEPLOY_HOOK")
@@ -260,9 +258,8 @@ def rollback_start(t) -> list:
 
 
 def test_blue_green_a_rollback_whose_target_never_starts_leaves_the_current_release_serving() -> None:
-    from testbed.scripted import ScriptedShell, ok
-
     from ops.deploy.steps import Context, rollback_bare
+    from testbed.scripted import ScriptedShell, ok
 
     t = host_target(process_manager="supervise", prefix="/opt/bh")
     sh = ScriptedShell(t.host, [*rollback_start(t), *start_script(t, 8002, "v1", "0 connection refused\ndead", "boom: v1 cannot start"),
@@ -274,9 +271,8 @@ def test_blue_green_a_rollback_whose_target_never_starts_leaves_the_current_rele
 
 
 def test_hold_a_rollback_whose_target_never_starts_brings_the_current_release_back() -> None:
-    from testbed.scripted import ScriptedShell, ok
-
     from ops.deploy.steps import Context, rollback_bare
+    from testbed.scripted import ScriptedShell, ok
 
     t = host_target(process_manager="supervise", prefix="/opt/bh", rollout="hold")
     sh = ScriptedShell(t.host, [*rollback_start(t), (bare.stop_argv(t, 8001), ok()),
@@ -289,9 +285,8 @@ def test_hold_a_rollback_whose_target_never_starts_brings_the_current_release_ba
 
 
 def test_hold_a_rollback_where_neither_release_starts_says_so() -> None:
-    from testbed.scripted import ScriptedShell, ok
-
     from ops.deploy.steps import Context, rollback_bare
+    from testbed.scripted import ScriptedShell, ok
 
     t = host_target(process_manager="supervise", prefix="/opt/bh", rollout="hold")
     sh = ScriptedShell(t.host, [*rollback_start(t), (bare.stop_argv(t, 8001), ok()),
@@ -304,9 +299,8 @@ def test_hold_a_rollback_where_neither_release_starts_says_so() -> None:
 
 
 def test_the_scripted_shell_fails_on_an_unexpected_command() -> None:
-    from testbed.scripted import ScriptedShell, ok
-
     from ops.deploy.steps import Context, rollback_bare
+    from testbed.scripted import ScriptedShell, ok
 
     t = host_target(process_manager="supervise")
     sh = ScriptedShell(t.host, [(rc.read_argv(bare.active_path(t)), ok("8001\n")), (["true"], ok())])
@@ -331,10 +325,9 @@ def test_the_proxy_holds_checks_ready_and_streams_unbuffered() -> None:
 
 
 def test_gpu_hosts_are_checked_before_anything_stops() -> None:
-    from testbed.scripted import ScriptedShell, fails
-
     from ops.deploy.steps import check_gpus
     from ops.errors import StepFailedError
+    from testbed.scripted import ScriptedShell, fails
 
     t = host_target(runtime="docker", engine="docker", gpus="all")
     assert docker.gpu_check_argv(t) == ["sh", "-c", 'command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && "$1" info --format "{{json .Runtimes}}" '

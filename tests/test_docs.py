@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import re
 
-from testbed.helpers import ROOT
-
 from bench import report
+from testbed.helpers import ROOT
 
 
 def test_every_table_in_the_readme_and_docs_is_made_from_committed_results() -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+
 from testbed.appserver import start_app
 from testbed.helpers import HF_DEMO, ROOT, Hub, Project, manifest
 
@@ -118,6 +119,7 @@ def test_unknown_model_exits_2(demo_project: Project, tmp_path: Path) -> None:
     assert "MODEL='nope' is not in" in server.output()
 
 
+@pytest.mark.slow
 def test_seed_git_variables_fetch_verify_and_serve(hub: Hub, tmp_path: Path) -> None:
     """The first seed's GIT_REPO_URL / GIT_BRANCH / MODEL_FILE, without any models.lock."""
     repo = tmp_path / "remote.git"
@@ -156,6 +158,7 @@ def test_serverless_handler(demo_project: Project, monkeypatch: pytest.MonkeyPat
     handler.scheduler.cache_clear()
 
 
+@pytest.mark.slow
 def test_the_runpod_sdk_runs_the_handler_in_its_local_test_mode(demo_project: Project) -> None:
     """The first seed ran its handler under the RunPod worker SDK: its local test mode runs ours, once, and logs the job's result."""
     assert demo_project.run("fetch", "--models", "demo").returncode == 0

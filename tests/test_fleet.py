@@ -13,12 +13,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from testbed.helpers import HF_DEMO, HF_SHARDS, ROOT, TOKEN, Hub, Project, manifest
-from testbed.proxy import Proxy
-from testbed.sshhosts import SshHost, inventory, start_host
 
 from ops.remote.inventory import Host
 from ops.remote.ssh import SshOptions, connect
+from testbed.helpers import HF_DEMO, HF_SHARDS, ROOT, TOKEN, Hub, Project, manifest
+from testbed.proxy import Proxy
+from testbed.sshhosts import SshHost, inventory, start_host
 
 pytestmark = pytest.mark.hosts
 

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from testbed.fleetsim import SimFleet, start_fleet
 from testbed.helpers import HF_DEMO, ROOT, Hub, Project, manifest
 from testbed.sshhosts import client_keys

@@ -21,6 +21,7 @@ from typing import ClassVar
 
 import pytest
 import tomli_w
+
 from testbed.helpers import HF_DEMO, ROOT, Hub, Project, manifest
 
 INVOKE = [sys.executable, "-m", "invoke", "--search-root", str(ROOT)]

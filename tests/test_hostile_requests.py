@@ -163,6 +163,7 @@ def test_a_short_key_stops_the_start_with_exit_2(models_store: Project, tmp_path
     assert "at least 16 printable characters" in s.output() and "Traceback" not in s.output()
 
 
+@pytest.mark.slow
 def test_a_request_larger_than_the_kv_budget_is_refused_before_it_runs(models_store: Project, tmp_path: Path) -> None:
     s = serve_store(models_store, tmp_path / "budget.log", MODEL="random", BAKEHOUSE_KV_CACHE_GB="0.02", BAKEHOUSE_MAX_TOKENS="2000", BAKEHOUSE_DTYPE="float32")
     try:

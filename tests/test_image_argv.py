@@ -32,9 +32,8 @@ def test_docker_build_argv_uses_buildkit_plain_progress() -> None:
 
 def test_the_token_and_endpoint_are_build_secrets_never_arguments(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """From the environment to the build command, as `invoke build --dry-run` makes it: the values go into 0600 files passed as secrets."""
-    from testbed.helpers import ROOT
-
     from ops.images.actions import BuildRequest, build
+    from testbed.helpers import ROOT
 
     token, endpoint = "hf_BuildSecret0123456789abcdef", "http://user:pw@hub.internal:8090"
     monkeypatch.setenv("HF_TOKEN", token)

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+from ops.net import free_port
 from testbed.containers import (
     BASE_IMAGE,
     Engine,
@@ -26,8 +28,6 @@ from testbed.containers import (
 )
 from testbed.helpers import ROOT, TOKEN, Hub, Project
 from testbed.proxy import Proxy
-
-from ops.net import free_port
 
 pytestmark = pytest.mark.containers
 

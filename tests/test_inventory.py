@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from testbed.helpers import ROOT
 
 from ops.errors import ConfigError
 from ops.remote.inventory import load_inventory, parse_inventory
+from testbed.helpers import ROOT
 
 P = Path("hosts.yml")
 DATA = yaml.safe_load("""

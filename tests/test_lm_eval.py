@@ -15,8 +15,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from testbed.appserver import AppServer, start_app
 from testbed.helpers import DEMO, HF_DEMO, Hub, Project, manifest
+
+pytestmark = pytest.mark.slow
 
 QUESTIONS = [{"question": "The weights are", "choices": [" locked", " banana", " purple"], "answer": 0}] * 2
 PROMPTS = [{"prompt": "The weights are", "target": " locked"}, {"prompt": "Quick verify", "target": ""}]

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from testbed.helpers import HF_BIG, HF_DEMO, HF_SHARDS, Hub, Project, manifest, shard_files
 from testbed.proxy import Proxy
 

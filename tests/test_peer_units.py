@@ -262,6 +262,7 @@ def test_a_peer_that_stops_early_or_refuses_is_a_source_error_naming_it(tmp_path
         take_file(peer.url, {}, LOCKED, job_in(tmp_path / "b"), peer="q")  # the server is gone: connection refused
 
 
+@pytest.mark.slow
 def test_the_peer_server_wants_bearer_closes_slow_and_surplus_connections_and_stops_at_its_deadline(tmp_path: Path) -> None:
     import http.client
     import socket

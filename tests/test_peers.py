@@ -20,13 +20,13 @@ from pathlib import Path
 
 import httpx
 import pytest
-from testbed.helpers import HF_SHARDS, ROOT, Hub, Project, manifest
-from testbed.proxy import Proxy, TcpCounter
-from testbed.sshhosts import SshHost, counted, start_host
 from test_fleet import rows
 
 from ops.models.lock import Lock, LockedFile, LockedModel, dump_lock
 from ops.models.stamp import write_stamp
+from testbed.helpers import HF_SHARDS, ROOT, Hub, Project, manifest
+from testbed.proxy import Proxy, TcpCounter
+from testbed.sshhosts import SshHost, counted, start_host
 
 pytestmark = pytest.mark.hosts
 

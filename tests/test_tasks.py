@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from testbed.helpers import ROOT, Hub, Project
 
 INVOKE = [sys.executable, "-m", "invoke", "--search-root", str(ROOT)]
@@ -28,6 +30,7 @@ def test_list_shows_every_task_with_help() -> None:
         assert not undocumented, f"{name}: flags without help: {undocumented}"
 
 
+@pytest.mark.slow
 def test_demo_runs_offline_end_to_end() -> None:
     r = subprocess.run([*INVOKE, "demo"], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr

@@ -7,9 +7,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from openai import OpenAI
+
 from testbed.appserver import AppServer, start_app
 from testbed.helpers import HF_RANDOM_LLAMA, ROOT, Hub, Project, manifest
-from openai import OpenAI
 
 pytestmark = pytest.mark.vllm
 

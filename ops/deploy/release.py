@@ -71,10 +71,11 @@ def build_deps(project: Path, cache: Path | None = None) -> Wheelhouse:
 
 def build_release(project: Path = ROOT, *, tag: str | None = None, manifest: Path | None = None, lock: Path | None = None) -> Release:
     project = project.resolve()
+    version = release_version(project, tag)  # a bad --tag stops here, before any wheel is built
     manifest, lock = manifest or project / "models.toml", lock or project / "models.lock"
     for path in (manifest, lock):
         if not path.exists():
             raise ConfigError(f"{path}: not found; a release ships the models.toml and models.lock it serves from (run invoke lock-models).")
     light = build_wheelhouse(project, project / "build" / "wheelhouse")
     [wheel] = [light.directory / w for w in light.wheels if w.startswith("bakehouse-")]
-    return Release(release_version(project, tag), wheel, build_deps(project), manifest, lock)
+    return Release(version, wheel, build_deps(project), manifest, lock)
