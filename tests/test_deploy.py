@@ -186,6 +186,12 @@ def test_deploy_serves_the_new_release_and_retires_the_old(site: Project, keys: 
     assert not alive(h1, old_pid), "the old release's app still runs"
     completion = httpx.post(f"http://127.0.0.1:{ports['h1']}/v1/completions", json={"model": "demo", "prompt": "hello", "max_tokens": 4}, timeout=60)
     assert completion.status_code == 200 and completion.json()["choices"][0]["text"] is not None
+    # Through the front proxy a stream arrives token by token, not buffered into one piece at its end.
+    body = {"model": "demo", "prompt": "hello", "max_tokens": 60, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"http://127.0.0.1:{ports['h1']}/v1/completions", json=body, timeout=60) as r:
+        pieces = [(time.monotonic(), chunk) for chunk in r.iter_raw()]
+    assert b"".join(c for _, c in pieces).rstrip().endswith(b"data: [DONE]") and len(pieces) >= 10, len(pieces)
+    assert pieces[-1][0] - pieces[0][0] > 0.05
 
     # Secrets: in the 0600 env file the app reads, nowhere else.
     assert h1.exec("stat", "-c", "%a", f"{PREFIX}/current/app.env").stdout.strip() == "600"
