@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import logging
 import shutil
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from ops.models.peer_client import fetch_from_peers
 from ops.models.progress import Progress
 from ops.models.report import Outcome
 from ops.models.sources import FetchJob, source_for
+from ops.models.sources.ranged import ranges_wanted
 from ops.models.stamp import STAMP_NAME
 from ops.models.store import Store
 from ops.models.verify import verify, verify_one
@@ -178,7 +180,8 @@ def _fetch_one(store: Store, m: LockedModel, *, workers: int, tty: bool | None, 
         total = sum(f.size for f in needed)
         log.info("%s: fetching %d of %d files (%s) from %s", m.name, len(needed), len(m.files), format_bytes(total), m.source)
         progress = Progress(f"fetch {m.name}", total, tty=tty)
-        job = FetchJob(root=store.root, staging=staging, partial=partial, progress=progress, workers=workers)
+        job = FetchJob(root=store.root, staging=staging, partial=partial, progress=progress, workers=workers, ranges=store.ranges_dir(m.name, m.commit),
+                       range_slots=threading.BoundedSemaphore(ranges_wanted()))
         if peers.share:
             job.on_verified = lambda path, at: store.share(m.name, m.commit, path, at)
         try:

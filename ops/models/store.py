@@ -191,8 +191,13 @@ class Store:
     def remove(self, path: Path) -> None:
         safefs.remove(self.root, path)
 
+    def ranges_dir(self, name: str, commit: str) -> Path:
+        """Which chunks of each file in flight a ranged download has written (ops.models.sources.ranged): resumed after a crash."""
+        return self.root / STAGING / name / f"{commit}.ranges"
+
     def clean_partial(self, name: str, commit: str) -> None:
         safefs.remove(self.root, self.partial_dir(name, commit))
+        safefs.remove(self.root, self.ranges_dir(name, commit))
 
 
 def _fsync_dir(path: Path) -> None:

@@ -32,6 +32,8 @@ class FetchJob:
     staging: Path
     partial: Path
     progress: Progress
+    ranges: Path | None = None  # where ranged downloads record the chunks they wrote (None: no ranged downloads)
+    range_slots: threading.BoundedSemaphore | None = None  # range requests in flight for the whole fetch, whatever the number of files
     workers: int = 8
     cancel: threading.Event = field(default_factory=threading.Event)
     # Called with a file's path in the model and where it is, once its bytes matched the lock (fetch --share offers it to peers).

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
@@ -28,6 +29,8 @@ from ops.errors import (
 from ops.models import safefs
 from ops.models.lock import LockedFile
 from ops.models.sources.base import FetchJob
+
+log = logging.getLogger("bakehouse.fetch")
 
 
 class HashingWriter:
@@ -81,7 +84,18 @@ class Download:
 
 
 def download_file(d: Download, job: FetchJob, *, source: str) -> str:
-    """Stream one file into staging through the hub client, resuming from bytes already under job.partial."""
+    """One file into staging: a large one by concurrent ranged GETs (ops.models.sources.ranged), else streamed through the hub
+    client, resuming from bytes already under job.partial."""
+    from ops.models.sources import ranged
+
+    if job.ranges is not None and ranged.applies(d.url, d.file.size):
+        try:
+            return ranged.ranged_download(d.url, d.headers, d.file, job, source=source)
+        except ranged.RangesNotSupported:
+            log.info("%s: the server does not answer Range requests; %s comes in one stream", source, d.file.path)
+    if job.ranges is not None and (job.ranges / d.file.path).exists():  # chunks of an earlier ranged try: not a prefix to resume from
+        safefs.remove(job.root, job.ranges / d.file.path)
+        safefs.remove(job.root, job.partial / d.file.path)
     from huggingface_hub.file_download import http_get
     from huggingface_hub.utils import disable_progress_bars
 
