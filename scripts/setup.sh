@@ -6,8 +6,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # git + git-lfs: the git source; podman & co, debootstrap, docker-registry, htpasswd: the image tests;
-# openssh-server: this machine as a Docker host over SSH in the deploy tests; docker.io: the Docker engine the image and deploy tests also run on.
-APT_PACKAGES=(git git-lfs podman buildah runc uidmap debootstrap docker-registry apache2-utils openssh-server docker.io)
+# openssh-server: this machine as a Docker host over SSH in the deploy tests; docker.io: the Docker engine the image and deploy tests also run on;
+# nginx-light: a fast origin for the ranged-fetch tests and benchmarks; aria2: a reference downloader in the fetch benchmark.
+APT_PACKAGES=(git git-lfs podman buildah runc uidmap debootstrap docker-registry apache2-utils openssh-server docker.io nginx-light aria2)
 sudo=""
 [ "$(id -u)" = 0 ] || sudo=sudo
 missing=()

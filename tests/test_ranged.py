@@ -184,3 +184,18 @@ def test_kill_9_mid_fetch_then_resume_takes_only_the_missing_chunks(tmp_path: Pa
         assert origin.sent <= 1.05 * SIZE, (origin.sent, killed_at, SIZE)
     finally:
         origin.stop()
+
+
+def test_a_large_file_from_nginx_comes_in_ranges_and_activates(tmp_path: Path) -> None:
+    from testbed.nginx import Nginx
+
+    (tmp_path / "www").mkdir()
+    (tmp_path / "www" / "weights.safetensors").write_bytes(BODY)
+    with Nginx(tmp_path / "www", tmp_path / "nginx") as nginx:
+        p = Project(tmp_path / "project", "http://127.0.0.1:9")
+        p.dir.mkdir()
+        p.write_manifest(f'[models.big]\nsource = "{nginx.url}/files/weights.safetensors"\nsha256 = "{hashlib.sha256(BODY).hexdigest()}"\n')
+        assert p.run("lock", "--models", "big").returncode == 0
+        r = fetch(p)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert served(p) == BODY and not (p.store / ".staging" / "big").exists() or not any((p.store / ".staging" / "big").rglob("*.safetensors"))
