@@ -1,6 +1,14 @@
 """Fetch and verify benchmark: bakehouse vs `hf download`, `sha256sum`, `hf cache verify`, in one run.
 
-    .venv/bin/python bench/fetch_verify.py [--gb 1.0] [--shards 4] [--runs 3]
+    .venv/bin/python -m bench.fetch_verify [--gb 1.0] [--shards 4] [--runs 3]
+    .venv/bin/python -m bench.fetch_verify --origin nginx
+
+With --origin nginx (bench/results/fetch-nginx.*): the same hub paths served by
+nginx from disk (the hub API still from olah), so the origin is not the limit:
+a cold fetch of 4 x 256 MB shards and of one 2 GB file by bakehouse (download,
+full verify, fsync, activate) against `curl --parallel` writing the same files
+(no verify), `hf download` and `aria2c -x16`, on the same disk; a kill -9 at
+50 % and a re-run (bytes the origin sent in all); an up-to-date re-run.
 
 Serves a random-weight safetensors model of --gb GB in --shards shards from the
 local hub (olah on loopback), then measures:
@@ -76,7 +84,11 @@ def main() -> None:
     ap.add_argument("--gb", type=float, default=1.0)
     ap.add_argument("--shards", type=int, default=4)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--origin", choices=["olah", "nginx"], default="olah")
     args = ap.parse_args()
+    if args.origin == "nginx":
+        line_rate()
+        return
 
     files = make_model(args.gb, args.shards)
     total = sum(p.stat().st_size for p in files.values())
@@ -170,6 +182,137 @@ def write_results(r: dict, m: dict, args: argparse.Namespace) -> None:
         *markdown_table(["measure", "time", "rate / requests", "ratio"], [list(row) for row in rows]),
     ]
     save_results("fetch_verify", md, {"machine": m, "results": r, "gb": gb, "shards": args.shards, "runs": args.runs})
+
+
+
+LAYOUTS = {"4 x 256 MB": [("shard-1.safetensors", 256), ("shard-2.safetensors", 256), ("shard-3.safetensors", 256), ("shard-4.safetensors", 256)],
+           "1 x 2 GB": [("model.safetensors", 2048)]}
+
+
+def random_files(directory: Path, layout: list[tuple[str, int]]) -> dict[str, Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for name, mb in layout:
+        path = directory / name
+        if not path.exists() or path.stat().st_size != mb << 20:
+            with open(path, "wb") as f:
+                for _ in range(mb):
+                    f.write(os.urandom(1 << 20))
+        files[name] = path
+    return files
+
+
+def drop_caches() -> bool:
+    subprocess.run(["sync"], check=False)
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def line_rate() -> None:
+    from testbed.nginx import Nginx
+
+    results = []
+    for label, layout in LAYOUTS.items():
+        repo = "bench/" + label.replace(" ", "").replace("x", "-")
+        src = random_files(WORK / "line-rate" / "src" / repo.split("/")[1], layout)
+        www = WORK / "line-rate" / "www"
+        shutil.rmtree(www / repo, ignore_errors=True)
+        (www / repo).mkdir(parents=True)
+        for name, path in src.items():
+            os.link(path, www / repo / name)
+        with LocalHub(WORK / "line-rate" / f"hub-{time.time_ns()}") as hub:
+            commit = hub.add_repo(repo, src)
+            with Nginx(www, WORK / "line-rate" / f"nginx-{time.time_ns()}", api=hub.endpoint, repos={repo: commit}, log_bytes=True) as nginx:
+                results.append(measure_line_rate(label, repo, commit, src, nginx))
+    write_line_rate(results)
+
+
+def measure_line_rate(label: str, repo: str, commit: str, files: dict[str, Path], nginx: object) -> dict:
+    from testbed.nginx import Nginx
+
+    assert isinstance(nginx, Nginx)
+    total = sum(p.stat().st_size for p in files.values())
+    out = WORK / "line-rate" / "out"
+    proj = WORK / "line-rate" / "project"
+    proj.mkdir(parents=True, exist_ok=True)
+    (proj / "models.toml").write_text(f'[models.bench]\nsource = "hf://{repo}"\nrevision = "main"\n')
+    env = {**os.environ, "HF_ENDPOINT": nginx.url, "HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HOME": str(WORK / "hf-home"),
+           "PYTHONPATH": str(ROOT)}
+    subprocess.run([PY, "-m", "ops.models", "lock", "--models", "bench"], cwd=proj, env=env, check=True, capture_output=True)
+    urls = [f"{nginx.url}/{repo}/resolve/{commit}/{name}" for name in files]
+    fetch = [PY, "-m", "ops.models", "fetch", "--models", "bench", "--lock", str(proj / "models.lock"), "--manifest", str(proj / "models.toml"),
+             "--dest", str(out / "store")]
+    tools = {
+        "bakehouse fetch (download + full verify + fsync + activate)": fetch,
+        "curl --parallel (download only)": ["curl", "--parallel", "--parallel-max", "16", "-s", *[a for i, u in enumerate(urls) for a in ("-o", str(out / "curl" / f"{i}"), u)]],
+        "hf download --local-dir (no verify)": [HF, "download", repo, "--revision", commit, "--local-dir", str(out / "hf")],
+        "aria2c -x16 -s16 (download only)": ["aria2c", "-q", "-x16", "-s16", "-k1M", "-j4", "--allow-overwrite=true", "-d", str(out / "aria2"), *urls],
+    }
+    r: dict = {"layout": label, "bytes": total, "cold_caches_dropped": False, "tools": {}}
+    for name, argv in tools.items():
+        if argv[0] == "aria2c" and shutil.which("aria2c") is None:
+            continue
+        shutil.rmtree(out, ignore_errors=True)
+        (out / "curl").mkdir(parents=True)
+        for f in files.values():  # the origin's files in the page cache: the origin is not what is measured
+            f.read_bytes()
+        nginx.reset()
+        r["tools"][name] = {"seconds": timed(argv, env), "origin_bytes": nginx.served()[1]}
+    curl = r["tools"]["curl --parallel (download only)"]["seconds"]
+    bh = r["tools"]["bakehouse fetch (download + full verify + fsync + activate)"]["seconds"]
+    r["vs_curl"] = curl / bh
+    r["vs_hf"] = r["tools"]["hf download --local-dir (no verify)"]["seconds"] / bh
+
+    # A kill -9 at half the bytes, then the same command again: what the origin sent in all.
+    shutil.rmtree(out, ignore_errors=True)
+    nginx.reset()
+    proc = subprocess.Popen(fetch, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    staging = out / "store" / ".staging" / "bench"
+    while proc.poll() is None:
+        written = sum(p.stat().st_blocks * 512 for p in staging.rglob("*.partial/*") if p.is_file()) if staging.exists() else 0
+        if written >= total // 2:
+            proc.kill()
+            break
+        time.sleep(0.005)
+    proc.wait()
+    killed_at = nginx.served()[1]
+    resumed = timed(fetch, env)
+    r["crash"] = {"origin_bytes_at_kill": killed_at, "origin_bytes_total": nginx.served()[1], "ratio": nginx.served()[1] / total, "resume_s": resumed}
+
+    nginx.reset()
+    r["up_to_date_s"] = timed(fetch, env)
+    r["up_to_date_requests"] = nginx.served()[0]
+    print(r, flush=True)
+    return r
+
+
+def write_line_rate(results: list[dict]) -> None:
+    from bench.common import cpu_line
+
+    m = machine() | {"huggingface_hub": huggingface_hub.__version__}
+    rows = []
+    for r in results:
+        gb = r["bytes"] / 1e9
+        for name, t in r["tools"].items():
+            rows.append([r["layout"], name, f"{t['seconds']:.2f} s", f"{gb / t['seconds'] * 1000:.0f} MB/s", f"{t['origin_bytes'] / r['bytes']:.2f}"])
+    summary = [[r["layout"], f"{r['vs_curl']:.2f}x", f"{r['vs_hf']:.2f}x", f"{r['crash']['ratio']:.3f}x", f"{r['up_to_date_requests']}",
+                f"{r['up_to_date_s']:.2f} s"] for r in results]
+    md = [
+        "# Fetch at line rate: nginx on loopback as the origin",
+        "",
+        f"Machine: {cpu_line(m)}; disk: this machine's, shared; commit {m['commit']}, {m['date']}. One run each, tools one after another, the",
+        "origin's files in the page cache. bakehouse downloads by concurrent ranged GETs, hashes in order as it writes, fsyncs and activates;",
+        "the others only download. `origin bytes`: what nginx sent, over the model's size. Generated from fetch-nginx.json by bench/fetch_verify.py.",
+        "",
+        *markdown_table(["model", "tool", "time", "rate", "origin bytes"], rows),
+        "",
+        *markdown_table(["model", "bakehouse vs curl --parallel", "vs hf download", "origin bytes after a kill -9 at 50 % and a re-run",
+                         "requests when up to date", "up-to-date run"], summary),
+    ]
+    save_results("fetch-nginx", md, {"machine": m, "results": results})
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ class Nginx:
     repos: dict[str, str] = field(default_factory=dict)  # "org/repo" -> the commit its resolve paths answer with
     port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
+    log_bytes: bool = False  # an access log of every response's bytes (what the benchmarks count)
 
     @property
     def url(self) -> str:
@@ -48,6 +49,24 @@ class Nginx:
                     lines.append(f'    "/{repo}/resolve/{commit}/{rel}" "\\"{sha}\\"";')
         return lines
 
+    @property
+    def access_log(self) -> Path:
+        return self.work / "access.log"
+
+    def _access_log(self) -> str:
+        return f"log_format sent '$body_bytes_sent $status $request_uri'; access_log {self.access_log} sent;" if self.log_bytes else "access_log off;"
+
+    def served(self) -> tuple[int, int]:
+        """Responses and body bytes sent since the start (or the last `reset`), a request cut short included."""
+        try:
+            lines = self.access_log.read_text().splitlines()
+        except FileNotFoundError:
+            return 0, 0
+        return len(lines), sum(int(line.split()[0]) for line in lines if line.split() and line.split()[0].isdigit())
+
+    def reset(self) -> None:
+        self.access_log.write_text("")
+
     def config(self) -> str:
         api = f"        location / {{ proxy_pass {self.api}; proxy_buffering off; }}\n" if self.api else ""
         # Started as root, nginx's workers would run as nobody, who cannot read a test's private temp directory.
@@ -58,7 +77,7 @@ pid {self.work}/nginx.pid;
 error_log {self.work}/error.log warn;
 events {{ worker_connections 1024; }}
 http {{
-    access_log off;
+    {self._access_log()}
     sendfile on;
     tcp_nopush on;
     client_body_temp_path {self.work}/tmp;
