@@ -130,7 +130,7 @@ class Scheduler:
         lengths = torch.tensor(plan.lengths, device=device) if plan.rows else None
         occupied = max((s.length for s in self.policy.prefilling), default=0)
         self.cache.plan(lengths, [Segment(c.slot, c.start, c.count) for c in plan.chunks], self.engine.dtype, device, occupied=occupied)
-        logits = self.engine.forward(plan.token_ids, self.cache, torch.tensor(plan.keep, device=device)).float()
+        logits = self.engine.forward(plan.token_ids, self.cache, torch.tensor(plan.keep, dtype=torch.long, device=device)).float()
         if plan.rows:
             self.metrics.batch_size.observe(len(plan.rows))
         scored = {i: logprobs_of(logits[at : at + len(c.targets)], c.targets, c.seq.params.logprobs or 0)

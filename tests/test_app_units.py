@@ -238,3 +238,21 @@ def test_cache_buffers_shrink_when_the_long_rows_are_gone() -> None:
     assert layer.capacity == 512 and layer.keys.shape[2] == 512 and bool((layer.keys[1, :, :100] == 1.0).all())
     layer.fit(300)  # not a quarter: kept
     assert layer.capacity == 512
+
+
+def test_a_step_of_only_an_unfinished_prompt_chunk_runs(small_engine: tuple[Engine, torch.nn.Module]) -> None:
+    """A long prompt alone, chunked: its first steps need no logits at all (an empty index), and the answer equals the model's greedy one."""
+    from app.metrics import Metrics
+    from app.scheduler import Scheduler, complete
+
+    engine, reference = small_engine
+    prompt = torch.randint(0, 400, (150,), generator=torch.Generator().manual_seed(3)).tolist()
+    scheduler = Scheduler(engine, Metrics(), max_batch=4, step_tokens=32).start()
+    try:
+        result = complete(scheduler, prompt, SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))
+    finally:
+        scheduler.stop()
+    with torch.inference_mode():
+        want = reference.generate(torch.tensor([prompt]), max_new_tokens=5, do_sample=False, pad_token_id=0)[0, len(prompt):].tolist()
+    assert result.finish_reason == "length" and result.completion_tokens == 5
+    assert engine.encode(result.text) == want or result.text == engine.decode(want)
