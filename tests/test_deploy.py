@@ -279,30 +279,23 @@ def assert_no_request_failed(report: LoadReport, out: str) -> None:
     assert {a.kind for a in report.answers} == {"stream", "whole"}
 
 
-@pytest.mark.parametrize("rollout", ["blue-green", "hold"])
-def test_deploy_failed_deploy_and_rollback_fail_no_request_under_load(site: Project, keys: Path, hosts: dict[str, SshHost], ports: dict[str, int],
-                                                                      broken_checkout: Path, rollout: str) -> None:
+def test_blue_green_hold_failed_deploy_and_rollback_fail_no_request_under_load(site: Project, keys: Path, hosts: dict[str, SshHost],
+                                                                                ports: dict[str, int], broken_checkout: Path) -> None:
     h2, port = hosts["h2"], ports["h2"]
-    write_inventory(site.dir / f"{rollout}.yml", keys, hosts, ports, {"h2": f"rollout: {rollout}"})
+    write_inventory(site.dir / "hold.yml", keys, hosts, ports, {"h2": "rollout: hold"})
     fresh(h2)
-    first = deploy(site, keys, "deploy", "--hosts", "h2", "--tag", "v1", inventory=f"{rollout}.yml")
+    first = deploy(site, keys, "deploy", "--hosts", "h2", "--tag", "v1")
     assert first.returncode == 0, first.stdout + first.stderr
-
-    r, load = under_load(port, lambda: deploy(site, keys, "deploy", "--hosts", "h2", "--tag", "v2", inventory=f"{rollout}.yml"))
-    assert r.returncode == 0 and table(r.stdout)["h2"][:4] == ["bare", "v1", "v2", "deployed"], r.stdout + r.stderr
-    assert_no_request_failed(load, r.stdout)
-    held = table(r.stdout)["h2"][-2]
-    assert (held == "-") if rollout == "blue-green" else held.endswith("s"), r.stdout
-
-    r, load = under_load(port, lambda: deploy(site, keys, "deploy", "--hosts", "h2", "--tag", "broken", search_root=broken_checkout,
-                                              inventory=f"{rollout}.yml"))
-    assert r.returncode == 1 and table(r.stdout)["h2"][:5] == ["bare", "v2", "broken", "rolled", "back"], r.stdout + r.stderr
-    assert_no_request_failed(load, r.stdout)
-
-    r, load = under_load(port, lambda: deploy(site, keys, "rollback", "--hosts", "h2", inventory=f"{rollout}.yml"))
-    assert r.returncode == 0 and table(r.stdout)["h2"][:4] == ["bare", "v2", "v1", "reverted"], r.stdout + r.stderr
-    assert_no_request_failed(load, r.stdout)
-    assert current(h2) == "v1"
+    steps = [("deploy", "v2", "hosts.yml", ROOT, ["bare", "v1", "v2", "deployed"]), ("deploy", "v3", "hold.yml", ROOT, ["bare", "v2", "v3", "deployed"]),
+             ("deploy", "broken", "hold.yml", broken_checkout, ["bare", "v3", "broken", "rolled"]), ("rollback", "", "hold.yml", ROOT, ["bare", "v3", "v2", "reverted"])]
+    for command, tag, inventory, root, row in steps:
+        flags = ["--hosts", "h2", *(["--tag", tag] if tag else [])]
+        r, load = under_load(port, lambda: deploy(site, keys, command, *flags, search_root=root, inventory=inventory))  # noqa: B023 (called at once)
+        assert table(r.stdout)["h2"][:4] == row, r.stdout + r.stderr
+        assert_no_request_failed(load, r.stdout)
+        held = table(r.stdout)["h2"][-2]
+        assert (held == "-") if inventory == "hosts.yml" else held.endswith("s"), r.stdout
+    assert current(h2) == "v2"
 
 
 def wait_for_lock(host: SshHost, proc: subprocess.Popen, timeout: float = 300) -> None:
