@@ -248,6 +248,8 @@ def measure_line_rate(label: str, repo: str, commit: str, files: dict[str, Path]
     tools = {
         "bakehouse fetch (download + full verify + fsync + activate)": fetch,
         "curl --parallel (download only)": ["curl", "--parallel", "--parallel-max", "16", "-s", *[a for i, u in enumerate(urls) for a in ("-o", str(out / "curl" / f"{i}"), u)]],
+        "curl --parallel, then sync (the bytes on disk)": ["sh", "-c", 'curl "$@" && sync', "sh", "--parallel", "--parallel-max", "16", "-s",
+                                                           *[a for i, u in enumerate(urls) for a in ("-o", str(out / "curl" / f"{i}"), u)]],
         "hf download --local-dir (no verify)": [HF, "download", repo, "--revision", commit, "--local-dir", str(out / "hf")],
         "aria2c -x16 -s16 (download only)": ["aria2c", "-q", "-x16", "-s16", "-k1M", "-j4", "--allow-overwrite=true", "-d", str(out / "aria2"), *urls],
     }
@@ -257,6 +259,7 @@ def measure_line_rate(label: str, repo: str, commit: str, files: dict[str, Path]
             continue
         shutil.rmtree(out, ignore_errors=True)
         (out / "curl").mkdir(parents=True)
+        subprocess.run(["sync"], check=False)  # the last tool's writes do not land in this one's time
         for f in files.values():  # the origin's files in the page cache: the origin is not what is measured
             f.read_bytes()
         nginx.reset()
@@ -268,6 +271,7 @@ def measure_line_rate(label: str, repo: str, commit: str, files: dict[str, Path]
 
     # A kill -9 at half the bytes, then the same command again: what the origin sent in all.
     shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
     nginx.reset()
     proc = subprocess.Popen(fetch, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     staging = out / "store" / ".staging" / "bench"

@@ -5,7 +5,7 @@ One stream from it runs at about 1.2-1.4 GB/s on a 2-core machine, far above ola
 against it shows bakehouse's own ceiling, not the origin's. Hub-shaped paths
 (`/<org>/<repo>/resolve/<commit>/<file>`) are served from `<root>/<org>/<repo>/<file>`
 with the headers huggingface_hub reads (X-Repo-Commit, X-Linked-Etag, X-Linked-Size,
-ETag); anything else (the hub API) goes to `api` when given (olah).
+ETag); anything else (the hub API, a file not on disk) goes to `api` when given (olah).
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ class Nginx:
         self.access_log.write_text("")
 
     def config(self) -> str:
-        api = f"        location / {{ proxy_pass {self.api}; proxy_buffering off; }}\n" if self.api else ""
+        api = f"proxy_pass {self.api}; proxy_buffering off;" if self.api else "return 404;"
         # Started as root, nginx's workers would run as nobody, who cannot read a test's private temp directory.
         user = "user root;\n" if os.geteuid() == 0 else ""
         return f"""daemon off;
@@ -79,6 +79,7 @@ events {{ worker_connections 1024; }}
 http {{
     {self._access_log()}
     sendfile on;
+    map_hash_bucket_size 256;
     tcp_nopush on;
     client_body_temp_path {self.work}/tmp;
     proxy_temp_path {self.work}/tmp;
@@ -90,13 +91,16 @@ http {{
     server {{
         listen 127.0.0.1:{self.port};
         location ~ "^/(?<repo>[^/]+/[^/]+)/resolve/(?<commit>[0-9a-f]{{40}})/(?<file>.+)$" {{
-            alias {self.root}/$repo/$file;
+            root {self.root};
+            try_files /$repo/$file @api;
             add_header X-Repo-Commit $commit always;
             add_header X-Linked-Etag $linked_etag always;
             add_header X-Linked-Size $content_length always;
         }}
         location /files/ {{ alias {self.root}/; }}
-{api}    }}
+        location / {{ {api} }}
+        location @api {{ {api} }}
+    }}
 }}
 """
 

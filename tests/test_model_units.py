@@ -209,3 +209,9 @@ def test_an_errors_data_survives_a_hosts_report() -> None:
     [error] = [o.error for o in back.outcomes]
     assert isinstance(error, DiskSpaceError) and (error.need, error.have, error.path) == (100, 5, "/models") and back.exit_code == 4
     assert isinstance(back.error, DiskSpaceError) and back.error.details() == {"need": 7, "have": 1, "path": "/x"}
+
+
+def test_a_store_whose_parents_do_not_exist_yet_is_writable(tmp_path: Path) -> None:
+    from ops.models.store import Store
+
+    assert Store(tmp_path / "not" / "yet" / "models").writable()

@@ -80,8 +80,10 @@ class Store:
         return self.root / STAGING / f"{name}.lock"
 
     def writable(self) -> bool:
-        """Whether this process can write the store (or create it, when it does not exist yet)."""
-        probe = self.root if self.root.exists() else self.root.parent
+        """Whether this process can write the store (or create it, when it does not exist yet: its nearest existing parent decides)."""
+        probe = self.root
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
         return os.access(probe, os.W_OK)
 
     def ensure_root(self) -> None:

@@ -25,6 +25,7 @@ sequential download instead.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import http.client
 import os
@@ -47,6 +48,21 @@ WINDOW = 8  # chunks the workers of one file may run ahead of its hash: memory i
 PIECES = 8  # a chunk's progress is written to disk and recorded every eighth of it (1 MiB of an 8 MiB chunk)
 TIMEOUT = 60.0
 ATTEMPTS = 3  # per chunk: a connection that drops mid-chunk is tried again
+
+
+def _writeback() -> Callable[[int, int, int], None]:
+    """Linux's sync_file_range(SYNC_FILE_RANGE_WRITE): start writing a range to disk now, without waiting. The final fsync then
+    finds the file mostly written, instead of flushing all of it after the last byte arrived. Elsewhere: nothing."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        call = libc.sync_file_range
+        call.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    except (OSError, AttributeError):
+        return lambda fd, offset, length: None
+    return lambda fd, offset, length: call(fd, offset, length, 2)
+
+
+start_writeback = _writeback()
 
 
 class RangesNotSupported(Exception):  # noqa: N818 (not a failure: the sequential download takes over)
@@ -231,6 +247,7 @@ class Chunk:
         """The buffer holds the chunk's first `upto` bytes: write and record them every eighth of the chunk, and at the end."""
         if upto - self.written >= len(self.buffer) // PIECES or upto == self.length:
             os.pwrite(self.fd, self.buffer[self.written : upto], self.start + self.written)
+            start_writeback(self.fd, self.start + self.written, upto - self.written)
             self.on_bytes(upto - self.written)
             self.written = upto
             self.ledger.add(self.k, None if upto == self.length else upto)
