@@ -251,7 +251,7 @@ def measure_line_rate(label: str, repo: str, commit: str, files: dict[str, Path]
         "curl --parallel, then sync (the bytes on disk)": ["sh", "-c", 'curl "$@" && sync', "sh", "--parallel", "--parallel-max", "16", "-s",
                                                            *[a for i, u in enumerate(urls) for a in ("-o", str(out / "curl" / f"{i}"), u)]],
         "hf download --local-dir (no verify)": [HF, "download", repo, "--revision", commit, "--local-dir", str(out / "hf")],
-        "aria2c -x16 -s16 (download only)": ["aria2c", "-q", "-x16", "-s16", "-k1M", "-j4", "--allow-overwrite=true", "-d", str(out / "aria2"), *urls],
+        "aria2c -x16 -s16 (download only)": ["aria2c", "-q", "-Z", "-x16", "-s16", "-k1M", "-j4", "--allow-overwrite=true", "-d", str(out / "aria2"), *urls],
     }
     r: dict = {"layout": label, "bytes": total, "cold_caches_dropped": False, "tools": {}}
     for name, argv in tools.items():

@@ -3,7 +3,7 @@
 One stream over HTTP tops out far below a fast link or a local origin (Python
 receiving one nginx stream with sha256 inline: about 0.4 GB/s here), so a file
 of BAKEHOUSE_RANGED_MIN_BYTES (64 MiB) or more is fetched in chunks of
-BAKEHOUSE_RANGE_CHUNK_BYTES (8 MiB), with BAKEHOUSE_RANGES (16) range requests
+BAKEHOUSE_RANGE_CHUNK_BYTES (8 MiB), with BAKEHOUSE_RANGES (8) range requests
 in flight for the whole fetch, whatever the number of files, as hf_transfer
 and hf_xet (HF_XET_NUM_CONCURRENT_RANGE_GETS) do. Each chunk is written at its
 offset in the partial file as it arrives, and handed to the hash, which
@@ -70,7 +70,7 @@ class RangesNotSupported(Exception):  # noqa: N818 (not a failure: the sequentia
 
 
 def ranges_wanted() -> int:
-    return int(env_number("BAKEHOUSE_RANGES", 16, minimum=1, maximum=128))
+    return int(env_number("BAKEHOUSE_RANGES", 8, minimum=1, maximum=128))
 
 
 def chunk_bytes() -> int:
@@ -116,7 +116,7 @@ class Ledger:
             self.started.pop(k, None)
 
     def start(self) -> None:
-        if not self.done:
+        if not self.done and not self.started:
             fd = safefs.open_file(self.root, self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
             try:
                 os.write(fd, f"chunk={self.chunk}\n".encode())
@@ -309,7 +309,7 @@ def ranged_download(url: str, headers: dict[str, str], file: LockedFile, job: Fe
     ledger.load()
     fd = safefs.open_file(job.root, partial, os.O_RDWR | os.O_CREAT)
     try:
-        if not ledger.done:
+        if not ledger.done and not ledger.started:
             os.ftruncate(fd, 0)  # a partial left by the sequential download (a prefix) is not chunks this ledger knows
         ledger.start()
         os.ftruncate(fd, file.size)
