@@ -16,6 +16,7 @@ from typing import Protocol
 import torch
 
 from app.params import SamplingParams, TokenLogprob
+from ops.errors import SamplingError
 
 
 class Row(Protocol):
@@ -61,10 +62,6 @@ def _truncate(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
         drop = sorted_p.cumsum(-1) - sorted_p > p.top_p
         probs = probs.scatter(0, order, sorted_p.masked_fill(drop, 0.0))
     return probs
-
-
-class SamplingError(ValueError):
-    """One row's settings gave no valid distribution: that row ends with an error, the batch goes on."""
 
 
 def sample(logits: torch.Tensor, rows: Sequence[Row], eos: int | None) -> tuple[list[int | None], dict[int, Exception]]:

@@ -29,10 +29,12 @@
     ├── DeployLockedError               exit 5  another deploy holds the host's deploy lock
     ├── NotServableError                exit 1  the app's store holds nothing its engine may load
     ├── QueueFullError                          the app has more sequences waiting than it accepts
-    └── ApiError                                an HTTP request the app refuses (status, OpenAI error body)
+    ├── ApiError                                an HTTP request the app refuses (status, OpenAI error body)
+    └── SamplingError (ValueError)              one row's sampling settings left no valid distribution (the row ends alone)
 
     Cancelled (Exception)                       control flow, not a failure: a fetch worker stops because
                                                 another failed or the user pressed Ctrl-C
+    RangesNotSupported (Exception)              control flow: a server ignored Range; the sequential download takes over
 
 The exit code comes from the class, never from a number carried alongside.
 Each error carries its data (`details()`), which `--json` reports; across a
@@ -283,8 +285,16 @@ class ApiError(BakehouseError):
         return {"status": self.status, "param": self.param, "code": self.code}
 
 
+class SamplingError(BakehouseError, ValueError):
+    """One row's sampling settings left no valid distribution: that row ends with an error, the batch goes on."""
+
+
 class Cancelled(Exception):  # noqa: N818 (not an error: the reason a worker stops early)
     """Another worker failed or the user pressed Ctrl-C; stop at the next chunk."""
+
+
+class RangesNotSupported(Exception):  # noqa: N818 (not a failure: the sequential download takes over)
+    """The server answered a Range request with the whole file: the file comes in one stream instead."""
 
 
 def error_fields(error: BakehouseError | None) -> dict[str, Any]:

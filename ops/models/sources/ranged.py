@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ops.errors import Cancelled, SourceError, SourceUnreachableError, VerificationError
+from ops.errors import Cancelled, RangesNotSupported, SourceError, SourceUnreachableError, VerificationError
 from ops.models import safefs
 from ops.models.lock import LockedFile
 from ops.models.sources.base import FetchJob
@@ -63,10 +63,6 @@ def _writeback() -> Callable[[int, int, int], None]:
 
 
 start_writeback = _writeback()
-
-
-class RangesNotSupported(Exception):  # noqa: N818 (not a failure: the sequential download takes over)
-    """The server answered a Range request with the whole file (or without Content-Range)."""
 
 
 def ranges_wanted() -> int:

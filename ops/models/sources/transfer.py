@@ -18,6 +18,7 @@ from typing import BinaryIO, cast
 
 from ops.errors import (
     Cancelled,
+    RangesNotSupported,
     SourceAuthError,
     SourceError,
     SourceNotFoundError,
@@ -91,7 +92,7 @@ def download_file(d: Download, job: FetchJob, *, source: str) -> str:
     if job.ranges is not None and ranged.applies(d.url, d.file.size):
         try:
             return ranged.ranged_download(d.url, d.headers, d.file, job, source=source)
-        except ranged.RangesNotSupported:
+        except RangesNotSupported:
             log.info("%s: the server does not answer Range requests; %s comes in one stream", source, d.file.path)
     if job.ranges is not None and (job.ranges / d.file.path).exists():  # chunks of an earlier ranged try: not a prefix to resume from
         safefs.remove(job.root, job.ranges / d.file.path)
