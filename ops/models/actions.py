@@ -15,7 +15,7 @@ from ops.models.fetch import Peers, fetch_locked
 from ops.models.lock import Lock, LockedModel, load_lock, write_lock
 from ops.models.manifest import Manifest, load_manifest
 from ops.models.peer_server import PEER_TOKEN
-from ops.models.report import Outcome, Report
+from ops.models.report import Outcome, Report, Status
 from ops.models.sources import source_for
 from ops.models.store import Store
 from ops.models.verify import verify_one
@@ -101,7 +101,7 @@ def lock_models(*, manifest_path: Path, lock_path: Path, names: list[str] | None
             continue
         resolved[spec.name] = locked
         old = previous.models.get(spec.name)
-        status = "new" if old is None else ("unchanged" if old == locked else "updated")
+        status: Status = "new" if old is None else ("unchanged" if old == locked else "updated")
         report.outcomes.append(Outcome(model=spec.name, status=status, commit=locked.commit, files=len(locked.files), bytes=locked.total_size, seconds=time.monotonic() - t0))
     kept = {n: m for n, m in previous.models.items() if n in manifest.models}
     write_lock(Lock(path=lock_path, models=kept | resolved, default=manifest.default))

@@ -20,7 +20,7 @@ from ops.models import safefs
 from ops.models.lock import LockedFile, LockedModel
 from ops.models.peer_client import fetch_from_peers
 from ops.models.progress import Progress
-from ops.models.report import Outcome
+from ops.models.report import Outcome, Status
 from ops.models.sources import FetchJob, source_for
 from ops.models.sources.ranged import ranges_wanted
 from ops.models.stamp import STAMP_NAME
@@ -114,7 +114,7 @@ def _already_there(store: Store, m: LockedModel) -> Outcome | None:
         for path in [*(p.path for p in result.problems), STAMP_NAME]:
             store.remove(staging / path)
         return None
-    status = "up-to-date"
+    status: Status = "up-to-date"
     if store.current_commit(m.name) != m.commit:
         store.activate(m.name, m.commit)
         status = "activated"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 from ops.errors import EXIT_OK, BakehouseError, VerificationError, error_fields, rebuild
 from ops.units import format_bytes
@@ -20,12 +20,16 @@ def _details(data: dict[str, Any]) -> dict[str, Any]:
     return details if isinstance(details, dict) else {}
 
 
+Status = Literal["new", "unchanged", "updated", "up-to-date", "activated", "downloaded", "verified (quick)", "verified (full)", "failed"]
+STATUSES: tuple[Status, ...] = get_args(Status)
+
+
 @dataclass
 class Outcome:
     """What happened to one model; the unit every report is made of."""
 
     model: str
-    status: str
+    status: Status
     commit: str | None = None
     path: str | None = None
     files: int = 0
@@ -64,8 +68,11 @@ class Outcome:
             kind = data.get("error_type") or ("VerificationError" if data.get("problems") else "BakehouseError")
             message = data.get("error") or "; ".join(data.get("problems", []))
             error = rebuild({"problems": data.get("problems", []), **_details(data), "type": kind, "message": message})
-        keep = ("model", "status", "commit", "path", "files", "bytes", "seconds", "warnings")
-        return cls(**{k: data[k] for k in keep if k in data}, error=error)
+        status = data.get("status")
+        if status not in STATUSES:
+            raise ValueError(f"a model's status {status!r} is not one bakehouse reports")
+        keep = ("model", "commit", "path", "files", "bytes", "seconds", "warnings")
+        return cls(**{k: data[k] for k in keep if k in data}, status=status, error=error)
 
 
 @dataclass

@@ -252,7 +252,7 @@ def verify_one(store: Store, m: LockedModel, *, full: bool, workers: int | None 
     error = VerificationError(f"{m.name} does not match models.lock: " + "; ".join(problems), problems=problems) if problems else None
     return Outcome(
         model=m.name,
-        status=f"verified ({result.mode})" if not problems else "failed",
+        status="failed" if problems else "verified (full)" if full else "verified (quick)",
         commit=m.commit,
         path=str(directory),
         files=len(m.files),
