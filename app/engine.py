@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from app.device import DevicePlan, device_plan
 from app.kvcache import SLOT_ATTENTION, Segment, SlotCache, fastest_decode_attention
-from app.packed import pack_linears
+from app.packed import linears_to_pack
 from app.precision import PASSAGE, PrecisionCheck, compare
 
 log = logging.getLogger("bakehouse.engine")
@@ -51,14 +51,14 @@ class Engine:
             log.info("%s: %s", name, self.precision.describe())
             if not self.precision.passed:
                 self.model, self.dtype = load(torch.float32), torch.float32
-        self.packed_layers = pack_linears(self.model, self.dtype, self.device)
+        self.pending = linears_to_pack(self.model, self.dtype, self.device)  # packed by the scheduler between steps, after ready
         self.load_seconds = time.monotonic() - start
         heads = int(config.num_attention_heads)
         self.decode_kernel = fastest_decode_attention(self.dtype, self.device, heads, int(getattr(config, "num_key_value_heads", None) or heads),
                                                       int(getattr(config, "head_dim", None) or config.hidden_size // heads))
         memory = f", {torch.cuda.memory_allocated() / 1e9:.2f} GB GPU memory" if self.plan.device == "cuda" else ""
-        log.info("loaded %s from %s on %s (%s, decode attention: %s, packed linear layers: %d) in %.2fs%s", name, directory, self.plan.device,
-                 str(self.dtype).removeprefix("torch."), self.decode_kernel, self.packed_layers, self.load_seconds, memory)
+        log.info("loaded %s from %s on %s (%s, decode attention: %s, linear layers to pack: %d) in %.2fs%s", name, directory, self.plan.device,
+                 str(self.dtype).removeprefix("torch."), self.decode_kernel, len(self.pending.layers), self.load_seconds, memory)
 
     def _check_bf16(self) -> PrecisionCheck:
         """The passage through the model in fp32, then in bf16 (the model is bf16 afterwards)."""

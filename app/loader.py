@@ -105,7 +105,9 @@ def load(settings: Settings, state: LoadState, metrics: Metrics, start: Callable
         with verified(settings, state.set) as v:
             metrics.verify_seconds.set(v.verify_seconds)
             state.set("loading", f"loading {settings.model} from {v.directory}")
+            t0 = time.monotonic()
             start(v)
+            metrics.start_seconds.set(time.monotonic() - t0)
         state.set("ready", "ready")
         metrics.ready.set(1)
         log.info("ready: %s serves %s", engine, settings.model)

@@ -20,4 +20,5 @@ class Metrics:
         self.load_seconds = Gauge("bakehouse_model_load_seconds", "Time to load the model", registry=r)
         self.warmup_seconds = Gauge("bakehouse_model_warmup_seconds", "Time of the warm-up generation", registry=r)
         self.verify_seconds = Gauge("bakehouse_model_verify_seconds", "Time of the quick verify before loading", registry=r)
+        self.start_seconds = Gauge("bakehouse_model_start_seconds", "From a passed quick verify to ready: load, warm-up and all between", registry=r)
         self.ready = Gauge("bakehouse_ready", "1 when the model is loaded and warm", registry=r)

@@ -15,6 +15,8 @@ double that matrix.
 from __future__ import annotations
 
 import logging
+import time
+from dataclasses import dataclass, field
 
 import torch
 
@@ -48,15 +50,37 @@ def packing_works(dtype: torch.dtype) -> bool:
     return True
 
 
-def pack_linears(model: torch.nn.Module, dtype: torch.dtype, device: torch.device) -> int:
-    """Replace the model's linear layers but its output layer with packed ones (bf16 on CPU only); how many were replaced."""
+@dataclass
+class Pending:
+    """The linear layers still to pack. Packing takes about a second a GB of weights, so the engine does it after it is ready,
+    a few layers at a time between steps (app.scheduler): a model serves at once, plain, and gets faster as it goes."""
+
+    layers: list[tuple[torch.nn.Module, str, torch.nn.Linear]] = field(default_factory=list)
+    packed: int = 0
+
+    def pack(self, seconds: float) -> int:
+        """Pack layers for about `seconds` (at least one); how many are left."""
+        deadline = time.monotonic() + seconds
+        while self.layers:
+            parent, name, linear = self.layers.pop()
+            setattr(parent, name, PackedLinear(linear))
+            self.packed += 1
+            if time.monotonic() > deadline:
+                break
+        return len(self.layers)
+
+
+def linears_to_pack(model: torch.nn.Module, dtype: torch.dtype, device: torch.device) -> Pending:
+    """The model's linear layers but its output layer, to pack (bf16 on CPU only, where the op works)."""
     if device.type != "cpu" or dtype != torch.bfloat16 or not packing_works(dtype):
-        return 0
+        return Pending()
     output = getattr(model, "get_output_embeddings", lambda: None)()
-    count = 0
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if type(child) is torch.nn.Linear and child is not output:
-                setattr(module, name, PackedLinear(child))
-                count += 1
-    return count
+    return Pending([(module, name, child) for module in model.modules() for name, child in module.named_children()
+                    if type(child) is torch.nn.Linear and child is not output])
+
+
+def pack_linears(model: torch.nn.Module, dtype: torch.dtype, device: torch.device) -> int:
+    """Pack every one of them now; how many were packed."""
+    pending = linears_to_pack(model, dtype, device)
+    pending.pack(float("inf"))
+    return pending.packed

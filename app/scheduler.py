@@ -36,6 +36,7 @@ from app.policy import Choice, Policy, StepPlan
 from app.sampling import logprobs_of, sample
 
 log = logging.getLogger("bakehouse.scheduler")
+PACK_SECONDS = 0.02  # packing between steps adds at most about this to a step while it lasts
 
 
 class Detokenizer:
@@ -105,10 +106,12 @@ class Scheduler:
     def _loop(self) -> None:
         while True:
             with self._wake:
-                while self.policy.idle and not self._stopping:
+                while self.policy.idle and not self._stopping and not self.engine.pending.layers:
                     self._wake.wait()
                 if self._stopping:
                     return
+            if self.engine.pending.layers and not self._pack():
+                continue
             plan = self.policy.schedule()
             self.metrics.queue_depth.set(self.policy.queued)
             self.metrics.cancelled.inc(len(plan.dropped))
@@ -119,6 +122,13 @@ class Scheduler:
                 log.debug("the step's traceback", exc_info=True)
                 self.metrics.errors.labels("generation_error").inc(len(plan.rows) + len(plan.chunks))
                 self._send(self.policy.fail([*plan.rows, *(c.seq for c in plan.chunks)], f"generation failed on the server ({type(exc).__name__})"))
+
+    def _pack(self) -> bool:
+        """Pack a few linear layers (app.packed), here between steps, where no forward pass uses them; whether a step should run now."""
+        left = self.engine.pending.pack(PACK_SECONDS)
+        if not left:
+            log.info("%s: %d linear layers packed for oneDNN", self.engine.name, self.engine.pending.packed)
+        return not self.policy.idle
 
     @torch.inference_mode()
     def _step(self, plan: StepPlan) -> None:
