@@ -3,23 +3,22 @@
 transformers' own caches give every row of a batch the same length: a request
 that joins late is padded to the oldest, and a finished one keeps its seat
 until the whole batch ends. Here each slot holds one request's keys and
-values at their own length. One forward pass (a `Step`) runs a packed batch of
-tokens: first one new token for each running row (slots [0, rows), each at its
-own column), then chunks of waiting prompts, each into its own slot. Every
-layer's weights are read once for all of them: a decode step is bound by
-reading the weights, so the running rows ride along with the prompts for
-nothing. Running rows are kept in slots [0, n): when one ends, the last row's
-keys move into its slot (one copy of that row), so the decode rows read plain
-slices, never a gathered copy. The buffers grow (doubling) with the longest
-row, so memory follows what is running, not the model's context.
+values at their own length, in a row of a tier sized for it (app.seats): a
+4 k-token request takes one 4 k row, the short ones keep their 256-column
+rows. One forward pass (a `Step`) runs a packed batch of tokens: first one
+new token for each running row (each at its own column), then chunks of
+waiting prompts, each into its own slot. Every layer's weights are read once
+for all of them: a decode step is bound by reading the weights, so the
+running rows ride along with the prompts for nothing.
 
 It plugs into any transformers causal LM through the Cache API
 (`past_key_values`) with explicit position ids, and one attention function
 registered with transformers' AttentionInterface (`SLOT_ATTENTION`), which gets
 the step through the forward pass's keyword arguments (`slot_step`): it splits
-the packed queries and attends the decode rows as a batch over their slots,
-and each prompt chunk over its own slot. The masks are made once per step,
-not per layer.
+the packed queries and attends the decode rows tier by tier, each tier's rows
+as one batch over its first columns (up to that tier's longest row), and each
+prompt chunk over its own row. The masks are made once per step, not per
+layer.
 
 Decode-row attention has two kernels, and which is faster depends on the CPU:
 PyTorch's SDPA (its flash kernel) is 5-6x faster in bf16 on CPUs with AMX,
@@ -31,7 +30,7 @@ and 10x slower for one-token queries on a CPU without it (3.2 ms a layer for
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -39,9 +38,10 @@ import torch
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-_GROW = 256
+from app.seats import COLUMNS, Copy, Seats, Span, Tier
 
 DecodeKernel = Literal["sdpa", "matmul"]
+_SLACK = 1.25  # a tier grows its rows by a quarter at a time; trimmed when it holds less than half of them
 
 
 @dataclass(frozen=True)
@@ -53,81 +53,108 @@ class Segment:
     count: int
 
 
+@dataclass(frozen=True)
+class Group:
+    """The decode rows held by one tier: rows [0, len(rows)) of it, row j being decode row `rows[j]`."""
+
+    tier: Tier
+    rows: torch.Tensor  # each tier row's place among the step's decode rows
+    lengths: torch.Tensor  # each tier row's length before this step (where its new token goes)
+    mask: torch.Tensor  # [rows, 1, 1, width]
+
+    @property
+    def width(self) -> int:
+        return int(self.mask.shape[-1])
+
+
 @dataclass
 class Step:
     """What one forward pass reads and writes: one token for each running row, then prompt chunks, packed in that order."""
 
     rows: int = 0
     lengths: torch.Tensor | None = None  # each decode row's length before this step (where its new token goes)
-    segments: tuple[Segment, ...] = ()
+    groups: tuple[Group, ...] = ()
+    in_order: bool = True  # one group whose rows are decode rows 0..n-1 in order: no gather, no scatter
+    spans: tuple[Span, ...] = ()
     kernel: DecodeKernel = "sdpa"
-    width: int = 0  # columns the buffers must hold
-    decode_mask: torch.Tensor | None = None
+    width: int = 0  # the longest sequence this step
     segment_masks: list[torch.Tensor | None] = field(default_factory=list)  # None: causal from column 0
 
     @property
     def tokens(self) -> int:
-        return self.rows + sum(s.count for s in self.segments)
+        return self.rows + sum(s.count for s in self.spans)
 
 
 class SlotLayer(CacheLayerMixin):
-    is_compileable = False
-    keys: torch.Tensor  # allocated at the first update (lazy_initialization), as transformers' own layers
-    values: torch.Tensor
+    """One layer's keys and values: a [rows, heads, columns, dim] buffer per tier, rows as the seats say."""
 
-    def __init__(self, step: Callable[[], Step], slots: int) -> None:
+    is_compileable = False
+
+    def __init__(self, step: Callable[[], Step], seats: Seats, slots: int) -> None:
         super().__init__()
-        self.step, self.slots, self.capacity = step, slots, 0
+        self.step, self.seats, self.slots = step, seats, slots
+        self.tier_keys: dict[Tier, torch.Tensor] = {}  # not CacheLayerMixin's keys/values: those are one tensor
+        self.tier_values: dict[Tier, torch.Tensor] = {}
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
         self.heads, self.k_dim, self.v_dim = key_states.shape[1], key_states.shape[-1], value_states.shape[-1]
-        self.keys = torch.zeros((self.slots, self.heads, 0, self.k_dim), dtype=self.dtype, device=self.device)
-        self.values = torch.zeros((self.slots, self.heads, 0, self.v_dim), dtype=self.dtype, device=self.device)
         self.is_initialized = True
 
-    def _reserve(self, width: int) -> None:
-        if width <= self.capacity:
-            return
-        capacity = max(width, 2 * self.capacity, _GROW)
-        self._resize(-(-capacity // _GROW) * _GROW, self.capacity)
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in (*self.tier_keys.values(), *self.tier_values.values()))
 
-    def fit(self, width: int) -> None:
-        """Give memory back: when the longest row needs a quarter of the buffers or less, they shrink to twice what it needs."""
-        if self.is_initialized and self.capacity > 4 * max(width, _GROW):
-            self._resize(-(-2 * max(width, _GROW) // _GROW) * _GROW, width)
+    def _room(self, tier: Tier, rows: int) -> None:
+        """Make `tier` hold at least `rows` rows (a quarter more than before when it grows), its rows kept."""
+        have = self.tier_keys[tier].shape[0] if tier in self.tier_keys else 0
+        if rows > have:
+            self._resize(tier, min(max(rows, int(have * _SLACK) + 1), max(self.slots, rows)), have)
 
-    def _resize(self, capacity: int, keep: int) -> None:
-        keys = torch.zeros((self.slots, self.heads, capacity, self.k_dim), dtype=self.dtype, device=self.device)
-        values = torch.zeros((self.slots, self.heads, capacity, self.v_dim), dtype=self.dtype, device=self.device)
-        keys[:, :, :keep] = self.keys[:, :, :keep]
-        values[:, :, :keep] = self.values[:, :, :keep]
-        self.keys, self.values, self.capacity = keys, values, capacity
+    def _resize(self, tier: Tier, rows: int, keep: int) -> None:
+        keys = torch.zeros((rows, self.heads, tier.columns, self.k_dim), dtype=self.dtype, device=self.device)
+        values = torch.zeros((rows, self.heads, tier.columns, self.v_dim), dtype=self.dtype, device=self.device)
+        if keep:
+            keys[:keep] = self.tier_keys[tier][:keep]
+            values[:keep] = self.tier_values[tier][:keep]
+        self.tier_keys[tier], self.tier_values[tier] = keys, values
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write the step's new keys and values where each token belongs; attention reads the whole buffers (slot_attention slices them)."""
+    def apply(self, ops: Sequence[Copy]) -> None:
+        """Make the seats' copies, in order; then give back what no row uses."""
+        if not self.is_initialized:
+            return  # nothing written yet: nothing to copy
+        for op in ops:
+            self._room(op.dst, op.dst_row + 1)
+            self.tier_keys[op.dst][op.dst_row, :, : op.length] = self.tier_keys[op.src][op.src_row, :, : op.length]
+            self.tier_values[op.dst][op.dst_row, :, : op.length] = self.tier_values[op.src][op.src_row, :, : op.length]
+        for tier in list(self.tier_keys):
+            used = len(self.seats.rows.get(tier, ()))
+            if not used:
+                del self.tier_keys[tier], self.tier_values[tier]
+            elif self.tier_keys[tier].shape[0] > 2 * used:
+                self._resize(tier, used, used)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object) -> tuple[Any, Any]:
+        """Write the step's new keys and values where each token belongs; attention reads the tiers (slot_attention)."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         s = self.step()
-        self._reserve(s.width)
-        n = s.rows
-        if n:
-            assert s.lengths is not None
-            # Row i's new token goes to column lengths[i]: an index_put (scatter_ copies the whole cache in bf16 on CPU).
-            rows = torch.arange(n, device=s.lengths.device)
-            self.keys[rows, :, s.lengths] = key_states[0, :, :n].transpose(0, 1)
-            self.values[rows, :, s.lengths] = value_states[0, :, :n].transpose(0, 1)
-        at = n
-        for seg in s.segments:
-            self.keys[seg.slot, :, seg.start : seg.start + seg.count] = key_states[0, :, at : at + seg.count]
-            self.values[seg.slot, :, seg.start : seg.start + seg.count] = value_states[0, :, at : at + seg.count]
-            at += seg.count
-        return self.keys, self.values
-
-    def move(self, src: int, dst: int, length: int) -> None:
-        if self.is_initialized and length:
-            self.keys[dst, :, :length] = self.keys[src, :, :length]
-            self.values[dst, :, :length] = self.values[src, :, :length]
+        for tier, slots in self.seats.rows.items():
+            self._room(tier, len(slots))
+        for g in s.groups:
+            # Row j's new token goes to column lengths[j]: an index_put (scatter_ copies the whole buffer in bf16 on CPU).
+            rows = torch.arange(len(g.rows), device=g.lengths.device)
+            new_k, new_v = key_states[0, :, : s.rows], value_states[0, :, : s.rows]
+            if not s.in_order:
+                new_k, new_v = new_k[:, g.rows], new_v[:, g.rows]
+            self.tier_keys[g.tier][rows, :, g.lengths] = new_k.transpose(0, 1)
+            self.tier_values[g.tier][rows, :, g.lengths] = new_v.transpose(0, 1)
+        at = s.rows
+        for sp in s.spans:
+            self.tier_keys[sp.tier][sp.row, :, sp.start : sp.start + sp.count] = key_states[0, :, at : at + sp.count]
+            self.tier_values[sp.tier][sp.row, :, sp.start : sp.start + sp.count] = value_states[0, :, at : at + sp.count]
+            at += sp.count
+        return self.tier_keys, self.tier_values
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.step().width, 0
@@ -140,29 +167,43 @@ class SlotLayer(CacheLayerMixin):
 
 
 class SlotCache(Cache):
-    """The model's `past_key_values`: a SlotLayer per layer, all reading the current Step."""
+    """The model's `past_key_values`: a SlotLayer per layer, all reading the current Step and sharing one Seats."""
 
     def __init__(self, num_layers: int, slots: int, kernel: DecodeKernel = "sdpa") -> None:
-        self.current, self.kernel = Step(), kernel
-        self.slot_layers = [SlotLayer(lambda: self.current, slots) for _ in range(num_layers)]
+        self.current, self.kernel, self.seats = Step(), kernel, Seats()
+        self.slot_layers = [SlotLayer(lambda: self.current, self.seats, slots) for _ in range(num_layers)]
         super().__init__(layers=list[Any](self.slot_layers))  # Cache's own union of layer kinds varies across transformers releases
 
-    def move(self, src: int, dst: int, length: int) -> None:
-        """Copy slot `src`'s first `length` positions into slot `dst` (a row changing seats)."""
+    @property
+    def nbytes(self) -> int:
+        """What the keys and values take now, every layer."""
+        return sum(layer.nbytes for layer in self.slot_layers)
+
+    def move(self, src: int, dst: int, length: int = 0) -> None:
+        """Slot `dst` takes over slot `src` (a row changing slots): renamed, not copied (`length` is the policy's, kept for its tests)."""
+        self._apply(self.seats.move(src, dst))
+
+    def _apply(self, ops: Sequence[Copy]) -> None:
         for layer in self.slot_layers:
-            layer.move(src, dst, length)
+            layer.apply(ops)
 
-    def plan(self, lengths: torch.Tensor | None, segments: Sequence[Segment], dtype: torch.dtype, device: torch.device, *, occupied: int = 0) -> Step:
-        """The next step: decode rows at `lengths` (slots [0, len)), then `segments`; its masks made once for every layer, on `device`.
+    def plan(self, lengths: torch.Tensor | None, segments: Sequence[Segment], dtype: torch.dtype, device: torch.device, *,
+             live: Collection[int] | None = None) -> Step:
+        """The next step: decode rows at `lengths` (slots [0, len)), then `segments`; seats found, masks made once for every layer, on `device`.
 
-        `occupied`: the longest sequence held in any slot (a prompt waiting for its next chunk included): the buffers never shrink below it.
+        `live`: the slots of prompts under way (a prompt waiting for its next chunk included); any other prompt's row is given back.
         """
-        rows = 0 if lengths is None else len(lengths)
-        widths = [s.start + s.count for s in segments] + ([int(lengths.max()) + 1] if rows else [])  # type: ignore[union-attr]
-        for layer in self.slot_layers:
-            layer.fit(max(*widths, occupied))
-        self.current = Step(rows, lengths if rows else None, tuple(segments), self.kernel, max(widths),
-                            decode_mask(lengths, dtype) if rows else None,  # type: ignore[arg-type]
+        listed = [] if lengths is None else lengths.tolist()
+        self._apply(self.seats.plan(listed, [(s.slot, s.start, s.count) for s in segments], live))
+        groups = []
+        if lengths is not None:
+            for tier, slots in self.seats.decode_tiers():
+                rows = torch.tensor(slots, device=lengths.device)
+                groups.append(Group(tier, rows, lengths[rows], decode_mask(lengths[rows], dtype)))
+        in_order = len(groups) <= 1 and all(g.rows.tolist() == list(range(len(listed))) for g in groups)
+        widths = [s.start + s.count for s in segments] + ([max(listed) + 1] if listed else [])
+        self.current = Step(len(listed), lengths if listed else None, tuple(groups), in_order,
+                            tuple(self.seats.span(s.slot, s.start, s.count) for s in segments), self.kernel, max(widths, default=0),
                             [prefill_mask(s.start, s.count, dtype, device) if s.start else None for s in segments])
         return self.current
 
@@ -170,7 +211,7 @@ class SlotCache(Cache):
         """[1, tokens]: each packed token's position in its own sequence."""
         s = self.current
         parts = [s.lengths] if s.rows else []
-        parts += [torch.arange(seg.start, seg.start + seg.count, device=device) for seg in s.segments]
+        parts += [torch.arange(sp.start, sp.start + sp.count, device=device) for sp in s.spans]
         return torch.cat([p.to(device) for p in parts])[None]  # type: ignore[union-attr]
 
 
@@ -209,27 +250,35 @@ def decode_attention(kernel: DecodeKernel, query: torch.Tensor, key: torch.Tenso
 SLOT_ATTENTION = "bakehouse_slots"
 
 
-def slot_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None,
-                   dropout: float = 0.0, scaling: float | None = None, *, slot_step: Step, **kwargs: object) -> tuple[torch.Tensor, None]:
-    """Attention for a packed step: query [1, heads, tokens, dim], key/value the layer's whole slot buffers; returns [1, tokens, heads, dim]."""
+def slot_attention(module: torch.nn.Module, query: torch.Tensor, key: dict[Tier, torch.Tensor], value: dict[Tier, torch.Tensor],
+                   attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None, *, slot_step: Step,
+                   **kwargs: object) -> tuple[torch.Tensor, None]:
+    """Attention for a packed step: query [1, heads, tokens, dim], key/value the layer's tiers; returns [1, tokens, heads, dim]."""
     s = slot_step
     heads, dim = query.shape[1], query.shape[-1]
-    gqa = heads != key.shape[1]
     scale = scaling if scaling is not None else dim**-0.5
     outs = []
     n = s.rows
     if n:
-        assert s.decode_mask is not None
-        width = s.decode_mask.shape[-1]
-        q = query[0, :, :n].transpose(0, 1)[:, :, None]  # [rows, heads, 1, dim]
-        outs.append(decode_attention(s.kernel, q, key[:n, :, :width], value[:n, :, :width], s.decode_mask, scale)[:, :, 0].transpose(0, 1))
+        q_all = query[0, :, :n].transpose(0, 1)[:, :, None]  # [rows, heads, 1, dim]
+        decoded = q_all.new_empty((n, heads, dim)) if not s.in_order else None
+        for g in s.groups:
+            k, v = key[g.tier][: len(g.rows), :, : g.width], value[g.tier][: len(g.rows), :, : g.width]
+            out = decode_attention(s.kernel, q_all if decoded is None else q_all[g.rows], k, v, g.mask, scale)[:, :, 0]
+            if decoded is None:
+                outs.append(out.transpose(0, 1))
+            else:
+                decoded[g.rows] = out
+        if decoded is not None:
+            outs.append(decoded.transpose(0, 1))
     at = n
-    for seg, mask in zip(s.segments, s.segment_masks, strict=True):
-        end = seg.start + seg.count
-        q = query[:, :, at : at + seg.count]
-        k, v = key[seg.slot : seg.slot + 1, :, :end], value[seg.slot : seg.slot + 1, :, :end]
-        outs.append(torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=gqa)[0])
-        at += seg.count
+    for sp, mask in zip(s.spans, s.segment_masks, strict=True):
+        end = sp.start + sp.count
+        q = query[:, :, at : at + sp.count]
+        k, v = key[sp.tier][sp.row : sp.row + 1, :, :end], value[sp.tier][sp.row : sp.row + 1, :, :end]
+        outs.append(torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale,
+                                                                     enable_gqa=heads != k.shape[1])[0])
+        at += sp.count
     out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)  # [heads, tokens, dim]
     return out.transpose(0, 1)[None], None
 
@@ -243,7 +292,7 @@ def fastest_decode_attention(dtype: torch.dtype, device: torch.device, heads: in
         return "sdpa"
     g = torch.Generator().manual_seed(0)
     q = torch.randn(rows, heads, 1, dim, generator=g).to(dtype)
-    kv = torch.randn(2, rows + 1, kv_heads, width + _GROW, dim, generator=g).to(dtype)
+    kv = torch.randn(2, rows + 1, kv_heads, width + COLUMNS, dim, generator=g).to(dtype)
     k, v = kv[0, :rows, :, :width], kv[1, :rows, :, :width]  # strided, like the cache's slices
     mask = decode_mask(torch.full((rows,), width - 1), dtype)
     best: dict[DecodeKernel, float] = {}

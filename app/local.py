@@ -38,6 +38,7 @@ from app.schemas import (
     prompts_of,
     sampling,
 )
+from app.seats import cache_columns
 from ops.errors import ApiError, QueueFullError
 
 log = logging.getLogger("bakehouse.local")
@@ -62,9 +63,11 @@ class Run:
             if len(p) >= context:
                 raise ApiError(400, f"the prompt is {len(p)} tokens; this model's context is {context} tokens. Shorten the prompt.",
                                param="prompt", code="context_length_exceeded")
-            if (need := len(p) + min(params.max_tokens, context - len(p))) > max_width:
-                raise ApiError(400, f"the prompt and max_tokens need {need} tokens of KV cache; this server's budget holds {max_width} per sequence "
-                                    "(BAKEHOUSE_KV_CACHE_GB). Lower max_tokens or shorten the prompt.", param="max_tokens", code="context_length_exceeded")
+            tokens = len(p) + min(params.max_tokens, context - len(p))
+            if (need := cache_columns(tokens)) > max_width:
+                raise ApiError(400, f"the prompt and max_tokens need {tokens} tokens of KV cache (a row of {need}); this server's budget holds "
+                                    f"{max_width} (BAKEHOUSE_KV_CACHE_GB). Lower max_tokens or shorten the prompt.", param="max_tokens",
+                               code="context_length_exceeded")
             for j in range(n):
                 seeded = params if params.seed is None or j == 0 else replace(params, seed=params.seed + j)
                 index = len(choices)
@@ -129,12 +132,14 @@ class LocalClient:
         s = self.settings
         engine = Engine(verified.directory, name=s.model, safetensors_only=verified.safetensors_only, plan=s.device_plan())
         self.metrics.load_seconds.set(engine.load_seconds)
-        scheduler = Scheduler(engine, self.metrics, max_batch=s.max_batch, step_tokens=s.step_tokens, max_queue=s.max_queue).start()
-        # Every slot holds as many columns as the longest sequence: the budget bounds that length, so the cache never outgrows it.
+        # Sequences are admitted while the columns of their tiers (app.seats) add up to half the budget: tiers grow their rows ahead, and a
+        # prompt's row is copied once into its decode row, so what the cache allocates stays under the whole budget.
         budget = engine.kv_budget(s.kv_cache_gb)
-        self.max_width = budget // (scheduler.policy.slots * engine.kv_bytes_per_token)
-        log.info("KV cache budget %.2f GB: %d slots of up to %d tokens (%d bytes a token)", budget / 1e9, scheduler.policy.slots, self.max_width,
-                 engine.kv_bytes_per_token)
+        self.max_width = budget // (2 * engine.kv_bytes_per_token)
+        scheduler = Scheduler(engine, self.metrics, max_batch=s.max_batch, step_tokens=s.step_tokens, max_queue=s.max_queue,
+                              kv_columns=self.max_width).start()
+        log.info("KV cache budget %.2f GB: %d tokens admitted at once, each sequence counted at its tier's columns (%d bytes a token)",
+                 budget / 1e9, self.max_width, engine.kv_bytes_per_token)
         t0 = time.monotonic()
         complete(scheduler, engine.encode("Hello") or [0], SamplingParams(max_tokens=2, temperature=0))
         self.metrics.warmup_seconds.set(time.monotonic() - t0)

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from app.params import FinishReason, Output, SamplingParams, TokenLogprob
+from app.seats import cache_columns
 from ops.errors import QueueFullError
 
 Emit = Callable[[Output], None]
@@ -64,6 +65,7 @@ class Choice:
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
     pending_ids: list[int] = field(default_factory=list)
     prompt_sent: bool = False
+    columns: int = 0  # KV cache columns it is admitted against: its tier's, at its longest (app.seats)
     # The runner's, opaque here: the row's random generator (a seeded request) and its incremental detokenizer.
     generator: Any = None
     detok: Any = None
@@ -164,8 +166,11 @@ class Update:
 
 
 class Policy:
-    def __init__(self, *, max_batch: int, step_tokens: int = 512, max_queue: int = 256, max_prefill: int = 8, eos: int | None = None) -> None:
+    def __init__(self, *, max_batch: int, step_tokens: int = 512, max_queue: int = 256, max_prefill: int = 8, eos: int | None = None,
+                 kv_columns: int | None = None) -> None:
         self.max_batch, self.step_tokens, self.max_queue, self.max_prefill, self.eos = max_batch, step_tokens, max_queue, max_prefill, eos
+        self.kv_columns = kv_columns  # None: no bound
+        self.admitted = 0  # columns held by the sequences prefilling or running
         self.waiting: collections.deque[Choice] = collections.deque()
         self.running: list[Choice] = []
         self.prefilling: list[Choice] = []  # in arrival order; each in its own slot, `length` tokens of its prompt in the cache
@@ -189,6 +194,8 @@ class Policy:
             if len(self.waiting) + len(choices) > self.max_queue:
                 raise QueueFullError(f"{len(self.waiting)} sequences are waiting (BAKEHOUSE_MAX_QUEUE={self.max_queue})", waiting=len(self.waiting),
                                      limit=self.max_queue)
+            for seq in choices:
+                seq.columns = cache_columns(len(seq.prompt) + seq.budget)
             self.waiting.extend(choices)
 
     @property
@@ -210,9 +217,11 @@ class Policy:
         budget = max(self.step_tokens - len(self.running), 32)
         with self._lock:
             while (self.waiting and self.free_slots and len(self.running) + len(self.prefilling) < self.max_batch
-                   and budget > sum(len(s.prompt) - s.length for s in self.prefilling)):
+                   and budget > sum(len(s.prompt) - s.length for s in self.prefilling)
+                   and (self.kv_columns is None or self.admitted + self.waiting[0].columns <= self.kv_columns)):
                 seq = self.waiting.popleft()
                 seq.slot, seq.length = self.free_slots.pop(0), 0
+                self.admitted += seq.columns
                 self.prefilling.append(seq)
         chunks = []
         for seq in self.prefilling:
@@ -261,6 +270,7 @@ class Policy:
             if seq in self.prefilling:
                 self.prefilling.remove(seq)
                 self.free_slots.append(seq.slot)
+                self.admitted -= seq.columns
         for i in reversed([i for i, s in enumerate(self.running) if s.finish is not None]):
             self._leave(i)
         return sent
@@ -281,6 +291,7 @@ class Policy:
             gone.append(seq)
             self.prefilling.remove(seq)
             self.free_slots.append(seq.slot)
+            self.admitted -= seq.columns
         for i in reversed([i for i, s in enumerate(self.running) if s.cancelled.is_set()]):
             gone.append(self.running[i])
             self._leave(i)
@@ -289,6 +300,7 @@ class Policy:
     def _leave(self, i: int) -> None:
         """Row i ends; the last row takes its slot, so running rows stay in slots [0, n)."""
         last = len(self.running) - 1
+        self.admitted -= self.running[i].columns
         if i != last:
             self.moves.append(Move(last, i, self.running[last].length))
             self.running[i] = self.running[last]

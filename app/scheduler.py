@@ -67,9 +67,11 @@ def choice(prompt: list[int], params: SamplingParams, context: int, emit: object
 
 
 class Scheduler:
-    def __init__(self, engine: Engine, metrics: Metrics, *, max_batch: int, step_tokens: int = 512, max_queue: int = 256, max_prefill: int = 8) -> None:
+    def __init__(self, engine: Engine, metrics: Metrics, *, max_batch: int, step_tokens: int = 512, max_queue: int = 256, max_prefill: int = 8,
+                 kv_columns: int | None = None) -> None:
         self.engine, self.metrics = engine, metrics
-        self.policy = Policy(max_batch=max_batch, step_tokens=step_tokens, max_queue=max_queue, max_prefill=max_prefill, eos=engine.eos)
+        self.policy = Policy(max_batch=max_batch, step_tokens=step_tokens, max_queue=max_queue, max_prefill=max_prefill, eos=engine.eos,
+                             kv_columns=kv_columns)
         self.cache = SlotCache(engine.num_layers, self.policy.slots, engine.decode_kernel)
         self._wake = threading.Condition()
         self._stopping = False
@@ -138,8 +140,8 @@ class Scheduler:
             return
         device = self.engine.device
         lengths = torch.tensor(plan.lengths, device=device) if plan.rows else None
-        occupied = max((s.length for s in self.policy.prefilling), default=0)
-        self.cache.plan(lengths, [Segment(c.slot, c.start, c.count) for c in plan.chunks], self.engine.dtype, device, occupied=occupied)
+        live = {s.slot for s in self.policy.prefilling}
+        self.cache.plan(lengths, [Segment(c.slot, c.start, c.count) for c in plan.chunks], self.engine.dtype, device, live=live)
         logits = self.engine.forward(plan.token_ids, self.cache, torch.tensor(plan.keep, dtype=torch.long, device=device)).float()
         if plan.rows:
             self.metrics.batch_size.observe(len(plan.rows))

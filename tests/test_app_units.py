@@ -226,18 +226,43 @@ def test_packed_linear_layers_give_the_plain_ones_result(small_engine: tuple[Eng
         torch.testing.assert_close(packed(input_ids=ids).logits.float(), plain(input_ids=ids).logits.float(), atol=0.05, rtol=0.05)
 
 
-def test_cache_buffers_shrink_when_the_long_rows_are_gone() -> None:
-    from app.kvcache import SlotLayer, Step
+@pytest.mark.parametrize("kernel", ["sdpa", "matmul"])
+def test_decode_rows_in_different_tiers_each_get_what_they_get_alone(small_engine: tuple[Engine, torch.nn.Module], kernel: DecodeKernel) -> None:
+    """Rows of 20, 300 and 100 tokens: rows 0 and 2 share the 256-column tier, row 1 has a 512-column row; each row's logits are its own."""
+    g = torch.Generator().manual_seed(4)
+    seqs = [torch.randint(0, 400, (n,), generator=g).tolist() for n in (21, 301, 101)]
+    engine, reference = small_engine
+    cache = SlotCache(engine.num_layers, 4, kernel)
+    with torch.inference_mode():
+        alone = [reference(input_ids=torch.tensor([s])).logits[0, -1] for s in seqs]
+        for slot, seq in enumerate(seqs):
+            cache.plan(None, [Segment(slot, 0, len(seq) - 1)], torch.float32, engine.device)
+            engine.forward(seq[:-1], cache, torch.tensor([len(seq) - 2]))
+        step = cache.plan(torch.tensor([20, 300, 100]), [], torch.float32, engine.device)
+        assert [(grp.tier.columns, grp.rows.tolist()) for grp in step.groups] == [(256, [0, 2]), (512, [1])] and not step.in_order
+        logits = engine.forward([s[-1] for s in seqs], cache, torch.tensor([0, 1, 2]))
+    for got, want in zip(logits, alone, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
-    layer = SlotLayer(lambda: Step(), slots=4)
-    layer.lazy_initialization(torch.zeros(1, 2, 1, 8), torch.zeros(1, 2, 1, 8))
-    layer._reserve(4000)
-    assert layer.capacity >= 4000 and layer.keys.shape[2] == layer.capacity
-    layer.keys[1, :, :100] = 1.0
-    layer.fit(100)  # only short rows left: memory back, their columns kept
-    assert layer.capacity == 512 and layer.keys.shape[2] == 512 and bool((layer.keys[1, :, :100] == 1.0).all())
-    layer.fit(300)  # not a quarter: kept
-    assert layer.capacity == 512
+
+def test_a_4k_token_request_at_a_7b_shape_does_not_grow_every_slot() -> None:
+    """Mistral-7B's KV shape (8 KV heads of 128, bf16), 40 slots: 39 rows of 100 tokens and one of 4000 take about 40 x 256 + 4096 columns
+    (not 40 x 4096, 21.5 GB over 32 layers); when the long row ends its memory is given back."""
+    layers, heads, dim = 2, 8, 128
+    cache = SlotCache(layers, 40)
+    column = 2 * heads * dim * 2  # keys and values of one token in one layer, bf16
+
+    def step(lengths: list[int]) -> None:
+        cache.plan(torch.tensor(lengths), [], torch.bfloat16, torch.device("cpu"))
+        new = torch.zeros(1, heads, len(lengths), dim, dtype=torch.bfloat16)
+        for layer in cache.slot_layers:
+            layer.update(new, new)
+
+    step([100] * 39 + [4000])
+    assert cache.nbytes <= layers * column * (40 * 256 + 4096) * 1.3
+    assert cache.nbytes < layers * column * 40 * 4096 / 10
+    step([101] * 39)  # the long row ended
+    assert cache.nbytes <= layers * column * 39 * 256 * 1.3
 
 
 def test_a_step_of_only_an_unfinished_prompt_chunk_runs(small_engine: tuple[Engine, torch.nn.Module]) -> None:

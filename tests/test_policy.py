@@ -42,6 +42,18 @@ def test_waiting_prompts_are_admitted_up_to_max_batch() -> None:
     assert plan.token_ids == [1, 1] and plan.lengths == [3, 3]
 
 
+def test_sequences_start_only_while_their_kv_columns_fit_beside_the_running_ones() -> None:
+    """Each sequence counts at its tier's columns (prompt + budget: 300 -> 512); two fit in 1024, the third waits until one leaves."""
+    policy = Policy(max_batch=8, kv_columns=1024)
+    a, b, c = seq(100, max_tokens=200), seq(100, max_tokens=200), seq(100, max_tokens=200)
+    policy.submit([a, b, c])
+    plan, _ = run_step(policy)
+    assert [ch.seq for ch in plan.chunks] == [a, b] and list(policy.waiting) == [c] and policy.admitted == 1024
+    a.cancelled.set()
+    plan, _ = run_step(policy)
+    assert plan.dropped == (a,) and [ch.seq for ch in plan.chunks] == [c] and policy.admitted == 1024
+
+
 def test_a_full_queue_refuses_the_whole_request() -> None:
     policy = Policy(max_batch=4, max_queue=2)
     policy.submit([seq()])
