@@ -39,11 +39,11 @@ def random_lm_files() -> dict[str, Path | bytes]:
 
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    out = Path(tempfile.mkdtemp(prefix="random-lm-"))
     torch.manual_seed(0)
     config = GPT2Config(vocab_size=401, n_positions=4096, n_embd=128, n_layer=2, n_head=4, bos_token_id=400, eos_token_id=400)
-    GPT2LMHeadModel(config).save_pretrained(out)
-    files: dict[str, Path | bytes] = {p.name: p for p in out.iterdir()}
+    with tempfile.TemporaryDirectory(prefix="random-lm-") as tmp:
+        GPT2LMHeadModel(config).save_pretrained(tmp)
+        files: dict[str, Path | bytes] = {p.name: p.read_bytes() for p in Path(tmp).iterdir()}
     files.update({name: DEMO / name for name in ("tokenizer.json", "tokenizer_config.json")})
     return files
 
@@ -54,12 +54,12 @@ def random_llama_files() -> dict[str, Path | bytes]:
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    out = Path(tempfile.mkdtemp(prefix="random-llama-"))
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=401, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
                          max_position_embeddings=2048, bos_token_id=400, eos_token_id=400)
-    LlamaForCausalLM(config).save_pretrained(out)
-    files: dict[str, Path | bytes] = {p.name: p for p in out.iterdir()}
+    with tempfile.TemporaryDirectory(prefix="random-llama-") as tmp:
+        LlamaForCausalLM(config).save_pretrained(tmp)
+        files: dict[str, Path | bytes] = {p.name: p.read_bytes() for p in Path(tmp).iterdir()}
     files.update({name: DEMO / name for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")})
     return files
 

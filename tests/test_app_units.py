@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -182,6 +183,11 @@ def test_precision_check_compares_top1_and_kl() -> None:
     flipped = compare(lambda: next(runs), lambda: None)
     assert flipped.top1_agreement == 0.0 and flipped.mean_kl > 1 and not flipped.passed
     assert "fp32 kept" in flipped.describe() and "bf16 kept" in same.describe()
+    runs = iter([sharp, sharp])
+    times = iter([0.010] * 6 + [0.020] * 6)  # fp32's warm-up and 5 runs, then bf16's: bf16 twice as slow
+    slower = compare(lambda: next(runs), lambda: None, lambda: time.sleep(next(times)))
+    assert slower.accurate and not slower.faster and not slower.passed
+    assert "fp32 kept: bf16 is not faster here" in slower.describe() and "in fp32 and" in slower.describe()
 
 
 @pytest.mark.parametrize("passes", [True, False])
@@ -189,9 +195,11 @@ def test_auto_dtype_keeps_bf16_only_when_the_check_passes(small_engine: tuple[En
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """The passage is run in fp32 then bf16; a model that fails is reloaded in fp32 (a cast back would not restore its bits)."""
     monkeypatch.setattr(precision, "MIN_TOP1_AGREEMENT", 0.0 if passes else 1.01)
+    monkeypatch.setattr(precision, "MIN_SPEEDUP", 0.0)  # whichever is faster on this CPU: the quality verdict is what is tested here
     directory = Path(small_engine[0].model.name_or_path)
     engine = Engine(directory, name="m", plan=DevicePlan("cpu", torch.float32, try_bf16=True))
     assert engine.precision is not None and engine.precision.tokens > 50 and engine.precision.passed is passes
+    assert engine.precision.fp32_step_seconds and engine.precision.bf16_step_seconds  # both dtypes timed at load
     expected = torch.bfloat16 if passes else torch.float32
     assert engine.dtype == expected and {p.dtype for p in engine.model.parameters()} == {expected}
 
