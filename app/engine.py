@@ -54,11 +54,11 @@ class Engine:
         self.pending = linears_to_pack(self.model, self.dtype, self.device)  # packed by the scheduler between steps, after ready
         self.load_seconds = time.monotonic() - start
         heads = int(config.num_attention_heads)
-        self.decode_kernel = fastest_decode_attention(self.dtype, self.device, heads, int(getattr(config, "num_key_value_heads", None) or heads),
+        self.attention = fastest_decode_attention(self.dtype, self.device, heads, int(getattr(config, "num_key_value_heads", None) or heads),
                                                       int(getattr(config, "head_dim", None) or config.hidden_size // heads))
         memory = f", {torch.cuda.memory_allocated() / 1e9:.2f} GB GPU memory" if self.plan.device == "cuda" else ""
         log.info("loaded %s from %s on %s (%s, decode attention: %s, linear layers to pack: %d) in %.2fs%s", name, directory, self.plan.device,
-                 str(self.dtype).removeprefix("torch."), self.decode_kernel, len(self.pending.layers), self.load_seconds, memory)
+                 str(self.dtype).removeprefix("torch."), self.attention.describe(), len(self.pending.layers), self.load_seconds, memory)
 
     def _check_bf16(self) -> PrecisionCheck:
         """The passage through the model in fp32, then in bf16 (the model is bf16 afterwards)."""
@@ -83,7 +83,7 @@ class Engine:
         heads = int(config.num_attention_heads)
         kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
         head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
-        return 2 * self.num_layers * kv_heads * head_dim * torch.finfo(self.dtype).bits // 8
+        return 2 * self.num_layers * kv_heads * head_dim * torch.finfo(self.attention.kv_dtype or self.dtype).bits // 8
 
     def kv_budget(self, gb: float | None) -> int:
         """The KV cache's budget in bytes: BAKEHOUSE_KV_CACHE_GB, else half the GPU memory free after loading, or a quarter of this machine's memory."""

@@ -20,16 +20,20 @@ as one batch over its first columns (up to that tier's longest row), and each
 prompt chunk over its own row. The masks are made once per step, not per
 layer.
 
-Decode-row attention has two kernels, and which is faster depends on the CPU:
-PyTorch's SDPA (its flash kernel) is 5-6x faster in bf16 on CPUs with AMX,
-and 10x slower for one-token queries on a CPU without it (3.2 ms a layer for
-32 rows of a 134 M Llama in bf16, against 0.3 ms for two batched matmuls).
-`fastest_decode_attention` times both once at load.
+Decode-row attention has two kernels, and the keys and values can be kept in
+the model's dtype or in fp32; which is fastest depends on the CPU. PyTorch's
+SDPA (its flash kernel) is 5-6x faster in bf16 on CPUs with AMX; on an AMD
+EPYC without AMX every bf16 kernel for one-token queries is 2.5-6x slower
+than fp32 (32 rows of 12 heads over 380 columns: 8.3 ms in bf16, 3.4 ms in
+fp32), while the linear layers are 2x faster in bf16. So a bf16 model may
+keep an fp32 cache: its attention runs in fp32 (the query cast up, the
+output cast back; a few KB a step), at twice the cache's memory.
+`fastest_decode_attention` times every pair once at load (the median of 7
+runs) and keeps the fastest.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -38,9 +42,21 @@ import torch
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from app.precision import median_seconds
 from app.seats import COLUMNS, Copy, Seats, Span, Tier
 
 DecodeKernel = Literal["sdpa", "matmul"]
+
+
+@dataclass(frozen=True)
+class DecodeChoice:
+    """How decode rows attend: the kernel, and the dtype the keys and values are kept in."""
+
+    kernel: DecodeKernel = "sdpa"
+    kv_dtype: torch.dtype | None = None  # None: the model's own
+
+    def describe(self) -> str:
+        return self.kernel + (f", {str(self.kv_dtype).removeprefix('torch.')} cache" if self.kv_dtype is not None else "")
 _SLACK = 1.25  # a tier grows its rows by a quarter at a time; trimmed when it holds less than half of them
 
 
@@ -77,6 +93,7 @@ class Step:
     in_order: bool = True  # one group whose rows are decode rows 0..n-1 in order: no gather, no scatter
     spans: tuple[Span, ...] = ()
     kernel: DecodeKernel = "sdpa"
+    kv_dtype: torch.dtype | None = None  # the cache's, when not the model's: attention runs in it
     width: int = 0  # the longest sequence this step
     segment_masks: list[torch.Tensor | None] = field(default_factory=list)  # None: causal from column 0
 
@@ -97,7 +114,7 @@ class SlotLayer(CacheLayerMixin):
         self.tier_values: dict[Tier, torch.Tensor] = {}
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.dtype, self.device = key_states.dtype, key_states.device
+        self.dtype, self.device = self.step().kv_dtype or key_states.dtype, key_states.device
         self.heads, self.k_dim, self.v_dim = key_states.shape[1], key_states.shape[-1], value_states.shape[-1]
         self.is_initialized = True
 
@@ -139,6 +156,7 @@ class SlotLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         s = self.step()
+        key_states, value_states = key_states.to(self.dtype), value_states.to(self.dtype)
         for tier, slots in self.seats.rows.items():
             self._room(tier, len(slots))
         for g in s.groups:
@@ -169,8 +187,8 @@ class SlotLayer(CacheLayerMixin):
 class SlotCache(Cache):
     """The model's `past_key_values`: a SlotLayer per layer, all reading the current Step and sharing one Seats."""
 
-    def __init__(self, num_layers: int, slots: int, kernel: DecodeKernel = "sdpa") -> None:
-        self.current, self.kernel, self.seats = Step(), kernel, Seats()
+    def __init__(self, num_layers: int, slots: int, decode: DecodeChoice = DecodeChoice()) -> None:
+        self.current, self.decode, self.seats = Step(), decode, Seats()
         self.slot_layers = [SlotLayer(lambda: self.current, self.seats, slots) for _ in range(num_layers)]
         super().__init__(layers=list[Any](self.slot_layers))  # Cache's own union of layer kinds varies across transformers releases
 
@@ -194,6 +212,7 @@ class SlotCache(Cache):
         `live`: the slots of prompts under way (a prompt waiting for its next chunk included); any other prompt's row is given back.
         """
         listed = [] if lengths is None else lengths.tolist()
+        dtype = self.decode.kv_dtype or dtype
         self._apply(self.seats.plan(listed, [(s.slot, s.start, s.count) for s in segments], live))
         groups = []
         if lengths is not None:
@@ -203,7 +222,8 @@ class SlotCache(Cache):
         in_order = len(groups) <= 1 and all(g.rows.tolist() == list(range(len(listed))) for g in groups)
         widths = [s.start + s.count for s in segments] + ([max(listed) + 1] if listed else [])
         self.current = Step(len(listed), lengths if listed else None, tuple(groups), in_order,
-                            tuple(self.seats.span(s.slot, s.start, s.count) for s in segments), self.kernel, max(widths, default=0),
+                            tuple(self.seats.span(s.slot, s.start, s.count) for s in segments), self.decode.kernel, self.decode.kv_dtype,
+                            max(widths, default=0),
                             [prefill_mask(s.start, s.count, dtype, device) if s.start else None for s in segments])
         return self.current
 
@@ -257,6 +277,9 @@ def slot_attention(module: torch.nn.Module, query: torch.Tensor, key: dict[Tier,
     s = slot_step
     heads, dim = query.shape[1], query.shape[-1]
     scale = scaling if scaling is not None else dim**-0.5
+    model_dtype = query.dtype
+    if s.kv_dtype is not None:
+        query = query.to(s.kv_dtype)
     outs = []
     n = s.rows
     if n:
@@ -280,29 +303,28 @@ def slot_attention(module: torch.nn.Module, query: torch.Tensor, key: dict[Tier,
                                                                      enable_gqa=heads != k.shape[1])[0])
         at += sp.count
     out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)  # [heads, tokens, dim]
-    return out.transpose(0, 1)[None], None
+    return out.transpose(0, 1)[None].to(model_dtype), None
 
 
 AttentionInterface.register(SLOT_ATTENTION, slot_attention)
 
 
-def fastest_decode_attention(dtype: torch.dtype, device: torch.device, heads: int, kv_heads: int, dim: int, rows: int = 16, width: int = 256) -> DecodeKernel:
-    """Time both decode kernels on this machine, at one representative shape (a few ms, once at load)."""
+def fastest_decode_attention(dtype: torch.dtype, device: torch.device, heads: int, kv_heads: int, dim: int, rows: int = 16,
+                             width: int = 256) -> DecodeChoice:
+    """Time each kernel with the cache in the model's dtype and, for a reduced-precision model on a CPU, in fp32; the fastest, by the
+    median of 7 runs at one representative shape (a few ms, once at load)."""
     if device.type != "cpu":
-        return "sdpa"
+        return DecodeChoice("sdpa")
     g = torch.Generator().manual_seed(0)
-    q = torch.randn(rows, heads, 1, dim, generator=g).to(dtype)
-    kv = torch.randn(2, rows + 1, kv_heads, width + COLUMNS, dim, generator=g).to(dtype)
-    k, v = kv[0, :rows, :, :width], kv[1, :rows, :, :width]  # strided, like the cache's slices
-    mask = decode_mask(torch.full((rows,), width - 1), dtype)
-    best: dict[DecodeKernel, float] = {}
+    times: dict[DecodeChoice, float] = {}
     with torch.inference_mode():
-        for kernel in ("sdpa", "matmul"):
-            decode_attention(kernel, q, k, v, mask, dim**-0.5)
-            times = []
-            for _ in range(5):
-                t0 = time.perf_counter()
-                decode_attention(kernel, q, k, v, mask, dim**-0.5)
-                times.append(time.perf_counter() - t0)
-            best[kernel] = min(times)
-    return min(best, key=best.__getitem__)
+        for kv_dtype in (None, torch.float32) if dtype != torch.float32 else (None,):
+            compute = kv_dtype or dtype
+            q = torch.randn(rows, heads, 1, dim, generator=g).to(compute)
+            kv = torch.randn(2, rows + 1, kv_heads, width + COLUMNS, dim, generator=g).to(compute)
+            k, v = kv[0, :rows, :, :width], kv[1, :rows, :, :width]  # strided, like the cache's slices
+            mask = decode_mask(torch.full((rows,), width - 1), compute)
+            for kernel in ("sdpa", "matmul"):
+                choice = DecodeChoice(kernel, kv_dtype)
+                times[choice] = median_seconds(lambda: decode_attention(kernel, q, k, v, mask, dim**-0.5), runs=7)  # noqa: B023
+    return min(times, key=times.__getitem__)

@@ -149,7 +149,7 @@ class LocalClient:
         if self.engine is None:
             return {}
         out: dict[str, Any] = {"dtype": str(self.engine.dtype).removeprefix("torch."), "max_model_len": self.engine.context,
-                               "kv_cache_tokens_per_sequence": self.max_width}
+                               "kv_cache_tokens_per_sequence": self.max_width, "decode_attention": self.engine.attention.describe()}
         if self.engine.precision is not None:
             out["precision_check"] = self.engine.precision.describe()
         return out

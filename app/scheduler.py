@@ -72,7 +72,7 @@ class Scheduler:
         self.engine, self.metrics = engine, metrics
         self.policy = Policy(max_batch=max_batch, step_tokens=step_tokens, max_queue=max_queue, max_prefill=max_prefill, eos=engine.eos,
                              kv_columns=kv_columns)
-        self.cache = SlotCache(engine.num_layers, self.policy.slots, engine.decode_kernel)
+        self.cache = SlotCache(engine.num_layers, self.policy.slots, engine.attention)
         self._wake = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None

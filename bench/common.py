@@ -36,7 +36,7 @@ def machine() -> dict[str, str]:
     cpu = lscpu.get("Model name", platform.processor()).strip()
     mem = next(line.split()[1] for line in open("/proc/meminfo") if line.startswith("MemTotal"))
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else ""
-    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False).stdout.strip()
+    commit = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty", "--abbrev=7"], capture_output=True, text=True, check=False).stdout.strip()
     return {"cpu": cpu, "cpu_flags": lscpu.get("Flags", "").strip(), "cores": str(os.cpu_count()), "memory_gb": f"{int(mem) / 1e6:.0f}", "gpu": gpu,
             "kernel": platform.release(), "python": platform.python_version(), "torch": torch.__version__, "commit": commit, "date": time.strftime("%Y-%m-%d")}
 

@@ -1,7 +1,7 @@
 """Serving benchmark: start-to-ready and tokens/s under concurrency, against plain transformers.
 
-    .venv/bin/python bench/serve.py [--model tiny|1b] [--requests 32] [--max-tokens 32]
-    .venv/bin/python bench/serve.py --vs-vllm --model 130m     (bench/side_by_side.py: against vLLM)
+    .venv/bin/python -m bench.serve [--model tiny|1b] [--requests 32] [--max-tokens 32]
+    .venv/bin/python -m bench.serve --vs-vllm --model 130m     (bench/side_by_side.py: against vLLM)
 
 (a) process start -> /ready, split into imports + server up (/health), quick
     verify, load and warm-up (from /metrics), vs a plain script doing
@@ -110,7 +110,7 @@ def main() -> None:
             subprocess.run([sys.executable, "-m", "ops.models", cmd, "--models", "m", "--dest", str(store)], cwd=proj, env=env, check=True, capture_output=True)
     path = store / "m" / "current"
     if args.vs_vllm:
-        from side_by_side import side_by_side
+        from bench.side_by_side import side_by_side
 
         side_by_side(args.model, store, proj / "models.lock", WORK, args.engines.split(","), args.dtypes.split(","), loads=not args.start_only)
         return

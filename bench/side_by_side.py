@@ -1,6 +1,6 @@
 """bakehouse's engines against bare vLLM, side by side: the same random-weight model, the same requests, the same client.
 
-    .venv/bin/python bench/serve.py --vs-vllm [--model 130m] [--dtypes float32,bfloat16] [--engines transformers,vllm,bare-vllm] [--start-only]
+    .venv/bin/python -m bench.serve --vs-vllm [--model 130m] [--dtypes float32,bfloat16] [--engines transformers,vllm,bare-vllm] [--start-only]
 
 Three servers on the same verified files, one at a time: bakehouse with the
 transformers engine, bakehouse with the vLLM engine (vLLM as its child), and
@@ -11,8 +11,8 @@ mixed (16-256, fixed seed); concurrency 1 (8 requests), 8 and 32 (64
 requests). Each request streams: time to first token, latency, and the
 generated tokens from `usage`. Start to ready is measured from the process
 start, on the second start of each server (the first reads the engine's
-libraries from disk). Writes bench/results/serve-vs-vllm-<model>-<device>.{md,json};
---start-only measures the starts alone, into serve-start-<model>-<device>.{md,json}.
+libraries from disk). Writes bench/results/serve-vs-vllm-<model>-<device>.{md,json} (the device: gpu, or
+cpu-intel / cpu-amd); --start-only measures the starts alone, into serve-start-<model>-<device>.{md,json}.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.common import ROOT, machine, markdown_table, save_results
+from bench.common import ROOT, cpu_line, machine, markdown_table, save_results
 from ops.net import free_port
 from ops.runner import stop
 from testbed.appserver import start_app
@@ -163,10 +163,11 @@ def side_by_side(model: str, store: Path, lock: Path, work: Path, engines: list[
 
 def write(model: str, results: dict, engines: list[str], dtypes: list[str], *, name: str) -> None:
     m = machine()
-    device = m["gpu"] or f"CPU: {m['cpu']}, {m['cores']} cores"
+    device = m["gpu"] or f"CPU: {cpu_line(m)}"
     md = [f"# Serving side by side: {model} random-weight model on {device}", "",
-          (f"{PROMPT_TOKENS}-token prompts (token ids), temperature 0, EOS ignored; fixed = 64 new tokens each, mixed = 16-256 (fixed seed); "
-           f"concurrency 1 runs 8 requests, 8 and 32 run 64. Streaming client; {m['date']}. "
+          (f"Machine: {device}; commit {m['commit']}, {m['date']}. "
+           f"{PROMPT_TOKENS}-token prompts (token ids), temperature 0, EOS ignored; fixed = 64 new tokens each, mixed = 16-256 (fixed seed); "
+           "concurrency 1 runs 8 requests, 8 and 32 run 64. Streaming client. "
            "`vs bare` is tokens/s over bare `vllm serve` in the same dtype."), ""]
     header = ["load", "engine", "tok/s", "vs bare", "TTFT p50 s", "TTFT p95 s", "latency p95 s"]
     for d in dtypes:
@@ -188,4 +189,9 @@ def write(model: str, results: dict, engines: list[str], dtypes: list[str], *, n
             ready = "failed: " + entry["error"] if "error" in entry else f"{entry['ready_s']:.1f} s (first start {entry.get('cold_ready_s', 0):.1f} s)"
             rows.append(["start to ready", e, ready, "", "", "", ""])
         md += [f"## {d}", "", *markdown_table(header, rows), ""]
-    save_results(f"{name}-{'gpu' if m['gpu'] else 'cpu'}", md, {"device": device, "results": results})
+    save_results(f"{name}-{'gpu' if m['gpu'] else 'cpu-' + cpu_kind(m['cpu'])}", md, {"device": device, "machine": m, "results": results})
+
+
+def cpu_kind(cpu: str) -> str:
+    """Results are kept per CPU maker: a figure holds for the CPU it was measured on (AMX or not changes the winner)."""
+    return "intel" if "Intel" in cpu else "amd" if "AMD" in cpu else "other"

@@ -14,7 +14,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from app import precision
 from app.device import DevicePlan, pick_device
 from app.engine import Engine
-from app.kvcache import DecodeKernel, Segment, SlotCache, decode_attention, decode_mask
+from app.kvcache import DecodeChoice, DecodeKernel, Segment, SlotCache, decode_attention, decode_mask
 from app.loader import check_weights_format
 from app.packed import PackedLinear, pack_linears, packing_works
 from app.params import SamplingParams
@@ -150,7 +150,7 @@ def test_a_packed_step_gives_each_sequence_what_it_gets_alone(small_engine: tupl
     g = torch.Generator().manual_seed(1)
     seqs = [torch.randint(0, 400, (n,), generator=g).tolist() for n in (7, 12, 30, 25)]
     engine, reference = small_engine
-    cache = SlotCache(engine.num_layers, 6, kernel)
+    cache = SlotCache(engine.num_layers, 6, DecodeChoice(kernel))
     with torch.inference_mode():
         alone = [reference(input_ids=torch.tensor([s])).logits[0] for s in seqs]
         # rows 0 and 1 have their prompts minus the last token in the cache; sequence 3 has its first 10 tokens
@@ -240,7 +240,7 @@ def test_decode_rows_in_different_tiers_each_get_what_they_get_alone(small_engin
     g = torch.Generator().manual_seed(4)
     seqs = [torch.randint(0, 400, (n,), generator=g).tolist() for n in (21, 301, 101)]
     engine, reference = small_engine
-    cache = SlotCache(engine.num_layers, 4, kernel)
+    cache = SlotCache(engine.num_layers, 4, DecodeChoice(kernel))
     with torch.inference_mode():
         alone = [reference(input_ids=torch.tensor([s])).logits[0, -1] for s in seqs]
         for slot, seq in enumerate(seqs):
@@ -251,6 +251,26 @@ def test_decode_rows_in_different_tiers_each_get_what_they_get_alone(small_engin
         logits = engine.forward([s[-1] for s in seqs], cache, torch.tensor([0, 1, 2]))
     for got, want in zip(logits, alone, strict=True):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kernel", ["sdpa", "matmul"])
+def test_a_bf16_model_with_an_fp32_cache_gives_its_own_logits(small_engine: tuple[Engine, torch.nn.Module], kernel: DecodeKernel) -> None:
+    """The cache kept in fp32 for a bf16 model (attention in fp32): a prompt chunk and a decode row, each as the bf16 model alone."""
+    engine, reference = small_engine
+    directory = Path(engine.model.name_or_path)
+    bf16 = Engine(directory, name="m", plan=DevicePlan("cpu", torch.bfloat16))
+    plain = copy.deepcopy(reference).to(torch.bfloat16)
+    seq = torch.randint(0, 400, (40,), generator=torch.Generator().manual_seed(5)).tolist()
+    cache = SlotCache(bf16.num_layers, 2, DecodeChoice(kernel, torch.float32))
+    with torch.inference_mode():
+        want = plain(input_ids=torch.tensor([seq])).logits[0].float()
+        cache.plan(None, [Segment(0, 0, 39)], torch.bfloat16, bf16.device)
+        first = bf16.forward(seq[:39], cache, torch.arange(39)).float()
+        cache.plan(torch.tensor([39]), [], torch.bfloat16, bf16.device)
+        last = bf16.forward(seq[39:], cache, torch.tensor([0])).float()
+    assert all(t.dtype == torch.float32 for layer in cache.slot_layers for t in layer.tier_keys.values())
+    torch.testing.assert_close(first, want[:39], atol=0.05, rtol=0.05)
+    torch.testing.assert_close(last[0], want[39], atol=0.05, rtol=0.05)
 
 
 def test_a_4k_token_request_at_a_7b_shape_does_not_grow_every_slot() -> None:
