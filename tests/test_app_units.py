@@ -11,6 +11,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
+from app import packed as packed_module
 from app import precision
 from app.device import DevicePlan, pick_device
 from app.engine import Engine
@@ -216,12 +217,28 @@ def packed_op_agrees(linear: torch.nn.Module) -> bool:
         return torch.allclose(got, linear(x).float(), atol=0.05, rtol=0.02)
 
 
-def test_packed_linear_layers_give_the_plain_ones_result(small_engine: tuple[Engine, torch.nn.Module]) -> None:
+def test_fp32_layers_are_packed_only_where_it_pays_and_give_the_plain_ones_result(small_engine: tuple[Engine, torch.nn.Module],
+                                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    _, reference = small_engine
+    layer = torch.nn.Linear(256, 384)
+    assert isinstance(packed_module.packing_pays(layer, torch.float32), bool)  # this CPU's verdict, timed
+    monkeypatch.setattr(packed_module, "packing_pays", lambda linear, dtype: False)
+    assert pack_linears(copy.deepcopy(reference), torch.float32, torch.device("cpu")) == 0
+    monkeypatch.setattr(packed_module, "packing_pays", lambda linear, dtype: True)
+    packed = copy.deepcopy(reference)
+    linears = [m for m in packed.modules() if type(m) is torch.nn.Linear and m is not packed.get_output_embeddings()]  # GPT-2 has none
+    assert pack_linears(packed, torch.float32, torch.device("cpu")) == len(linears)
+    ids = torch.randint(0, 400, (1, 40), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        torch.testing.assert_close(packed(input_ids=ids).logits, reference(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_packed_linear_layers_give_the_plain_ones_result(small_engine: tuple[Engine, torch.nn.Module], monkeypatch: pytest.MonkeyPatch) -> None:
     """bf16 on CPU: every linear layer but the output one packed for oneDNN, the logits those of the plain model (to bf16's precision)."""
     _, reference = small_engine
+    monkeypatch.setattr(packed_module, "packing_pays", lambda linear, dtype: True)  # whether it pays is this CPU's: correctness is tested
     plain = copy.deepcopy(reference).to(torch.bfloat16)
     packed = copy.deepcopy(plain)
-    assert pack_linears(packed, torch.float32, torch.device("cpu")) == 0  # fp32 keeps its layers
     count = pack_linears(packed, torch.bfloat16, torch.device("cpu"))
     linears = [m for m in plain.modules() if type(m) is torch.nn.Linear and m is not plain.get_output_embeddings()]
     assert packing_works(torch.bfloat16) is packed_op_agrees(torch.nn.Linear(256, 384).to(torch.bfloat16))  # the engine's verdict is this CPU's truth
