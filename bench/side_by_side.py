@@ -165,7 +165,7 @@ def write(model: str, results: dict, engines: list[str], dtypes: list[str], *, n
     m = machine()
     device = m["gpu"] or f"CPU: {cpu_line(m)}"
     md = [f"# Serving side by side: {model} random-weight model on {device}", "",
-          (f"Machine: {device}; commit {m['commit']}, {m['date']}. "
+          (f"Machine: {m['gpu'] or cpu_line(m)}; commit {m['commit']}, {m['date']}. "
            f"{PROMPT_TOKENS}-token prompts (token ids), temperature 0, EOS ignored; fixed = 64 new tokens each, mixed = 16-256 (fixed seed); "
            "concurrency 1 runs 8 requests, 8 and 32 run 64. Streaming client. "
            "`vs bare` is tokens/s over bare `vllm serve` in the same dtype."), ""]
