@@ -180,8 +180,10 @@ def test_kill_9_mid_fetch_then_resume_takes_only_the_missing_chunks(tmp_path: Pa
         r = fetch(p)
         assert r.returncode == 0, r.stdout + r.stderr
         assert served(p) == BODY
-        # Everything written before the kill is kept (each request in flight loses less than a MiB).
-        assert origin.sent <= 1.05 * SIZE, (origin.sent, killed_at, SIZE)
+        # Everything written before the kill is kept. What is fetched twice is what was in flight: at most an eighth of a chunk written
+        # but not yet recorded, and what the origin had put in the socket buffers and the killed fetch never read (on a loaded machine,
+        # up to a few MB a connection): bounded by 2 chunks a request. A fetch that started over would take the whole file again.
+        assert origin.sent - SIZE <= 2 * 4 * (1 << 20), (origin.sent, killed_at, SIZE)
     finally:
         origin.stop()
 
