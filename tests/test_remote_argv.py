@@ -75,6 +75,9 @@ def test_host_report_and_table() -> None:
     text = HostResults("fetch", [ok, bad], ModelsView()).table()
     assert "gpu-1  demo   downloaded  2.0 MB  2.0s  1.0 MB/s" in text
     assert text.splitlines()[-1] == "gpu-2: OSError: disk on fire" and "2 host(s), 1 failed (exit 1)" in text
+    forged = HostResult(Host(name="gpu-3", address="10.0.0.3"), error=NoReportError("timed out\nConnection to 10.0.0.3 timed out\ngpu-1 demo: lies"))
+    lines = HostResults("fetch", [ok, forged], ModelsView()).table().splitlines()
+    assert lines[-1] == "gpu-3: timed out Connection to 10.0.0.3 timed out gpu-1 demo: lies" and not lines[-2].startswith("gpu-1 demo:")
 
 
 def test_an_ansible_failure_row_carries_ansibles_reason(tmp_path: Path) -> None:

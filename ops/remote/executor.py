@@ -108,7 +108,9 @@ class HostResults(Generic[T]):
         widths = [max(len(row[i]) for row in rows) for i in range(len(self.view.header))]
         lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows]
         lines.append(self.view.closing(self))
-        return "\n".join(lines + [reason for r in self.results for reason in self.view.reasons(r)])
+        # One line a reason: a host's error text (ansible's, a remote traceback's last line) may hold line breaks, which would read as
+        # reasons of other hosts.
+        return "\n".join(lines + [" ".join(reason.split()) for r in self.results for reason in self.view.reasons(r)])
 
     def to_json(self) -> str:
         hosts = [r.to_dict() | self.view.fields(r) for r in self.results]
