@@ -75,6 +75,7 @@ class Group:
 
     tier: Tier
     rows: torch.Tensor  # each tier row's place among the step's decode rows
+    index: torch.Tensor  # 0..len(rows)-1: the tier rows written, made once a step rather than once a layer
     lengths: torch.Tensor  # each tier row's length before this step (where its new token goes)
     mask: torch.Tensor  # [rows, 1, 1, width]
 
@@ -161,12 +162,11 @@ class SlotLayer(CacheLayerMixin):
             self._room(tier, len(slots))
         for g in s.groups:
             # Row j's new token goes to column lengths[j]: an index_put (scatter_ copies the whole buffer in bf16 on CPU).
-            rows = torch.arange(len(g.rows), device=g.lengths.device)
             new_k, new_v = key_states[0, :, : s.rows], value_states[0, :, : s.rows]
             if not s.in_order:
                 new_k, new_v = new_k[:, g.rows], new_v[:, g.rows]
-            self.tier_keys[g.tier][rows, :, g.lengths] = new_k.transpose(0, 1)
-            self.tier_values[g.tier][rows, :, g.lengths] = new_v.transpose(0, 1)
+            self.tier_keys[g.tier][g.index, :, g.lengths] = new_k.transpose(0, 1)
+            self.tier_values[g.tier][g.index, :, g.lengths] = new_v.transpose(0, 1)
         at = s.rows
         for sp in s.spans:
             self.tier_keys[sp.tier][sp.row, :, sp.start : sp.start + sp.count] = key_states[0, :, at : at + sp.count]
@@ -197,8 +197,8 @@ class SlotCache(Cache):
         """What the keys and values take now, every layer."""
         return sum(layer.nbytes for layer in self.slot_layers)
 
-    def move(self, src: int, dst: int, length: int = 0) -> None:
-        """Slot `dst` takes over slot `src` (a row changing slots): renamed, not copied (`length` is the policy's, kept for its tests)."""
+    def move(self, src: int, dst: int) -> None:
+        """Slot `dst` takes over slot `src` (a row changing slots): renamed, not copied."""
         self._apply(self.seats.move(src, dst))
 
     def _apply(self, ops: Sequence[Copy]) -> None:
@@ -218,7 +218,7 @@ class SlotCache(Cache):
         if lengths is not None:
             for tier, slots in self.seats.decode_tiers():
                 rows = torch.tensor(slots, device=lengths.device)
-                groups.append(Group(tier, rows, lengths[rows], decode_mask(lengths[rows], dtype)))
+                groups.append(Group(tier, rows, torch.arange(len(slots), device=lengths.device), lengths[rows], decode_mask(lengths[rows], dtype)))
         in_order = len(groups) <= 1 and all(g.rows.tolist() == list(range(len(listed))) for g in groups)
         widths = [s.start + s.count for s in segments] + ([max(listed) + 1] if listed else [])
         self.current = Step(len(listed), lengths if listed else None, tuple(groups), in_order,

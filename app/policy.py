@@ -73,7 +73,7 @@ class Choice:
 
 @dataclass(frozen=True)
 class Move:
-    """Copy slot `src`'s first `length` cache positions into slot `dst` (a row changing seats)."""
+    """Slot `dst` takes over what slot `src` holds, `length` positions (a row changing slots; the cache renames it, app.seats)."""
 
     src: int
     dst: int

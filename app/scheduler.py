@@ -135,7 +135,7 @@ class Scheduler:
     @torch.inference_mode()
     def _step(self, plan: StepPlan) -> None:
         for move in plan.moves:
-            self.cache.move(move.src, move.dst, move.length)
+            self.cache.move(move.src, move.dst)
         if plan.empty:
             return
         device = self.engine.device
