@@ -56,6 +56,8 @@ HELP = {
     "serial": f"ansible engine: hosts per batch, a number or a percentage (default {AnsibleOptions.serial})",
     "max_fail_percentage": f"ansible engine: stop the play when more than this share of a batch failed (default {AnsibleOptions.max_fail_percentage})",
     "dry_run": "print every command each host would run, connecting to none",
+    "pieces": "also record each file's piece hashes, pieces of this size (e.g. 64MiB): the model is fetched into --dest once for that; "
+              "peers then pass on each verified piece before the whole file is there",
 }
 
 DEPLOY_HELP = {
@@ -148,9 +150,10 @@ def _local(command: str, json: bool, **flags: object) -> int:
     return guarded(go)
 
 
-def lock_models(*, models: str | None = None, manifest: str | None = None, lock: str | None = None, json: bool = False) -> int:
-    """Resolve revisions and write models.lock (commit + every file's size and sha256)."""
-    return _local("lock", json, models=models, manifest=manifest, lock=lock)
+def lock_models(*, models: str | None = None, manifest: str | None = None, lock: str | None = None, json: bool = False, pieces: str | None = None,
+                dest: str | None = None) -> int:
+    """Resolve revisions and write models.lock (commit + every file's size and sha256; with --pieces, each piece's sha256)."""
+    return _local("lock", json, models=models, manifest=manifest, lock=lock, pieces=pieces, dest=dest)
 
 
 def fetch_models(*, models: str | None = None, manifest: str | None = None, lock: str | None = None, json: bool = False, dest: str | None = None,

@@ -205,6 +205,19 @@ class VerificationError(BakehouseError):
         return {"problems": list(self.problems)}
 
 
+class BadPieceError(VerificationError):
+    """One piece's bytes are not the ones the lock pins: only that piece is taken again, from another source."""
+
+    def __init__(self, path: str, index: int, *, source: str = "") -> None:
+        frm = f" from {source}" if source else ""
+        super().__init__(f"{path}: piece {index}{frm} does not match the sha256 models.lock pins for it. It is taken again from another source; "
+                         "nothing unverified is passed on or activated.", problems=[f"{path}: piece {index}"])
+        self.path, self.index, self.source = path, index, source
+
+    def details(self) -> dict[str, object]:
+        return {"path": self.path, "index": self.index, "source": self.source}
+
+
 class PlantedLinkError(VerificationError):
     """A symlink where the store holds only real files and directories: reported by path, never followed."""
 

@@ -49,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--workers", help=f"parallel downloads / hashes (default {ModelRequest.workers})")
         p.add_argument("--env-stdin", action="store_true",
                        help="read KEY=VALUE lines (HF_TOKEN, HF_ENDPOINT, …) from stdin up to a blank line: secrets stay out of argv and the caller's environment")
+        if name == "lock":
+            p.add_argument("--pieces", nargs="?", const="64MiB", metavar="SIZE",
+                           help="also record each file's piece hashes, pieces of SIZE (default 64MiB): the model is fetched into --dest once for that; "
+                                "peers then pass on each verified piece before the whole file is there")
         if name == "verify":
             p.add_argument("--full", action="store_true", help="re-hash every file instead of trusting the stamp")
         if name == "fetch":
@@ -86,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             os.environ.update(read_env_lines(sys.stdin))
         report = run(ModelRequest.parse(args.command, models=args.models, manifest=args.manifest, lock=args.lock, dest=args.dest,
                                         full=getattr(args, "full", False), workers=args.workers, peers=getattr(args, "peers", None),
-                                        share=getattr(args, "share", False)))
+                                        share=getattr(args, "share", False), pieces=getattr(args, "pieces", None)))
     except BakehouseError as exc:
         print(f"error: {exc}", file=sys.stderr)
         if args.json:

@@ -184,6 +184,7 @@ def _fetch_one(store: Store, m: LockedModel, *, workers: int, tty: bool | None, 
                        range_slots=threading.BoundedSemaphore(ranges_wanted()))
         if peers.share:
             job.on_verified = lambda path, at: store.share(m.name, m.commit, path, at)
+            job.on_prefix = lambda path, verified: store.share_prefix(m.name, m.commit, path, verified)
         try:
             notes, warnings = _take_files(store, m, needed, job, peers)
             store.promote(m.name, m.commit)

@@ -17,7 +17,7 @@ from typing import Any
 import tomli_w
 
 from ops.errors import LockError, StaleLockError, UnsafePathError, redact
-from ops.models import values
+from ops.models import pieces, values
 from ops.models.manifest import Manifest, spec_fingerprint
 from ops.settings import read_text
 
@@ -32,6 +32,13 @@ class LockedFile:
     path: str
     size: int
     sha256: str
+    piece_size: int = 0  # with `lock-models --pieces`: each piece's sha256 (ops.models.pieces); 0 and () without
+    pieces: tuple[str, ...] = ()
+
+    def piece_range(self, index: int) -> tuple[int, int]:
+        """Piece `index`'s first byte and length."""
+        start = index * self.piece_size
+        return start, min(self.piece_size, self.size - start)
 
 
 @dataclass(frozen=True)
@@ -187,10 +194,28 @@ def _parse_file(entry: Any, where: str) -> LockedFile:
         raise _bad(f"{where}.size", f"{size} is negative")
     if not values.SHA256.match(sha):
         raise _bad(f"{where}.sha256", f"{sha!r} is not 64 lowercase hex digits")
+    piece_size, piece_list = _parse_pieces(entry, size, where)
     try:
-        return LockedFile(path=safe_relpath(path), size=size, sha256=sha)
+        return LockedFile(path=safe_relpath(path), size=size, sha256=sha, piece_size=piece_size, pieces=piece_list)
     except UnsafePathError as exc:
         raise UnsafePathError(f"{where}.path: {exc}") from exc
+
+
+def _parse_pieces(entry: dict[str, Any], size: int, where: str) -> tuple[int, tuple[str, ...]]:
+    """Both keys or neither; a piece size in range; exactly as many piece hashes as the size needs (the last piece may be short)."""
+    piece_size = _field(entry, "piece_size", int, where, required=False)
+    raw = _field(entry, "pieces", list, where, required=False)
+    if piece_size is None and raw is None:
+        return 0, ()
+    if piece_size is None or raw is None:
+        raise _bad(where, "has one of piece_size and pieces without the other")
+    if not pieces.MIN_PIECE <= piece_size <= pieces.MAX_PIECE:
+        raise _bad(f"{where}.piece_size", f"{piece_size} is not from {pieces.MIN_PIECE} to {pieces.MAX_PIECE}")
+    if len(raw) != pieces.piece_count(size, piece_size):
+        raise _bad(f"{where}.pieces", f"lists {len(raw)} pieces where {size} bytes in pieces of {piece_size} make {pieces.piece_count(size, piece_size)}")
+    if not all(isinstance(h, str) and values.SHA256.match(h) for h in raw):
+        raise _bad(f"{where}.pieces", "must list sha256s (64 lowercase hex digits)")
+    return piece_size, tuple(raw)
 
 
 def dump_lock(lock: Lock) -> str:
@@ -202,7 +227,8 @@ def dump_lock(lock: Lock) -> str:
             entry["revision"] = m.revision
         if m.allow_pickle:
             entry["allow_pickle"] = True
-        entry["files"] = [{"path": f.path, "size": f.size, "sha256": f.sha256} for f in m.files]
+        entry["files"] = [{"path": f.path, "size": f.size, "sha256": f.sha256} | ({"piece_size": f.piece_size, "pieces": list(f.pieces)} if f.pieces else {})
+                          for f in m.files]
         data["models"][name] = entry
     return _HEADER + tomli_w.dumps(data)
 

@@ -9,7 +9,11 @@ files of commit directories in its store, and, while it is still fetching
 with `fetch --share`, the files whose hash already matched the lock (hard
 links under `.staging/<name>/<commit>.ready/`): a file is passed on as soon as
 it is verified, not when the whole model is, so the copies down a chain of
-hosts overlap. For a file of a commit the host's lock (`--lock`, the one its
+hosts overlap. With a lock that has pieces, it goes further (cut-through): a
+Range request within the leading pieces of a file still arriving that already
+matched the lock (`.staging/<name>/<commit>.pieces/<path>` says how many
+bytes) is served from the partial file, so a file passes down the chain a
+piece at a time. For a file of a commit the host's lock (`--lock`, the one its
 fetch follows) pins but not activated here yet, it answers 425 (still on its
 way) after holding the request a moment in case it lands, and the asking host
 asks again; a host whose fetch fails has its
@@ -37,6 +41,7 @@ from typing import Any
 from ops.errors import BakehouseError
 from ops.models import safefs, values
 from ops.models.lock import load_lock, safe_relpath
+from ops.models.pieces import read_verified
 from ops.models.stamp import FileStat, read_stamp
 from ops.models.store import STAGING, Store
 
@@ -74,6 +79,34 @@ def file_path(root: Path, name: str, commit: str, path: str, locked: Locked | No
     return ready if st is not None and size is not None and st.st_size == size else None
 
 
+def growing_file(root: Path, name: str, commit: str, path: str, locked: Locked | None = None) -> tuple[int, int] | None:
+    """A file this host's `fetch --share` is still receiving, for a lock with pieces: an open descriptor of its partial file and how
+    many leading bytes matched the lock's pieces (`.pieces/<path>`), or None. The caller closes the descriptor."""
+    rel = _valid(name, commit, path)
+    size = (locked or {}).get((name, commit, rel or ""))
+    if rel is None or size is None:
+        return None
+    store = Store(root)
+    verified = read_verified(store.pieces_dir(name, commit) / rel, size)
+    partial = store.partial_dir(name, commit) / rel
+    if not verified or _real_file(root, partial) is None:
+        return None
+    try:
+        fd = os.open(partial, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    return fd, verified
+
+
+def asked_range(header: str) -> tuple[int, int] | None:
+    """`bytes=A-B` (one closed range) -> (A, B + 1); anything else None."""
+    unit, _, spec = header.partition("=")
+    first, _, last = spec.strip().partition("-")
+    if unit.strip() != "bytes" or not first.isdigit() or not last.isdigit() or int(last) < int(first):
+        return None
+    return int(first), int(last) + 1
+
+
 def _real_file(root: Path, target: Path) -> os.stat_result | None:
     try:
         safefs.check_no_link(root, target)
@@ -104,11 +137,42 @@ def peer_app(root: Path, token: str, *, coming: Collection[tuple[str, str]] = ()
     import anyio
     from starlette.applications import Starlette
     from starlette.requests import Request
-    from starlette.responses import FileResponse, PlainTextResponse, Response
+    from starlette.responses import FileResponse, PlainTextResponse, Response, StreamingResponse
     from starlette.routing import Route
 
     class BigChunks(FileResponse):
         chunk_size = 1 << 20  # Starlette's 64 KiB costs a thread hop per chunk: 1.8 s of a core per GB served, 0.7 s with 1 MiB
+
+    def prefix_response(request: Request, p: Mapping[str, str]) -> Response | None:
+        """A range within the verified prefix of a file still arriving (cut-through, a lock with pieces); None if it is not there yet."""
+        wanted = asked_range(request.headers.get("range", ""))
+        growing = growing_file(root, p["name"], p["commit"], p["path"], locked) if wanted else None
+        if growing is None or wanted is None:
+            return None
+        fd, verified = growing
+        start, end = wanted
+        if end > verified:
+            os.close(fd)
+            return None
+
+        async def body() -> Any:
+            try:
+                at = start
+                while at < end:
+                    data = await anyio.to_thread.run_sync(os.pread, fd, min(1 << 20, end - at), at)
+                    if not data:
+                        return  # cut short: the asking host sees fewer bytes than asked and goes elsewhere
+                    yield data
+                    at += len(data)
+            finally:
+                os.close(fd)
+
+        size = (locked or {})[(p["name"], p["commit"], p["path"])]
+        headers = {"content-range": f"bytes {start}-{end - 1}/{size}", "content-length": str(end - start), "cache-control": "no-store"}
+        if request.method == "HEAD":
+            os.close(fd)
+            return Response(status_code=206, headers=headers)
+        return StreamingResponse(body(), status_code=206, headers=headers)
 
     async def serve_file(request: Request) -> Response:
         if deadline and time.time() > deadline:
@@ -119,7 +183,11 @@ def peer_app(root: Path, token: str, *, coming: Collection[tuple[str, str]] = ()
         p = request.path_params
         target = file_path(root, p["name"], p["commit"], p["path"], locked)
         held = time.monotonic() + HOLD_SECONDS
-        while target is None and still_coming(root, p["name"], p["commit"], p["path"], coming) and time.monotonic() < held:
+        while target is None and still_coming(root, p["name"], p["commit"], p["path"], coming):
+            if (piece := prefix_response(request, p)) is not None:
+                return piece
+            if time.monotonic() >= held:
+                break
             await anyio.sleep(ARRIVAL_CHECK_SECONDS)
             target = file_path(root, p["name"], p["commit"], p["path"], locked)
         if target is None and still_coming(root, p["name"], p["commit"], p["path"], coming):
@@ -241,8 +309,8 @@ def _drop_ready(root: Path) -> None:
     them; a fetch that failed removed its own, and one that was killed has them removed by the next fetch of the model.
     """
     store = Store(root)
-    for ready in (root / STAGING).glob("*/*.ready"):
-        name, commit = ready.parent.name, ready.name.removesuffix(".ready")
+    for ready in [*(root / STAGING).glob("*/*.ready"), *(root / STAGING).glob("*/*.pieces")]:
+        name, commit = ready.parent.name, ready.name.rpartition(".")[0]
         with contextlib.suppress(BakehouseError, OSError):
             if stat.S_ISDIR(os.lstat(store.commit_dir(name, commit)).st_mode):
                 safefs.remove(root, ready)

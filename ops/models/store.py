@@ -8,6 +8,8 @@
     $MODELS_DIR/.staging/<name>/<commit>.partial/  bytes still arriving
     $MODELS_DIR/.staging/<name>/<commit>.ready/    fetch --share: hard links to the staging files whose
                                                    bytes already matched the lock (a peer may serve them)
+    $MODELS_DIR/.staging/<name>/<commit>.pieces/   fetch --share, a lock with pieces: per file in flight, how many
+                                                   leading bytes (whole pieces) matched the lock (a peer may serve those)
 
 Names and commits come validated from models.lock, so every path here stays
 below the root; every write goes through `safefs`, so none follows a link.
@@ -73,8 +75,18 @@ class Store:
         safefs.remove(self.root, target)
         os.link(source, target, follow_symlinks=False)
 
+    def pieces_dir(self, name: str, commit: str) -> Path:
+        return self.root / STAGING / name / f"{commit}.pieces"
+
+    def share_prefix(self, name: str, commit: str, path: str, verified: int) -> None:
+        """Offer the first `verified` bytes of a file still arriving (whole pieces that matched the lock) to peers."""
+        from ops.models.pieces import write_verified
+
+        write_verified(self.root, self.pieces_dir(name, commit) / path, verified)
+
     def clean_ready(self, name: str, commit: str) -> None:
         safefs.remove(self.root, self.ready_dir(name, commit))
+        safefs.remove(self.root, self.pieces_dir(name, commit))
 
     def lock_file(self, name: str) -> Path:
         return self.root / STAGING / f"{name}.lock"
@@ -200,6 +212,7 @@ class Store:
     def clean_partial(self, name: str, commit: str) -> None:
         safefs.remove(self.root, self.partial_dir(name, commit))
         safefs.remove(self.root, self.ranges_dir(name, commit))
+        safefs.remove(self.root, self.pieces_dir(name, commit))
 
 
 def _fsync_dir(path: Path) -> None:

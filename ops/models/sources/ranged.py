@@ -37,11 +37,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ops.errors import Cancelled, RangesNotSupported, SourceError, SourceUnreachableError, VerificationError
+from ops.errors import BadPieceError, Cancelled, RangesNotSupported, SourceError, SourceUnreachableError, VerificationError
 from ops.models import safefs
 from ops.models.lock import LockedFile
+from ops.models.pieces import PieceCheck
 from ops.models.sources.base import FetchJob
-from ops.models.sources.transfer import status_error
+from ops.models.sources.transfer import piece_check, status_error
 from ops.settings import env_number
 
 WINDOW = 8  # chunks the workers of one file may run ahead of its hash: memory is bounded by WINDOW x the chunk size
@@ -252,8 +253,8 @@ class Chunk:
 class Hasher:
     """Consumes chunks in file order, as they come (or from disk, for chunks a crash left there); workers wait when too far ahead."""
 
-    def __init__(self, fd: int, chunks: int, chunk: int, size: int, on_bytes: Callable[[int], None]) -> None:
-        self.fd, self.chunks, self.chunk, self.size, self.on_bytes = fd, chunks, chunk, size, on_bytes
+    def __init__(self, fd: int, chunks: int, chunk: int, size: int, on_bytes: Callable[[int], None], check: PieceCheck | None = None) -> None:
+        self.fd, self.chunks, self.chunk, self.size, self.on_bytes, self.check = fd, chunks, chunk, size, on_bytes, check
         self.digest = hashlib.sha256()
         self.next = 0
         self.arrived: dict[int, bytes | None] = {}  # None: on disk already
@@ -289,6 +290,8 @@ class Hasher:
                 data = os.pread(self.fd, length, start)
                 self.on_bytes(len(data))
             self.digest.update(data)
+            if self.check is not None:  # each piece checked as the hash reaches its end, and offered to peers (fetch --share)
+                self.check.update(data)
             with self.cond:
                 self.next += 1
                 self.cond.notify_all()
@@ -309,7 +312,7 @@ def ranged_download(url: str, headers: dict[str, str], file: LockedFile, job: Fe
             os.ftruncate(fd, 0)  # a partial left by the sequential download (a prefix) is not chunks this ledger knows
         ledger.start()
         os.ftruncate(fd, file.size)
-        hasher = Hasher(fd, chunks, chunk, file.size, job.progress.update)
+        hasher = Hasher(fd, chunks, chunk, file.size, job.progress.update, piece_check(file, job))
         for k in ledger.done:
             hasher.put(k, None)
         todo = [k for k in range(chunks) if k not in ledger.done]
@@ -361,6 +364,8 @@ def ranged_download(url: str, headers: dict[str, str], file: LockedFile, job: Fe
             ledger.clear()
             os.ftruncate(fd, 0)
             raise
+        except BadPieceError as exc:
+            sha = f"(piece {exc.index} differs)"
         if sha != file.sha256:
             ledger.clear()
             os.close(fd)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import BinaryIO, cast
 
 from ops.errors import (
+    BadPieceError,
     Cancelled,
     RangesNotSupported,
     SourceAuthError,
@@ -29,23 +30,35 @@ from ops.errors import (
 )
 from ops.models import safefs
 from ops.models.lock import LockedFile
+from ops.models.pieces import PieceCheck
 from ops.models.sources.base import FetchJob
 
 log = logging.getLogger("bakehouse.fetch")
 
 
 class HashingWriter:
-    """The file object given to http_get: hashes what it writes, survives a server ignoring Range."""
+    """The file object given to http_get: hashes what it writes (and checks each piece, for a lock with pieces), survives a server ignoring Range."""
 
-    def __init__(self, f: BinaryIO, on_bytes: Callable[[int], None], cancel: Callable[[], bool]) -> None:
-        self._f, self._on_bytes, self._cancelled = f, on_bytes, cancel
+    def __init__(self, f: BinaryIO, on_bytes: Callable[[int], None], cancel: Callable[[], bool], check: PieceCheck | None = None) -> None:
+        self._f, self._on_bytes, self._cancelled, self.check = f, on_bytes, cancel, check
         self._digest = self._rehash(f.tell())
 
     def _rehash(self, upto: int) -> hashlib._Hash:
+        """The hash of the first `upto` bytes on disk; with pieces, they are checked too, and kept only up to the last good piece."""
         digest = hashlib.sha256()
+        if self.check is not None:
+            self.check.reset(0)
         self._f.seek(0)
         remaining = upto
         while remaining and (chunk := self._f.read(min(remaining, 8 << 20))):
+            if self.check is not None:
+                try:
+                    self.check.update(chunk)
+                except BadPieceError:  # bytes a crash or a lying source left: what follows the last good piece is fetched again
+                    good = self.check.verified
+                    self._on_bytes(good - os.fstat(self._f.fileno()).st_size)
+                    self._f.truncate(good)
+                    return self._rehash(good)
             digest.update(chunk)
             remaining -= len(chunk)
         self._f.seek(upto)
@@ -57,6 +70,8 @@ class HashingWriter:
         self._f.write(data)
         self._digest.update(data)
         self._on_bytes(len(data))
+        if self.check is not None:
+            self.check.update(data)
         return len(data)
 
     def tell(self) -> int:
@@ -66,7 +81,7 @@ class HashingWriter:
         return self._f.seek(offset, whence)
 
     def truncate(self, size: int | None = None) -> int:
-        """http_get rewinds and truncates when the server answers a Range request with the whole file."""
+        """http_get rewinds and truncates when the server answers a Range request with the whole file; a bad piece is cut off the same way."""
         before = os.fstat(self._f.fileno()).st_size
         at = self._f.truncate(size)
         self._on_bytes(at - before)
@@ -120,12 +135,16 @@ def receive_file(file: LockedFile, job: FetchJob, fill: Callable[[HashingWriter,
             f.truncate(0)
             have = f.seek(0)
         job.progress.update(have)
-        writer = HashingWriter(f, job.progress.update, job.cancel.is_set)
-        fill(writer, have)
+        check = piece_check(file, job)
+        writer = HashingWriter(f, job.progress.update, job.cancel.is_set, check)
+        fill(writer, writer.tell())
         f.flush()
         sha = writer.hexdigest()
         if sha != file.sha256:
             partial.unlink()
+            if check is not None and check.verified == file.size:
+                raise VerificationError(f"{file.path}: every piece matched models.lock but the whole file's sha256 is {sha}, not {file.sha256}: the lock's "
+                                        "pieces do not add up to its file. Regenerate it with `invoke lock-models --pieces` and review the diff.")
             raise VerificationError(
                 f"{file.path}: downloaded sha256 {sha}, models.lock pins {file.sha256}. The source now serves other bytes "
                 f"at this commit: nothing was activated. If the change is intended, re-run `invoke lock-models` and review the diff."
@@ -138,6 +157,13 @@ def receive_file(file: LockedFile, job: FetchJob, fill: Callable[[HashingWriter,
     safefs.makedirs(job.root, final.parent)
     os.replace(partial, final)
     return sha
+
+
+def piece_check(file: LockedFile, job: FetchJob) -> PieceCheck | None:
+    """For a lock with pieces: each piece checked as it completes, and the verified prefix offered to peers (fetch --share)."""
+    if not file.pieces:
+        return None
+    return PieceCheck(file.path, file.size, file.piece_size, file.pieces, lambda verified: job.on_prefix(file.path, verified))
 
 
 def download_all(downloads: Sequence[Download], job: FetchJob, *, source: str) -> dict[str, str]:
