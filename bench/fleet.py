@@ -1,6 +1,6 @@
 """Putting a model on 1, 4 and 8 bare hosts: direct fetch vs controller fan-out vs peer fan-out (vs one host after another).
 
-    .venv/bin/python bench/fleet.py [--model 1g] [--hosts 1,4,8] [--modes direct,fanout,peers] [--origin-rate 50] [--repeat 1]
+    .venv/bin/python bench/fleet.py [--model 1g] [--hosts 1,4,8] [--modes direct,fanout,peers,pieces] [--origin-rate 50] [--repeat 1]
 
 `--origin-rate` throttles the origin's egress (all downloads together, MB/s), as a hub's egress is for many users.
 "controller bytes" is what the control machine sent over SSH, counted by a relay in front of each host's sshd.
@@ -30,13 +30,14 @@ from testbed.sshhosts import SshHost, client_keys, counted, ensure_host_image, i
 
 WORK = ROOT / "bench" / "work" / "fleet"
 INVOKE = [sys.executable, "-m", "invoke", "--search-root", str(ROOT)]
+PIECES = "64MiB"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", choices=["1g", "tiny"], default="1g")
     ap.add_argument("--hosts", default="1,4,8")
-    ap.add_argument("--modes", default="direct,fanout,peers")
+    ap.add_argument("--modes", default="direct,fanout,peers,pieces")
     ap.add_argument("--origin-rate", type=float, default=50.0, help="the origin's egress in MB/s, all downloads together (0: unthrottled)")
     ap.add_argument("--repeat", type=int, default=1, help="runs of each measurement: the table gives the median (this shared machine's disk varies)")
     ap.add_argument("--keep", action="store_true", help="keep earlier results for host counts not measured this run")
@@ -63,6 +64,10 @@ def main() -> None:
             project.dir.mkdir()
             (project.dir / "models.toml").write_text('[models.bench]\nsource = "hf://bench/model"\nrevision = "main"\n')
             subprocess.run([sys.executable, "-m", "ops.models", "lock"], cwd=project.dir, env=project.env(), check=True, capture_output=True)
+            # The same model with piece hashes (cut-through between peers); lock-models --pieces fetches it once, into a store of its own here.
+            subprocess.run([sys.executable, "-m", "ops.models", "lock", "--lock", "models-pieces.lock", "--pieces", PIECES, "--dest", str(WORK / "warm-pieces")],
+                           cwd=project.dir, env=project.env(), check=True, capture_output=True)
+            shutil.rmtree(WORK / "warm-pieces")
             subprocess.run([sys.executable, "-m", "ops.models", "fetch", "--dest", str(WORK / "warm")], cwd=project.dir, env=project.env(), check=True, capture_output=True)
             shutil.rmtree(WORK / "warm")
             proxy.total_rate = args.origin_rate * 1e6 or None
@@ -83,10 +88,11 @@ def main() -> None:
                         subprocess.run(["sync"], check=True)  # the last run's writes reach the disk before this one starts
                         flags = {"direct": ["--parallel", str(n)], "sequential": ["--parallel", "1"],
                                  "fanout": ["--parallel", str(n), "--from-local", "--dest", str(WORK / "seed")],
-                                 "peers": ["--parallel", str(n), "--fan-out", "peers"]}[mode]
+                                 "peers": ["--parallel", str(n), "--fan-out", "peers"], "pieces": ["--parallel", str(n), "--fan-out", "peers"]}[mode]
+                        lock = project.dir / ("models-pieces.lock" if mode == "pieces" else "models.lock")
                         before, sent = proxy.bytes_served("/resolve/"), sum(r.sent for r in relays.values())
                         start = time.monotonic()
-                        r = subprocess.run([*INVOKE, "fetch-models", "--inventory", str(inv), "--lock", str(project.dir / "models.lock"), "--known-hosts",
+                        r = subprocess.run([*INVOKE, "fetch-models", "--inventory", str(inv), "--lock", str(lock), "--known-hosts",
                                             str(keys / "known_hosts"), "--hosts", ",".join(h.name for h in hosts[:n]), *flags], env=project.env(), capture_output=True, text=True,
                                            check=False)
                         walls.append(time.monotonic() - start)
@@ -98,7 +104,7 @@ def main() -> None:
                     print(f"{n} host(s) {mode:10s} {results[-1]['wall_s']:7.1f}s (runs: {', '.join(f'{w:.1f}' for w in walls)})  origin {format_bytes(results[-1]['hub_bytes'])}  "
                           f"controller {format_bytes(results[-1]['controller_bytes'])}", flush=True)
                     results.sort(key=lambda r: (r["hosts"], r["mode"]))
-                    write(results, model_bytes, args.model, args.origin_rate)
+                    write(results, model_bytes, args.model, args.origin_rate, PIECES)
             proxy.stop()
     finally:
         for h in hosts:
@@ -117,7 +123,7 @@ def disk_write_rate(host: SshHost, megabytes: int = 1024) -> float:
     return megabytes * 2**20 / seconds
 
 
-def write(results: list[dict], model_bytes: int, model: str, origin_rate: float) -> None:
+def write(results: list[dict], model_bytes: int, model: str, origin_rate: float, pieces: str) -> None:
     m = machine()
     one = {r["mode"]: r["wall_s"] for r in results if r["hosts"] == 1}
     md = [
@@ -129,7 +135,8 @@ def write(results: list[dict], model_bytes: int, model: str, origin_rate: float)
         + ": origin bytes is what it served. Controller bytes is what the control machine sent over SSH (a counting relay in front of each sshd).",
         "direct: every host fetches from the origin; fanout: `--from-local` (fetched here once, copied to every host over SFTP); "
         "peers: `--fan-out peers` (hosts copy verified files from each other, each file passed on as soon as it is verified, "
-        "at most 2 peers per source at once). Disk floor: the hosts' copies (hosts x model size) at the rate this machine's one disk "
+        f"at most 2 peers per source at once); pieces: the same with a lock made by `lock-models --pieces {pieces}` (cut-through: each verified piece "
+        "passed on while the rest of its file still arrives; a chain, one peer per source, for this few hosts). Disk floor: the hosts' copies (hosts x model size) at the rate this machine's one disk "
         "took with fsync (dd inside a host), the least any mode can take here, since every host writes to that disk.",
         "",
         "Wall time is the median of the runs listed (this shared machine's disk and CPU vary from run to run).",
@@ -139,7 +146,7 @@ def write(results: list[dict], model_bytes: int, model: str, origin_rate: float)
                           f"{r['disk_floor_s']:.1f} s" if "disk_floor_s" in r else "-", f"{r['wall_s'] / r['disk_floor_s']:.2f}x" if "disk_floor_s" in r else "-",
                           format_bytes(r["hub_bytes"]), format_bytes(r.get("controller_bytes", 0))] for r in results]),
     ]
-    save_results("fleet", md, {"machine": m, "model_bytes": model_bytes, "origin_rate_mb_s": origin_rate, "results": results})
+    save_results("fleet", md, {"machine": m, "model_bytes": model_bytes, "origin_rate_mb_s": origin_rate, "piece_size": pieces, "results": results})
 
 
 if __name__ == "__main__":
