@@ -133,6 +133,32 @@ def test_the_origin_serves_each_file_once_and_the_controller_carries_no_weights(
     assert min(first_copies) < activated, (first_copies, activated)
 
 
+def test_with_pieces_hosts_pass_on_each_verified_piece_in_stripes_and_the_origin_serves_each_file_once(project: Project, keys: Path,
+                                                                                                      hosts: list[SshHost], relays: dict[str, TcpCounter],
+                                                                                                      hub: Hub) -> None:
+    write_inventory(project, keys, relays)
+    fleet(project, keys, "verify-models")  # bootstrap every host first
+    clean(hosts)
+    pieces_lock = project.dir / "models-pieces.lock"
+    r = project.run("lock", "--models", "shards", "--lock", str(pieces_lock), "--pieces", "64KiB", "--dest", str(project.dir / "seed"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    proxy = Proxy(hub.endpoint, total_rate=1e6).start()  # 8 s for the 8 MB model: pieces pass on while the files still arrive
+    try:
+        argv = fleet_argv(project, keys, "fetch-models", "--fan-out", "peers", "--parallel", "4")
+        argv[argv.index(str(project.dir / "models.lock"))] = str(pieces_lock)
+        # Four hosts would make a chain (ops.remote.peers.fanout_stripes): two stripes, so each host takes from two others at once.
+        r = subprocess.run(argv, env=project.env(HF_ENDPOINT=proxy.url, BAKEHOUSE_FANOUT_STRIPES="2"), capture_output=True, text=True, timeout=600, check=False)
+    finally:
+        proxy.stop()
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert all(rows(r.stdout)[(name, "shards")].startswith("downloaded") for name in NAMES), r.stdout
+    assert origin_files(proxy) == sorted(f["path"] for f in locked_files(project))  # one copy from the origin
+    assert "stripe by stripe" in r.stdout + r.stderr
+    assert_all_verified(project, keys)
+    assert peer_servers_left(hosts) == []
+    assert all(h.exec("sh", "-c", "ls -d /srv/models/.staging/shards/*.pieces", check=False).returncode != 0 for h in hosts)  # records cleaned up
+
+
 def test_a_peer_killed_mid_transfer_is_dropped_and_the_others_finish(project: Project, keys: Path, hosts: list[SshHost], relays: dict[str, TcpCounter],
                                                                      hub: Hub) -> None:
     write_inventory(project, keys, relays, p1={"peer_max_rate": 500_000})  # p1 serves slowly: the kill lands mid-file

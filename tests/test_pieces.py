@@ -28,7 +28,7 @@ from ops.models.peer_client import fetch_from_peers
 from ops.models.pieces import PieceCheck, hash_pieces, parse_piece_size, piece_count
 from ops.models.sources.base import FetchJob
 from ops.models.store import Store
-from ops.remote.peers import FANOUT, fanout_degree, levels
+from ops.remote.peers import Run, depth, fanout_stripes, stripe_plan
 from testbed.helpers import ROOT, Project
 from testbed.origin import Origin
 
@@ -106,14 +106,46 @@ def test_a_lock_whose_pieces_are_inconsistent_is_refused(file: dict, needle: str
         parse_lock(lock_data(**file), Path("models.lock"))
 
 
-def test_the_fan_out_degree_follows_the_fleet_and_the_pieces() -> None:
-    assert levels(1, 2) == 0 and levels(2, 2) == 1 and levels(7, 2) == 2 and levels(8, 2) == 3 and levels(8, 1) == 7
+@pytest.mark.parametrize(("hosts", "stripes"), [(1, 1), (2, 2), (3, 2), (2, 4), (4, 4), (8, 1), (8, 2), (9, 3),
+                                                  (100, 2), (2600, 2), (2600, 3)])
+def test_every_stripe_is_a_tree_from_the_origin_and_each_host_feeds_about_as_much_as_it_takes(hosts: int, stripes: int) -> None:
+    plan = stripe_plan(hosts, stripes)
+    assert plan[0] == [-1] * stripes and all(0 <= src < hosts and src != h for h in range(1, hosts) for src in plan[h])
+    for s in range(stripes):  # every host reaches the origin in this stripe, without a loop
+        for h in range(hosts):
+            seen, at = set(), h
+            while at >= 0:
+                assert at not in seen
+                seen.add(at)
+                at = plan[at][s]
+    fed = [sum(plan[h][s] == g for h in range(hosts) for s in range(stripes)) for g in range(hosts)]
+    assert fed[0] == (stripes if hosts > 1 else 0)  # the root sends each stripe once
+    assert max(fed[1:], default=0) <= stripes + 1  # a host sends d stripes-worth at most (+1 where the inner hosts' places run out)
+    assert depth(plan) <= (hosts if stripes == 1 else 2 + 2 * max(1, hosts).bit_length())
+
+
+def test_a_chain_for_a_few_hosts_stripes_for_many_and_whole_files_without_pieces() -> None:
+    assert stripe_plan(4, 1) == [[-1], [0], [1], [2]]
     gb3 = LockedModel(name="m", source=MODEL.source, revision=None, commit=COMMIT, spec="0" * 16,
                       files=tuple(LockedFile(f"{i}.bin", 750 << 20, SHA, 64 << 20, ("0" * 64,) * 12) for i in range(4)))
-    assert fanout_degree(8, [gb3]) == 1  # cut-through: a chain passes a piece on at the link's full rate
-    assert fanout_degree(2600, [gb3]) == 2 and fanout_degree(10_000, [gb3]) == 2
+    assert fanout_stripes(2, [gb3]) == 1 and fanout_stripes(2600, [gb3]) == 2 and fanout_stripes(10_000, [gb3]) in (2, 3)
     whole = replace(gb3, files=tuple(replace(f, piece_size=0, pieces=()) for f in gb3.files))
-    assert fanout_degree(8, [whole]) == fanout_degree(2600, [whole]) == FANOUT  # store-and-forward
+    assert fanout_stripes(8, [whole]) == 0  # store-and-forward
+
+
+def test_a_striped_host_takes_each_stripe_from_its_source_or_from_above_it_when_that_source_failed() -> None:
+    names = [f"h{i}" for i in range(7)]
+    run = Run("h0", hosts=names, stripes=2)
+    for n in names:
+        if n != "h3":
+            run.join(n, f"http://{n}:1")
+    run.release("h3", None, ok=False)  # h3 failed before it joined
+    plan = stripe_plan(7, 2)
+    who, urls = run.acquire("h6")
+    expected = [names[plan[6][0]], names[plan[6][1]]]
+    expected = [names[plan[3][s]] if e == "h3" else e for s, e in enumerate(expected)]
+    assert who == ",".join(dict.fromkeys(expected)) and urls[:2] == [f"http://{e}:1" for e in expected]
+    assert "http://h3:1" not in urls and run.acquire("h0") == (None, [])
 
 
 # --- real HTTP on loopback ----------------------------------------------------------------------------------------------------------
@@ -176,7 +208,7 @@ def test_a_bad_piece_or_a_peer_dying_mid_piece_costs_that_piece_and_names_the_pe
     assert hostile.asked == list(range(8)) and good.asked == list(range(7, len(HASHES)))  # the good peer gave only from the failed piece on
 
 
-def test_pieces_a_crash_left_are_checked_again_and_kept_up_to_the_last_good_one(tmp_path: Path) -> None:
+def test_pieces_a_crash_left_are_checked_again_the_good_ones_kept_and_only_the_rest_asked_for(tmp_path: Path) -> None:
     job = job_in(tmp_path)
     job.partial.mkdir(parents=True)
     left_over = bytearray(BODY[: 10 * PIECE + 99])
@@ -187,7 +219,20 @@ def test_pieces_a_crash_left_are_checked_again_and_kept_up_to_the_last_good_one(
         known, _, notes = fetch_from_peers(MODEL, [FILE], job, [peer.url], TOKEN)
     finally:
         peer.shutdown()
-    assert known == {"w.bin": SHA} and not notes and peer.asked == list(range(6, len(HASHES)))
+    assert known == {"w.bin": SHA} and not notes and peer.asked == [6, *range(10, len(HASHES))]
+
+
+def test_with_two_stripes_each_source_gives_its_stripe_and_takes_over_a_failed_ones(tmp_path: Path) -> None:
+    even, odd = PiecePeer(BODY), PiecePeer(BODY, bad=9)
+    try:
+        known, _, notes = fetch_from_peers(MODEL, [FILE], job_in(tmp_path), [even.url, odd.url], TOKEN, stripes=2)
+    finally:
+        even.shutdown()
+        odd.shutdown()
+    assert known == {"w.bin": SHA} and len(notes) == 1 and f"peer {odd.url} served a bad piece (9)" in notes[0]
+    assert all(k % 2 == 0 for k in even.asked[: even.asked.index(9)]) and all(k % 2 for k in odd.asked)  # each its stripe, until the bad piece
+    assert len(odd.asked) <= 7  # dropped at piece 9 (a second piece may have been asked of it at the same time)
+    assert sorted(set(even.asked) | set(odd.asked)) == list(range(len(HASHES))) and 9 in even.asked  # the even peer took over from 9 on
 
 
 def test_a_lock_whose_pieces_do_not_add_up_to_its_file_is_caught_and_nothing_kept(tmp_path: Path) -> None:
@@ -220,26 +265,30 @@ def peer_server(store: Path, lock: Path, tmp: Path, max_rate: int = 0) -> Iterat
 
 
 def test_a_peer_serves_the_verified_pieces_of_a_file_it_is_still_receiving_and_holds_the_rest(tmp_path: Path) -> None:
-    """Cut-through on a real peer server: host A has verified 10 pieces; host B takes them at once and waits (425) for the rest."""
+    """Cut-through on a real peer server: host A has verified pieces 0-9 and 11 (not 10); host B, two pieces in flight, takes those at once
+    and waits (425) for the rest."""
     a = Store(tmp_path / "a")
     a.partial_dir("m", COMMIT).mkdir(parents=True)
-    (a.partial_dir("m", COMMIT) / "w.bin").write_bytes(BODY[: 12 * PIECE])  # 12 written, 10 verified
-    a.share_prefix("m", COMMIT, "w.bin", 10 * PIECE)
+    (a.partial_dir("m", COMMIT) / "w.bin").write_bytes(BODY[: 12 * PIECE] + bytes(len(BODY) - 12 * PIECE))
+    held = "1" * 10 + "01" + "0" * (len(HASHES) - 12)
+    a.share_pieces("m", COMMIT, "w.bin", held)
     lock = tmp_path / "models.lock"
     lock.write_text(dump_lock(parse_lock(lock_data(piece_size=PIECE, pieces=list(HASHES)), lock)))
     job = job_in(tmp_path / "b")
+    seen: list[str] = ["0" * len(HASHES)]
+    job.on_pieces = lambda path, have: seen.append(have)
     with peer_server(a.root, lock, tmp_path / "serve") as url:
         result: list[object] = []
-        taker = threading.Thread(target=lambda: result.append(fetch_from_peers(MODEL, [FILE], job, [url], TOKEN)))
+        taker = threading.Thread(target=lambda: result.append(fetch_from_peers(MODEL, [FILE], job, [url], TOKEN, stripes=2)))
         taker.start()
         deadline = time.monotonic() + 30
-        while not ((job.partial / "w.bin").exists() and (job.partial / "w.bin").stat().st_size == 10 * PIECE):
+        while seen[-1].count("1") < 11:
             assert time.monotonic() < deadline
             time.sleep(0.05)
         time.sleep(1.0)
-        assert (job.partial / "w.bin").stat().st_size == 10 * PIECE and taker.is_alive()  # never past what A verified
+        assert seen[-1] == held and taker.is_alive()  # exactly what A verified, nothing more
         (a.partial_dir("m", COMMIT) / "w.bin").write_bytes(BODY)  # A's fetch goes on
-        a.share_prefix("m", COMMIT, "w.bin", len(BODY))
+        a.share_pieces("m", COMMIT, "w.bin", "1" * len(HASHES))
         taker.join(60)
     assert not taker.is_alive() and result[0] == ({"w.bin": SHA}, [], [])
     assert (job.staging / "w.bin").read_bytes() == BODY

@@ -39,12 +39,13 @@ class ModelRequest:
     workers: int = 8
     peers: tuple[str, ...] = ()  # fetch: hosts to take verified files from first (http://addr:port)
     share: bool = False  # fetch: offer each verified file to this host's peers before activation
+    stripes: int = 1  # fetch: files with pieces take piece k from the (k mod stripes)-th peer first
     pieces: int = 0  # lock: record each file's piece hashes, pieces of this many bytes (0: keep what the lock has)
 
     @classmethod
     def parse(cls, command: str, *, models: str | None = None, manifest: str | Path | None = None, lock: str | Path | None = None,
               dest: str | Path | None = None, full: bool = False, workers: object = None, peers: str | None = None, share: bool = False,
-              pieces: str | None = None) -> ModelRequest:
+              pieces: str | None = None, stripes: object = None) -> ModelRequest:
         """From flag values as a command line gives them (strings or None)."""
         return cls(
             command=settings.choice("command", command, MODEL_COMMANDS),
@@ -57,6 +58,7 @@ class ModelRequest:
             peers=tuple(check_peer(url) for url in settings.names(peers)),
             share=share,
             pieces=parse_piece_size(pieces) if pieces else 0,
+            stripes=int(settings.number("--stripes", stripes, default=cls.stripes, minimum=1, maximum=16)),
         )
 
 
@@ -80,7 +82,7 @@ def run(req: ModelRequest) -> Report:
         return lock_models(manifest_path=manifest, lock_path=lock, names=names, piece_size=req.pieces, dest=dest)
     settings.check_store_dir(dest, "--dest" if req.dest else "MODELS_DIR")
     if req.command == "fetch":
-        peers = Peers(req.peers, os.environ.get(PEER_TOKEN, ""), share=req.share)
+        peers = Peers(req.peers, os.environ.get(PEER_TOKEN, ""), share=req.share, stripes=req.stripes)
         return fetch(manifest_path=manifest, lock_path=lock, names=names, dest=dest, workers=req.workers, manifest_explicit=explicit, peers=peers)
     return verify_models(manifest_path=manifest, lock_path=lock, names=names, dest=dest, workers=req.workers, manifest_explicit=explicit, full=req.full)
 

@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "fetch":
             p.add_argument("--peers", help="comma-separated http://HOST:PORT of hosts serving verified files (peer-serve): tried before the source; "
                                            "their secret comes as BAKEHOUSE_PEER_TOKEN with --env-stdin")
+            p.add_argument("--stripes", help="files with pieces: piece k is asked first of the (k mod N)-th of --peers (default 1)")
             p.add_argument("--share", action="store_true", help="offer each file to this host's peer server as soon as its bytes match the lock "
                                                                "(before the model is activated), so peers fetching from this host need not wait for the whole model")
     serve = sub.add_parser("peer-serve", help="serve this store's verified files to peers", description="serve this store's verified files to peers")
@@ -90,7 +91,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             os.environ.update(read_env_lines(sys.stdin))
         report = run(ModelRequest.parse(args.command, models=args.models, manifest=args.manifest, lock=args.lock, dest=args.dest,
                                         full=getattr(args, "full", False), workers=args.workers, peers=getattr(args, "peers", None),
-                                        share=getattr(args, "share", False), pieces=getattr(args, "pieces", None)))
+                                        share=getattr(args, "share", False), pieces=getattr(args, "pieces", None),
+                                        stripes=getattr(args, "stripes", None)))
     except BakehouseError as exc:
         print(f"error: {exc}", file=sys.stderr)
         if args.json:

@@ -41,6 +41,7 @@ class Peers:
     urls: tuple[str, ...] = ()
     token: str = ""
     share: bool = False
+    stripes: int = 1  # files with pieces: piece k is asked of urls[k % stripes] first
 
 
 def fetch_locked(models: Sequence[LockedModel], store: Store, *, workers: int = 8, tty: bool | None = None, peers: Peers | None = None) -> list[Outcome]:
@@ -151,7 +152,7 @@ def preflight(store: Store, models: Sequence[LockedModel]) -> None:
 def _take_files(store: Store, m: LockedModel, needed: list[LockedFile], job: FetchJob, peers: Peers) -> tuple[list[str], list[str]]:
     """Every needed file into staging (from peers first, then the source), then the whole staging checked against the lock; the notes and warnings."""
     try:
-        known, left, notes = fetch_from_peers(m, needed, job, peers.urls, peers.token) if peers.urls and needed else ({}, needed, [])
+        known, left, notes = fetch_from_peers(m, needed, job, peers.urls, peers.token, peers.stripes) if peers.urls and needed else ({}, needed, [])
         for note in notes:
             log.warning("%s: %s", m.name, note)
         if left:
@@ -184,7 +185,7 @@ def _fetch_one(store: Store, m: LockedModel, *, workers: int, tty: bool | None, 
                        range_slots=threading.BoundedSemaphore(ranges_wanted()))
         if peers.share:
             job.on_verified = lambda path, at: store.share(m.name, m.commit, path, at)
-            job.on_prefix = lambda path, verified: store.share_prefix(m.name, m.commit, path, verified)
+            job.on_pieces = lambda path, have: store.share_pieces(m.name, m.commit, path, have)
         try:
             notes, warnings = _take_files(store, m, needed, job, peers)
             store.promote(m.name, m.commit)

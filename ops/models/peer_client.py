@@ -11,11 +11,12 @@ from __future__ import annotations
 import http.client
 import threading
 import urllib.parse
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-from ops.errors import BadPieceError, Cancelled, PeerError, SourceError, VerificationError
+from ops.errors import Cancelled, PeerError, SourceError, VerificationError
 from ops.models.lock import LockedFile, LockedModel
+from ops.models.peer_pieces import take_pieces
 from ops.models.sources.base import FetchJob
 from ops.models.sources.transfer import HashingWriter, receive_file
 
@@ -24,8 +25,10 @@ PEER_TIMEOUT = 30.0  # seconds a peer may stay silent, connecting or mid-file, b
 READ_BYTES = 1 << 20
 
 
-def fetch_from_peers(model: LockedModel, files: Sequence[LockedFile], job: FetchJob, peers: Sequence[str], token: str) -> tuple[dict[str, str], list[LockedFile], list[str]]:
-    """Take each file from the first peer that serves the locked bytes, `job.workers` files at once.
+def fetch_from_peers(model: LockedModel, files: Sequence[LockedFile], job: FetchJob, peers: Sequence[str], token: str,
+                     stripes: int = 1) -> tuple[dict[str, str], list[LockedFile], list[str]]:
+    """Take each file from the first peer that serves the locked bytes, `job.workers` files at once; a file with pieces piece by
+    piece (ops.models.peer_pieces), piece k from the first `stripes` peers in turn.
 
     Returns the verified hashes, the files no peer could give (the source fetches those), and what went wrong with which peer.
     """
@@ -48,7 +51,7 @@ def fetch_from_peers(model: LockedModel, files: Sequence[LockedFile], job: Fetch
 
     def one(f: LockedFile) -> None:
         if f.pieces:
-            sha = take_pieces(model, f, job, live, drop, headers)
+            sha = take_pieces(model, f, job, peers, stripes, live, drop, headers)
             with guard:
                 if sha:
                     known[f.path] = sha
@@ -114,62 +117,6 @@ def take_file(url: str, headers: dict[str, str], f: LockedFile, job: FetchJob, *
             raise PeerError.of(peer, f.path, f"ended after {writer.tell()} of {f.size} bytes")
 
     return receive_file(f, job, fill)
-
-
-def take_pieces(model: LockedModel, f: LockedFile, job: FetchJob, live: Callable[[], list[str]], drop: Callable[[str, str], None],
-                headers: dict[str, str]) -> str | None:
-    """A file whose pieces the lock pins, piece by piece from the first live peer that has each (cut-through: a peer serves the
-    pieces it has verified while it still receives the rest). A bad piece, or a peer that fails mid-piece, costs that piece: the
-    peer is dropped and named, and the piece is asked of the next one. None when no peer is left (the origin gives the rest)."""
-
-    def fill(writer: HashingWriter, have: int) -> None:
-        for peer in live():
-            try:
-                pull_pieces(f"{peer}/{model.name}/{model.commit}/{f.path}", headers, f, writer, job, peer=peer)
-                return
-            except BadPieceError as exc:
-                drop(peer, f"peer {peer} served a bad piece ({exc.index}) of {f.path}; dropped it and took the piece elsewhere")
-            except PeerError as exc:
-                drop(peer, f"peer {peer} failed for {f.path} ({exc.why}); dropped it and took the rest elsewhere")
-            assert writer.check is not None
-            writer.truncate(writer.check.verified)  # what arrived of the failed piece is not kept
-        raise PeerError.of("(none left)", f.path, "no live peer has it")
-
-    try:
-        return receive_file(f, job, fill)
-    except PeerError:
-        return None
-
-
-def pull_pieces(url: str, headers: dict[str, str], f: LockedFile, writer: HashingWriter, job: FetchJob, *, peer: str) -> None:
-    """From the writer's (piece-aligned) position to the end, one ranged GET a piece; 425 (not there yet) is asked again."""
-    parts = urllib.parse.urlsplit(url)
-    buffer = memoryview(bytearray(min(READ_BYTES, f.piece_size)))
-    while (at := writer.tell()) < f.size:
-        start, length = f.piece_range(at // f.piece_size)
-        asked = f"bytes {start}-{start + length - 1}/"
-        # A connection per piece: one kept open while a peer holds a 425 would be closed by its idle timeout and read as its death.
-        conn = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=PEER_TIMEOUT)
-        try:
-            conn.request("GET", parts.path, headers=headers | {"range": f"bytes={start}-{start + length - 1}"})
-            answer = conn.getresponse()
-            if answer.status == 425:
-                answer.read()
-                if job.cancel.wait(POLL_SECONDS):
-                    raise Cancelled()
-                continue
-            if answer.status != 206 or not (answer.getheader("content-range") or "").startswith(asked):
-                raise PeerError.of(peer, f.path, f"answered {answer.status} {answer.getheader('content-range') or ''} when asked for {asked.rstrip('/')}")
-            got = 0
-            while got < length and (n := answer.readinto(buffer[: min(len(buffer), length - got)])):
-                writer.write(buffer[:n])  # the piece is checked as its last byte is written
-                got += n
-            if got < length:
-                raise PeerError.of(peer, f.path, f"ended after {got} of {length} bytes of a piece")
-        except (OSError, http.client.HTTPException) as exc:
-            raise PeerError.of(peer, f.path, f"{type(exc).__name__}: {exc}") from exc
-        finally:
-            conn.close()
 
 
 def await_file(url: str, headers: dict[str, str], job: FetchJob, *, peer: str) -> None:

@@ -10,10 +10,9 @@ with `fetch --share`, the files whose hash already matched the lock (hard
 links under `.staging/<name>/<commit>.ready/`): a file is passed on as soon as
 it is verified, not when the whole model is, so the copies down a chain of
 hosts overlap. With a lock that has pieces, it goes further (cut-through): a
-Range request within the leading pieces of a file still arriving that already
-matched the lock (`.staging/<name>/<commit>.pieces/<path>` says how many
-bytes) is served from the partial file, so a file passes down the chain a
-piece at a time. For a file of a commit the host's lock (`--lock`, the one its
+Range request for pieces of a file still arriving that already matched the
+lock (`.staging/<name>/<commit>.pieces/<path>` says which) is served from
+the partial file, so a file passes from host to host a piece at a time. For a file of a commit the host's lock (`--lock`, the one its
 fetch follows) pins but not activated here yet, it answers 425 (still on its
 way) after holding the request a moment in case it lands, and the asking host
 asks again; a host whose fetch fails has its
@@ -41,7 +40,7 @@ from typing import Any
 from ops.errors import BakehouseError
 from ops.models import safefs, values
 from ops.models.lock import load_lock, safe_relpath
-from ops.models.pieces import read_verified
+from ops.models.pieces import piece_count, read_have
 from ops.models.stamp import FileStat, read_stamp
 from ops.models.store import STAGING, Store
 
@@ -56,6 +55,7 @@ PER_CLIENT = 16  # connections one address may hold at once (a host fetching wit
 
 
 Locked = Mapping[tuple[str, str, str], int]  # (model, commit, path) -> size, from this host's lock
+Pieces = Mapping[tuple[str, str, str], tuple[int, int]]  # (model, commit, path) -> (size, piece size), for the files the lock has pieces of
 
 
 def file_path(root: Path, name: str, commit: str, path: str, locked: Locked | None = None) -> Path | None:
@@ -79,23 +79,23 @@ def file_path(root: Path, name: str, commit: str, path: str, locked: Locked | No
     return ready if st is not None and size is not None and st.st_size == size else None
 
 
-def growing_file(root: Path, name: str, commit: str, path: str, locked: Locked | None = None) -> tuple[int, int] | None:
-    """A file this host's `fetch --share` is still receiving, for a lock with pieces: an open descriptor of its partial file and how
-    many leading bytes matched the lock's pieces (`.pieces/<path>`), or None. The caller closes the descriptor."""
+def growing_file(root: Path, name: str, commit: str, path: str, pieces: Pieces | None = None) -> tuple[int, str] | None:
+    """A file this host's `fetch --share` is still receiving, for a lock with pieces: an open descriptor of its partial file and
+    which of its pieces matched the lock (`.pieces/<path>`), or None. The caller closes the descriptor."""
     rel = _valid(name, commit, path)
-    size = (locked or {}).get((name, commit, rel or ""))
-    if rel is None or size is None:
+    shape = (pieces or {}).get((name, commit, rel or ""))
+    if rel is None or shape is None:
         return None
     store = Store(root)
-    verified = read_verified(store.pieces_dir(name, commit) / rel, size)
+    have = read_have(store.pieces_dir(name, commit) / rel, piece_count(*shape))
     partial = store.partial_dir(name, commit) / rel
-    if not verified or _real_file(root, partial) is None:
+    if "1" not in have or _real_file(root, partial) is None:
         return None
     try:
         fd = os.open(partial, os.O_RDONLY | os.O_NOFOLLOW)
     except OSError:
         return None
-    return fd, verified
+    return fd, have
 
 
 def asked_range(header: str) -> tuple[int, int] | None:
@@ -131,8 +131,8 @@ def _valid(name: str, commit: str, path: str) -> str | None:
         return None
 
 
-def peer_app(root: Path, token: str, *, coming: Collection[tuple[str, str]] = (), locked: Locked | None = None, max_rate: int = 0,
-             deadline: float = 0.0) -> Any:
+def peer_app(root: Path, token: str, *, coming: Collection[tuple[str, str]] = (), locked: Locked | None = None, pieces: Pieces | None = None,
+             max_rate: int = 0, deadline: float = 0.0) -> Any:
     """The ASGI app: GET or HEAD /<name>/<commit>/<path> with `Authorization: Bearer <token>`; 425 for a file still on its way here."""
     import anyio
     from starlette.applications import Starlette
@@ -143,15 +143,16 @@ def peer_app(root: Path, token: str, *, coming: Collection[tuple[str, str]] = ()
     class BigChunks(FileResponse):
         chunk_size = 1 << 20  # Starlette's 64 KiB costs a thread hop per chunk: 1.8 s of a core per GB served, 0.7 s with 1 MiB
 
-    def prefix_response(request: Request, p: Mapping[str, str]) -> Response | None:
-        """A range within the verified prefix of a file still arriving (cut-through, a lock with pieces); None if it is not there yet."""
+    def piece_response(request: Request, p: Mapping[str, str]) -> Response | None:
+        """A range of verified pieces of a file still arriving (cut-through, a lock with pieces); None if they are not all here yet."""
         wanted = asked_range(request.headers.get("range", ""))
-        growing = growing_file(root, p["name"], p["commit"], p["path"], locked) if wanted else None
+        growing = growing_file(root, p["name"], p["commit"], p["path"], pieces) if wanted else None
         if growing is None or wanted is None:
             return None
-        fd, verified = growing
+        fd, have = growing
         start, end = wanted
-        if end > verified:
+        size, piece_size = (pieces or {})[(p["name"], p["commit"], p["path"])]
+        if end > size or "0" in have[start // piece_size : -(-end // piece_size)]:
             os.close(fd)
             return None
 
@@ -167,7 +168,6 @@ def peer_app(root: Path, token: str, *, coming: Collection[tuple[str, str]] = ()
             finally:
                 os.close(fd)
 
-        size = (locked or {})[(p["name"], p["commit"], p["path"])]
         headers = {"content-range": f"bytes {start}-{end - 1}/{size}", "content-length": str(end - start), "cache-control": "no-store"}
         if request.method == "HEAD":
             os.close(fd)
@@ -184,7 +184,7 @@ def peer_app(root: Path, token: str, *, coming: Collection[tuple[str, str]] = ()
         target = file_path(root, p["name"], p["commit"], p["path"], locked)
         held = time.monotonic() + HOLD_SECONDS
         while target is None and still_coming(root, p["name"], p["commit"], p["path"], coming):
-            if (piece := prefix_response(request, p)) is not None:
+            if (piece := piece_response(request, p)) is not None:
                 return piece
             if time.monotonic() >= held:
                 break
@@ -261,6 +261,7 @@ def serve(root: Path, bind: str, port: int, token_file: Path, port_file: Path, *
     models = load_lock(lock).models.values() if lock else ()
     coming = frozenset((m.name, m.commit) for m in models)
     locked = {(m.name, m.commit, f.path): f.size for m in models for f in m.files}
+    pieces = {(m.name, m.commit, f.path): (f.size, f.piece_size) for m in models for f in m.files if f.pieces}
     import uvicorn
 
     try:
@@ -282,7 +283,7 @@ def serve(root: Path, bind: str, port: int, token_file: Path, port_file: Path, *
     os.replace(tmp, port_file)
     # Idle, slow and too many connections from one address are closed (guarded_protocol): clients that only hold connections
     # open cannot starve the peers that fetch.
-    config = uvicorn.Config(peer_app(root, token, coming=coming, locked=locked, max_rate=max_rate, deadline=time.time() + seconds), log_level="warning",
+    config = uvicorn.Config(peer_app(root, token, coming=coming, locked=locked, pieces=pieces, max_rate=max_rate, deadline=time.time() + seconds), log_level="warning",
                             timeout_graceful_shutdown=1, timeout_keep_alive=IDLE_SECONDS, http=guarded_protocol())
     server = uvicorn.Server(config)
     # At the run's deadline the socket closes: a server orphaned by a lost controller does not listen for ever.

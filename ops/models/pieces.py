@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -83,28 +84,34 @@ class PieceCheck:
         self.on_verified(self.verified)
 
 
-def write_verified(root: Path, record: Path, verified: int) -> None:
-    """Publish how many leading bytes of a file in flight are verified (a peer server reads it): written whole, then renamed."""
+def prefix_bits(verified: int, piece_size: int, count: int) -> str:
+    """The pieces record of a file whose first `verified` bytes (whole pieces, or the whole file) are checked: '1' for each piece held."""
+    held = min(count, -(-verified // piece_size))
+    return "1" * held + "0" * (count - held)
+
+
+def write_have(root: Path, record: Path, have: str) -> None:
+    """Publish which pieces of a file in flight are verified ('1') for this host's peer server: written whole, then renamed."""
     from ops.models import safefs
 
     safefs.makedirs(root, record.parent)
-    tmp = record.with_name(f".{record.name}.{os.getpid()}.tmp")
+    tmp = record.with_name(f".{record.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     fd = safefs.open_file(root, tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     try:
-        os.write(fd, str(verified).encode())
+        os.write(fd, have.encode())
     finally:
         os.close(fd)
     os.replace(tmp, record)
 
 
-def read_verified(record: Path, size: int) -> int:
-    """What a record says (0 when absent or not ours): never more than the lock's size."""
+def read_have(record: Path, count: int) -> str:
+    """What a record says: exactly `count` '0'/'1' characters, or all '0' when it is absent, a link or not one of ours."""
     try:
         fd = os.open(record, os.O_RDONLY | os.O_NOFOLLOW)
     except OSError:
-        return 0
+        return "0" * count
     try:
-        text = os.read(fd, 32).decode(errors="replace").strip()
+        text = os.read(fd, count + 1).decode(errors="replace")
     finally:
         os.close(fd)
-    return min(int(text), size) if text.isdigit() else 0
+    return text if len(text) == count and set(text) <= {"0", "1"} else "0" * count

@@ -8,8 +8,8 @@
     $MODELS_DIR/.staging/<name>/<commit>.partial/  bytes still arriving
     $MODELS_DIR/.staging/<name>/<commit>.ready/    fetch --share: hard links to the staging files whose
                                                    bytes already matched the lock (a peer may serve them)
-    $MODELS_DIR/.staging/<name>/<commit>.pieces/   fetch --share, a lock with pieces: per file in flight, how many
-                                                   leading bytes (whole pieces) matched the lock (a peer may serve those)
+    $MODELS_DIR/.staging/<name>/<commit>.pieces/   fetch --share, a lock with pieces: per file in flight, which of
+                                                   its pieces matched the lock ('0'/'1' a piece; a peer may serve those)
 
 Names and commits come validated from models.lock, so every path here stays
 below the root; every write goes through `safefs`, so none follows a link.
@@ -78,11 +78,11 @@ class Store:
     def pieces_dir(self, name: str, commit: str) -> Path:
         return self.root / STAGING / name / f"{commit}.pieces"
 
-    def share_prefix(self, name: str, commit: str, path: str, verified: int) -> None:
-        """Offer the first `verified` bytes of a file still arriving (whole pieces that matched the lock) to peers."""
-        from ops.models.pieces import write_verified
+    def share_pieces(self, name: str, commit: str, path: str, have: str) -> None:
+        """Offer the pieces of a file still arriving that matched the lock ('1' in `have`) to peers."""
+        from ops.models.pieces import write_have
 
-        write_verified(self.root, self.pieces_dir(name, commit) / path, verified)
+        write_have(self.root, self.pieces_dir(name, commit) / path, have)
 
     def clean_ready(self, name: str, commit: str) -> None:
         safefs.remove(self.root, self.ready_dir(name, commit))

@@ -38,8 +38,8 @@ class FetchJob:
     cancel: threading.Event = field(default_factory=threading.Event)
     # Called with a file's path in the model and where it is, once its bytes matched the lock (fetch --share offers it to peers).
     on_verified: Callable[[str, Path], None] = lambda path, at: None
-    # Called with a file's path and how many of its leading bytes (whole pieces, for a lock with pieces) matched the lock so far.
-    on_prefix: Callable[[str, int], None] = lambda path, verified: None
+    # For a lock with pieces: called with a file's path and which of its pieces matched the lock so far ('1' each, '0' the others).
+    on_pieces: Callable[[str, str], None] = lambda path, have: None
 
 
 class Source(Protocol):

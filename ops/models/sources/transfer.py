@@ -30,7 +30,7 @@ from ops.errors import (
 )
 from ops.models import safefs
 from ops.models.lock import LockedFile
-from ops.models.pieces import PieceCheck
+from ops.models.pieces import PieceCheck, prefix_bits
 from ops.models.sources.base import FetchJob
 
 log = logging.getLogger("bakehouse.fetch")
@@ -163,7 +163,8 @@ def piece_check(file: LockedFile, job: FetchJob) -> PieceCheck | None:
     """For a lock with pieces: each piece checked as it completes, and the verified prefix offered to peers (fetch --share)."""
     if not file.pieces:
         return None
-    return PieceCheck(file.path, file.size, file.piece_size, file.pieces, lambda verified: job.on_prefix(file.path, verified))
+    return PieceCheck(file.path, file.size, file.piece_size, file.pieces,
+                      lambda verified: job.on_pieces(file.path, prefix_bits(verified, file.piece_size, len(file.pieces))))
 
 
 def download_all(downloads: Sequence[Download], job: FetchJob, *, source: str) -> dict[str, str]:

@@ -1,0 +1,290 @@
+"""Peer fan-out at fleet scale, simulated, calibrated against the measured runs of bench/fleet.py.
+
+    python -m bench.fanout_sim [--measure-cpu-mb 512]
+
+A fluid model of `fetch-models --fan-out peers`: hosts in join order form the tree the controller builds (host i takes
+from host (i - 1) // d, the root from the origin), every host pulls from its source as fast as the slowest of these
+allows: its own link, its source's upload shared among the children pulling at that moment, the origin's egress, the
+host's disk, and its CPU (the real code's cost per byte moved, measured here on this machine: sending, receiving,
+sha256 of the file and, with pieces, of each piece). What a source can give: store-and-forward, the files it has
+completed; cut-through, the whole pieces it has verified. Slow hosts (a tenth of the link) and hosts that die mid-run
+(their children move to the dead host's source, keeping what they have) can be mixed in.
+
+Calibration: with the measured runs' own conditions (every host on this one machine: 2 cores and one disk shared,
+the origin at 50 MB/s, the 947 MB model in 4 files), the simulator must reproduce bench/results/fleet.json's
+1/4/8-host peer runs, store-and-forward and cut-through, within 15 %; the one fitted number is the fixed set-up time
+of a run (SSH, bootstrap, peer server start), taken from the 1-host runs. Then it projects 100 to 10,000 hosts with
+hosts of their own (300 MB/s links as Kraken's agents are capped, NVMe disks, the CPU cost per byte measured here).
+Writes bench/results/fanout-sim.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+
+from bench.common import RESULTS, ROOT, cpu_line, machine, markdown_table, save_results
+
+DISK = 2e9  # bytes/s a projected host writes (an NVMe disk)
+CORES = 8  # a projected host's cores
+CONTROLLER_CORES = 8  # the control machine's, for the start spread
+KRAKEN = {"hosts": 2600, "model_gb": 3.0, "p50_s": 10.0, "p99_s": 18.0, "link_mb_s": 300.0}  # Uber's published figure (Kraken's README)
+
+
+@dataclass(frozen=True)
+class Fleet:
+    hosts: int
+    files: tuple[int, ...]  # bytes of each file, fetched largest first
+    piece: int  # 0: store-and-forward (a file passes on whole once verified); else cut-through in pieces of this size
+    degree: int
+    origin_rate: float  # bytes/s, all downloads from the origin together
+    link_rate: float  # bytes/s a host sends or receives
+    disk_rate: float  # bytes/s a host writes (shared: the machine's one disk)
+    cores: float  # a host's cores (shared: the machine's)
+    recv_cpu: float  # core-seconds per byte received (receive, sha256, pieces' sha256, write)
+    send_cpu: float  # core-seconds per byte sent by a peer server
+    origin_cpu: float = 0.0  # core-seconds per byte the origin serves, where it runs on the same machine (the calibration runs)
+    shared: bool = False  # every host on one machine: cores and disk are the machine's, shared by all
+    setup_s: float = 0.0  # a run's fixed cost before bytes move (SSH, bootstrap, peer servers)
+    start_spread_s: float = 0.0  # the controller's cost per host before the host starts (hosts start one after another by this)
+    slow: float = 0.0  # fraction of hosts whose link runs at a tenth
+    dead: float = 0.0  # fraction of hosts that die mid-run
+    seed: int = 0
+
+    @property
+    def size(self) -> int:
+        return sum(self.files)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    p50_s: float
+    p99_s: float
+    last_s: float
+    origin_copies: float  # origin egress over the model's size
+
+
+def available(received: np.ndarray, fleet: Fleet, bounds: np.ndarray) -> np.ndarray:
+    """What each host can pass on: whole files it has (store-and-forward) or whole verified pieces (cut-through)."""
+    done = received >= fleet.size
+    if fleet.piece:
+        # pieces never span files: the whole pieces of each file, the files in order
+        have = np.zeros_like(received)
+        for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+            within = np.clip(received - start, 0, end - start)
+            have += np.where(within >= end - start, end - start, (within // fleet.piece) * fleet.piece)
+        return np.where(done, fleet.size, have)
+    whole = np.zeros_like(received)
+    for end in bounds[1:]:
+        whole = np.where(received >= end, end, whole)
+    return np.where(done, fleet.size, whole)
+
+
+def simulate(fleet: Fleet, dt: float = 0.01, limit_s: float = 3600.0) -> Outcome:
+    n = fleet.hosts
+    rng = np.random.default_rng(fleet.seed)
+    parent = (np.arange(n) - 1) // fleet.degree  # -1: the origin
+    link = np.full(n, fleet.link_rate)
+    link[rng.random(n) < fleet.slow] = fleet.link_rate / 10
+    dies_at = np.where(rng.random(n) < fleet.dead, rng.uniform(0, fleet.size / fleet.link_rate, n) + fleet.setup_s, np.inf)
+    dies_at[0] = np.inf if fleet.dead < 1 else dies_at[0]
+    starts = fleet.setup_s + np.arange(n) * fleet.start_spread_s
+    received = np.zeros(n)
+    finished = np.full(n, np.inf)
+    alive = np.ones(n, dtype=bool)
+    bounds = np.concatenate([[0], np.cumsum(sorted(fleet.files, reverse=True))]).astype(float)
+    from_origin = 0.0
+    t = 0.0
+    while t < limit_s and np.any(alive & ~np.isfinite(finished)):
+        for h in np.nonzero(alive & (dies_at <= t))[0]:  # the dead host's children move to its source
+            alive[h] = False
+            parent[parent == h] = parent[h]
+        src_have = np.where(parent >= 0, available(received, fleet, bounds)[np.maximum(parent, 0)], fleet.size)
+        pulling = alive & (t >= starts) & (received < src_have)
+        children = np.bincount(parent[pulling & (parent >= 0)], minlength=n)
+        origin_pullers = np.count_nonzero(pulling & (parent < 0))
+        up = np.where(parent >= 0, link[np.maximum(parent, 0)] / np.maximum(children[np.maximum(parent, 0)], 1),
+                      fleet.origin_rate / max(origin_pullers, 1))
+        rate = np.where(pulling, np.minimum(link, up), 0.0)
+        sending = np.bincount(parent[pulling & (parent >= 0)], weights=rate[pulling & (parent >= 0)], minlength=n)
+        if fleet.shared:  # one machine: its cores and its disk are shared by every host and the origin
+            cpu = rate.sum() * fleet.recv_cpu + sending.sum() * fleet.send_cpu + rate[parent < 0].sum() * fleet.origin_cpu
+            scale = min(1.0, fleet.cores / cpu if cpu else 1.0, fleet.disk_rate / rate.sum() if rate.sum() else 1.0)
+            rate = rate * scale
+        else:
+            cpu = rate * fleet.recv_cpu + sending * fleet.send_cpu
+            own = np.minimum(1.0, np.minimum(np.divide(fleet.cores, cpu, out=np.ones(n), where=cpu > 0),
+                                             np.divide(fleet.disk_rate, rate, out=np.ones(n), where=rate > 0)))
+            rate = rate * np.minimum(own, np.where(parent >= 0, own[np.maximum(parent, 0)], 1.0))
+        step = np.minimum(rate * dt, src_have - received)
+        received += np.where(pulling, step, 0)
+        from_origin += float(step[pulling & (parent < 0)].sum())
+        t += dt
+        finished = np.where(np.isfinite(finished) | ~alive | (received < fleet.size), finished, t)
+    times = finished[alive & np.isfinite(finished)]
+    return Outcome(float(np.percentile(times, 50)), float(np.percentile(times, 99)), float(times.max()), from_origin / fleet.size)
+
+
+def measure_cpu(megabytes: int, piece: int) -> tuple[float, float]:
+    """Core-seconds per byte of the real code, receiving (fetch from a peer) and sending (peer-serve), on this machine."""
+    from ops.models.lock import LockedFile, LockedModel
+    from ops.models.peer_client import fetch_from_peers
+    from ops.models.pieces import hash_pieces
+    from ops.models.sources.base import FetchJob
+    from ops.models.stamp import write_stamp
+    from ops.models.store import Store
+
+    body = os.urandom(megabytes << 20)
+    sha = hashlib.sha256(body).hexdigest()
+    with tempfile.TemporaryDirectory(dir=ROOT / "bench" / "work") as tmp:
+        root = Path(tmp)
+        src = Store(root / "src").commit_dir("m", sha)
+        src.mkdir(parents=True)
+        (src / "w.bin").write_bytes(body)
+        write_stamp(src, "digest", {"w.bin": sha})
+        pieces = hash_pieces(src / "w.bin", piece)[1] if piece else ()
+        f = LockedFile("w.bin", len(body), sha, piece if piece else 0, pieces)
+        model = LockedModel("m", "http://127.0.0.1:9/w.bin", None, sha, "0" * 16, (f,))
+        (root / "token").write_text("t" * 32)
+        server = subprocess.Popen([sys.executable, "-m", "ops.models", "peer-serve", "--dest", str(root / "src"), "--bind", "127.0.0.1", "--token-file",
+                                   str(root / "token"), "--port-file", str(root / "port"), "--seconds", "600"], env={**os.environ, "PYTHONPATH": str(ROOT)})
+        while not (root / "port").exists():
+            time.sleep(0.05)
+        dst = Store(root / "dst")
+        job = FetchJob(root=root / "dst", staging=dst.staging_dir("m", sha), partial=dst.partial_dir("m", sha),
+                       progress=SimpleNamespace(update=lambda n: None))  # type: ignore[arg-type]
+        (root / "dst").mkdir()
+        before = resource.getrusage(resource.RUSAGE_SELF)
+        known, _, _ = fetch_from_peers(model, [f], job, [f"http://127.0.0.1:{(root / 'port').read_text()}"], "t" * 32)
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        assert known == {"w.bin": sha}
+        server.terminate()
+        server.wait()
+        served = resource.getrusage(resource.RUSAGE_CHILDREN)
+    recv = (after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime) / len(body)
+    send = (served.ru_utime + served.ru_stime) / len(body)
+    return recv, send
+
+
+def calibration(measured: dict, recv_cpu: dict[int, float], send_cpu: float) -> list[dict]:
+    """The measured 1/4/8-host runs against the simulator under their conditions; set-up time fitted on the 1-host run of each mode."""
+    from ops.remote.peers import FANOUT
+
+    results = measured["results"]
+    files = tuple(measured.get("files") or [measured["model_bytes"] // 4] * 4)
+    piece = 64 << 20
+    rows = []
+    for mode, p in (("peers", 0), ("pieces", piece)):
+        runs = {r["hosts"]: r for r in results if r["mode"] == mode}
+        if 1 not in runs:
+            continue
+        disk = min(r["hosts"] * measured["model_bytes"] / r["disk_floor_s"] for r in runs.values())
+        base = Fleet(hosts=1, files=files, piece=p, degree=FANOUT, origin_rate=measured["origin_rate_mb_s"] * 1e6, link_rate=10e9, disk_rate=disk, cores=2,
+                     recv_cpu=recv_cpu[p], send_cpu=send_cpu, origin_cpu=send_cpu, shared=True)
+        setup = runs[1]["wall_s"] - simulate(base).last_s
+        for hosts, run in sorted(runs.items()):
+            degree = 1 if p else FANOUT  # what the controller chose for these runs (ops.remote.peers.fanout_degree)
+            sim = simulate(replace(base, hosts=hosts, degree=degree, setup_s=setup))
+            rows.append({"mode": mode, "hosts": hosts, "measured_s": run["wall_s"], "simulated_s": sim.last_s, "error": sim.last_s / run["wall_s"] - 1,
+                         "setup_s": setup, "degree": degree, "disk_rate": disk})
+    return rows
+
+
+def projections(recv_cpu: dict[int, float], send_cpu: float, controller_s_per_host: float) -> list[dict]:
+    from ops.models.lock import LockedFile, LockedModel
+    from ops.remote.peers import FANOUT, fanout_degree
+
+    rows = []
+    link = KRAKEN["link_mb_s"] * 1e6
+    for gb, shards in ((3, 2), (140, 30)):
+        files = tuple([int(gb * 1e9 / shards)] * shards)
+        for hosts in (100, 1000, 2600, 10_000):
+            for mode, piece in (("store-and-forward", 0), ("cut-through", 64 << 20)):
+                pieces = ("0" * 64,) * max(1, -(-files[0] // piece)) if piece else ()
+                lock = LockedModel("m", "http://x/m", None, "0" * 64, "0" * 16, tuple(LockedFile(f"{i}", s, "0" * 64, piece, pieces) for i, s in enumerate(files)))
+                degree = fanout_degree(hosts, [lock]) if piece else FANOUT
+                fleet = Fleet(hosts=hosts, files=files, piece=piece, degree=degree, origin_rate=link, link_rate=link, disk_rate=DISK, cores=CORES,
+                              recv_cpu=recv_cpu[piece], send_cpu=send_cpu)
+                dt = max(0.01, fleet.size / link / 2000)
+                clean = simulate(fleet, dt=dt)
+                faulty = simulate(replace(fleet, slow=0.01, dead=0.01, seed=1), dt=dt)
+                spread = hosts * controller_s_per_host / CONTROLLER_CORES
+                rows.append({"model_gb": gb, "files": shards, "hosts": hosts, "mode": mode, "degree": degree, "p50_s": clean.p50_s, "p99_s": clean.p99_s,
+                             "last_s": clean.last_s, "origin_copies": clean.origin_copies, "faulty_p99_s": faulty.p99_s, "faulty_origin_copies": faulty.origin_copies,
+                             "controller_spread_s": spread})
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(prog="python -m bench.fanout_sim")
+    ap.add_argument("--measure-cpu-mb", type=int, default=512, help="size of the file moved to measure the real code's CPU cost per byte")
+    args = ap.parse_args()
+    (ROOT / "bench" / "work").mkdir(parents=True, exist_ok=True)
+    recv_plain, send = measure_cpu(args.measure_cpu_mb, 0)
+    recv_pieces, _ = measure_cpu(args.measure_cpu_mb, 64 << 20)
+    recv_cpu = {0: recv_plain, 64 << 20: recv_pieces}
+    print(f"CPU per GB: receive {recv_plain * 1e9:.2f} s, with pieces {recv_pieces * 1e9:.2f} s; send {send * 1e9:.2f} s", flush=True)
+    import json
+
+    measured = json.loads((RESULTS / "fleet.json").read_text())
+    controller = json.loads((RESULTS / "fleet-controller.json").read_text())
+    per_host = min(r["cpu_s"] / r["hosts"] for r in controller["results"].values())
+    cal = calibration(measured, recv_cpu, send)
+    for r in cal:
+        print(f"calibration {r['mode']:7s} {r['hosts']} hosts: measured {r['measured_s']:.1f} s, simulated {r['simulated_s']:.1f} s ({r['error']:+.0%})", flush=True)
+    proj = projections(recv_cpu, send, per_host)
+    peers = [r for r in measured["results"] if r["mode"] in ("peers", "pieces")]
+    controller_bytes = max(r["controller_bytes"] / r["hosts"] for r in peers)
+    write(cal, proj, {"recv_cpu_s_per_gb": recv_plain * 1e9, "recv_cpu_pieces_s_per_gb": recv_pieces * 1e9, "send_cpu_s_per_gb": send * 1e9,
+                      "controller_cpu_per_host_s": per_host, "controller_bytes_per_host": controller_bytes}, measured["machine"])
+
+
+def write(cal: list[dict], proj: list[dict], costs: dict, measured_on: dict) -> None:
+    m = machine()
+    ok = all(abs(r["error"]) <= 0.15 for r in cal)
+    md = [
+        "# Peer fan-out at fleet scale: the simulator, checked against measured runs, then projected",
+        "",
+        f"Simulated on {cpu_line(m)}; commit {m['commit']}; {m['date']}. CPU cost of the real code, measured here per GB moved: "
+        f"receiving {costs['recv_cpu_s_per_gb']:.2f} core-s (with piece hashes {costs['recv_cpu_pieces_s_per_gb']:.2f}), "
+        f"serving {costs['send_cpu_s_per_gb']:.2f} core-s. Controller: {costs['controller_cpu_per_host_s'] * 1e3:.1f} ms of CPU per host "
+        f"(bench/results/fleet-controller.json), {costs['controller_bytes_per_host'] / 1e3:.1f} KB sent per host (bench/results/fleet.json).",
+        "",
+        f"## Calibration: the measured runs (bench/results/fleet.json, {measured_on['cpu']}, {measured_on['date']}) under their own conditions",
+        "",
+        "Every host on one 2-core machine sharing one disk, origin at 50 MB/s; the fixed set-up time is fitted on each mode's 1-host run. "
+        + ("Every run reproduced within 15 %." if ok else "Not every run is within 15 %: see the error column."),
+        "",
+        *markdown_table(["mode", "hosts", "degree", "measured", "simulated", "error"],
+                        [[r["mode"], str(r["hosts"]), str(r["degree"]), f"{r['measured_s']:.1f} s", f"{r['simulated_s']:.1f} s", f"{r['error']:+.0%}"] for r in cal]),
+        "",
+        f"## Projection: hosts of their own, {KRAKEN['link_mb_s']:g} MB/s links (Kraken's cap per agent), origin at the same rate, "
+        f"{DISK / 1e9:g} GB/s disks, {CORES} cores",
+        "",
+        "Times from the moment every host is asked (as Kraken's figure counts); the controller's start spread (its CPU per host, "
+        f"{CONTROLLER_CORES} cores) is a column of its own. Faulty: 1 % of hosts at a tenth of the link and 1 % dying mid-run. "
+        f"Kraken's published figure: {KRAKEN['model_gb']:g} GB to {KRAKEN['hosts']} hosts in p50 {KRAKEN['p50_s']:g} s, p99 {KRAKEN['p99_s']:g} s.",
+        "",
+        *markdown_table(["model", "hosts", "mode", "degree", "p50", "p99", "last host", "origin egress", "p99, faulty", "origin, faulty", "controller spread",
+                         "controller egress"],
+                        [[f"{r['model_gb']} GB ({r['files']} files)", f"{r['hosts']:,}", r["mode"], str(r["degree"]), f"{r['p50_s']:.1f} s", f"{r['p99_s']:.1f} s",
+                          f"{r['last_s']:.1f} s", f"{r['origin_copies']:.2f} copies", f"{r['faulty_p99_s']:.1f} s", f"{r['faulty_origin_copies']:.2f} copies",
+                          f"{r['controller_spread_s']:.1f} s", f"{r['hosts'] * costs['controller_bytes_per_host'] / 1e6:.1f} MB"] for r in proj]),
+    ]
+    save_results("fanout-sim", md, {"machine": m, "costs": costs, "calibration": cal, "projections": proj, "kraken": KRAKEN,
+                                    "projected_host": {"link_mb_s": KRAKEN["link_mb_s"], "disk_bytes_s": DISK, "cores": CORES, "controller_cores": CONTROLLER_CORES}})
+
+
+if __name__ == "__main__":
+    main()
