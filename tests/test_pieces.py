@@ -154,10 +154,11 @@ _RANGE = re.compile(r"bytes=(\d+)-(\d+)")
 
 
 class PiecePeer(ThreadingHTTPServer):
-    """A peer serving ranges of `body`; `bad` corrupts one piece, `die` closes mid-way through one. Records what it sent."""
+    """A peer serving ranges of `body`; `bad` corrupts one piece, `die` closes mid-way through one, `slow` trickles one out over
+    about 6 s. Records the pieces asked."""
 
-    def __init__(self, body: bytes, *, bad: int | None = None, die: int | None = None) -> None:
-        self.body, self.bad, self.die, self.asked = body, bad, die, []
+    def __init__(self, body: bytes, *, bad: int | None = None, die: int | None = None, slow: int | None = None) -> None:
+        self.body, self.bad, self.die, self.slow, self.asked = body, bad, die, slow, []
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -173,6 +174,12 @@ class PiecePeer(ThreadingHTTPServer):
                 self.send_header("content-range", f"bytes {a}-{b}/{len(server.body)}")
                 self.send_header("content-length", str(len(data)))
                 self.end_headers()
+                if a // PIECE == server.slow:
+                    with contextlib.suppress(OSError):
+                        for at in range(0, len(data), 1024):
+                            self.wfile.write(data[at : at + 1024])
+                            time.sleep(0.1)
+                    return
                 self.wfile.write(data[: len(data) // 2] if a // PIECE == server.die else data)
 
             def log_message(self, *args: object) -> None:
@@ -206,6 +213,19 @@ def test_a_bad_piece_or_a_peer_dying_mid_piece_costs_that_piece_and_names_the_pe
     why = "served a bad piece (7)" if fault == "bad" else "ended after"
     assert len(notes) == 1 and f"peer {hostile.url}" in notes[0] and why in notes[0], notes
     assert hostile.asked == list(range(8)) and good.asked == list(range(7, len(HASHES)))  # the good peer gave only from the failed piece on
+
+
+def test_a_peer_sending_a_piece_far_slower_than_the_others_came_is_dropped_and_the_piece_taken_elsewhere(tmp_path: Path) -> None:
+    slow, good = PiecePeer(BODY, slow=6), PiecePeer(BODY)
+    started = time.monotonic()
+    try:
+        known, _, notes = fetch_from_peers(MODEL, [FILE], job_in(tmp_path), [slow.url, good.url], TOKEN)
+    finally:
+        slow.shutdown()
+        good.shutdown()
+    assert known == {"w.bin": SHA} and len(notes) == 1 and f"peer {slow.url} failed for w.bin (too slow: piece 6" in notes[0], notes
+    assert slow.asked == list(range(7)) and good.asked == list(range(6, len(HASHES)))
+    assert time.monotonic() - started < 5  # dropped at the 2 s floor, not after the 6 s the piece would have taken
 
 
 def test_pieces_a_crash_left_are_checked_again_the_good_ones_kept_and_only_the_rest_asked_for(tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ import hashlib
 import http.client
 import os
 import threading
+import time
 import urllib.parse
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -30,6 +31,32 @@ from ops.models.sources.base import FetchJob
 POLL_SECONDS = 0.2  # how long to wait before asking again a peer that answered 425 (it has not verified that piece yet)
 PEER_TIMEOUT = 30.0
 READ_BYTES = 1 << 20
+# A peer sending a piece SLOW_FACTOR times slower than this file's pieces have come (the median, once there are PACE_SAMPLES) is
+# dropped like a failed one, and the piece asked of the next: one host on a bad link would otherwise slow every host below it.
+# Only the sending counts, not the wait for a piece the peer does not have yet (its own source is behind: that heals above it).
+SLOW_FACTOR = 4.0
+MIN_PIECE_SECONDS = 2.0
+PACE_SAMPLES = 3
+
+
+class Pace:
+    """How fast this file's pieces have come from peers, shared by its workers: what counts as too slow for the next."""
+
+    def __init__(self) -> None:
+        self.rates: list[float] = []
+        self.lock = threading.Lock()
+
+    def add(self, nbytes: int, seconds: float) -> None:
+        with self.lock:
+            self.rates.append(nbytes / max(seconds, 1e-6))
+
+    def deadline(self, nbytes: int) -> float:
+        """Seconds a piece of `nbytes` may take to arrive once its peer starts sending it (infinite until there are samples)."""
+        with self.lock:
+            if len(self.rates) < PACE_SAMPLES:
+                return float("inf")
+            median = sorted(self.rates)[len(self.rates) // 2]
+        return max(MIN_PIECE_SECONDS, SLOW_FACTOR * nbytes / median)
 
 
 class Pieces:
@@ -77,6 +104,7 @@ def take_pieces(model: LockedModel, f: LockedFile, job: FetchJob, sources: Seque
         os.ftruncate(fd, f.size)
         todo = deque(k for k in range(len(f.pieces)) if pieces.have[k] != ord("1"))
         guard = threading.Lock()
+        pace = Pace()
 
         def worker() -> None:
             try:
@@ -85,7 +113,7 @@ def take_pieces(model: LockedModel, f: LockedFile, job: FetchJob, sources: Seque
                         if not todo or pieces.failed is not None:
                             return
                         k = todo.popleft()
-                    _one_piece(model, f, k, fd, job, _preferred(k, sources, stripes, live()), drop, headers)
+                    _one_piece(model, f, k, fd, job, _preferred(k, sources, stripes, live()), drop, headers, pace)
                     pieces.add(k)
             except BaseException as exc:
                 pieces.fail(exc)
@@ -134,10 +162,10 @@ def _keep_good(fd: int, f: LockedFile, pieces: Pieces, job: FetchJob) -> None:
 
 
 def _one_piece(model: LockedModel, f: LockedFile, k: int, fd: int, job: FetchJob, order: list[str], drop: Callable[[str, str], None],
-               headers: dict[str, str]) -> None:
+               headers: dict[str, str], pace: Pace) -> None:
     for peer in order:
         try:
-            pull_piece(f"{peer}/{model.name}/{model.commit}/{f.path}", headers, f, k, fd, job, peer=peer)
+            pull_piece(f"{peer}/{model.name}/{model.commit}/{f.path}", headers, f, k, fd, job, peer=peer, pace=pace)
             return
         except BadPieceError as exc:
             drop(peer, f"peer {peer} served a bad piece ({exc.index}) of {f.path}; dropped it and took the piece elsewhere")
@@ -146,12 +174,12 @@ def _one_piece(model: LockedModel, f: LockedFile, k: int, fd: int, job: FetchJob
     raise PeerError.of("(none left)", f.path, f"no live peer gave piece {k}")
 
 
-def pull_piece(url: str, headers: dict[str, str], f: LockedFile, k: int, fd: int, job: FetchJob, *, peer: str) -> None:
-    """Piece k from one peer, written at its offset and hashed as it arrives; 425 (not verified there yet) is asked again."""
+def pull_piece(url: str, headers: dict[str, str], f: LockedFile, k: int, fd: int, job: FetchJob, *, peer: str, pace: Pace | None = None) -> None:
+    """Piece k from one peer, written at its offset and hashed as it arrives; 425 (not verified there yet) is asked again; a peer
+    sending it far slower than the file's other pieces came (`pace`) fails."""
     parts = urllib.parse.urlsplit(url)
     start, length = f.piece_range(k)
     asked = f"bytes {start}-{start + length - 1}/"
-    buffer = memoryview(bytearray(min(READ_BYTES, length)))
     while True:
         # A connection per piece: one kept open while a peer holds a 425 would be closed by its idle timeout and read as its death.
         conn = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=PEER_TIMEOUT)
@@ -167,17 +195,23 @@ def pull_piece(url: str, headers: dict[str, str], f: LockedFile, k: int, fd: int
             if answer.status != 206 or not (answer.getheader("content-range") or "").startswith(asked):
                 raise PeerError.of(peer, f.path, f"answered {answer.status} {answer.getheader('content-range') or ''} when asked for {asked.rstrip('/')}")
             digest = hashlib.sha256()
-            while got < length and (n := answer.readinto(buffer[: min(len(buffer), length - got)])):
+            began, allowed = time.monotonic(), pace.deadline(length) if pace else float("inf")
+            # read1: what has arrived (up to 1 MiB), not a full buffer, so a peer trickling bytes is seen as slow while it trickles
+            while got < length and (data := answer.read1(min(READ_BYTES, length - got))):
                 if job.cancel.is_set():
                     raise Cancelled()
-                os.pwrite(fd, buffer[:n], start + got)
-                digest.update(buffer[:n])
-                got += n
-                job.progress.update(n)
+                if time.monotonic() - began > allowed:
+                    raise PeerError.of(peer, f.path, f"too slow: piece {k} not sent in {allowed:.1f} s, {SLOW_FACTOR:g} times the time this file's pieces take")
+                os.pwrite(fd, data, start + got)
+                digest.update(data)
+                got += len(data)
+                job.progress.update(len(data))
             if got < length:
                 raise PeerError.of(peer, f.path, f"ended after {got} of {length} bytes of piece {k}")
             if digest.hexdigest() != f.pieces[k]:
                 raise BadPieceError(f.path, k, source=peer)
+            if pace is not None:
+                pace.add(length, time.monotonic() - began)
             return
         except BakehouseError:  # before OSError: a PeerError is one
             job.progress.update(-got)
