@@ -126,10 +126,26 @@ def write(results: dict[str, dict[str, float]]) -> None:
     m = machine()
     rows = [[str(int(r["hosts"])), str(int(r["parallel"])), f"{r['wall_s']:.1f} s", f"{1000 * r['cpu_s'] / r['hosts']:.1f} ms", f"{r['rss_mb']:.0f} MB",
              f"{r['rss_mb'] / r['hosts']:.2f} MB", str(int(r["connections"]))] for r in results.values()]
+    projection = project(list(results.values()))
     md = ["# Controller cost: quick verify of a tiny model on simulated hosts", "",
           f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB RAM; hosts are sshds in containers on the same machine; {m['date']}.", "",
-          *markdown_table(["hosts", "parallel", "wall time", "controller CPU per host", "peak RSS", "RSS per host", "peak SSH connections"], rows)]
-    save_results("fleet-controller", md, {"machine": m, "results": results})
+          *markdown_table(["hosts", "parallel", "wall time", "controller CPU per host", "peak RSS", "RSS per host", "peak SSH connections"], rows), "",
+          f"Projected to {PROJECT_TO:,} hosts (at the largest parallel measured, CPU per host and RSS growth per host from the two largest runs): "
+          f"{projection['cpu_s']:.0f} s of controller CPU ({projection['cpu_s'] / 8:.0f} s on 8 cores), peak RSS about {projection['rss_mb']:.0f} MB."]
+    save_results("fleet-controller", md, {"machine": m, "results": results, "projection": projection})
+
+
+PROJECT_TO = 10_000
+
+
+def project(rows: list[dict[str, float]]) -> dict[str, float]:
+    """Controller CPU and peak RSS at PROJECT_TO hosts: CPU per host of the largest run; RSS's growth per host between the two largest runs."""
+    top = max(r["parallel"] for r in rows)
+    runs = sorted((r for r in rows if r["parallel"] == top), key=lambda r: r["hosts"])
+    small, large = runs[-2], runs[-1]
+    per_host_rss = max(0.0, (large["rss_mb"] - small["rss_mb"]) / (large["hosts"] - small["hosts"]))
+    return {"hosts": PROJECT_TO, "parallel": top, "cpu_s": large["cpu_s"] / large["hosts"] * PROJECT_TO,
+            "rss_mb": large["rss_mb"] + per_host_rss * (PROJECT_TO - large["hosts"])}
 
 
 if __name__ == "__main__":
