@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import resource
 import subprocess
@@ -260,33 +261,41 @@ def projections(recv_cpu: dict[int, float], send_cpu: float, controller_s_per_ho
 def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m bench.fanout_sim")
     ap.add_argument("--measure-cpu-mb", type=int, default=512, help="size of the file moved to measure the real code's CPU cost per byte")
+    ap.add_argument("--report", action="store_true", help="only re-render the tables from bench/results/fanout-sim.json")
     args = ap.parse_args()
+    if args.report:
+        publish(json.loads((RESULTS / "fanout-sim.json").read_text()))
+        return
     (ROOT / "bench" / "work").mkdir(parents=True, exist_ok=True)
     # the median of three runs each: this shared machine's CPU time per byte varies by 10-15 % from run to run
-    plain = sorted(measure_cpu(args.measure_cpu_mb, 0) for _ in range(3))[1]
-    recv_plain, send = plain
+    recv_plain, send = sorted(measure_cpu(args.measure_cpu_mb, 0) for _ in range(3))[1]
     recv_pieces = sorted(measure_cpu(args.measure_cpu_mb, 64 << 20)[0] for _ in range(3))[1]
     recv_cpu = {0: recv_plain, 64 << 20: recv_pieces}
     print(f"CPU per GB: receive {recv_plain * 1e9:.2f} s, with pieces {recv_pieces * 1e9:.2f} s; send {send * 1e9:.2f} s", flush=True)
-    import json
-
     measured = json.loads((RESULTS / "fleet.json").read_text())
     controller = json.loads((RESULTS / "fleet-controller.json").read_text())
     per_host = min(r["cpu_s"] / r["hosts"] for r in controller["results"].values())
     cal = calibration(measured, recv_cpu, send)
     for r in cal:
         print(f"calibration {r['mode']:7s} {r['hosts']} hosts: measured {r['measured_s']:.1f} s, simulated {r['simulated_s']:.1f} s ({r['error']:+.0%})", flush=True)
-    proj = projections(recv_cpu, send, per_host)
     peers = [r for r in measured["results"] if r["mode"] in ("peers", "pieces")]
-    controller_bytes = max(r["controller_bytes"] / r["hosts"] for r in peers)
-    write(cal, proj, {"recv_cpu_s_per_gb": recv_plain * 1e9, "recv_cpu_pieces_s_per_gb": recv_pieces * 1e9, "send_cpu_s_per_gb": send * 1e9,
-                      "controller_cpu_per_host_s": per_host, "controller_bytes_per_host": controller_bytes}, measured["machine"])
+    costs = {"recv_cpu_s_per_gb": recv_plain * 1e9, "recv_cpu_pieces_s_per_gb": recv_pieces * 1e9, "send_cpu_s_per_gb": send * 1e9,
+             "controller_cpu_per_host_s": per_host, "controller_bytes_per_host": max(r["controller_bytes"] / r["hosts"] for r in peers)}
+    publish({"machine": machine(), "measured_on": {k: measured["machine"][k] for k in ("cpu", "date")}, "model_bytes": measured["model_bytes"],
+             "origin_rate_mb_s": measured["origin_rate_mb_s"], "measured": peers, "costs": costs, "calibration": cal,
+             "projections": projections(recv_cpu, send, per_host), "kraken": KRAKEN,
+             "projected_host": {"link_mb_s": KRAKEN["link_mb_s"], "disk_bytes_s": DISK, "cores": CORES, "controller_cores": CONTROLLER_CORES}})
 
 
-def write(cal: list[dict], proj: list[dict], costs: dict, measured_on: dict) -> None:
-    m = machine()
+def publish(data: dict) -> None:
+    save_results("fanout-sim", render(data), data)
+    save_results("fleet-summary", summary(data), {k: data[k] for k in ("machine", "measured_on", "model_bytes", "origin_rate_mb_s", "measured", "projections", "kraken")})
+
+
+def render(data: dict) -> list[str]:
+    m, costs, cal, proj = data["machine"], data["costs"], data["calibration"], data["projections"]
     ok = all(abs(r["error"]) <= 0.15 for r in cal)
-    md = [
+    return [
         "# Peer fan-out at fleet scale: the simulator, checked against measured runs, then projected",
         "",
         f"Simulated on {cpu_line(m)}; commit {m['commit']}; {m['date']}. CPU cost of the real code, measured here per GB moved: "
@@ -294,13 +303,14 @@ def write(cal: list[dict], proj: list[dict], costs: dict, measured_on: dict) -> 
         f"serving {costs['send_cpu_s_per_gb']:.2f} core-s. Controller: {costs['controller_cpu_per_host_s'] * 1e3:.1f} ms of CPU per host "
         f"(bench/results/fleet-controller.json), {costs['controller_bytes_per_host'] / 1e3:.1f} KB sent per host (bench/results/fleet.json).",
         "",
-        f"## Calibration: the measured runs (bench/results/fleet.json, {measured_on['cpu']}, {measured_on['date']}) under their own conditions",
+        f"## Calibration: the measured runs (bench/results/fleet.json, {data['measured_on']['cpu']}, {data['measured_on']['date']}) under their own conditions",
         "",
         "Every host on one 2-core machine sharing one disk, origin at 50 MB/s; the fixed set-up time is fitted on each mode's 1-host run. "
         + ("Every run reproduced within 15 %." if ok else "Not every run is within 15 %: see the error column."),
         "",
         *markdown_table(["mode", "hosts", "stripes", "measured", "simulated", "error"],
-                        [[r["mode"], str(r["hosts"]), str(r["stripes"]) if r["mode"] == "pieces" else "-", f"{r['measured_s']:.1f} s", f"{r['simulated_s']:.1f} s", f"{r['error']:+.0%}"] for r in cal]),
+                        [[r["mode"], str(r["hosts"]), str(r["stripes"]) if r["mode"] == "pieces" else "-", f"{r['measured_s']:.1f} s", f"{r['simulated_s']:.1f} s",
+                          f"{r['error']:+.0%}"] for r in cal]),
         "",
         f"## Projection: hosts of their own, {KRAKEN['link_mb_s']:g} MB/s links (Kraken's cap per agent), origin at the same rate, "
         f"{DISK / 1e9:g} GB/s disks, {CORES} cores",
@@ -313,13 +323,25 @@ def write(cal: list[dict], proj: list[dict], costs: dict, measured_on: dict) -> 
         *markdown_table(["model", "hosts", "mode", "stripes", "p50", "p99", "last host", "origin egress", "p99, faulty", "slow hosts, faulty", "origin, faulty",
                          "controller spread", "controller egress"],
                         [[f"{r['model_gb']} GB ({r['files']} files)", f"{r['hosts']:,}", r["mode"], str(r["stripes"] or "-"), f"{r['p50_s']:.1f} s", f"{r['p99_s']:.1f} s",
-                          f"{r['last_s']:.1f} s", f"{r['origin_copies']:.2f} copies", f"{r['faulty_p99_s']:.1f} s", f"{r['faulty_slow_s']:.1f} s" if r["faulty_slow_s"] else "-",
-                          f"{r['faulty_origin_copies']:.2f} copies",
+                          f"{r['last_s']:.1f} s", f"{r['origin_copies']:.2f} copies", f"{r['faulty_p99_s']:.1f} s",
+                          f"{r['faulty_slow_s']:.1f} s" if r["faulty_slow_s"] else "-", f"{r['faulty_origin_copies']:.2f} copies",
                           f"{r['controller_spread_s']:.1f} s", f"{r['hosts'] * costs['controller_bytes_per_host'] / 1e6:.1f} MB"] for r in proj]),
     ]
-    save_results("fanout-sim", md, {"machine": m, "costs": costs, "calibration": cal, "projections": proj, "kraken": KRAKEN,
-                                    "projected_host": {"link_mb_s": KRAKEN["link_mb_s"], "disk_bytes_s": DISK, "cores": CORES, "controller_cores": CONTROLLER_CORES}})
 
 
-if __name__ == "__main__":
-    main()
+def summary(data: dict) -> list[str]:
+    """Measured and projected side by side with Kraken's published figure (for the README)."""
+    size = f"{data['model_bytes'] / 1e9:.2f} GB"
+    rows = [[f"measured here ({data['measured_on']['cpu']}, all hosts on one 2-core machine, origin {data['origin_rate_mb_s']:g} MB/s)", str(r["hosts"]),
+             size, "pieces (cut-through)" if r["mode"] == "pieces" else "whole files", "-", f"{r['wall_s']:.1f} s (whole run)", f"{r['hub_bytes'] / data['model_bytes']:.2f}"]
+            for r in data["measured"] if r["hosts"] == max(x["hosts"] for x in data["measured"])]
+    rows += [[f"projected ({KRAKEN['link_mb_s']:g} MB/s links)", f"{r['hosts']:,}", f"{r['model_gb']} GB",
+              "pieces (cut-through)" if r["mode"] == "cut-through" else "whole files", f"{r['p50_s']:.1f} s", f"{r['p99_s']:.1f} s", f"{r['origin_copies']:.2f}"]
+             for r in data["projections"] if r["model_gb"] == KRAKEN["model_gb"] and r["hosts"] in (KRAKEN["hosts"], 10_000)]
+    rows.append([f"Kraken, published ({KRAKEN['link_mb_s']:g} MB/s cap per agent)", f"{KRAKEN['hosts']:,}", f"{KRAKEN['model_gb']:g} GB", "pieces",
+                 f"{KRAKEN['p50_s']:g} s", f"{KRAKEN['p99_s']:g} s", "-"])
+    return ["# Fleet fan-out: measured, projected, and Kraken's figure", "",
+            "From bench/results/fleet.json (measured) and bench/results/fanout-sim.json (the simulator, calibrated on those runs); see docs/fleet.md.", "",
+            *markdown_table(["", "hosts", "model", "passed on as", "p50", "p99 / last host", "origin egress (copies)"], rows)]
+
+
