@@ -345,3 +345,7 @@ def summary(data: dict) -> list[str]:
             *markdown_table(["", "hosts", "model", "passed on as", "p50", "p99 / last host", "origin egress (copies)"], rows)]
 
 
+
+
+if __name__ == "__main__":
+    main()
