@@ -27,6 +27,7 @@ from ops.errors import BadPieceError, BakehouseError, Cancelled, PeerError, Veri
 from ops.models import safefs
 from ops.models.lock import LockedFile, LockedModel
 from ops.models.sources.base import FetchJob
+from ops.models.sources.transfer import into_staging
 
 POLL_SECONDS = 0.2  # how long to wait before asking again a peer that answered 425 (it has not verified that piece yet)
 PEER_TIMEOUT = 30.0
@@ -96,7 +97,7 @@ class Pieces:
 def take_pieces(model: LockedModel, f: LockedFile, job: FetchJob, sources: Sequence[str], stripes: int, live: Callable[[], list[str]],
                 drop: Callable[[str, str], None], headers: dict[str, str]) -> str | None:
     """The file into staging from peers, verified; None when no peer could give some piece (the origin gives the file then)."""
-    partial, final = job.partial / f.path, job.staging / f.path
+    partial = job.partial / f.path
     fd = safefs.open_file(job.root, partial, os.O_RDWR | os.O_CREAT)
     try:
         pieces = Pieces(f, lambda have: job.on_pieces(f.path, have))
@@ -134,12 +135,9 @@ def take_pieces(model: LockedModel, f: LockedFile, job: FetchJob, sources: Seque
             partial.unlink()
             raise VerificationError(f"{f.path}: every piece matched models.lock but the whole file's sha256 is {sha}, not {f.sha256}: the lock's "
                                     "pieces do not add up to its file. Regenerate it with `invoke lock-models --pieces` and review the diff.")
-        job.on_verified(f.path, partial)
-        os.fsync(fd)
+        into_staging(job, f, fd)
     finally:
         os.close(fd)
-    safefs.makedirs(job.root, final.parent)
-    os.replace(partial, final)
     return sha
 
 

@@ -42,7 +42,7 @@ from ops.models import safefs
 from ops.models.lock import LockedFile
 from ops.models.pieces import PieceCheck
 from ops.models.sources.base import FetchJob
-from ops.models.sources.transfer import piece_check, status_error
+from ops.models.sources.transfer import into_staging, piece_check, status_error
 from ops.settings import env_number
 
 WINDOW = 8  # chunks the workers of one file may run ahead of its hash: memory is bounded by WINDOW x the chunk size
@@ -301,7 +301,7 @@ class Hasher:
 def ranged_download(url: str, headers: dict[str, str], file: LockedFile, job: FetchJob, *, source: str) -> str:
     """The file into staging by ranged GETs (see the module's docstring); RangesNotSupported before any byte is kept when the server ignores Range."""
     assert job.ranges is not None
-    partial, final = job.partial / file.path, job.staging / file.path
+    partial = job.partial / file.path
     chunk = chunk_bytes()
     chunks = -(-file.size // chunk)
     ledger = Ledger(job.ranges / file.path, job.root, chunks, chunk)
@@ -373,12 +373,9 @@ def ranged_download(url: str, headers: dict[str, str], file: LockedFile, job: Fe
             partial.unlink()
             raise VerificationError(f"{file.path}: downloaded sha256 {sha}, models.lock pins {file.sha256}. The source now serves other bytes "
                                     "at this commit: nothing was activated. If the change is intended, re-run `invoke lock-models` and review the diff.")
-        job.on_verified(file.path, partial)
-        os.fsync(fd)
+        into_staging(job, file, fd)
     finally:
         if fd >= 0:
             os.close(fd)
-    safefs.makedirs(job.root, final.parent)
-    os.replace(partial, final)
     ledger.clear()
     return sha

@@ -127,7 +127,7 @@ def download_file(d: Download, job: FetchJob, *, source: str) -> str:
 def receive_file(file: LockedFile, job: FetchJob, fill: Callable[[HashingWriter, int], None]) -> str:
     """One file into staging: `fill` writes its bytes (after the `have` already under job.partial) into a writer that
     hashes them; the whole is synced, checked against the lock's sha256, and only then moved into staging."""
-    partial, final = job.partial / file.path, job.staging / file.path
+    partial = job.partial / file.path
     fd = safefs.open_file(job.root, partial, os.O_RDWR | os.O_CREAT)
     with os.fdopen(fd, "r+b") as f:
         have = f.seek(0, os.SEEK_END)
@@ -149,14 +149,22 @@ def receive_file(file: LockedFile, job: FetchJob, fill: Callable[[HashingWriter,
                 f"{file.path}: downloaded sha256 {sha}, models.lock pins {file.sha256}. The source now serves other bytes "
                 f"at this commit: nothing was activated. If the change is intended, re-run `invoke lock-models` and review the diff."
             )
-        # Offered to peers before the sync: its bytes are the lock's, and a peer reads them from memory while the disk catches up.
-        # The sync still comes before the file enters staging, so a crash never leaves unsynced bytes where a re-run trusts them.
-        # (Synced first, each hop down a chain of hosts waited for its disk: 8 hosts took 3 s longer on a shared disk.)
-        job.on_verified(file.path, partial)
-        os.fsync(f.fileno())
+        into_staging(job, file, f.fileno())
+    return sha
+
+
+def into_staging(job: FetchJob, file: LockedFile, fd: int) -> None:
+    """A partial file whose bytes matched the lock: offered to peers, synced, then moved into staging.
+
+    Offered before the sync: its bytes are the lock's, and a peer reads them from memory while the disk catches up.
+    The sync still comes before the file enters staging, so a crash never leaves unsynced bytes where a re-run trusts them.
+    (Synced first, each hop down a chain of hosts waited for its disk: 8 hosts took 3 s longer on a shared disk.)
+    """
+    partial, final = job.partial / file.path, job.staging / file.path
+    job.on_verified(file.path, partial)
+    os.fsync(fd)
     safefs.makedirs(job.root, final.parent)
     os.replace(partial, final)
-    return sha
 
 
 def piece_check(file: LockedFile, job: FetchJob) -> PieceCheck | None:
