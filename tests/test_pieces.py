@@ -217,15 +217,14 @@ def test_a_bad_piece_or_a_peer_dying_mid_piece_costs_that_piece_and_names_the_pe
 
 def test_a_peer_sending_a_piece_far_slower_than_the_others_came_is_dropped_and_the_piece_taken_elsewhere(tmp_path: Path) -> None:
     slow, good = PiecePeer(BODY, slow=6), PiecePeer(BODY)
-    started = time.monotonic()
     try:
         known, _, notes = fetch_from_peers(MODEL, [FILE], job_in(tmp_path), [slow.url, good.url], TOKEN)
     finally:
         slow.shutdown()
         good.shutdown()
-    assert known == {"w.bin": SHA} and len(notes) == 1 and f"peer {slow.url} failed for w.bin (too slow: piece 6" in notes[0], notes
+    # dropped at the 2 s floor (the earlier pieces took milliseconds), not after the 6 s the piece would have taken
+    assert known == {"w.bin": SHA} and len(notes) == 1 and f"peer {slow.url} failed for w.bin (too slow: piece 6 not sent in 2.0 s" in notes[0], notes
     assert slow.asked == list(range(7)) and good.asked == list(range(6, len(HASHES)))
-    assert time.monotonic() - started < 5  # dropped at the 2 s floor, not after the 6 s the piece would have taken
 
 
 def test_pieces_a_crash_left_are_checked_again_the_good_ones_kept_and_only_the_rest_asked_for(tmp_path: Path) -> None:
@@ -267,12 +266,12 @@ def test_a_lock_whose_pieces_do_not_add_up_to_its_file_is_caught_and_nothing_kep
 
 
 @contextlib.contextmanager
-def peer_server(store: Path, lock: Path, tmp: Path, max_rate: int = 0) -> Iterator[str]:
+def peer_server(store: Path, lock: Path, tmp: Path) -> Iterator[str]:
     """`python -m ops.models peer-serve` for a store, as the fan-out starts it on each host."""
     tmp.mkdir(exist_ok=True)
     (tmp / "token").write_text(TOKEN)
     proc = subprocess.Popen([sys.executable, "-m", "ops.models", "peer-serve", "--dest", str(store), "--bind", "127.0.0.1", "--lock", str(lock),
-                             "--token-file", str(tmp / "token"), "--port-file", str(tmp / "port"), "--seconds", "300", "--max-rate", str(max_rate)], env={**os.environ, "PYTHONPATH": str(ROOT)})
+                             "--token-file", str(tmp / "token"), "--port-file", str(tmp / "port"), "--seconds", "300"], env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:
         deadline = time.monotonic() + 30
         while not (tmp / "port").exists():
@@ -348,8 +347,8 @@ def test_lock_models_pieces_records_every_piece_once_and_keeps_them_while_the_fi
 
 
 def test_cut_through_down_a_chain_of_real_fetches_the_origin_serves_one_copy(tmp_path: Path) -> None:
-    """Host A fetches from a slow origin with --share while its peer server runs; host B fetches from A at the same time, and finishes
-    moments after A: pieces passed on while A still received the rest (store-and-forward would start B only when A ended)."""
+    """Host A fetches from a slow origin with --share while its peer server runs; host B fetches from A at the same time and holds
+    verified pieces before A has the whole file (store-and-forward would give B nothing until A's file was complete)."""
     body = os.urandom(12 << 20)
     origin = Origin(body, rate=2e6).start()  # two ranges at once: about 3 s for the file
     try:
@@ -360,27 +359,34 @@ def test_cut_through_down_a_chain_of_real_fetches_the_origin_serves_one_copy(tmp
         (b.dir / "models.lock").write_text((a.dir / "models.lock").read_text())
         for d in (a.store / "big", a.store / ".staging"):  # A starts over from an empty store
             subprocess.run(["rm", "-rf", str(d)], check=True)
-        # A's peer link at twice the origin's rate: passed on whole, B's copy would end half as long again after A's.
-        with peer_server(a.store, a.dir / "models.lock", tmp_path / "serve", max_rate=int(4 * origin.rate)) as url:
-            ended: dict[str, float] = {}
+        with peer_server(a.store, a.dir / "models.lock", tmp_path / "serve") as url:
+            codes: list[int] = []
 
-            def run(p: Project, name: str, *args: str) -> None:
+            def run(p: Project, *args: str) -> None:
                 r = p.run("fetch", "--models", "big", *args, env=p.env(BAKEHOUSE_PEER_TOKEN=TOKEN, **RANGED))
-                assert r.returncode == 0, r.stdout + r.stderr
-                ended[name] = time.monotonic()
+                codes.append(r.returncode)
 
-            first = threading.Thread(target=run, args=(a, "a", "--share"))
-            second = threading.Thread(target=run, args=(b, "b", "--peers", url))
+            first = threading.Thread(target=run, args=(a, "--share"))
+            second = threading.Thread(target=run, args=(b, "--peers", url, "--share"))  # B shares too: its record shows what it has
             first.start()
-            while not (a.store / ".staging" / "big" / f"{hashlib.sha256(body).hexdigest()}.pieces").exists():
+            a_pieces = a.store / ".staging" / "big" / f"{hashlib.sha256(body).hexdigest()}.pieces"
+            while not a_pieces.exists():
                 time.sleep(0.01)
-            started = time.monotonic()
             second.start()
+            b_record = b.store / ".staging" / "big" / f"{hashlib.sha256(body).hexdigest()}.pieces" / "weights.safetensors"
+            a_active = a.store / "big" / "current"
+            overlap = []  # moments when B held verified pieces taken from A while A still received the file
+            while first.is_alive():
+                with contextlib.suppress(OSError):
+                    held = b_record.read_text()
+                    if not a_active.exists() and "1" in held:
+                        overlap.append(held.count("1"))
+                time.sleep(0.02)
             first.join(120)
             second.join(120)
     finally:
         origin.stop()
-    assert (b.store / "big" / "current" / "weights.safetensors").read_bytes() == body
+    assert codes == [0, 0] and (b.store / "big" / "current" / "weights.safetensors").read_bytes() == body
     assert origin.sent - sent == len(body)  # the origin served one copy: B took every byte from A
-    print(f"A took {ended['a'] - started:.2f} s, B ended {ended['b'] - ended['a']:.2f} s after A")
-    assert ended["b"] - ended["a"] < 0.25 * (ended["a"] - started), ended  # B ended moments after A, not a whole transfer later
+    assert overlap and max(overlap) > 1, "B held no piece before A had the whole file: nothing passed on while A still received it"
+
