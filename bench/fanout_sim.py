@@ -214,8 +214,10 @@ def calibration(measured: dict, recv_cpu: dict[int, float], send_cpu: float) -> 
     files = tuple(measured.get("files") or [measured["model_bytes"] // 4] * 4)
     piece = 64 << 20
     rows = []
-    for mode, p in (("peers", 0), ("pieces", piece)):
+    for mode, p in (("peers", 0), ("pieces", piece), ("stripes", piece)):
         runs = {r["hosts"]: r for r in results if r["mode"] == mode}
+        if mode == "stripes" and 1 in {r["hosts"] for r in results if r["mode"] == "pieces"}:
+            runs = {1: next(r for r in results if r["mode"] == "pieces" and r["hosts"] == 1)} | runs  # one host: no stripes to take
         if 1 not in runs:
             continue
         disk = min(r["hosts"] * measured["model_bytes"] / r["disk_floor_s"] for r in runs.values())
@@ -225,7 +227,7 @@ def calibration(measured: dict, recv_cpu: dict[int, float], send_cpu: float) -> 
         for hosts, run in sorted(runs.items()):
             lock = LockedModel("m", "http://x/m", None, "0" * 64, "0" * 16,
                                tuple(LockedFile(f"{i}", size, "0" * 64, p, ("0" * 64,) * -(-size // p) if p else ()) for i, size in enumerate(files)))
-            stripes = fanout_stripes(hosts, [lock]) or 1  # what the controller chose for these runs
+            stripes = 2 if mode == "stripes" and hosts > 1 else fanout_stripes(hosts, [lock]) or 1  # what the controller used in these runs
             sim = simulate(replace(base, hosts=hosts, stripes=stripes, setup_s=setup))
             rows.append({"mode": mode, "hosts": hosts, "measured_s": run["wall_s"], "simulated_s": sim.last_s, "error": sim.last_s / run["wall_s"] - 1,
                          "setup_s": setup, "stripes": stripes, "disk_rate": disk})
@@ -278,7 +280,7 @@ def main() -> None:
     cal = calibration(measured, recv_cpu, send)
     for r in cal:
         print(f"calibration {r['mode']:7s} {r['hosts']} hosts: measured {r['measured_s']:.1f} s, simulated {r['simulated_s']:.1f} s ({r['error']:+.0%})", flush=True)
-    peers = [r for r in measured["results"] if r["mode"] in ("peers", "pieces")]
+    peers = [r for r in measured["results"] if r["mode"] in ("peers", "pieces", "stripes")]
     costs = {"recv_cpu_s_per_gb": recv_plain * 1e9, "recv_cpu_pieces_s_per_gb": recv_pieces * 1e9, "send_cpu_s_per_gb": send * 1e9,
              "controller_cpu_per_host_s": per_host, "controller_bytes_per_host": max(r["controller_bytes"] / r["hosts"] for r in peers)}
     publish({"machine": machine(), "measured_on": {k: measured["machine"][k] for k in ("cpu", "date")}, "model_bytes": measured["model_bytes"],
@@ -309,7 +311,7 @@ def render(data: dict) -> list[str]:
         + ("Every run reproduced within 15 %." if ok else "Not every run is within 15 %: see the error column."),
         "",
         *markdown_table(["mode", "hosts", "stripes", "measured", "simulated", "error"],
-                        [[r["mode"], str(r["hosts"]), str(r["stripes"]) if r["mode"] == "pieces" else "-", f"{r['measured_s']:.1f} s", f"{r['simulated_s']:.1f} s",
+                        [[r["mode"], str(r["hosts"]), str(r["stripes"]) if r["mode"] != "peers" else "-", f"{r['measured_s']:.1f} s", f"{r['simulated_s']:.1f} s",
                           f"{r['error']:+.0%}"] for r in cal]),
         "",
         f"## Projection: hosts of their own, {KRAKEN['link_mb_s']:g} MB/s links (Kraken's cap per agent), origin at the same rate, "
@@ -332,8 +334,9 @@ def render(data: dict) -> list[str]:
 def summary(data: dict) -> list[str]:
     """Measured and projected side by side with Kraken's published figure (for the README)."""
     size = f"{data['model_bytes'] / 1e9:.2f} GB"
+    how = {"pieces": "pieces, a chain", "stripes": "pieces, 2 stripes"}
     rows = [[f"measured here ({data['measured_on']['cpu']}, all hosts on one 2-core machine, origin {data['origin_rate_mb_s']:g} MB/s)", str(r["hosts"]),
-             size, "pieces (cut-through)" if r["mode"] == "pieces" else "whole files", "-", f"{r['wall_s']:.1f} s (whole run)", f"{r['hub_bytes'] / data['model_bytes']:.2f}"]
+             size, how.get(r["mode"], "whole files"), "-", f"{r['wall_s']:.1f} s (whole run)", f"{r['hub_bytes'] / data['model_bytes']:.2f}"]
             for r in data["measured"] if r["hosts"] == max(x["hosts"] for x in data["measured"])]
     rows += [[f"projected ({KRAKEN['link_mb_s']:g} MB/s links)", f"{r['hosts']:,}", f"{r['model_gb']} GB",
               "pieces (cut-through)" if r["mode"] == "cut-through" else "whole files", f"{r['p50_s']:.1f} s", f"{r['p99_s']:.1f} s", f"{r['origin_copies']:.2f}"]

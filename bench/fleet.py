@@ -1,6 +1,6 @@
 """Putting a model on 1, 4 and 8 bare hosts: direct fetch vs controller fan-out vs peer fan-out (vs one host after another).
 
-    .venv/bin/python bench/fleet.py [--model 1g] [--hosts 1,4,8] [--modes direct,fanout,peers,pieces] [--origin-rate 50] [--repeat 1]
+    .venv/bin/python bench/fleet.py [--model 1g] [--hosts 1,4,8] [--modes direct,fanout,peers,pieces,stripes] [--origin-rate 50] [--repeat 1]
 
 `--origin-rate` throttles the origin's egress (all downloads together, MB/s), as a hub's egress is for many users.
 "controller bytes" is what the control machine sent over SSH, counted by a relay in front of each host's sshd.
@@ -88,12 +88,15 @@ def main() -> None:
                         subprocess.run(["sync"], check=True)  # the last run's writes reach the disk before this one starts
                         flags = {"direct": ["--parallel", str(n)], "sequential": ["--parallel", "1"],
                                  "fanout": ["--parallel", str(n), "--from-local", "--dest", str(WORK / "seed")],
-                                 "peers": ["--parallel", str(n), "--fan-out", "peers"], "pieces": ["--parallel", str(n), "--fan-out", "peers"]}[mode]
-                        lock = project.dir / ("models-pieces.lock" if mode == "pieces" else "models.lock")
+                                 "peers": ["--parallel", str(n), "--fan-out", "peers"], "pieces": ["--parallel", str(n), "--fan-out", "peers"],
+                                 "stripes": ["--parallel", str(n), "--fan-out", "peers"]}[mode]
+                        lock = project.dir / ("models-pieces.lock" if mode in ("pieces", "stripes") else "models.lock")
+                        # stripes: two, whatever the controller would choose for so few hosts (a chain), to measure the striped plan too
+                        env = project.env(BAKEHOUSE_FANOUT_STRIPES="2") if mode == "stripes" else project.env()
                         before, sent = proxy.bytes_served("/resolve/"), sum(r.sent for r in relays.values())
                         start = time.monotonic()
                         r = subprocess.run([*INVOKE, "fetch-models", "--inventory", str(inv), "--lock", str(lock), "--known-hosts",
-                                            str(keys / "known_hosts"), "--hosts", ",".join(h.name for h in hosts[:n]), *flags], env=project.env(), capture_output=True, text=True,
+                                            str(keys / "known_hosts"), "--hosts", ",".join(h.name for h in hosts[:n]), *flags], env=env, capture_output=True, text=True,
                                            check=False)
                         walls.append(time.monotonic() - start)
                         if r.returncode != 0:
@@ -136,7 +139,8 @@ def write(results: list[dict], model_bytes: int, model: str, origin_rate: float,
         "direct: every host fetches from the origin; fanout: `--from-local` (fetched here once, copied to every host over SFTP); "
         "peers: `--fan-out peers` (hosts copy verified files from each other, each file passed on as soon as it is verified, "
         f"at most 2 peers per source at once); pieces: the same with a lock made by `lock-models --pieces {pieces}` (cut-through: each verified piece "
-        "passed on while the rest of its file still arrives; a chain, one peer per source, for this few hosts). Disk floor: the hosts' copies (hosts x model size) at the rate this machine's one disk "
+        "passed on while the rest of its file still arrives; a chain, one peer per source, for this few hosts); stripes: the same with two stripes "
+        "(BAKEHOUSE_FANOUT_STRIPES=2: each host takes the even pieces from one host and the odd from another). Disk floor: the hosts' copies (hosts x model size) at the rate this machine's one disk "
         "took with fsync (dd inside a host), the least any mode can take here, since every host writes to that disk.",
         "",
         "Wall time is the median of the runs listed (this shared machine's disk and CPU vary from run to run).",
