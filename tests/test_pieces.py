@@ -155,10 +155,10 @@ _RANGE = re.compile(r"bytes=(\d+)-(\d+)")
 
 class PiecePeer(ThreadingHTTPServer):
     """A peer serving ranges of `body`; `bad` corrupts one piece, `die` closes mid-way through one, `slow` trickles one out over
-    about 6 s. Records the pieces asked."""
+    about 6 s, `lacks` answers 425 (not here yet) for one, for ever. Records the pieces asked."""
 
-    def __init__(self, body: bytes, *, bad: int | None = None, die: int | None = None, slow: int | None = None) -> None:
-        self.body, self.bad, self.die, self.slow, self.asked = body, bad, die, slow, []
+    def __init__(self, body: bytes, *, bad: int | None = None, die: int | None = None, slow: int | None = None, lacks: int | None = None) -> None:
+        self.body, self.bad, self.die, self.slow, self.lacks, self.asked = body, bad, die, slow, lacks, []
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -167,6 +167,11 @@ class PiecePeer(ThreadingHTTPServer):
                 assert m and self.headers.get("authorization") == f"Bearer {TOKEN}"
                 a, b = int(m.group(1)), int(m.group(2))
                 server.asked.append(a // PIECE)
+                if a // PIECE == server.lacks:
+                    self.send_response(425)
+                    self.send_header("content-length", "0")
+                    self.end_headers()
+                    return
                 data = bytearray(server.body[a : b + 1])
                 if a // PIECE == server.bad:
                     data[10] ^= 1
@@ -213,6 +218,19 @@ def test_a_bad_piece_or_a_peer_dying_mid_piece_costs_that_piece_and_names_the_pe
     why = "served a bad piece (7)" if fault == "bad" else "ended after"
     assert len(notes) == 1 and f"peer {hostile.url}" in notes[0] and why in notes[0], notes
     assert hostile.asked == list(range(8)) and good.asked == list(range(7, len(HASHES)))  # the good peer gave only from the failed piece on
+
+
+def test_a_peer_standing_in_for_a_dropped_source_that_lacks_a_piece_is_passed_over_not_waited_for(tmp_path: Path) -> None:
+    """The stripe source is dropped at piece 3; the next peer does not have piece 3 (it may be waiting for this very host): the piece
+    comes from the third peer instead of a wait for ever."""
+    source, waiting, full = PiecePeer(BODY, bad=3), PiecePeer(BODY, lacks=3), PiecePeer(BODY)
+    try:
+        known, _, notes = fetch_from_peers(MODEL, [FILE], job_in(tmp_path), [source.url, waiting.url, full.url], TOKEN)
+    finally:
+        for peer in (source, waiting, full):
+            peer.shutdown()
+    assert known == {"w.bin": SHA} and len(notes) == 1 and "served a bad piece (3)" in notes[0]
+    assert 3 in waiting.asked and full.asked.count(3) >= 1 and set(waiting.asked) - {3} == set(range(4, len(HASHES)))
 
 
 def test_a_peer_sending_a_piece_far_slower_than_the_others_came_is_dropped_and_the_piece_taken_elsewhere(tmp_path: Path) -> None:

@@ -107,6 +107,9 @@ def take_pieces(model: LockedModel, f: LockedFile, job: FetchJob, sources: Seque
         guard = threading.Lock()
         pace = Pace()
 
+        def order_for(k: int) -> Callable[[], list[str]]:
+            return lambda: _preferred(k, sources, stripes, live())
+
         def worker() -> None:
             try:
                 while True:
@@ -114,7 +117,8 @@ def take_pieces(model: LockedModel, f: LockedFile, job: FetchJob, sources: Seque
                         if not todo or pieces.failed is not None:
                             return
                         k = todo.popleft()
-                    _one_piece(model, f, k, fd, job, _preferred(k, sources, stripes, live()), drop, headers, pace)
+                    _one_piece(model, f, k, fd, job, sources[k % stripes] if len(sources) >= stripes > 0 else None,
+                               order_for(k), drop, headers, pace)
                     pieces.add(k)
             except BaseException as exc:
                 pieces.fail(exc)
@@ -159,22 +163,32 @@ def _keep_good(fd: int, f: LockedFile, pieces: Pieces, job: FetchJob) -> None:
             job.progress.update(length)
 
 
-def _one_piece(model: LockedModel, f: LockedFile, k: int, fd: int, job: FetchJob, order: list[str], drop: Callable[[str, str], None],
-               headers: dict[str, str], pace: Pace) -> None:
-    for peer in order:
-        try:
-            pull_piece(f"{peer}/{model.name}/{model.commit}/{f.path}", headers, f, k, fd, job, peer=peer, pace=pace)
-            return
-        except BadPieceError as exc:
-            drop(peer, f"peer {peer} served a bad piece ({exc.index}) of {f.path}; dropped it and took the piece elsewhere")
-        except PeerError as exc:
-            drop(peer, f"peer {peer} failed for {f.path} ({exc.why}); dropped it and took the rest elsewhere")
-    raise PeerError.of("(none left)", f.path, f"no live peer gave piece {k}")
+def _one_piece(model: LockedModel, f: LockedFile, k: int, fd: int, job: FetchJob, primary: str | None, order: Callable[[], list[str]],
+               drop: Callable[[str, str], None], headers: dict[str, str], pace: Pace) -> None:
+    """Piece k from the first live peer in `order` that gives it. Its stripe's source (`primary`) is waited for while it does not
+    have the piece yet; any other peer that does not have it is passed over, and the round starts again: a peer standing in for a
+    dropped source may itself be waiting for this host, and waiting on it would wait for ever."""
+    while True:
+        peers = order()
+        if not peers:
+            raise PeerError.of("(none left)", f.path, f"no live peer gave piece {k}")
+        for peer in peers:
+            try:
+                if pull_piece(f"{peer}/{model.name}/{model.commit}/{f.path}", headers, f, k, fd, job, peer=peer, pace=pace, patient=peer == primary):
+                    return
+            except BadPieceError as exc:
+                drop(peer, f"peer {peer} served a bad piece ({exc.index}) of {f.path}; dropped it and took the piece elsewhere")
+            except PeerError as exc:
+                drop(peer, f"peer {peer} failed for {f.path} ({exc.why}); dropped it and took the rest elsewhere")
+        if job.cancel.wait(POLL_SECONDS):
+            raise Cancelled()
 
 
-def pull_piece(url: str, headers: dict[str, str], f: LockedFile, k: int, fd: int, job: FetchJob, *, peer: str, pace: Pace | None = None) -> None:
-    """Piece k from one peer, written at its offset and hashed as it arrives; 425 (not verified there yet) is asked again; a peer
-    sending it far slower than the file's other pieces came (`pace`) fails."""
+def pull_piece(url: str, headers: dict[str, str], f: LockedFile, k: int, fd: int, job: FetchJob, *, peer: str, pace: Pace | None = None,
+               patient: bool = True) -> bool:
+    """Piece k from one peer, written at its offset and hashed as it arrives: True once it is here. A 425 (not verified there
+    yet, after the peer held the question a moment) is asked again when `patient`, else False. A peer sending the piece far
+    slower than the file's other pieces came (`pace`) fails."""
     parts = urllib.parse.urlsplit(url)
     start, length = f.piece_range(k)
     asked = f"bytes {start}-{start + length - 1}/"
@@ -187,6 +201,8 @@ def pull_piece(url: str, headers: dict[str, str], f: LockedFile, k: int, fd: int
             answer = conn.getresponse()
             if answer.status == 425:
                 answer.read()
+                if not patient:
+                    return False
                 if job.cancel.wait(POLL_SECONDS):
                     raise Cancelled()
                 continue
@@ -210,7 +226,7 @@ def pull_piece(url: str, headers: dict[str, str], f: LockedFile, k: int, fd: int
                 raise BadPieceError(f.path, k, source=peer)
             if pace is not None:
                 pace.add(length, time.monotonic() - began)
-            return
+            return True
         except BakehouseError:  # before OSError: a PeerError is one
             job.progress.update(-got)
             raise
