@@ -155,7 +155,7 @@ _RANGE = re.compile(r"bytes=(\d+)-(\d+)")
 
 class PiecePeer(ThreadingHTTPServer):
     """A peer serving ranges of `body`; `bad` corrupts one piece, `die` closes mid-way through one, `slow` trickles one out over
-    about 6 s, `lacks` answers 425 (not here yet) for one, for ever. Records the pieces asked."""
+    about 13 s, `lacks` answers 425 (not here yet) for one, for ever. Records the pieces asked."""
 
     def __init__(self, body: bytes, *, bad: int | None = None, die: int | None = None, slow: int | None = None, lacks: int | None = None) -> None:
         self.body, self.bad, self.die, self.slow, self.lacks, self.asked = body, bad, die, slow, lacks, []
@@ -183,7 +183,7 @@ class PiecePeer(ThreadingHTTPServer):
                     with contextlib.suppress(OSError):
                         for at in range(0, len(data), 1024):
                             self.wfile.write(data[at : at + 1024])
-                            time.sleep(0.1)
+                            time.sleep(0.2)
                     return
                 self.wfile.write(data[: len(data) // 2] if a // PIECE == server.die else data)
 
@@ -233,6 +233,18 @@ def test_a_peer_standing_in_for_a_dropped_source_that_lacks_a_piece_is_passed_ov
     assert 3 in waiting.asked and full.asked.count(3) >= 1 and set(waiting.asked) - {3} == set(range(4, len(HASHES)))
 
 
+def test_when_no_live_peer_will_have_a_piece_the_file_is_left_to_the_origin_with_its_unbroken_prefix_kept(tmp_path: Path) -> None:
+    lacking = PiecePeer(BODY, lacks=3)
+    job = job_in(tmp_path)
+    try:
+        known, left, notes = fetch_from_peers(MODEL, [FILE], job, [lacking.url], TOKEN, stripes=2)  # one peer for two stripes: no stripe source
+    finally:
+        lacking.shutdown()
+    assert known == {} and left == [FILE] and not notes
+    assert lacking.asked.count(3) == 5  # GIVE_UP_ROUNDS
+    assert (job.partial / "w.bin").read_bytes() == BODY[: 3 * PIECE]  # the origin resumes from here
+
+
 def test_a_peer_sending_a_piece_far_slower_than_the_others_came_is_dropped_and_the_piece_taken_elsewhere(tmp_path: Path) -> None:
     slow, good = PiecePeer(BODY, slow=6), PiecePeer(BODY)
     try:
@@ -240,8 +252,8 @@ def test_a_peer_sending_a_piece_far_slower_than_the_others_came_is_dropped_and_t
     finally:
         slow.shutdown()
         good.shutdown()
-    # dropped at the 2 s floor (the earlier pieces took milliseconds), not after the 6 s the piece would have taken
-    assert known == {"w.bin": SHA} and len(notes) == 1 and f"peer {slow.url} failed for w.bin (too slow: piece 6 not sent in 2.0 s" in notes[0], notes
+    # dropped at the 5 s floor (the earlier pieces took milliseconds), not after the 13 s the piece would have taken
+    assert known == {"w.bin": SHA} and len(notes) == 1 and f"peer {slow.url} failed for w.bin (too slow: piece 6 not sent in 5.0 s" in notes[0], notes
     assert slow.asked == list(range(7)) and good.asked == list(range(6, len(HASHES)))
 
 

@@ -35,9 +35,12 @@ READ_BYTES = 1 << 20
 # A peer sending a piece SLOW_FACTOR times slower than this file's pieces have come (the median, once there are PACE_SAMPLES) is
 # dropped like a failed one, and the piece asked of the next: one host on a bad link would otherwise slow every host below it.
 # Only the sending counts, not the wait for a piece the peer does not have yet (its own source is behind: that heals above it).
-SLOW_FACTOR = 4.0
-MIN_PIECE_SECONDS = 2.0
+SLOW_FACTOR = 8.0
+MIN_PIECE_SECONDS = 5.0
 PACE_SAMPLES = 3
+# Rounds in which every live peer lacked a piece while its stripe source was gone: then no peer will have it (they all dropped
+# that source too, say), and the file is taken from the origin instead.
+GIVE_UP_ROUNDS = 5
 
 
 class Pace:
@@ -167,11 +170,10 @@ def _one_piece(model: LockedModel, f: LockedFile, k: int, fd: int, job: FetchJob
                drop: Callable[[str, str], None], headers: dict[str, str], pace: Pace) -> None:
     """Piece k from the first live peer in `order` that gives it. Its stripe's source (`primary`) is waited for while it does not
     have the piece yet; any other peer that does not have it is passed over, and the round starts again: a peer standing in for a
-    dropped source may itself be waiting for this host, and waiting on it would wait for ever."""
-    while True:
-        peers = order()
-        if not peers:
-            raise PeerError.of("(none left)", f.path, f"no live peer gave piece {k}")
+    dropped source may itself be waiting for this host, and waiting on it would wait for ever. Without the source, after
+    GIVE_UP_ROUNDS rounds in which no peer had the piece, PeerError: the origin gives the file."""
+    rounds_without_source = 0
+    while (peers := order()) and rounds_without_source < GIVE_UP_ROUNDS:
         for peer in peers:
             try:
                 if pull_piece(f"{peer}/{model.name}/{model.commit}/{f.path}", headers, f, k, fd, job, peer=peer, pace=pace, patient=peer == primary):
@@ -180,8 +182,11 @@ def _one_piece(model: LockedModel, f: LockedFile, k: int, fd: int, job: FetchJob
                 drop(peer, f"peer {peer} served a bad piece ({exc.index}) of {f.path}; dropped it and took the piece elsewhere")
             except PeerError as exc:
                 drop(peer, f"peer {peer} failed for {f.path} ({exc.why}); dropped it and took the rest elsewhere")
+        if primary not in order():  # the stripe's source is gone: the others are asked a bounded number of rounds
+            rounds_without_source += 1
         if job.cancel.wait(POLL_SECONDS):
             raise Cancelled()
+    raise PeerError.of("(none left)", f.path, f"no live peer gave piece {k}")
 
 
 def pull_piece(url: str, headers: dict[str, str], f: LockedFile, k: int, fd: int, job: FetchJob, *, peer: str, pace: Pace | None = None,
