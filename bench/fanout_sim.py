@@ -216,7 +216,7 @@ def calibration(measured: dict, recv_cpu: dict[int, float], send_cpu: float) -> 
     rows = []
     for mode, p in (("peers", 0), ("pieces", piece), ("stripes", piece)):
         runs = {r["hosts"]: r for r in results if r["mode"] == mode}
-        if mode == "stripes" and 1 in {r["hosts"] for r in results if r["mode"] == "pieces"}:
+        if mode == "stripes" and runs and 1 in {r["hosts"] for r in results if r["mode"] == "pieces"}:
             runs = {1: next(r for r in results if r["mode"] == "pieces" and r["hosts"] == 1)} | runs  # one host: no stripes to take
         if 1 not in runs:
             continue
