@@ -347,6 +347,45 @@ def test_a_peer_serves_the_verified_pieces_of_a_file_it_is_still_receiving_and_h
 RANGED = {"BAKEHOUSE_RANGE_CHUNK_BYTES": str(256 << 10), "BAKEHOUSE_RANGED_MIN_BYTES": str(1 << 20), "BAKEHOUSE_RANGES": "2"}
 
 
+def test_a_planted_link_for_the_pieces_record_or_its_directory_offers_nothing(tmp_path: Path) -> None:
+    from ops.models.peer_server import growing_file
+
+    a = Store(tmp_path / "a")
+    a.partial_dir("m", COMMIT).mkdir(parents=True)
+    (a.partial_dir("m", COMMIT) / "w.bin").write_bytes(BODY)
+    shape = {("m", COMMIT, "w.bin"): (len(BODY), PIECE)}
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "w.bin").write_text("1" * len(HASHES))  # claims every piece
+    os.symlink(tmp_path / "elsewhere", a.pieces_dir("m", COMMIT))
+    assert growing_file(a.root, "m", COMMIT, "w.bin", shape) is None
+    os.unlink(a.pieces_dir("m", COMMIT))
+    a.pieces_dir("m", COMMIT).mkdir()
+    os.symlink(tmp_path / "elsewhere" / "w.bin", a.pieces_dir("m", COMMIT) / "w.bin")
+    assert growing_file(a.root, "m", COMMIT, "w.bin", shape) is None
+    os.unlink(a.pieces_dir("m", COMMIT) / "w.bin")
+    a.share_pieces("m", COMMIT, "w.bin", "1" + "0" * (len(HASHES) - 1))
+    served = growing_file(a.root, "m", COMMIT, "w.bin", shape)  # the record it wrote itself is read
+    assert served is not None and served[1].startswith("10")
+    os.close(served[0])
+
+
+@pytest.mark.parametrize("value", ["-1", "0", "abc", "17", "1e9", "--peers"])
+def test_bad_stripes_values_are_refused_naming_the_flag(value: str) -> None:
+    from ops.models.actions import ModelRequest
+
+    with pytest.raises(ConfigError, match="--stripes"):
+        ModelRequest.parse("fetch", stripes=value)
+
+
+@pytest.mark.parametrize("value", ["0", "5", "x", "-2"])
+def test_bad_fanout_stripes_variable_is_refused_naming_it(value: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ops.settings import env_number
+
+    monkeypatch.setenv("BAKEHOUSE_FANOUT_STRIPES", value)
+    with pytest.raises(ConfigError, match="BAKEHOUSE_FANOUT_STRIPES"):
+        env_number("BAKEHOUSE_FANOUT_STRIPES", 2, minimum=1, maximum=4)
+
+
 def project_with_pieces(origin: Origin, root: Path, piece: str = "64KiB") -> Project:
     p = Project(root, "http://127.0.0.1:9")
     p.dir.mkdir(parents=True)

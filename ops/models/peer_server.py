@@ -87,8 +87,9 @@ def growing_file(root: Path, name: str, commit: str, path: str, pieces: Pieces |
     if rel is None or shape is None:
         return None
     store = Store(root)
-    have = read_have(store.pieces_dir(name, commit) / rel, piece_count(*shape))
-    partial = store.partial_dir(name, commit) / rel
+    record, partial = store.pieces_dir(name, commit) / rel, store.partial_dir(name, commit) / rel
+    # The record is read only through real directories (a planted link could point it at a file claiming every piece)
+    have = read_have(record, piece_count(*shape)) if _real_file(root, record) is not None else ""
     if "1" not in have or _real_file(root, partial) is None:
         return None
     try:
