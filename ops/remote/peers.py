@@ -148,6 +148,7 @@ class Run:
 
     def __post_init__(self) -> None:
         self.plan = stripe_plan(len(self.hosts), self.stripes) if self.stripes else []
+        self.position = {name: i for i, name in enumerate(self.hosts)}  # a list's index() per host would be quadratic at 10,000 hosts
 
     def join(self, name: str, url: str) -> None:
         """`name` serves at `url` from now on; any host but the root joins after the root (or after the root failed)."""
@@ -175,7 +176,7 @@ class Run:
                 self.cond.wait()
 
     def _acquire_stripes(self, name: str) -> tuple[str | None, list[str]]:
-        me = self.hosts.index(name)
+        me = self.position[name]
         sources = []
         with self.cond:
             for s in range(self.stripes):
@@ -192,7 +193,7 @@ class Run:
                     return None, []
                 sources.append(self.hosts[source])
             # fallbacks: each stripe source's own sources, the nearest first
-            fallbacks = [self.hosts[up] for src in sources for up in self.plan[self.hosts.index(src)] if up >= 0]
+            fallbacks = [self.hosts[up] for src in sources for up in self.plan[self.position[src]] if up >= 0]
             live = [h for h in dict.fromkeys([*fallbacks, self.root]) if h in self.urls and h not in self.failed and h not in sources]
         return ",".join(dict.fromkeys(sources)), [self.urls[h] for h in sources] + [self.urls[h] for h in live[: 2 * self.stripes]]
 
