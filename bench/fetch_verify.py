@@ -87,7 +87,7 @@ def main() -> None:
     ap.add_argument("--origin", choices=["olah", "nginx"], default="olah")
     args = ap.parse_args()
     if args.origin == "nginx":
-        line_rate()
+        line_rate(args.runs)
         return
 
     files = make_model(args.gb, args.shards)
@@ -211,7 +211,7 @@ def drop_caches() -> bool:
         return False
 
 
-def line_rate() -> None:
+def line_rate(runs: int) -> None:
     from testbed.nginx import Nginx
 
     results = []
@@ -226,11 +226,11 @@ def line_rate() -> None:
         with LocalHub(WORK / "line-rate" / f"hub-{time.time_ns()}") as hub:
             commit = hub.add_repo(repo, src)
             with Nginx(www, WORK / "line-rate" / f"nginx-{time.time_ns()}", api=hub.endpoint, repos={repo: commit}, log_bytes=True) as nginx:
-                results.append(measure_line_rate(label, repo, commit, src, nginx))
+                results.append(measure_line_rate(label, repo, commit, src, nginx, runs))
     write_line_rate(results)
 
 
-def measure_line_rate(label: str, repo: str, commit: str, files: dict[str, Path], nginx: object) -> dict:
+def measure_line_rate(label: str, repo: str, commit: str, files: dict[str, Path], nginx: object, runs: int) -> dict:
     from testbed.nginx import Nginx
 
     assert isinstance(nginx, Nginx)
@@ -246,6 +246,7 @@ def measure_line_rate(label: str, repo: str, commit: str, files: dict[str, Path]
     fetch = [PY, "-m", "ops.models", "fetch", "--models", "bench", "--lock", str(proj / "models.lock"), "--manifest", str(proj / "models.toml"),
              "--dest", str(out / "store")]
     tools = {
+        "origin ceiling: curl --parallel to /dev/null": ["curl", "--parallel", "--parallel-max", "16", "-s", *[a for u in urls for a in ("-o", "/dev/null", u)]],
         "bakehouse fetch (download + full verify + fsync + activate)": fetch,
         "curl --parallel (download only)": ["curl", "--parallel", "--parallel-max", "16", "-s", *[a for i, u in enumerate(urls) for a in ("-o", str(out / "curl" / f"{i}"), u)]],
         "curl --parallel, then sync (the bytes on disk)": ["sh", "-c", 'curl "$@" && sync', "sh", "--parallel", "--parallel-max", "16", "-s",
@@ -253,17 +254,22 @@ def measure_line_rate(label: str, repo: str, commit: str, files: dict[str, Path]
         "hf download --local-dir (no verify)": [HF, "download", repo, "--revision", commit, "--local-dir", str(out / "hf")],
         "aria2c -x16 -s16 (download only)": ["aria2c", "-q", "-Z", "-x16", "-s16", "-k1M", "-j4", "--allow-overwrite=true", "-d", str(out / "aria2"), *urls],
     }
-    r: dict = {"layout": label, "bytes": total, "cold_caches_dropped": False, "tools": {}}
-    for name, argv in tools.items():
-        if argv[0] == "aria2c" and shutil.which("aria2c") is None:
-            continue
-        shutil.rmtree(out, ignore_errors=True)
-        (out / "curl").mkdir(parents=True)
-        subprocess.run(["sync"], check=False)  # the last tool's writes do not land in this one's time
-        for f in files.values():  # the origin's files in the page cache: the origin is not what is measured
-            f.read_bytes()
-        nginx.reset()
-        r["tools"][name] = {"seconds": timed(argv, env), "origin_bytes": nginx.served()[1]}
+    r: dict = {"layout": label, "bytes": total, "cold_caches_dropped": False, "runs": runs, "tools": {}}
+    for _ in range(runs):  # the tools interleaved, run after run: a slow spell of the shared machine falls on all of them
+        for name, argv in tools.items():
+            if argv[0] == "aria2c" and shutil.which("aria2c") is None:
+                continue
+            shutil.rmtree(out, ignore_errors=True)
+            (out / "curl").mkdir(parents=True)
+            subprocess.run(["sync"], check=False)  # the last tool's writes do not land in this one's time
+            for f in files.values():  # the origin's files in the page cache: the origin is not what is measured
+                f.read_bytes()
+            nginx.reset()
+            t = r["tools"].setdefault(name, {"runs": []})
+            t["runs"].append(timed(argv, env))
+            t["origin_bytes"] = nginx.served()[1]
+    for t in r["tools"].values():
+        t["seconds"] = statistics.median(t["runs"])
     curl = r["tools"]["curl --parallel (download only)"]["seconds"]
     bh = r["tools"]["bakehouse fetch (download + full verify + fsync + activate)"]["seconds"]
     r["vs_curl"] = curl / bh
@@ -301,17 +307,20 @@ def write_line_rate(results: list[dict]) -> None:
     for r in results:
         gb = r["bytes"] / 1e9
         for name, t in r["tools"].items():
-            rows.append([r["layout"], name, f"{t['seconds']:.2f} s", f"{gb / t['seconds'] * 1000:.0f} MB/s", f"{t['origin_bytes'] / r['bytes']:.2f}"])
+            rows.append([r["layout"], name, f"{t['seconds']:.2f} s", f"{min(t['runs']):.2f}-{max(t['runs']):.2f} s", f"{gb / t['seconds'] * 1000:.0f} MB/s",
+                         f"{t['origin_bytes'] / r['bytes']:.2f}"])
     summary = [[r["layout"], f"{r['vs_curl']:.2f}x", f"{r['vs_hf']:.2f}x", f"{r['crash']['ratio']:.3f}x", f"{r['up_to_date_requests']}",
                 f"{r['up_to_date_s']:.2f} s"] for r in results]
     md = [
         "# Fetch at line rate: nginx on loopback as the origin",
         "",
-        f"Machine: {cpu_line(m)}; disk: this machine's, shared; commit {m['commit']}, {m['date']}. One run each, tools one after another, the",
-        "origin's files in the page cache. bakehouse downloads by concurrent ranged GETs, hashes in order as it writes, fsyncs and activates;",
-        "the others only download. `origin bytes`: what nginx sent, over the model's size. Generated from fetch-nginx.json by bench/fetch_verify.py.",
+        f"Machine: {cpu_line(m)}; disk: this machine's, shared; commit {m['commit']}, {m['date']}. Median of {results[0]['runs']} runs, the",
+        "tools interleaved, the origin's files in the page cache; the ceiling is what nginx serves to a client that writes nothing. bakehouse",
+        "downloads by concurrent ranged GETs, writes with O_DIRECT, hashes in order as it writes, fsyncs and activates; the others only download,",
+        "through the page cache (on this virtual machine a first write to a page can cost more than receiving it: see the range of curl's runs).",
+        "`origin bytes`: what nginx sent, over the model's size (last run). Generated from fetch-nginx.json by bench/fetch_verify.py.",
         "",
-        *markdown_table(["model", "tool", "time", "rate", "origin bytes"], rows),
+        *markdown_table(["model", "tool", "time (median)", "range", "rate", "origin bytes"], rows),
         "",
         *markdown_table(["model", "bakehouse vs curl --parallel", "vs hf download", "origin bytes after a kill -9 at 50 % and a re-run",
                          "requests when up to date", "up-to-date run"], summary),

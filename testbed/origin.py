@@ -19,6 +19,7 @@ class Origin:
     mode: str = "ok"
     rate: float = 0.0  # bytes a second per response (0: unthrottled)
     sent: int = 0
+    connections: int = 0
     ranges: list[str] = field(default_factory=list)
     dropped: set[int] = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -29,6 +30,11 @@ class Origin:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+
+            def setup(self) -> None:
+                super().setup()
+                with origin.lock:
+                    origin.connections += 1
 
             def do_HEAD(self) -> None:
                 self.send_response(200)
@@ -71,7 +77,7 @@ class Origin:
                         origin.sent += len(piece)
                     if origin.rate:
                         time.sleep(len(piece) / origin.rate)
-                if length is not None and length > len(data):
+                if (length is not None and length > len(data)) or origin.mode == "drop-idle":  # drop-idle: closed without a word, as an idle timeout does
                     self.close_connection = True
 
             def log_message(self, *args: object) -> None:

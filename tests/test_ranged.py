@@ -55,6 +55,7 @@ def test_a_large_file_comes_in_concurrent_ranges_and_is_verified(origin: Origin,
     assert served(p) == BODY
     asked = sorted(x for x in origin.ranges if x)
     assert len(asked) == 41 and asked[0] == f"bytes=0-{(1 << 20) - 1}" and origin.sent == SIZE  # every byte once, in 41 ranges
+    assert origin.connections <= 4 + 1  # each of the 4 workers keeps its connection from chunk to chunk (the +1: the lock's HEAD)
     assert not list((p.store / ".staging").rglob("*.ranges")) or not any(f.is_file() for f in (p.store / ".staging").rglob("*"))
 
 
@@ -62,6 +63,7 @@ def test_a_large_file_comes_in_concurrent_ranges_and_is_verified(origin: Origin,
     ("ignore-range", 0, ""),  # the sequential download takes over
     ("extra-bytes", 0, ""),  # never more than asked is read
     ("close-early-once", 0, ""),  # each chunk is tried again
+    ("drop-idle", 0, ""),  # a kept connection the server closed meanwhile is replaced
     ("wrong-range", 3, "when asked for"),
     ("other-bytes", 1, "models.lock pins"),
 ])
@@ -105,7 +107,8 @@ def test_kill_9_mid_fetch_then_resume_takes_only_the_missing_chunks(tmp_path: Pa
         origin.stop()
 
 
-def test_a_large_file_from_nginx_comes_in_ranges_and_activates(tmp_path: Path) -> None:
+@pytest.mark.parametrize("direct", ["1", "0"])  # with O_DIRECT, and through the page cache
+def test_a_large_file_from_nginx_comes_in_ranges_and_activates(tmp_path: Path, direct: str) -> None:
     from testbed.nginx import Nginx
 
     (tmp_path / "www").mkdir()
@@ -115,6 +118,68 @@ def test_a_large_file_from_nginx_comes_in_ranges_and_activates(tmp_path: Path) -
         p.dir.mkdir()
         p.write_manifest(f'[models.big]\nsource = "{nginx.url}/files/weights.safetensors"\nsha256 = "{hashlib.sha256(BODY).hexdigest()}"\n')
         assert p.run("lock", "--models", "big").returncode == 0
-        r = fetch(p)
+        r = fetch(p, BAKEHOUSE_DIRECT_IO=direct)
     assert r.returncode == 0, r.stdout + r.stderr
     assert (served(p) == BODY and not (p.store / ".staging" / "big").exists()) or not any((p.store / ".staging" / "big").rglob("*.safetensors"))
+
+
+def test_a_kept_connection_the_server_closed_is_replaced_without_costing_an_attempt() -> None:
+    from ops.models.sources.ranged import Connection, Target, fetch_chunk
+
+    origin = Origin(BODY, mode="drop-idle").start()
+    try:
+        connection, buffer = Connection(), memoryview(bytearray(1 << 16))
+        for start in (0, 1 << 16, 2 << 16):  # each on the connection the last one left open, which the server has closed
+            fetch_chunk(Target(origin.url, {}), start, 1 << 16, buffer, lambda: False, "origin", connection=connection)
+            assert bytes(buffer) == BODY[start : start + (1 << 16)]
+        assert origin.connections == 3
+    finally:
+        origin.stop()
+
+
+def test_chunks_reuse_one_connection_a_worker() -> None:
+    from ops.models.sources.ranged import Connection, Target, fetch_chunk
+
+    origin = Origin(BODY).start()
+    try:
+        connection, buffer = Connection(), memoryview(bytearray(1 << 16))
+        for start in (0, 1 << 16, 2 << 16):
+            fetch_chunk(Target(origin.url, {}), start, 1 << 16, buffer, lambda: False, "origin", connection=connection)
+        assert origin.connections == 1
+    finally:
+        origin.stop()
+
+
+def test_a_direct_write_the_kernel_refuses_falls_back_to_the_page_cache(tmp_path: Path) -> None:
+    import mmap
+
+    from ops.models.sources.ranged import Disk
+
+    path = tmp_path / "f"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT)
+    try:
+        disk = Disk(fd, direct=True)
+        if disk.direct_fd < 0:
+            pytest.skip("this filesystem takes no O_DIRECT")
+        buffer = memoryview(mmap.mmap(-1, 3 << 12))
+        buffer[:] = os.urandom(3 << 12)
+        assert disk.write(buffer, 0, 0, 5000, last=False) == 4096  # a whole block now, the rest with a later write
+        assert disk.write(buffer[1:], 4096, 0, 8192, last=False) == 8192  # not aligned in memory: EINVAL, then the page cache
+        assert disk.direct_fd < 0
+        assert disk.write(buffer, 12288, 0, 100, last=True) == 100
+        disk.close()
+        data = path.read_bytes()
+        assert data[:4096] == bytes(buffer[:4096]) and data[4096:12288] == bytes(buffer[1:8193]) and data[12288:] == bytes(buffer[:100])
+    finally:
+        os.close(fd)
+
+
+def test_chunk_buffers_are_bounded_and_reused() -> None:
+    from ops.models.sources.ranged import Buffers
+
+    pool = Buffers(1 << 16, 2)
+    a, b = pool.take(lambda: False), pool.take(lambda: False)
+    assert a is not None and b is not None
+    assert pool.take(lambda: True) is None  # all in use: waits, and gives up once the fetch is over
+    pool.give(a)
+    assert pool.take(lambda: False) is a and pool.made == 2

@@ -10,7 +10,6 @@ from __future__ import annotations
 import errno
 import logging
 import shutil
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from ops.models.peer_client import fetch_from_peers
 from ops.models.progress import Progress
 from ops.models.report import Outcome, Status
 from ops.models.sources import FetchJob, source_for
-from ops.models.sources.ranged import ranges_wanted
+from ops.models.sources.ranged import Budget
 from ops.models.stamp import STAMP_NAME
 from ops.models.store import Store
 from ops.models.verify import verify, verify_one
@@ -182,7 +181,7 @@ def _fetch_one(store: Store, m: LockedModel, *, workers: int, tty: bool | None, 
         log.info("%s: fetching %d of %d files (%s) from %s", m.name, len(needed), len(m.files), format_bytes(total), m.source)
         progress = Progress(f"fetch {m.name}", total, tty=tty)
         job = FetchJob(root=store.root, staging=staging, partial=partial, progress=progress, workers=workers, ranges=store.ranges_dir(m.name, m.commit),
-                       range_slots=threading.BoundedSemaphore(ranges_wanted()))
+                       budget=Budget.for_fetch())
         if peers.share:
             job.on_verified = lambda path, at: store.share(m.name, m.commit, path, at)
             job.on_pieces = lambda path, have: store.share_pieces(m.name, m.commit, path, have)

@@ -6,12 +6,15 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from ops.errors import ManifestError
 from ops.models.lock import LockedFile, LockedModel
 from ops.models.manifest import ModelSpec
 from ops.models.progress import Progress
+
+if TYPE_CHECKING:
+    from ops.models.sources.ranged import Budget
 
 
 def check_selection(spec: ModelSpec, commit: str, paths: Sequence[str], selected: Sequence[str], matches: Callable[[str, str], bool]) -> None:
@@ -33,7 +36,7 @@ class FetchJob:
     partial: Path
     progress: Progress
     ranges: Path | None = None  # where ranged downloads record the chunks they wrote (None: no ranged downloads)
-    range_slots: threading.BoundedSemaphore | None = None  # range requests in flight for the whole fetch, whatever the number of files
+    budget: Budget | None = None  # range requests in flight and chunk buffers, shared by every file of the fetch
     workers: int = 8
     cancel: threading.Event = field(default_factory=threading.Event)
     # Called with a file's path in the model and where it is, once its bytes matched the lock (fetch --share offers it to peers).
