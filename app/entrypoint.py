@@ -6,7 +6,8 @@
 3. Missing or damaged: fetch it (download, full verify, activate) when
    BAKEHOUSE_AUTO_FETCH is on (default, unless the store is read-only);
    a read-only store is verified only, and a failure stops the start.
-4. Serve with uvicorn.
+4. Read the weights into the page cache in the background (app.readahead)
+   while the server's imports run, and serve with uvicorn.
 Every step is logged with its time.
 """
 
@@ -28,6 +29,7 @@ import uvicorn
 
 from app.auth import ApiKeys
 from app.config import Settings
+from app.readahead import start_readahead
 from ops.errors import BakehouseError, ConfigError, SourceError
 from ops.models.fetch import fetch_locked
 from ops.models.lock import Lock, LockedModel, load_lock, write_lock
@@ -72,6 +74,7 @@ def ensure_model(settings: Settings) -> Settings:
     model = _step("read lock", lambda: _locked(settings))
     outcome = _step("quick verify", lambda: verify_one(store, model, full=False))
     if outcome.ok:
+        start_readahead(store.current_link(model.name), [(f.path, f.size) for f in model.files])
         return settings
     problems = "; ".join(outcome.problems) or outcome.error or "not verified"
     read_only = not store.writable()
@@ -82,6 +85,7 @@ def ensure_model(settings: Settings) -> Settings:
     [fetched] = _step("fetch", lambda: fetch_locked([model], store))
     if fetched.error is not None:
         raise fetched.error
+    start_readahead(store.current_link(model.name), [(f.path, f.size) for f in model.files])  # a ranged fetch wrote past the page cache
     return settings
 
 

@@ -28,8 +28,11 @@ than fp32 (32 rows of 12 heads over 380 columns: 8.3 ms in bf16, 3.4 ms in
 fp32), while the linear layers are 2x faster in bf16. So a bf16 model may
 keep an fp32 cache: its attention runs in fp32 (the query cast up, the
 output cast back; a few KB a step), at twice the cache's memory.
-`fastest_decode_attention` times every pair once at load (the median of 7
-runs) and keeps the fastest.
+`fastest_decode_attention` times each kernel once at load (the median of 7
+runs) and keeps the fastest: with the cache in fp32 and, on a CPU with AMX
+(or a GPU), in the model's dtype too. Without AMX a bf16 cache is not timed:
+it lost on every CPU measured, and timing its slow kernels was 60 % of the
+choice's 0.4 s at load (16 heads, 2 cores).
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from app.precision import median_seconds
+from app.precision import cpu_flags, median_seconds
 from app.seats import COLUMNS, Copy, Seats, Span, Tier
 
 DecodeKernel = Literal["sdpa", "matmul"]
@@ -310,15 +313,21 @@ AttentionInterface.register(SLOT_ATTENTION, slot_attention)
 
 
 def fastest_decode_attention(dtype: torch.dtype, device: torch.device, heads: int, kv_heads: int, dim: int, rows: int = 16,
-                             width: int = 256) -> DecodeChoice:
-    """Time each kernel with the cache in the model's dtype and, for a reduced-precision model on a CPU, in fp32; the fastest, by the
-    median of 7 runs at one representative shape (a few ms, once at load)."""
+                             width: int = 256, amx: bool | None = None) -> DecodeChoice:
+    """Time each kernel with the cache in fp32 and, on a CPU with AMX (`amx`: None reads the CPU's flags), in the model's reduced
+    precision too; the fastest, by the median of 7 runs at one representative shape (once at load)."""
     if device.type != "cpu":
         return DecodeChoice("sdpa")
+    if dtype == torch.float32:
+        kv_dtypes: tuple[torch.dtype | None, ...] = (None,)
+    elif amx if amx is not None else "amx_bf16" in cpu_flags():
+        kv_dtypes = (None, torch.float32)
+    else:
+        kv_dtypes = (torch.float32,)
     g = torch.Generator().manual_seed(0)
     times: dict[DecodeChoice, float] = {}
     with torch.inference_mode():
-        for kv_dtype in (None, torch.float32) if dtype != torch.float32 else (None,):
+        for kv_dtype in kv_dtypes:
             compute = kv_dtype or dtype
             q = torch.randn(rows, heads, 1, dim, generator=g).to(compute)
             kv = torch.randn(2, rows + 1, kv_heads, width + COLUMNS, dim, generator=g).to(compute)

@@ -77,13 +77,17 @@ class PrecisionCheck:
                 f"mean KL {self.mean_kl:.4f} nats (<= {MAX_MEAN_KL}){timed}: {verdict}")
 
 
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
+    """The CPU's feature flags (none where /proc/cpuinfo cannot be read)."""
+    try:
+        return set(next((line.split(":", 1)[1].split() for line in cpuinfo.read_text().splitlines() if line.startswith("flags")), []))
+    except OSError:
+        return set()
+
+
 def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
     """AVX-512 BF16 or AMX: the CPU computes bf16 itself (without them, bf16 is emulated and slower than fp32)."""
-    try:
-        flags = next((line.split(":", 1)[1].split() for line in cpuinfo.read_text().splitlines() if line.startswith("flags")), [])
-    except OSError:
-        return False
-    return bool({"avx512_bf16", "amx_bf16"} & set(flags))
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags(cpuinfo))
 
 
 def median_seconds(run: Callable[[], object], runs: int = TIMED_RUNS) -> float:

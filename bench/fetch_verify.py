@@ -215,6 +215,8 @@ def line_rate(runs: int) -> None:
     from testbed.nginx import Nginx
 
     results = []
+    runs_dir = WORK / "line-rate" / "run"  # the last run's hubs, nginx and copies, kept to look into; removed by the next run
+    shutil.rmtree(runs_dir, ignore_errors=True)
     for label, layout in LAYOUTS.items():
         repo = "bench/" + label.replace(" ", "").replace("x", "-")
         src = random_files(WORK / "line-rate" / "src" / repo.split("/")[1], layout)
@@ -223,9 +225,9 @@ def line_rate(runs: int) -> None:
         (www / repo).mkdir(parents=True)
         for name, path in src.items():
             os.link(path, www / repo / name)
-        with LocalHub(WORK / "line-rate" / f"hub-{time.time_ns()}") as hub:
+        with LocalHub(runs_dir / f"hub-{time.time_ns()}") as hub:
             commit = hub.add_repo(repo, src)
-            with Nginx(www, WORK / "line-rate" / f"nginx-{time.time_ns()}", api=hub.endpoint, repos={repo: commit}, log_bytes=True) as nginx:
+            with Nginx(www, runs_dir / f"nginx-{time.time_ns()}", api=hub.endpoint, repos={repo: commit}, log_bytes=True) as nginx:
                 results.append(measure_line_rate(label, repo, commit, src, nginx, runs))
     write_line_rate(results)
 

@@ -15,7 +15,7 @@ from app import packed as packed_module
 from app import precision
 from app.device import DevicePlan, pick_device
 from app.engine import Engine
-from app.kvcache import DecodeChoice, DecodeKernel, Segment, SlotCache, decode_attention, decode_mask
+from app.kvcache import DecodeChoice, DecodeKernel, Segment, SlotCache, decode_attention, decode_mask, fastest_decode_attention
 from app.loader import check_weights_format
 from app.packed import PackedLinear, pack_linears, packing_works
 from app.params import SamplingParams
@@ -125,6 +125,14 @@ def test_decode_attention_equals_sdpa_over_each_rows_own_length(kernel: DecodeKe
     repeat = heads // kv_heads
     expected = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(repeat, 1), v.repeat_interleave(repeat, 1), attn_mask=mask, scale=0.25)
     torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.parametrize(("dtype", "amx", "caches"), [(torch.float32, False, {None}), (torch.bfloat16, False, {torch.float32}),
+                                                       (torch.bfloat16, True, {None, torch.float32})])
+def test_the_decode_kernel_is_timed_with_the_caches_this_cpu_may_use(dtype: torch.dtype, amx: bool, caches: set[torch.dtype | None]) -> None:
+    """Without AMX a bf16 cache is never chosen (nor timed); with AMX either may win; an fp32 model keeps its own dtype."""
+    choice = fastest_decode_attention(dtype, torch.device("cpu"), 4, 2, 16, rows=2, width=32, amx=amx)
+    assert choice.kv_dtype in caches and choice.kernel in ("sdpa", "matmul")
 
 
 @pytest.fixture(scope="module", params=["llama-gqa", "gpt2"])

@@ -35,7 +35,7 @@ def test_fetches_when_missing_then_serves(demo_project: Project, tmp_path: Path)
     finally:
         server.stop()
     log = server.output()
-    for step in ("entrypoint: quick verify:", "entrypoint: fetch:", "loaded demo from"):
+    for step in ("entrypoint: quick verify:", "entrypoint: fetch:", "readahead:", "loaded demo from"):
         assert step in log
 
 
