@@ -11,7 +11,9 @@ mixed (16-256, fixed seed); concurrency 1 (8 requests), 8 and 32 (64
 requests). Each request streams: time to first token, latency, and the
 generated tokens from `usage`. Start to ready is measured from the process
 start, on the second start of each server (the first reads the engine's
-libraries from disk). Writes bench/results/serve-vs-vllm-<model>-<device>.{md,json} (the device: gpu, or
+libraries from disk). The servers of one dtype are all up at once, and each
+cell is run on each of them in turn, one at a time, so a slow spell of a
+shared machine falls on both sides of a ratio. Writes bench/results/serve-vs-vllm-<model>-<device>.{md,json} (the device: gpu, or
 cpu-intel / cpu-amd); --start-only measures the starts alone, into serve-start-<model>-<device>.{md,json}.
 """
 
@@ -127,38 +129,47 @@ def start(engine: str, dtype: str, store: Path, lock: Path, work: Path) -> tuple
     return app, app.url, time.monotonic() - begin
 
 
-def run_engine(engine: str, dtype: str, store: Path, lock: Path, work: Path, vocab: int, *, loads: bool = True) -> dict:
+def started(engine: str, dtype: str, store: Path, lock: Path, work: Path) -> tuple[object, str, dict]:
     """Start to ready twice (the first start reads the engine's libraries from disk; the second, measured, finds them in the
-    page cache, as a host that ran it before does), then every load."""
+    page cache, as a host that ran it before does); the second stays up."""
     server, _, cold = start(engine, dtype, store, lock, work)
     server.stop()  # type: ignore[attr-defined]
     server, url, ready = start(engine, dtype, store, lock, work)
-    out: dict = {"ready_s": ready, "cold_ready_s": cold, "runs": {}}
+    warm(url, "m")
+    print(f"{engine} {dtype}: start to ready {ready:.1f}s (first start {cold:.1f}s)", flush=True)
+    return server, url, {"ready_s": ready, "cold_ready_s": cold, "runs": {}}
+
+
+def run_dtype(engines: list[str], dtype: str, store: Path, lock: Path, work: Path, vocab: int, results: dict, *, loads: bool = True) -> None:
+    """Every engine started and kept up, then each cell run on each engine in turn, one at a time: a slow spell of a shared
+    machine falls on both sides of a ratio, not on one engine's whole run."""
+    up: dict[str, tuple[object, str]] = {}
     try:
-        warm(url, "m")
+        for e in engines:
+            try:
+                server, url, results[f"{e}/{dtype}"] = started(e, dtype, store, lock, work)
+                up[e] = (server, url)
+            except (AssertionError, TimeoutError, OSError, RuntimeError, httpx.HTTPError) as exc:  # one engine failing keeps the others' numbers
+                print(f"{e} {dtype}: failed: {exc!r}", flush=True)
+                results[f"{e}/{dtype}"] = {"error": repr(exc), "runs": {}}
         for load in LOADS if loads else ():
             for concurrency, count in CONCURRENCY.items():
-                r = asyncio.run(measure(url, "m", requests_for(load, count, vocab), concurrency))
-                out["runs"][f"{load}-c{concurrency}"] = r
-                print(f"{engine} {dtype} {load} c{concurrency}: {r['tokens_per_s']:.1f} tok/s, TTFT p95 {r['ttft_p95']:.2f}s", flush=True)
+                for e, (_, url) in up.items():
+                    r = asyncio.run(measure(url, "m", requests_for(load, count, vocab), concurrency))
+                    results[f"{e}/{dtype}"]["runs"][f"{load}-c{concurrency}"] = r
+                    print(f"{e} {dtype} {load} c{concurrency}: {r['tokens_per_s']:.1f} tok/s, TTFT p95 {r['ttft_p95']:.2f}s", flush=True)
     finally:
-        server.stop()  # type: ignore[attr-defined]
-    print(f"{engine} {dtype}: start to ready {ready:.1f}s (first start {cold:.1f}s)", flush=True)
-    return out
+        for server, _ in up.values():
+            server.stop()  # type: ignore[attr-defined]
 
 
 def side_by_side(model: str, store: Path, lock: Path, work: Path, engines: list[str], dtypes: list[str], *, loads: bool = True) -> None:
-    """Runs each engine in turn and rewrites the results after each one, so a crash late in a long run keeps what it measured."""
+    """Runs each dtype in turn and rewrites the results after each one, so a crash late in a long run keeps what it measured."""
     vocab = json.loads((store / "m" / "current" / "config.json").read_text())["vocab_size"]
     results: dict = {}
     for d in dtypes:
-        for e in engines:
-            try:
-                results[f"{e}/{d}"] = run_engine(e, d, store, lock, work, vocab, loads=loads)
-            except (AssertionError, TimeoutError, OSError, RuntimeError, httpx.HTTPError) as exc:  # one engine failing keeps the others' numbers
-                print(f"{e} {d}: failed: {exc!r}", flush=True)
-                results[f"{e}/{d}"] = {"error": repr(exc), "runs": {}}
-            write(model, results, engines, dtypes, name=f"serve-vs-vllm-{model}" if loads else f"serve-start-{model}")
+        run_dtype(engines, d, store, lock, work, vocab, results, loads=loads)
+        write(model, results, engines, dtypes, name=f"serve-vs-vllm-{model}" if loads else f"serve-start-{model}")
 
 
 def write(model: str, results: dict, engines: list[str], dtypes: list[str], *, name: str) -> None:
@@ -167,7 +178,7 @@ def write(model: str, results: dict, engines: list[str], dtypes: list[str], *, n
     md = [f"# Serving side by side: {model} random-weight model on {device}", "",
           (f"Machine: {m['gpu'] or cpu_line(m)}; commit {m['commit']}, {m['date']}. "
            f"{PROMPT_TOKENS}-token prompts (token ids), temperature 0, EOS ignored; fixed = 64 new tokens each, mixed = 16-256 (fixed seed); "
-           "concurrency 1 runs 8 requests, 8 and 32 run 64. Streaming client. "
+           "concurrency 1 runs 8 requests, 8 and 32 run 64. Streaming client; every server of a dtype up at once, each cell run on each in turn. "
            "`vs bare` is tokens/s over bare `vllm serve` in the same dtype."), ""]
     header = ["load", "engine", "tok/s", "vs bare", "TTFT p50 s", "TTFT p95 s", "latency p95 s"]
     for d in dtypes:
