@@ -34,7 +34,7 @@ def machine() -> dict[str, str]:
     """Where a figure was measured: lscpu's model name and flags, cores, memory, GPU, versions, and the commit."""
     lscpu = dict(line.split(":", 1) for line in subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout.splitlines() if ":" in line)
     cpu = lscpu.get("Model name", platform.processor()).strip()
-    mem = next(line.split()[1] for line in open("/proc/meminfo") if line.startswith("MemTotal"))
+    mem = next(line.split()[1] for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal"))
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else ""
     commit = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty", "--abbrev=7"], capture_output=True, text=True, check=False).stdout.strip()
     return {"cpu": cpu, "cpu_flags": lscpu.get("Flags", "").strip(), "cores": str(os.cpu_count()), "memory_gb": f"{int(mem) / 1e6:.0f}", "gpu": gpu,

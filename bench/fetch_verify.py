@@ -141,8 +141,10 @@ def measure(args: argparse.Namespace, files: dict[str, Path], total: int, hub: L
 
     # (c) full verify, files in the page cache for every tool.
     shards = sorted(str(p) for p in (store / "bench" / "current").glob("*.safetensors"))
-    verify_cli = [PY, "-m", "ops.models", "verify", "--full", "--models", "bench", "--lock", str(proj / "models.lock"), "--manifest", str(proj / "models.toml"), "--dest", str(store)]
-    noop = lambda: None
+    verify_cli = [PY, "-m", "ops.models", "verify", "--full", "--models", "bench", "--lock", str(proj / "models.lock"), "--manifest", str(proj / "models.toml"),
+                  "--dest", str(store)]
+    def noop():
+        return None
     r["verify_full_bakehouse_s"] = median_runs(args.runs, noop, verify_cli, env)
     r["verify_sha256sum_s"] = median_runs(args.runs, noop, ["sha256sum", *shards], env)
     r["verify_hf_cache_s"] = median_runs(args.runs, noop, [HF, "cache", "verify", REPO, "--revision", commit, "--local-dir", str(hf_dir)], {**env, "HF_HUB_OFFLINE": "0"})
@@ -160,16 +162,20 @@ def measure(args: argparse.Namespace, files: dict[str, Path], total: int, hub: L
 
 def write_results(r: dict, m: dict, args: argparse.Namespace) -> None:
     gb = r["bytes"] / 1e9
-    rate = lambda s: f"{gb / s * 1000:.0f} MB/s"
+    def rate(s):
+        return f"{gb / s * 1000:.0f} MB/s"
     rows = [
         ("server ceiling (curl, all shards in parallel)", f"{r['ceiling_s']:.2f} s", rate(r["ceiling_s"]), ""),
-        ("(a) cold fetch: bakehouse (download + full verify + activate)", f"{r['fetch_bakehouse_s']:.2f} s", rate(r["fetch_bakehouse_s"]), f"{r['fetch_hf_s'] / r['fetch_bakehouse_s']:.2f}x hf download throughput"),
+        ("(a) cold fetch: bakehouse (download + full verify + activate)", f"{r['fetch_bakehouse_s']:.2f} s", rate(r["fetch_bakehouse_s"]),
+         f"{r['fetch_hf_s'] / r['fetch_bakehouse_s']:.2f}x hf download throughput"),
         ("(a) cold fetch: hf download --local-dir (no verify)", f"{r['fetch_hf_s']:.2f} s", rate(r["fetch_hf_s"]), "reference"),
         ("(b) re-run, up to date: bakehouse", f"{r['rerun_bakehouse_s']:.2f} s", f"{r['rerun_bakehouse_requests']} HTTP requests", ""),
         ("(b) re-run, up to date: hf download", f"{r['rerun_hf_s']:.2f} s", f"{r['rerun_hf_requests']} HTTP requests", ""),
-        ("(c) full verify: bakehouse verify --full (CLI, incl. start-up)", f"{r['verify_full_bakehouse_s']:.2f} s", rate(r["verify_full_bakehouse_s"]), f"{r['verify_sha256sum_s'] / r['verify_full_bakehouse_s']:.2f}x sha256sum"),
+        ("(c) full verify: bakehouse verify --full (CLI, incl. start-up)", f"{r['verify_full_bakehouse_s']:.2f} s", rate(r["verify_full_bakehouse_s"]),
+         f"{r['verify_sha256sum_s'] / r['verify_full_bakehouse_s']:.2f}x sha256sum"),
         ("(c) full verify: sha256sum, files one after another", f"{r['verify_sha256sum_s']:.2f} s", rate(r["verify_sha256sum_s"]), "reference"),
-        ("(c) full verify: hf cache verify --local-dir", f"{r['verify_hf_cache_s']:.2f} s", rate(r["verify_hf_cache_s"]), f"{r['verify_hf_cache_s'] / r['verify_full_bakehouse_s']:.2f}x slower than bakehouse"),
+        ("(c) full verify: hf cache verify --local-dir", f"{r['verify_hf_cache_s']:.2f} s", rate(r["verify_hf_cache_s"]),
+         f"{r['verify_hf_cache_s'] / r['verify_full_bakehouse_s']:.2f}x slower than bakehouse"),
         ("(d) quick verify (stamp), in process", f"{r['verify_quick_ms']:.1f} ms", "", ""),
         ("(d) quick verify, CLI incl. Python start-up", f"{r['verify_quick_cli_s']:.2f} s", "", ""),
     ]

@@ -140,13 +140,15 @@ def write(results: list[dict], model_bytes: int, model: str, origin_rate: float,
         "peers: `--fan-out peers` (hosts copy verified files from each other, each file passed on as soon as it is verified, "
         f"at most 2 peers per source at once); pieces: the same with a lock made by `lock-models --pieces {pieces}` (cut-through: each verified piece "
         "passed on while the rest of its file still arrives; a chain, one peer per source, for this few hosts); stripes: the same with two stripes "
-        "(BAKEHOUSE_FANOUT_STRIPES=2: each host takes the even pieces from one host and the odd from another). Disk floor: the hosts' copies (hosts x model size) at the rate this machine's one disk "
+        "(BAKEHOUSE_FANOUT_STRIPES=2: each host takes the even pieces from one host and the odd from another). "
+        "Disk floor: the hosts' copies (hosts x model size) at the rate this machine's one disk "
         "took with fsync (dd inside a host), the least any mode can take here, since every host writes to that disk.",
         "",
         "Wall time is the median of the runs listed (this shared machine's disk and CPU vary from run to run).",
         "",
         *markdown_table(["hosts", "mode", "wall time", "runs", "vs 1 host direct", "disk floor", "vs floor", "origin bytes", "controller bytes"],
-                        [[str(r["hosts"]), r["mode"], f"{r['wall_s']:.1f} s", ", ".join(f"{w:.1f}" for w in r.get("runs_s", [r["wall_s"]])), f"{r['wall_s'] / one['direct']:.2f}x" if "direct" in one else "-",
+                        [[str(r["hosts"]), r["mode"], f"{r['wall_s']:.1f} s", ", ".join(f"{w:.1f}" for w in r.get("runs_s", [r["wall_s"]])),
+                          f"{r['wall_s'] / one['direct']:.2f}x" if "direct" in one else "-",
                           f"{r['disk_floor_s']:.1f} s" if "disk_floor_s" in r else "-", f"{r['wall_s'] / r['disk_floor_s']:.2f}x" if "disk_floor_s" in r else "-",
                           format_bytes(r["hub_bytes"]), format_bytes(r.get("controller_bytes", 0))] for r in results]),
     ]

@@ -76,7 +76,8 @@ async def measure(url: str, model: str, reqs: list[dict], concurrency: int) -> d
     ttft = sorted(r[0] for r in results)
     latency = sorted(r[1] for r in results)
     tokens = sum(r[2] for r in results)
-    pct = lambda xs, p: xs[min(len(xs) - 1, int(p * len(xs)))]
+    def pct(xs, p):
+        return xs[min(len(xs) - 1, int(p * len(xs)))]
     return {"tokens_per_s": tokens / wall, "ttft_p50": statistics.median(ttft), "ttft_p95": pct(ttft, 0.95), "latency_p95": pct(latency, 0.95),
             "tokens": tokens, "wall_s": wall}
 
@@ -89,7 +90,7 @@ def warm(url: str, model: str) -> None:
 class Bare:
     """`vllm serve` on the same directory, as users run it."""
 
-    def __init__(self, directory: Path, dtype: str, log: Path):
+    def __init__(self, directory: Path, dtype: str, log: Path) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         argv = [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", f"--model={directory}", "--served-model-name=m", "--host=127.0.0.1",

@@ -4,7 +4,8 @@
 
 The loads of the side-by-side benchmark (bench/side_by_side.py): 64 requests of 128-token prompts, fixed (64 new tokens each) or
 mixed (16-256, the same seed), at most 32 running at once, temperature 0, EOS ignored. The scheduler runs as in the server, with
-timers wrapped around its parts (no change to the product's code; oneDNN's primitive cache capped as the server caps it): the forward pass and, inside it, the attention and the cache
+timers wrapped around its parts (no change to the product's code; oneDNN's primitive cache capped as the server caps it): the forward pass and,
+inside it, the attention and the cache
 writes; the cache's planning (seats and masks), sampling, detokenizing and the policy. The HTTP side is not in it: the
 side-by-side run's tokens/s against these show what it costs. Also recorded: the width decode attention reads against the rows'
 real lengths (what padding costs). Writes bench/results/step-profile-<model>-cpu-<maker>.{md,json}.

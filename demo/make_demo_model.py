@@ -46,7 +46,7 @@ def main() -> None:
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
     optim = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
-    for step in range(300):
+    for _step in range(300):
         loss = model(**batch, labels=labels).loss
         loss.backward()
         optim.step()

@@ -60,7 +60,8 @@ def serve_store(project: Project, log: Path, **env: str) -> AppServer:
 
 def start_app(env: dict[str, str], log: Path, **extra: str) -> AppServer:
     port = free_port()
-    full = {**{k: v for k, v in os.environ.items() if not k.startswith(("HF_", "BAKEHOUSE_", "MODEL", "GIT_"))}, **env, **extra, "PORT": str(port), "HOST": "127.0.0.1", "PYTHONPATH": str(ROOT)}
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "BAKEHOUSE_", "MODEL", "GIT_"))}
+    full = {**inherited, **env, **extra, "PORT": str(port), "HOST": "127.0.0.1", "PYTHONPATH": str(ROOT)}
     with open(log, "w") as fh:  # the child keeps its own copy of the descriptor
         proc = subprocess.Popen([sys.executable, "-m", "app.entrypoint"], env=full, stdout=fh, stderr=subprocess.STDOUT, text=True)
     return AppServer(proc, port, log)

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-from testbed.helpers import ROOT
 
 from ops.net import free_port
 from ops.runner import stop
+from testbed.helpers import ROOT
 
 BASE_IMAGE = "localhost/bakehouse-base:bookworm"
 
@@ -175,8 +175,8 @@ def start_registry(root: Path, user: str, password: str) -> RegistryServer:
         "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: " + str(root / "data") + "\n"
         "http:\n  addr: 127.0.0.1:" + str(port) + "\nauth:\n  htpasswd:\n    realm: bakehouse\n    path: " + str(root / "htpasswd") + "\n"
     )
-    log = open(root / "registry.log", "w")
-    proc = subprocess.Popen(["docker-registry", "serve", str(root / "config.yml")], stdout=log, stderr=subprocess.STDOUT)
+    with open(root / "registry.log", "w") as log:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen(["docker-registry", "serve", str(root / "config.yml")], stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:

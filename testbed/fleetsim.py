@@ -17,13 +17,12 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from testbed.containers import podman
-from testbed.sshhosts import HOST_IMAGE, ensure_host_image, trust_host_key
-
 from ops.net import free_port
 from ops.remote import commands as rc
 from ops.remote.inventory import Host
 from ops.remote.wheelhouse import build_wheelhouse
+from testbed.containers import podman
+from testbed.sshhosts import HOST_IMAGE, ensure_host_image, trust_host_key
 
 
 @dataclass(frozen=True)

@@ -7,11 +7,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ops.net import free_port
 from testbed.containers import podman
 from testbed.helpers import ROOT
 from testbed.proxy import TcpCounter
-
-from ops.net import free_port
 
 HOST_IMAGE = "localhost/bakehouse-sshhost:bookworm"
 
@@ -73,7 +72,8 @@ def client_keys(directory: Path) -> Path:
 
 def inventory(path: Path, keys: Path, hosts: list[SshHost], ports: dict[str, int] | None = None) -> Path:
     """`ports`: a host's SSH port when something (a byte-counting relay) sits in front of its sshd."""
-    lines = ["all:", "  vars:", "    ansible_user: root", f"    ansible_ssh_private_key_file: {keys / 'id'}", "    models_dir: /srv/models", "  children:", "    fleet:", "      hosts:"]
+    lines = ["all:", "  vars:", "    ansible_user: root", f"    ansible_ssh_private_key_file: {keys / 'id'}", "    models_dir: /srv/models", "  children:",
+             "    fleet:", "      hosts:"]
     for h in hosts:
         lines += [f"        {h.name}:", "          ansible_host: 127.0.0.1", f"          ansible_port: {(ports or {}).get(h.name, h.port)}"]
     lines += ["        down:", "          ansible_host: 127.0.0.1", f"          ansible_port: {free_port()}"]

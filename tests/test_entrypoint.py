@@ -65,7 +65,7 @@ def test_read_only_store_that_does_not_verify_exits_with_the_message(demo_projec
 def test_health_answers_while_a_fetch_holds_the_model(demo_project: Project, tmp_path: Path) -> None:
     """The server waits for an in-progress fetch of its model (it holds the store's lock) before verifying."""
     assert demo_project.run("fetch", "--models", "demo").returncode == 0
-    lock_file = open(demo_project.store / ".staging" / "demo.lock", "w")
+    lock_file = open(demo_project.store / ".staging" / "demo.lock", "w")  # noqa: SIM115  # held across the start, closed in finally
     fcntl.flock(lock_file, fcntl.LOCK_EX)
     server = start_app(env_for(demo_project), tmp_path / "log")
     try:
@@ -85,7 +85,7 @@ def test_health_answers_while_a_fetch_holds_the_model(demo_project: Project, tmp
 def test_modified_store_makes_ready_503_without_loading(demo_project: Project, tmp_path: Path) -> None:
     """The store is damaged after the entrypoint's own check passed: the app refuses to load it."""
     assert demo_project.run("fetch", "--models", "demo").returncode == 0
-    lock_file = open(demo_project.store / ".staging" / "demo.lock", "w")
+    lock_file = open(demo_project.store / ".staging" / "demo.lock", "w")  # noqa: SIM115  # held across the start, closed in finally
     fcntl.flock(lock_file, fcntl.LOCK_EX)
     server = start_app(env_for(demo_project, BAKEHOUSE_AUTO_FETCH="0"), tmp_path / "log")
     try:

@@ -66,7 +66,8 @@ def test_parallel_fetch_then_rerun_changes_nothing(fleet_project: Project, keys:
     table = rows(r.stdout)
     assert all(table[(h.name, "demo")].startswith("downloaded") for h in hosts), r.stdout
     for h in hosts:
-        assert h.exec("/opt/bakehouse/venv/bin/python", "-m", "ops.models", "verify", "--full", "--models", "demo", "--lock", "/opt/bakehouse/models.lock", "--dest", "/srv/models").returncode == 0
+        assert h.exec("/opt/bakehouse/venv/bin/python", "-m", "ops.models", "verify", "--full", "--models", "demo", "--lock", "/opt/bakehouse/models.lock",
+                      "--dest", "/srv/models").returncode == 0
     proxy = Proxy(hub.endpoint).start()
     try:
         again = fleet(fleet_project, keys, "fetch-models", "--hosts", "h1,h2,h3", "--models", "demo", "--json", env=fleet_project.env(HF_ENDPOINT=proxy.url))
@@ -106,7 +107,9 @@ def test_a_full_disk_fails_on_that_host_and_activates_nothing(fleet_project: Pro
 def test_full_verify_finds_a_corrupted_file_on_one_host(fleet_project: Project, keys: Path, hosts: list[SshHost]) -> None:
     assert fleet(fleet_project, keys, "fetch-models", "--hosts", "h1,h2,h3", "--models", "demo").returncode == 0
     target = "/srv/models/demo/current/model.safetensors"
-    hosts[1].exec("python3", "-c", f"import os; p='{target}'; st=os.stat(p); f=open(p,'r+b'); f.seek(4096); b=f.read(1); f.seek(4096); f.write(bytes([b[0]^1])); f.close(); os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))")
+    flip = (f"import os; p='{target}'; st=os.stat(p); f=open(p,'r+b'); f.seek(4096); b=f.read(1); f.seek(4096); f.write(bytes([b[0]^1])); f.close(); "
+            "os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))")
+    hosts[1].exec("python3", "-c", flip)
     quick = fleet(fleet_project, keys, "verify-models", "--hosts", "h1,h2,h3", "--models", "demo")
     full = fleet(fleet_project, keys, "verify-models", "--hosts", "h1,h2,h3", "--models", "demo", "--full")
     assert full.returncode == 1, full.stdout + full.stderr
@@ -123,7 +126,8 @@ def test_the_token_reaches_no_remote_argv_and_no_remote_file(fleet_project: Proj
     seen: list[str] = []
     try:
         proc = subprocess.Popen([*INVOKE, "fetch-models", "--inventory", str(fleet_project.dir / "hosts.yml"), "--lock", str(fleet_project.dir / "models.lock"),
-                                 "--known-hosts", str(keys / "known_hosts"), "--hosts", "h3", "--models", "shards"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                 "--known-hosts", str(keys / "known_hosts"), "--hosts", "h3", "--models", "shards"], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
         while proc.poll() is None:
             seen.append(hosts[2].exec("ps", "-eo", "args", check=False).stdout)
             time.sleep(0.2)
@@ -146,7 +150,8 @@ def test_kill_the_control_process_mid_fetch_then_rerun_converges(fleet_project: 
     try:
         env = fleet_project.env(HF_ENDPOINT=slow.url)
         proc = subprocess.Popen([*INVOKE, "fetch-models", "--inventory", str(fleet_project.dir / "hosts.yml"), "--lock", str(fleet_project.dir / "models.lock"),
-                                 "--known-hosts", str(keys / "known_hosts"), "--hosts", "h1,h2,h3", "--models", "shards"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                 "--known-hosts", str(keys / "known_hosts"), "--hosts", "h1,h2,h3", "--models", "shards"], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and slow.bytes_served(".safetensors") < 3_000_000:
             time.sleep(0.1)

@@ -312,7 +312,7 @@ class Refusing(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(b"refused")
 
-    do_HEAD = do_GET
+    do_HEAD = do_GET  # noqa: N815  # http.server's name for the handler
 
     def log_message(self, *args: object) -> None:
         pass

@@ -49,7 +49,8 @@ def test_groups_include_their_children() -> None:
     assert set(inv.groups["all"]) == {"lone", "g1", "g2", "g3", "d1"}
 
 
-@pytest.mark.parametrize(("kwargs", "needle"), [({"group": "nope"}, "no group 'nope'"), ({"hosts": ["x"]}, "no host 'x'"), ({}, "--hosts"), ({"hosts": ["g1"], "group": "gpu"}, "not both")])
+@pytest.mark.parametrize(("kwargs", "needle"), [({"group": "nope"}, "no group 'nope'"), ({"hosts": ["x"]}, "no host 'x'"), ({}, "--hosts"),
+                                               ({"hosts": ["g1"], "group": "gpu"}, "not both")])
 def test_bad_selection(kwargs: dict, needle: str) -> None:
     with pytest.raises(ConfigError, match=needle):
         parse_inventory(DATA, P).select(**kwargs)

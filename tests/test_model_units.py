@@ -78,7 +78,7 @@ def test_lock_round_trips_and_sorts() -> None:
 
 def test_lock_with_escaping_path_is_refused() -> None:
     data = {"version": 1, "models": {"m": {"source": "hf://o/r", "commit": "c" * 40, "spec": "0" * 16, "files": [{"path": "../../etc/cron.d/x", "size": 1, "sha256": "a" * 64}]}}}
-    with pytest.raises(UnsafePathError, match="etc/cron.d"):
+    with pytest.raises(UnsafePathError, match=r"etc/cron\.d"):
         parse_lock(data, Path("models.lock"))
 
 
@@ -194,7 +194,8 @@ def test_the_controller_verify_and_peers_start_without_the_hub_client() -> None:
     import subprocess
     import sys
 
-    code = "import sys, tasks, ops.models.cli, ops.models.peer_client, ops.models.peer_server; print(sorted({m.split('.')[0] for m in sys.modules} & {'huggingface_hub', 'httpx2'}))"
+    code = ("import sys, tasks, ops.models.cli, ops.models.peer_client, ops.models.peer_server; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'huggingface_hub', 'httpx2'}))")
     out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]", out
 

@@ -163,7 +163,7 @@ class HostilePeer(ThreadingHTTPServer):
     """A peer on loopback that serves `body` (honouring Range if `ranges`, from `skew` bytes further on than asked), or bytes
     without end; it records the Range asked for."""
 
-    def __init__(self, body: bytes | None, *, ranges: bool = True, skew: int = 0):
+    def __init__(self, body: bytes | None, *, ranges: bool = True, skew: int = 0) -> None:
         self.body, self.ranges, self.skew, self.asked = body, ranges, skew, []
         server = self
 
@@ -240,7 +240,7 @@ def test_a_peer_sending_bytes_without_end_fills_no_disk_and_nothing_is_kept(tmp_
     job = job_in(tmp_path)
     peer = HostilePeer(None)
     try:
-        with pytest.raises(VerificationError, match="models.lock pins"):
+        with pytest.raises(VerificationError, match=r"models\.lock pins"):
             take_file(peer.url, {}, LOCKED, job, peer="p")
     finally:
         peer.stop()
@@ -258,7 +258,7 @@ def test_a_peer_that_stops_early_or_refuses_is_a_source_error_naming_it(tmp_path
         peer.stop()
     assert (job.partial / "w.bin").stat().st_size == len(BODY)  # kept: the next peer resumes from here
     (tmp_path / "b").mkdir()
-    with pytest.raises(SourceUnreachableError, match="peer q: w.bin: ConnectionRefusedError"):
+    with pytest.raises(SourceUnreachableError, match=r"peer q: w\.bin: ConnectionRefusedError"):
         take_file(peer.url, {}, LOCKED, job_in(tmp_path / "b"), peer="q")  # the server is gone: connection refused
 
 

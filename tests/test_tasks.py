@@ -43,7 +43,8 @@ def test_fetch_models_task_exit_codes_match_the_cli(project: Project, hub: Hub, 
     env = project.env()
     lock = [*INVOKE, "lock-models", "--models", "demo", "--manifest", str(project.dir / "models.toml"), "--lock", str(project.dir / "models.lock")]
     assert subprocess.run(lock, env=env, capture_output=True).returncode == 0
-    fetch = [*INVOKE, "fetch-models", "--models", "demo", "--manifest", str(project.dir / "models.toml"), "--lock", str(project.dir / "models.lock"), "--dest", str(tmp_path / "store")]
+    fetch = [*INVOKE, "fetch-models", "--models", "demo", "--manifest", str(project.dir / "models.toml"), "--lock", str(project.dir / "models.lock"),
+             "--dest", str(tmp_path / "store")]
     r = subprocess.run([*fetch, "--json"], env=env, capture_output=True, text=True)
     assert r.returncode == 0 and '"status": "downloaded"' in r.stdout
     r = subprocess.run(fetch, env=project.env(HF_ENDPOINT="http://127.0.0.1:9"), capture_output=True, text=True)
