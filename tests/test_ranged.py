@@ -159,13 +159,13 @@ def test_a_direct_write_the_kernel_refuses_falls_back_to_the_page_cache(tmp_path
     fd = os.open(path, os.O_RDWR | os.O_CREAT)
     try:
         disk = Disk(fd, direct=True)
-        if disk.direct_fd < 0:
+        if not disk.direct:
             pytest.skip("this filesystem takes no O_DIRECT")
         buffer = memoryview(mmap.mmap(-1, 3 << 12))
         buffer[:] = os.urandom(3 << 12)
         assert disk.write(buffer, 0, 0, 5000, last=False) == 4096  # a whole block now, the rest with a later write
         assert disk.write(buffer[1:], 4096, 0, 8192, last=False) == 8192  # not aligned in memory: EINVAL, then the page cache
-        assert disk.direct_fd < 0
+        assert not disk.direct
         assert disk.write(buffer, 12288, 0, 100, last=True) == 100
         disk.close()
         data = path.read_bytes()
@@ -183,3 +183,28 @@ def test_chunk_buffers_are_bounded_and_reused() -> None:
     assert pool.take(lambda: True) is None  # all in use: waits, and gives up once the fetch is over
     pool.give(a)
     assert pool.take(lambda: False) is a and pool.made == 2
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_a_disk_that_fills_mid_chunk_is_an_error_never_a_short_file(tmp_path: Path, direct: bool) -> None:
+    """The hash is taken from the buffer: a write cut short by a full disk must fail the chunk, not pass for a whole one."""
+    import errno
+    import mmap
+
+    from ops.models.sources.ranged import Disk
+
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True).returncode != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        fd = os.open(mnt / "f", os.O_RDWR | os.O_CREAT)
+        disk = Disk(fd, direct=direct)
+        buffer = memoryview(mmap.mmap(-1, 2 << 20))
+        with pytest.raises(OSError) as caught:
+            disk.write(buffer, 0, 0, 2 << 20, last=True)
+        assert caught.value.errno == errno.ENOSPC
+        disk.close()
+        os.close(fd)
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)

@@ -153,33 +153,48 @@ class Disk:
     def __init__(self, fd: int, direct: bool) -> None:
         self.fd = fd
         self.direct_fd = _reopen_direct(fd) if direct else -1
+        self.direct = self.direct_fd >= 0
 
     def write(self, buffer: memoryview, at: int, lo: int, hi: int, last: bool) -> int:
         """Bytes [lo, hi) of a chunk that starts at file offset `at`; returns how much of the chunk is now on disk (`hi`,
         or less when a direct write must wait for a whole block, which a later call or the chunk's last one writes)."""
-        if self.direct_fd >= 0:
+        if self.direct:
             end = hi - hi % ALIGN
             try:
                 if end > lo:
-                    os.pwrite(self.direct_fd, buffer[lo:end], at + lo)
+                    _write_all(self.direct_fd, buffer[lo:end], at + lo)
             except OSError as exc:
                 if exc.errno != errno.EINVAL:
                     raise
-                self.close()  # the filesystem refused a direct write after all: the page cache from here on
+                # Refused after all: the page cache from here on. The descriptor stays open until close(): other workers may be
+                # writing through it this moment, and a descriptor closed under them could be reused for another file.
+                self.direct = False
             else:
                 if not last:
                     return max(lo, end)
                 lo = max(lo, end)
         if hi > lo:
-            os.pwrite(self.fd, buffer[lo:hi], at + lo)
-            if self.direct_fd < 0:
+            _write_all(self.fd, buffer[lo:hi], at + lo)
+            if not self.direct:
                 start_writeback(self.fd, at + lo, hi - lo)
         return hi
 
     def close(self) -> None:
+        """After every worker has stopped."""
+        self.direct = False
         if self.direct_fd >= 0:
             os.close(self.direct_fd)
             self.direct_fd = -1
+
+
+def _write_all(fd: int, data: memoryview, offset: int) -> None:
+    """Every byte, or an error: the hash is taken from the buffer, so a short write taken for a whole one would activate a
+    file whose bytes on disk are not the bytes that were checked."""
+    while data:
+        n = os.pwrite(fd, data, offset)
+        if n <= 0:
+            raise OSError(errno.ENOSPC, "no byte written (is the disk full?)")
+        data, offset = data[n:], offset + n
 
 
 def _reopen_direct(fd: int) -> int:
