@@ -355,11 +355,11 @@ def demo() -> int:
 QUICK_TIER = "not containers and not hosts and not vllm and not slow"
 
 
-LINTERS = ([sys.executable, "-m", "ruff", "check", "ops", "app", "tasks.py"], [sys.executable, "-m", "mypy"])
+LINTERS = ([sys.executable, "-m", "ruff", "check", "."], [sys.executable, "-m", "mypy"])  # the whole tree, tests and benchmarks too
 
 
 def test(*, args: str = "", quick: bool = False) -> int:
-    """The linters (ruff, mypy on ops/ and app/), then the test suite (real servers on loopback); --quick: the unit and loopback tier only."""
+    """The linters (ruff on the tree, mypy on ops/ and app/), then the test suite (real servers on loopback); --quick: the unit and loopback tier only."""
     for linter in LINTERS:
         if code := subprocess.call(linter, cwd=ROOT):
             return code
