@@ -280,7 +280,9 @@ def test_with_two_stripes_each_source_gives_its_stripe_and_takes_over_a_failed_o
         odd.shutdown()
     assert known == {"w.bin": SHA} and len(notes) == 1 and f"peer {odd.url} served a bad piece (9)" in notes[0]
     assert all(k % 2 == 0 for k in even.asked[: even.asked.index(9)]) and all(k % 2 for k in odd.asked)  # each its stripe, until the bad piece
-    assert len(odd.asked) <= 7  # dropped at piece 9 (a second piece may have been asked of it at the same time)
+    # Dropped at piece 9: never asked it again, nor any piece twice. How many odd pieces it was asked before the drop took effect
+    # depends on the other worker's pace (it goes on while piece 9 arrives and is checked), so no count is asserted.
+    assert odd.asked.count(9) == 1 and len(set(odd.asked)) == len(odd.asked)
     assert sorted(set(even.asked) | set(odd.asked)) == list(range(len(HASHES))) and 9 in even.asked  # the even peer took over from 9 on
 
 
