@@ -208,3 +208,11 @@ def test_a_disk_that_fills_mid_chunk_is_an_error_never_a_short_file(tmp_path: Pa
         os.close(fd)
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_bad_direct_io_value_is_a_usage_error_and_nothing_activated(origin: Origin, tmp_path: Path) -> None:
+    p = project_for(origin, tmp_path)
+    r = fetch(p, BAKEHOUSE_DIRECT_IO="-rf")
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "BAKEHOUSE_DIRECT_IO='-rf' is not a yes/no value" in r.stdout + r.stderr and "Traceback" not in r.stderr
+    assert not (p.store / "big" / "current").exists()

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from app.readahead import memory_available, start_readahead
+from ops.errors import ConfigError
 
 pytestmark = pytest.mark.skipif(shutil.which("fincore") is None, reason="util-linux's fincore reads page-cache residency")
 
@@ -56,6 +57,10 @@ def test_off_or_too_large_for_memory_reads_nothing(tmp_path: Path, monkeypatch: 
     assert start_readahead(tmp_path, []) is None
     monkeypatch.setenv("BAKEHOUSE_READAHEAD", "0")
     assert start_readahead(tmp_path, [("a", 1)]) is None
+    for bad in ("-1", "../x", "yes please"):
+        monkeypatch.setenv("BAKEHOUSE_READAHEAD", bad)
+        with pytest.raises(ConfigError, match="BAKEHOUSE_READAHEAD"):
+            start_readahead(tmp_path, [("a", 1)])
 
 
 @pytest.mark.parametrize(("text", "expected"), [("MemTotal: 100 kB\nMemAvailable:   2048 kB\n", 2 << 20), ("MemTotal: 100 kB\n", 0),
