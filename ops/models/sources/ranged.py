@@ -135,15 +135,17 @@ class Buffers:
 
 @dataclass
 class Budget:
-    """What one fetch's ranged downloads share, whatever the number of files: requests in flight, and chunk buffers."""
+    """What one fetch's ranged downloads share, whatever the number of files: requests in flight, chunk buffers, and how
+    they are written (BAKEHOUSE_DIRECT_IO), read once when the fetch starts, so a bad value stops it before any download."""
 
     slots: threading.BoundedSemaphore
     buffers: Buffers
+    direct: bool = True
 
     @classmethod
     def for_fetch(cls) -> Budget:
         n = ranges_wanted()
-        return cls(threading.BoundedSemaphore(n), Buffers(chunk_bytes(), 2 * n))
+        return cls(threading.BoundedSemaphore(n), Buffers(chunk_bytes(), 2 * n), env_flag("BAKEHOUSE_DIRECT_IO", True))
 
 
 class Disk:
@@ -489,7 +491,7 @@ def ranged_download(url: str, headers: dict[str, str], file: LockedFile, job: Fe
     ledger = Ledger(job.ranges / file.path, job.root, chunks, chunk)
     ledger.load()
     fd = safefs.open_file(job.root, partial, os.O_RDWR | os.O_CREAT)
-    disk = Disk(fd, env_flag("BAKEHOUSE_DIRECT_IO", True))
+    disk = Disk(fd, budget.direct)
     try:
         if not ledger.done and not ledger.started:
             os.ftruncate(fd, 0)  # a partial left by the sequential download (a prefix) is not chunks this ledger knows
