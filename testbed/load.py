@@ -12,12 +12,14 @@ import json
 import statistics
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Literal
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Literal, TypeVar
 
 import httpx
 
 Kind = Literal["stream", "whole"]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,7 @@ class Answer:
     text: str
     done: bool  # a stream ended with [DONE]; a whole answer had its choices
     error: str = ""
+    client: int = -1  # which client thread sent it; -1: the request that learned the expected text
 
 
 @dataclass
@@ -39,6 +42,16 @@ class LoadReport:
 
     def bad(self) -> list[Answer]:
         return [a for a in self.answers if a.status != 200 or not a.done or a.text != self.expected]
+
+    def problems(self) -> list[str]:
+        """What went wrong for the clients: failed answers, requests never answered, a kind of request never sent."""
+        bad = self.bad()
+        found = [f"{len(bad)} of {len(self.answers)} requests failed, e.g. {bad[:3]}"] if bad else []
+        if self.sent != len(self.answers):
+            found.append(f"{self.sent} requests sent, {len(self.answers)} answered")
+        if {a.kind for a in self.answers} != {"stream", "whole"}:
+            found.append(f"not both kinds of request were sent: {sorted({a.kind for a in self.answers})}")
+        return found
 
     def latencies(self, start: float = 0.0, end: float = float("inf")) -> list[float]:
         return [a.seconds for a in self.answers if start <= a.started <= end]
@@ -72,6 +85,32 @@ class Load:
             t.start()
         return self
 
+    def during(self, action: Callable[[], T], timeout: float = 300) -> tuple[T, LoadReport]:
+        """Run `action` with every client busy from before it starts to after it ends.
+
+        Each client has had an answer before `action` starts and sends a request
+        after it ends: the whole of the action ran under load, however slow this
+        machine is today (a fixed sleep or count cannot promise that).
+        """
+        self.start()
+        self._wait(lambda a: True, timeout)
+        try:
+            result = action()
+        finally:
+            ended = time.monotonic()
+            self._wait(lambda a: a.started >= ended, timeout)
+        return result, self.stop()
+
+    def _wait(self, counts: Callable[[Answer], bool], timeout: float) -> None:
+        """Until every client has an answer that `counts`."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if {a.client for a in self._answers if counts(a)} >= set(range(self.clients)):
+                    return
+            time.sleep(0.05)
+        raise TimeoutError(f"the {self.clients} load clients did not all get an answer within {timeout:.0f}s")
+
     def stop(self) -> LoadReport:
         self._stop.set()
         for t in self._threads:
@@ -90,7 +129,7 @@ class Load:
                     self._sent += 1
                 answer = self._stream(c, started) if n % 2 else self._whole(c, started)
                 with self._lock:
-                    self._answers.append(answer)
+                    self._answers.append(replace(answer, client=index))
                 n += 1
 
     def _whole(self, c: httpx.Client, started: float) -> Answer:

@@ -104,13 +104,8 @@ def running_image(engine: Engine, dock: tuple[Project, Path, int, str]) -> str:
 
 
 def under_load(port: int, action: Callable[[], subprocess.CompletedProcess[str]]) -> subprocess.CompletedProcess[str]:
-    load = Load(f"http://127.0.0.1:{port}", clients=4).start()
-    time.sleep(1)
-    r = action()
-    time.sleep(1)
-    report = load.stop()
-    bad = report.bad()
-    assert not bad and report.sent == len(report.answers) > 20, f"{len(bad)} of {len(report.answers)} failed, e.g. {bad[:3]}\n{r.stdout}{r.stderr}"
+    r, report = Load(f"http://127.0.0.1:{port}", clients=4).during(action)
+    assert not report.problems(), f"{report.problems()}\n{r.stdout}{r.stderr}"
     return r
 
 
