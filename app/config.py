@@ -35,6 +35,7 @@ class Settings:
     engine: EngineName = "transformers"
     allow_pickle: bool = False
     kv_cache_gb: float | None = None  # the KV cache's budget (BAKEHOUSE_KV_CACHE_GB); None: half the free GPU memory, or a quarter of RAM
+    compile_kernels: bool = True  # after ready, compile a decode kernel in the background and adopt it if faster (app.tuning)
     drain_seconds: float = 30.0  # on SIGTERM: how long running requests and streams may take to finish
     deregister_seconds: float = 1.0  # on SIGTERM: how long new requests are still taken while the front proxy takes the instance out
 
@@ -62,6 +63,7 @@ class Settings:
             dtype=choice("BAKEHOUSE_DTYPE", env.get("BAKEHOUSE_DTYPE") or None, DTYPES, default="auto"),
             engine=choice("BAKEHOUSE_ENGINE", env.get("BAKEHOUSE_ENGINE") or None, ENGINES, default="transformers"),
             allow_pickle=env_flag("BAKEHOUSE_ALLOW_PICKLE", False),
+            compile_kernels=env_flag("BAKEHOUSE_COMPILE", True),
             kv_cache_gb=float(env_number("BAKEHOUSE_KV_CACHE_GB", 0, float, minimum=0.01, maximum=1e6)) if env.get("BAKEHOUSE_KV_CACHE_GB") else None,
             drain_seconds=float(env_number("BAKEHOUSE_DRAIN_SECONDS", cls.drain_seconds, float, minimum=0, maximum=86400)),
             deregister_seconds=float(env_number("BAKEHOUSE_DEREGISTER_SECONDS", cls.deregister_seconds, float, minimum=0, maximum=60)),

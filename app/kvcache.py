@@ -33,10 +33,20 @@ runs) and keeps the fastest: with the cache in fp32 and, on a CPU with AMX
 (or a GPU), in the model's dtype too. Without AMX a bf16 cache is not timed:
 it lost on every CPU measured, and timing its slow kernels was 60 % of the
 choice's 0.4 s at load (16 heads, 2 cores).
+
+A third kernel, `compiled`, is `upcast_attention` compiled by torch.compile
+(inductor's C++ on CPU): it reads a bf16 cache and computes in fp32 in
+registers, so it reads half the bytes of an fp32 cache at fp32's speed. A
+decode step over long rows is bound by reading the cache, and on the AMD EPYC
+above it cut a mixed load's attention by a third. Compiling takes seconds, so
+it is never done before ready: app.tuning compiles and times it in the
+background and the scheduler switches to it between two steps when it wins.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -48,7 +58,8 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from app.precision import cpu_flags, median_seconds
 from app.seats import COLUMNS, Copy, Seats, Span, Tier
 
-DecodeKernel = Literal["sdpa", "matmul"]
+log = logging.getLogger("bakehouse.kvcache")
+DecodeKernel = Literal["sdpa", "matmul", "compiled"]
 
 
 @dataclass(frozen=True)
@@ -60,6 +71,8 @@ class DecodeChoice:
 
     def describe(self) -> str:
         return self.kernel + (f", {str(self.kv_dtype).removeprefix('torch.')} cache" if self.kv_dtype is not None else "")
+
+
 _SLACK = 1.25  # a tier grows its rows by a quarter at a time; trimmed when it holds less than half of them
 
 
@@ -140,6 +153,15 @@ class SlotLayer(CacheLayerMixin):
             values[:keep] = self.tier_values[tier][:keep]
         self.tier_keys[tier], self.tier_values[tier] = keys, values
 
+    def retype(self, dtype: torch.dtype) -> None:
+        """Keep the keys and values in `dtype` from now on, those held converted (between steps)."""
+        if not self.is_initialized:
+            return  # the first step's keys set it (lazy_initialization)
+        self.dtype = dtype
+        for tiers in (self.tier_keys, self.tier_values):
+            for tier, t in tiers.items():
+                tiers[tier] = t.to(dtype)
+
     def apply(self, ops: Sequence[Copy]) -> None:
         """Make the seats' copies, in order; then give back what no row uses."""
         if not self.is_initialized:
@@ -200,6 +222,15 @@ class SlotCache(Cache):
         """What the keys and values take now, every layer."""
         return sum(layer.nbytes for layer in self.slot_layers)
 
+    def switch(self, decode: DecodeChoice, model_dtype: torch.dtype) -> None:
+        """Decode rows attend with `decode` from the next step on; the keys and values held are converted to its cache's dtype.
+
+        Exact from a wider cache to the model's own dtype: every key and value was computed in the model's dtype.
+        """
+        self.decode = decode
+        for layer in self.slot_layers:
+            layer.retype(decode.kv_dtype or model_dtype)
+
     def move(self, src: int, dst: int) -> None:
         """Slot `dst` takes over slot `src` (a row changing slots): renamed, not copied."""
         self._apply(self.seats.move(src, dst))
@@ -257,10 +288,43 @@ def _additive(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(~visible, torch.finfo(dtype).min)
 
 
+def upcast_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """Decode attention in fp32 over keys and values in any dtype: what `compiled` compiles (eager, it is the fallback)."""
+    rows, heads, _, dim = query.shape
+    kv_heads = key.shape[1]
+    q = query.float().view(rows, kv_heads, heads // kv_heads, dim)
+    scores = torch.matmul(q, key.float().transpose(2, 3)) * scale + mask.float()
+    probs = torch.softmax(scores, dim=-1)
+    return torch.matmul(probs, value.float()).view(rows, heads, 1, dim).to(query.dtype)
+
+
+@functools.cache
+def compiled_upcast_attention() -> Callable[..., torch.Tensor]:
+    """`upcast_attention` under torch.compile, made once per process: it compiles on its first calls (app.tuning does those)."""
+    import torch._dynamo.config as dynamo  # here: torch's compiler is imported only where a kernel is compiled
+    import torch._inductor.config as inductor
+
+    inductor.compile_threads = 1  # no pool of worker processes forked from a serving process
+    dynamo.recompile_limit = 64  # a graph per dtype, head layout and call pattern (one row or several, gathered or not): more than the default 8
+    return torch.compile(upcast_attention, dynamic=True)
+
+
+def _compiled(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    try:
+        return compiled_upcast_attention()(query, key, value, mask, scale)
+    except RuntimeError as exc:  # a shape it was not compiled for, refused rather than compiled mid-step (app.tuning): the same sums, eager
+        if "recompile" not in str(exc):
+            raise
+        log.debug("compiled decode attention refused a new shape (%s); this step's layer ran eager", exc)
+        return upcast_attention(query, key, value, mask, scale)
+
+
 def decode_attention(kernel: DecodeKernel, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
     """One new token per row: query [rows, heads, 1, dim] over key/value [rows, kv_heads, width, dim] → [rows, heads, 1, dim]."""
     rows, heads, _, dim = query.shape
     kv_heads = key.shape[1]
+    if kernel == "compiled":
+        return _compiled(query, key, value, mask, scale)
     if kernel == "sdpa":
         return torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale, enable_gqa=heads != kv_heads)
     # Each key head's query heads side by side: no repeated K/V for GQA.

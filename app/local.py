@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
@@ -39,6 +40,7 @@ from app.schemas import (
     sampling,
 )
 from app.seats import cache_columns
+from app.tuning import Shape, Tuning, tune
 from ops.errors import ApiError, QueueFullError
 
 log = logging.getLogger("bakehouse.local")
@@ -127,6 +129,7 @@ class LocalClient:
         self.engine: Engine | None = None
         self.scheduler: Scheduler | None = None
         self.max_width = 0  # tokens one sequence may hold in the KV cache within its budget
+        self.tuning = Tuning("off", "BAKEHOUSE_COMPILE=0" if not settings.compile_kernels else "not on a CPU")
 
     def start(self, verified: Verified) -> None:
         s = self.settings
@@ -144,12 +147,26 @@ class LocalClient:
         complete(scheduler, engine.encode("Hello") or [0], SamplingParams(max_tokens=2, temperature=0))
         self.metrics.warmup_seconds.set(time.monotonic() - t0)
         self.engine, self.scheduler = engine, scheduler
+        if s.compile_kernels and engine.device.type == "cpu":
+            self.tuning = Tuning("compiling", f"serving with {engine.attention.describe()} meanwhile")
+            threading.Thread(target=self._tune, args=(engine, scheduler), name="tuning", daemon=True).start()
+
+    def _tune(self, engine: Engine, scheduler: Scheduler) -> None:
+        config = engine.model.config
+        heads = int(config.num_attention_heads)
+        shape = Shape(heads, int(getattr(config, "num_key_value_heads", None) or heads), int(getattr(config, "head_dim", None) or config.hidden_size // heads),
+                      engine.dtype)
+        adopt, self.tuning = tune(shape, engine.attention)
+        if adopt is not None:
+            scheduler.adopt(adopt)
+        log.info("decode kernel tuning: %s", self.tuning.describe())
 
     def describe(self) -> dict[str, Any]:
         if self.engine is None:
             return {}
         out: dict[str, Any] = {"dtype": str(self.engine.dtype).removeprefix("torch."), "max_model_len": self.engine.context,
-                               "kv_cache_tokens_per_sequence": self.max_width, "decode_attention": self.engine.attention.describe()}
+                               "kv_cache_tokens_per_sequence": self.max_width, "decode_attention": self.engine.attention.describe(),
+                               "decode_attention_tuning": self.tuning.describe()}
         if self.engine.precision is not None:
             out["precision_check"] = self.engine.precision.describe()
         return out

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from app.engine import Engine
-from app.kvcache import Segment, SlotCache
+from app.kvcache import DecodeChoice, Segment, SlotCache
 from app.metrics import Metrics
 from app.params import FinishReason, Output, SamplingParams, TokenLogprob
 from app.policy import Choice, Policy, StepPlan
@@ -74,6 +74,7 @@ class Scheduler:
                              kv_columns=kv_columns)
         self.cache = SlotCache(engine.num_layers, self.policy.slots, engine.attention)
         self._wake = threading.Condition()
+        self._adopt: DecodeChoice | None = None  # a decode kernel to switch to before the next step (app.tuning)
         self._stopping = False
         self._thread: threading.Thread | None = None
 
@@ -103,15 +104,26 @@ class Scheduler:
     def load(self) -> int:
         return self.policy.load
 
+    def adopt(self, decode: DecodeChoice) -> None:
+        """Decode rows attend with `decode` from the worker's next iteration on (between two steps, where no forward pass reads the cache)."""
+        with self._wake:
+            self._adopt = decode
+            self._wake.notify()
+
     # --- the worker ------------------------------------------------------------
 
     def _loop(self) -> None:
         while True:
             with self._wake:
-                while self.policy.idle and not self._stopping and not self.engine.pending.layers:
+                while self.policy.idle and not self._stopping and not self.engine.pending.layers and self._adopt is None:
                     self._wake.wait()
                 if self._stopping:
                     return
+                adopt, self._adopt = self._adopt, None
+            if adopt is not None:
+                self.cache.switch(adopt, self.engine.dtype)
+                self.engine.attention = adopt
+                log.info("%s: decode attention switched to %s", self.engine.name, adopt.describe())
             if self.engine.pending.layers and not self._pack():
                 continue
             plan = self.policy.schedule()

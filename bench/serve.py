@@ -118,7 +118,7 @@ def main() -> None:
                   "BAKEHOUSE_MAX_TOKENS": "4000", "BAKEHOUSE_MAX_BATCH": "32"}
     r: dict[str, float] = {}
     start = time.monotonic()
-    server = start_app(server_env, WORK / "server.log")
+    server = start_app(server_env, WORK / "server.log", compile_kernels=True)
     try:
         server.wait("/health", 200, timeout=300)
         r["health_s"] = time.monotonic() - start

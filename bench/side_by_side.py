@@ -125,9 +125,20 @@ def start(engine: str, dtype: str, store: Path, lock: Path, work: Path) -> tuple
     env = {"MODELS_DIR": str(store), "BAKEHOUSE_LOCK": str(lock), "MODEL": "m", "HF_HUB_OFFLINE": "1", "BAKEHOUSE_MAX_TOKENS": "512",
            "BAKEHOUSE_ENGINE": engine, "BAKEHOUSE_DTYPE": dtype, "BAKEHOUSE_VLLM_PYTHON": str(VLLM_PYTHON), "VLLM_CPU_KVCACHE_SPACE": "4",
            "BAKEHOUSE_MAX_BATCH": "32"}
-    app = start_app(env, work / f"{engine}-{dtype}.log")
+    app = start_app(env, work / f"{engine}-{dtype}.log", compile_kernels=True)
     app.wait("/ready", 200, timeout=1800)
     return app, app.url, time.monotonic() - begin
+
+
+def tuned(url: str, timeout: float = 600) -> tuple[str, float]:
+    """Wait for the app's background kernel tuning (app.tuning) to end: (what /ready says of it, seconds waited). vLLM: ("", 0)."""
+    begin = time.monotonic()
+    while time.monotonic() - begin < timeout:
+        state = httpx.get(f"{url}/ready", timeout=30).json().get("decode_attention_tuning", "")
+        if not state.startswith("compiling"):
+            return state, time.monotonic() - begin
+        time.sleep(0.5)
+    raise TimeoutError("the app's kernel tuning never ended")
 
 
 def started(engine: str, dtype: str, store: Path, lock: Path, work: Path) -> tuple[object, str, dict]:
@@ -136,9 +147,10 @@ def started(engine: str, dtype: str, store: Path, lock: Path, work: Path) -> tup
     server, _, cold = start(engine, dtype, store, lock, work)
     server.stop()  # type: ignore[attr-defined]
     server, url, ready = start(engine, dtype, store, lock, work)
+    tuning, tuned_s = tuned(url) if engine != "bare-vllm" else ("", 0.0)
     warm(url, "m")
-    print(f"{engine} {dtype}: start to ready {ready:.1f}s (first start {cold:.1f}s)", flush=True)
-    return server, url, {"ready_s": ready, "cold_ready_s": cold, "runs": {}}
+    print(f"{engine} {dtype}: start to ready {ready:.1f}s (first start {cold:.1f}s); kernel tuning {tuning!r} {tuned_s:.1f}s after ready", flush=True)
+    return server, url, {"ready_s": ready, "cold_ready_s": cold, "tuning": tuning, "tuned_after_ready_s": tuned_s, "runs": {}}
 
 
 def run_dtype(engines: list[str], dtype: str, store: Path, lock: Path, work: Path, vocab: int, results: dict, *, loads: bool = True) -> None:
@@ -200,7 +212,10 @@ def write(model: str, results: dict, engines: list[str], dtypes: list[str], *, n
             entry = results[f"{e}/{d}"]
             ready = "failed: " + entry["error"] if "error" in entry else f"{entry['ready_s']:.1f} s (first start {entry.get('cold_ready_s', 0):.1f} s)"
             rows.append(["start to ready", e, ready, "", "", "", ""])
-        md += [f"## {d}", "", *markdown_table(header, rows), ""]
+        tunings = [f"{e}: {results[f'{e}/{d}']['tuning']} (ended {results[f'{e}/{d}']['tuned_after_ready_s']:.1f} s after ready; the cells ran after it)"
+                   for e in measured if results[f"{e}/{d}"].get("tuning")]
+        md += [f"## {d}", "", *markdown_table(header, rows), "", *(["Decode kernel tuning after ready (app.tuning): " + "; ".join(tunings), ""]
+                                                                  if tunings else [])]
     save_results(f"{name}-{'gpu' if m['gpu'] else 'cpu-' + cpu_kind(m['cpu'])}", md, {"device": device, "machine": m, "results": results})
 
 

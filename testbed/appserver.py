@@ -58,10 +58,12 @@ def serve_store(project: Project, log: Path, **env: str) -> AppServer:
     return s
 
 
-def start_app(env: dict[str, str], log: Path, **extra: str) -> AppServer:
+def start_app(env: dict[str, str], log: Path, *, compile_kernels: bool = False, **extra: str) -> AppServer:
+    """`compile_kernels`: the background kernel compile after ready (app.tuning), off unless a test or benchmark is about it: each start would
+    spend seconds of this machine's two cores on it while other tests run."""
     port = free_port()
     inherited = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "BAKEHOUSE_", "MODEL", "GIT_"))}
-    full = {**inherited, **env, **extra, "PORT": str(port), "HOST": "127.0.0.1", "PYTHONPATH": str(ROOT)}
+    full = {**inherited, "BAKEHOUSE_COMPILE": str(int(compile_kernels)), **env, **extra, "PORT": str(port), "HOST": "127.0.0.1", "PYTHONPATH": str(ROOT)}
     with open(log, "w") as fh:  # the child keeps its own copy of the descriptor
         proc = subprocess.Popen([sys.executable, "-m", "app.entrypoint"], env=full, stdout=fh, stderr=subprocess.STDOUT, text=True)
     return AppServer(proc, port, log)

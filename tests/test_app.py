@@ -174,3 +174,39 @@ def test_client_disconnect_stops_its_generation(random_server: AppServer) -> Non
     generated = metric(random_server, "bakehouse_generated_tokens_total")
     assert generated < 3000, f"{generated} tokens generated after the client left"
     assert random_server.get("/health").status_code == 200
+
+
+def tuning_ended(s: AppServer, timeout: float = 300) -> dict:
+    """/ready once the background kernel tuning (app.tuning) is no longer compiling."""
+    deadline = time.monotonic() + timeout
+    while (ready := s.get("/ready").json())["decode_attention_tuning"].startswith("compiling"):
+        assert time.monotonic() < deadline, s.output()
+        time.sleep(0.2)
+    return ready
+
+
+@pytest.mark.parametrize("compiler", ["g++", "missing"])
+def test_the_decode_kernel_compiled_after_ready_serves_the_same_text(served_store: Project, tmp_path: Path, compiler: str) -> None:
+    """Ready before any compile; requests answered while it compiles and after the verdict, with the same text. Without a C++ compiler
+    (and an empty inductor cache, so nothing compiled earlier is found) the kernel chosen at load stays and /ready says why."""
+    env = app_env(served_store, MODEL="demo", BAKEHOUSE_DTYPE="bfloat16", TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"),
+                  **({"CXX": str(tmp_path / "no-such-c++")} if compiler == "missing" else {}))
+    s = start_app(env, tmp_path / "app.log", compile_kernels=True)
+    try:
+        ready = s.wait().json()
+        assert ready["decode_attention_tuning"].split(":")[0] in ("compiling", "adopted", "kept", "failed"), ready
+        body = {"model": "demo", "prompt": "The weights are", "max_tokens": 12, "temperature": 0}
+        meanwhile = httpx.post(f"{s.url}/v1/completions", json=body, timeout=120).json()["choices"][0]["text"]
+        ready = tuning_ended(s)
+        after = httpx.post(f"{s.url}/v1/completions", json=body, timeout=120).json()["choices"][0]["text"]
+        assert meanwhile == after and after.startswith(" locked, fetched, verified"), (meanwhile, after)
+        state = ready["decode_attention_tuning"]
+        if compiler == "missing":
+            assert state.startswith("failed: torch.compile failed") and "kept" in state, state
+            assert ready["decode_attention"] != "compiled"
+        else:
+            assert state.startswith(("adopted: compiled kernel", "kept: ")), state
+            assert (ready["decode_attention"] == "compiled") == state.startswith("adopted"), ready
+        assert f"decode kernel tuning: {state}" in s.output() and "Traceback" not in s.output()
+    finally:
+        s.stop()

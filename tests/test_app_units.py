@@ -22,6 +22,7 @@ from app.params import SamplingParams
 from app.policy import Choice, first_stop, stop_prefix
 from app.precision import compare, cpu_has_native_bf16
 from app.sampling import sample
+from app.tuning import Shape, tune
 from ops.errors import NotServableError
 from ops.models.lock import LockedFile, LockedModel
 
@@ -111,10 +112,10 @@ def test_bad_numeric_settings_name_the_variable(monkeypatch: pytest.MonkeyPatch)
         Settings.from_env()
 
 
-@pytest.mark.parametrize("kernel", ["sdpa", "matmul"])
+@pytest.mark.parametrize("kernel", ["sdpa", "matmul", "compiled"])
 @pytest.mark.parametrize(("heads", "kv_heads"), [(12, 12), (16, 8), (8, 2)])
 def test_decode_attention_equals_sdpa_over_each_rows_own_length(kernel: DecodeKernel, heads: int, kv_heads: int) -> None:
-    """Both decode kernels give what SDPA gives with K/V repeated per query head, each row over its own length."""
+    """Every decode kernel gives what SDPA gives with K/V repeated per query head, each row over its own length."""
     g = torch.Generator().manual_seed(0)
     lengths = torch.tensor([3, 9, 5])
     width = int(lengths.max()) + 1
@@ -298,6 +299,45 @@ def test_a_bf16_model_with_an_fp32_cache_gives_its_own_logits(small_engine: tupl
     torch.testing.assert_close(last[0], want[39], atol=0.05, rtol=0.05)
 
 
+def test_switching_to_the_compiled_kernel_between_steps_keeps_each_rows_logits(small_engine: tuple[Engine, torch.nn.Module]) -> None:
+    """A bf16 model serving from an fp32 cache switches (as app.tuning makes it) to the compiled kernel over a bf16 cache between two
+    steps: the keys and values held are converted, and the next decode steps give the bf16 model's own logits."""
+    engine, reference = small_engine
+    bf16 = Engine(Path(engine.model.name_or_path), name="m", plan=DevicePlan("cpu", torch.bfloat16))
+    plain = copy.deepcopy(reference).to(torch.bfloat16)
+    seqs = [torch.randint(0, 400, (n,), generator=torch.Generator().manual_seed(6)).tolist() for n in (30, 42)]
+    cache = SlotCache(bf16.num_layers, 2, DecodeChoice("matmul", torch.float32))
+    with torch.inference_mode():
+        want = [plain(input_ids=torch.tensor([s])).logits[0].float() for s in seqs]
+        cache.plan(None, [Segment(0, 0, 28), Segment(1, 0, 40)], torch.bfloat16, bf16.device)
+        bf16.forward(seqs[0][:28] + seqs[1][:40], cache, torch.tensor([27, 67]))
+        cache.plan(torch.tensor([28, 40]), [], torch.bfloat16, bf16.device)
+        before = bf16.forward([seqs[0][28], seqs[1][40]], cache, torch.tensor([0, 1])).float()
+        held = [t.clone() for layer in cache.slot_layers for t in layer.tier_keys.values()]
+        cache.switch(DecodeChoice("compiled"), torch.bfloat16)
+        assert all(t.dtype == torch.bfloat16 for layer in cache.slot_layers for t in layer.tier_keys.values())
+        converted = [t for layer in cache.slot_layers for t in layer.tier_keys.values()]
+        assert all(torch.equal(a.to(torch.bfloat16), b) for a, b in zip(held, converted, strict=True))  # exact: computed in bf16
+        step = cache.plan(torch.tensor([29, 41]), [], torch.bfloat16, bf16.device)
+        assert step.kernel == "compiled" and step.kv_dtype is None
+        after = bf16.forward([seqs[0][29], seqs[1][41]], cache, torch.tensor([0, 1])).float()
+    for got, row, pos in ((before, 0, 28), (before, 1, 40), (after, 0, 29), (after, 1, 41)):
+        torch.testing.assert_close(got[row], want[row][pos], atol=0.05, rtol=0.05)
+
+
+def test_tuning_times_the_compiled_kernel_against_the_one_in_use_and_says_why() -> None:
+    """The compiled kernel is compiled, checked and timed at both shapes; adopted or kept, the verdict names what was timed."""
+    current = DecodeChoice("matmul", torch.float32)
+    try:
+        adopt, tuning = tune(Shape(4, 2, 16, torch.bfloat16), current)
+    finally:
+        torch.compiler.set_stance("default")  # an adopted kernel stops recompiles for the process; the other tests compile their own shapes
+    assert tuning.state in ("adopted", "kept") and (adopt is not None) == (tuning.state == "adopted"), tuning
+    assert "8 rows x 256 columns" in tuning.detail and "32 rows x 512 columns" in tuning.detail and "matmul, float32 cache" in tuning.detail
+    if adopt is not None:
+        assert adopt == DecodeChoice("compiled") and "bfloat16 cache" in tuning.detail
+
+
 def test_a_4k_token_request_at_a_7b_shape_does_not_grow_every_slot() -> None:
     """Mistral-7B's KV shape (8 KV heads of 128, bf16), 40 slots: 39 rows of 100 tokens and one of 4000 take about 40 x 256 + 4096 columns
     (not 40 x 4096, 21.5 GB over 32 layers); when the long row ends its memory is given back."""
@@ -334,3 +374,48 @@ def test_a_step_of_only_an_unfinished_prompt_chunk_runs(small_engine: tuple[Engi
         want = reference.generate(torch.tensor([prompt]), max_new_tokens=5, do_sample=False, pad_token_id=0)[0, len(prompt):].tolist()
     assert result.finish_reason == "length" and result.completion_tokens == 5
     assert engine.encode(result.text) == want or result.text == engine.decode(want)
+
+
+def test_the_scheduler_adopts_a_kernel_between_steps_mid_generation(small_engine: tuple[Engine, torch.nn.Module]) -> None:
+    """Scheduler.adopt while sequences are generating (what app.tuning does after ready): the cache switches between two steps and
+    every sequence's greedy tokens are those of a run that never switched."""
+    import threading
+
+    from app.metrics import Metrics
+    from app.scheduler import Scheduler, choice
+
+    engine, _ = small_engine
+    bf16 = Engine(Path(engine.model.name_or_path), name="m", plan=DevicePlan("cpu", torch.bfloat16))
+    bf16.attention = DecodeChoice("matmul", torch.float32)
+    prompts = [torch.randint(0, 400, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (9, 20, 33)]
+
+    def generate(switch_after: int | None) -> list[list[int]]:
+        scheduler = Scheduler(bf16, Metrics(), max_batch=4, step_tokens=64).start()
+        tokens: list[list[int]] = [[] for _ in prompts]
+        done, first = threading.Semaphore(0), threading.Event()
+
+        def emit(i: int, out: object) -> None:
+            tokens[i].extend(out.token_ids)  # type: ignore[attr-defined]
+            if switch_after is not None and len(tokens[i]) >= switch_after:
+                first.set()
+            if out.finish is not None:  # type: ignore[attr-defined]
+                done.release()
+
+        try:
+            scheduler.submit([choice(p, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True), bf16.context,
+                                     lambda out, i=i: emit(i, out)) for i, p in enumerate(prompts)])
+            if switch_after is not None:
+                first.wait(60)
+                scheduler.adopt(DecodeChoice("compiled"))
+            for _ in prompts:
+                assert done.acquire(timeout=120)
+            if switch_after is not None:
+                assert scheduler.cache.decode == DecodeChoice("compiled") and bf16.attention == DecodeChoice("compiled")
+                assert all(t.dtype == torch.bfloat16 for layer in scheduler.cache.slot_layers for t in layer.tier_keys.values())
+        finally:
+            scheduler.stop()
+        return tokens
+
+    plain = generate(None)
+    switched = generate(10)
+    assert switched == plain and all(len(t) == 40 for t in plain)

@@ -1,0 +1,131 @@
+"""After ready: the compiled decode kernel (app.kvcache, `compiled`), made and timed in the background, adopted when it wins.
+
+Compiling a kernel takes seconds (tens on a cold inductor cache), so the
+server is ready first, with the kernel chosen at load; then one thread
+compiles `upcast_attention` for the decode shapes the scheduler passes
+(one row or several; the rows' queries in step order or gathered), checks its
+output against the eager sums, and times it against the kernel in use at two
+batch shapes, interleaved, the median of 9 runs each, each run over another
+layer's keys and values (as a step reads them: not from the CPU's cache). A
+kernel faster over both shapes and not more than 15 % slower at either is
+adopted: the scheduler switches between two steps, the cache's keys and
+values converted to the model's dtype. From then on a shape the kernel was
+not compiled for runs those layers eager rather than stalling a step for a
+compile.
+
+Where torch cannot compile (no C++ compiler in the image, a read-only /tmp for
+its cache) the kernel chosen at load stays, and `/ready` says why.
+`BAKEHOUSE_COMPILE=0` skips all of it.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from app.kvcache import DecodeChoice, compiled_upcast_attention, decode_attention, decode_mask, upcast_attention
+from app.seats import COLUMNS
+
+log = logging.getLogger("bakehouse.tuning")
+
+State = Literal["off", "compiling", "adopted", "kept", "failed"]
+SHAPES = ((8, 256), (32, 512))  # (decode rows, columns) the kernels are timed at
+RUNS = 9
+LAST_LEVEL_CACHE = 64 << 20  # bytes the timed keys and values span at least (an EPYC's L3 is 32 MiB per chiplet)
+SLOWER_AT_MOST = 1.15  # adopted when faster over all shapes and no shape more than this much slower (a small shape's timing is noise)
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """Where the background kernel tuning stands, for `/ready` and the log."""
+
+    state: State
+    detail: str = ""
+
+    def describe(self) -> str:
+        return f"{self.state}: {self.detail}" if self.detail else self.state
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The attention shapes of one model: query heads, key/value heads, head size, in the model's dtype."""
+
+    heads: int
+    kv_heads: int
+    dim: int
+    dtype: torch.dtype
+
+
+def _inputs(shape: Shape, choice: DecodeChoice, rows: int, width: int, *, gathered: bool = True,
+            seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A decode step's query, keys, values and mask as slot_attention passes them: the cache's slices of a wider tier."""
+    g = torch.Generator().manual_seed(seed)
+    dtype = choice.kv_dtype or shape.dtype
+    packed = torch.randn(1, shape.heads, rows + 1, shape.dim, generator=g).to(dtype)
+    query = packed[0, :, :rows].transpose(0, 1)[:, :, None]  # in step order: a strided view
+    if gathered:
+        query = query[torch.arange(rows)]
+    kv = torch.randn(2, rows + 1, shape.kv_heads, width + COLUMNS, shape.dim, generator=g).to(dtype)
+    return query, kv[0, :rows, :, :width], kv[1, :rows, :, :width], decode_mask(torch.full((rows,), width - 1), dtype)
+
+
+def compile_kernel(shape: Shape) -> None:
+    """Compile for every call pattern the scheduler makes and check the output against the eager sums (ValueError if it differs)."""
+    compiled = compiled_upcast_attention()
+    choice = DecodeChoice("compiled")
+    with torch.inference_mode(), torch.compiler.set_stance("default"):  # compiling is what this is for, whatever an earlier tuning set
+        for rows in (1, 2, 5):
+            for gathered in (False, True):
+                q, k, v, mask = _inputs(shape, choice, rows, 40, gathered=gathered, seed=rows)
+                got, want = compiled(q, k, v, mask, shape.dim**-0.5), upcast_attention(q, k, v, mask, shape.dim**-0.5)
+                if not torch.allclose(got.float(), want.float(), rtol=1e-2, atol=1e-3):
+                    raise ValueError(f"the compiled kernel's output differs from the eager one by {(got.float() - want.float()).abs().max():.3g}")
+
+
+def time_kernels(shape: Shape, choices: tuple[DecodeChoice, DecodeChoice], rows: int, width: int) -> tuple[float, float]:
+    """The median seconds of each choice at one shape, their runs interleaved so a busy spell of the machine falls on both.
+
+    Each run reads another layer's keys and values, from a set larger than a CPU's last-level cache, as a step does: one buffer
+    read again and again would be timed from the cache, where reading fewer bytes (the point of a bf16 cache) shows no gain.
+    """
+    kv_bytes = 2 * rows * shape.kv_heads * (width + COLUMNS) * shape.dim * 4
+    layers = max(1, min(8, -(-LAST_LEVEL_CACHE // kv_bytes)))
+    calls = [[functools.partial(decode_attention, choice.kernel, *_inputs(shape, choice, rows, width, seed=layer), shape.dim**-0.5)
+              for layer in range(layers)] for choice in choices]
+    times: list[list[float]] = [[], []]
+    with torch.inference_mode():
+        for layer_calls in calls:
+            for call in layer_calls:
+                call()
+        for run in range(RUNS * layers):
+            for i, layer_calls in enumerate(calls):
+                start = time.perf_counter()
+                layer_calls[run % layers]()
+                times[i].append(time.perf_counter() - start)
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
+def tune(shape: Shape, current: DecodeChoice) -> tuple[DecodeChoice | None, Tuning]:
+    """The compiled kernel if it is faster than `current` at every timed shape (None otherwise), and what was found."""
+    candidate = DecodeChoice("compiled")
+    start = time.monotonic()
+    try:
+        compile_kernel(shape)
+    except Exception as exc:  # inductor's failures are many (no compiler, no writable cache, an unsupported op): the chosen kernel stays
+        log.debug("compiling the decode kernel failed", exc_info=True)
+        first = next(iter(str(exc).splitlines()), "")[:200]
+        return None, Tuning("failed", f"torch.compile failed ({type(exc).__name__}: {first}); kept {current.describe()}")
+    compiled_in = time.monotonic() - start
+    timed = [(rows, width, *time_kernels(shape, (candidate, current), rows, width)) for rows, width in SHAPES]
+    report = "; ".join(f"{rows} rows x {width} columns: {new * 1e3:.2f} ms vs {old * 1e3:.2f} ms" for rows, width, new, old in timed)
+    if sum(new for _, _, new, _ in timed) < sum(old for _, _, _, old in timed) and all(new <= old * SLOWER_AT_MOST for _, _, new, old in timed):
+        torch.compiler.set_stance("fail_on_recompile")  # a shape not compiled for runs eager (app.kvcache) instead of stalling a step
+        return candidate, Tuning("adopted", f"compiled kernel, {str(shape.dtype).removeprefix('torch.')} cache, in {compiled_in:.1f}s; "
+                                            f"against {current.describe()}: {report}")
+    return None, Tuning("kept", f"{current.describe()}: the compiled kernel is not faster here ({report})")
