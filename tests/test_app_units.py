@@ -110,6 +110,14 @@ def test_bad_numeric_settings_name_the_variable(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv("BAKEHOUSE_DTYPE", "fp8")
     with pytest.raises(ConfigError, match="BAKEHOUSE_DTYPE"):
         Settings.from_env()
+    monkeypatch.setenv("BAKEHOUSE_DTYPE", "auto")
+    assert Settings.from_env().compile_kernels
+    monkeypatch.setenv("BAKEHOUSE_COMPILE", "0")
+    assert not Settings.from_env().compile_kernels
+    for bad in ("-rf", "2", "yes please"):
+        monkeypatch.setenv("BAKEHOUSE_COMPILE", bad)
+        with pytest.raises(ConfigError, match="BAKEHOUSE_COMPILE"):
+            Settings.from_env()
 
 
 @pytest.mark.parametrize("kernel", ["sdpa", "matmul", "compiled"])
