@@ -46,7 +46,6 @@ background and the scheduler switches to it between two steps when it wins.
 from __future__ import annotations
 
 import functools
-import logging
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -58,7 +57,6 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from app.precision import cpu_flags, median_seconds
 from app.seats import COLUMNS, Copy, Seats, Span, Tier
 
-log = logging.getLogger("bakehouse.kvcache")
 DecodeKernel = Literal["sdpa", "matmul", "compiled"]
 
 
@@ -289,8 +287,10 @@ def _additive(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def upcast_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
-    """Decode attention in fp32 over keys and values in any dtype: what `compiled` compiles (eager, it is the fallback)."""
+    """Decode attention in fp32 over keys and values in any dtype, read over the first rows and columns (decode_attention's shapes):
+    what `compiled` compiles."""
     rows, heads, _, dim = query.shape
+    key, value = key[:rows, :, : mask.shape[-1]], value[:rows, :, : mask.shape[-1]]
     kv_heads = key.shape[1]
     q = query.float().view(rows, kv_heads, heads // kv_heads, dim)
     scores = torch.matmul(q, key.float().transpose(2, 3)) * scale + mask.float()
@@ -300,31 +300,27 @@ def upcast_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
 
 @functools.cache
 def compiled_upcast_attention() -> Callable[..., torch.Tensor]:
-    """`upcast_attention` under torch.compile, made once per process: it compiles on its first calls (app.tuning does those)."""
+    """`upcast_attention` under torch.compile, made once per process: it compiles on its first calls (app.tuning makes those)."""
     import torch._dynamo.config as dynamo  # here: torch's compiler is imported only where a kernel is compiled
     import torch._inductor.config as inductor
 
     inductor.compile_threads = 1  # no pool of worker processes forked from a serving process
-    dynamo.recompile_limit = 64  # a graph per dtype, head layout and call pattern (one row or several, gathered or not): more than the default 8
+    dynamo.recompile_limit = 64  # a graph per dtype, head layout and row counts of one or more: more than the default 8 in a process of many models
     return torch.compile(upcast_attention, dynamic=True)
 
 
-def _compiled(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
-    try:
-        return compiled_upcast_attention()(query, key, value, mask, scale)
-    except RuntimeError as exc:  # a shape it was not compiled for, refused rather than compiled mid-step (app.tuning): the same sums, eager
-        if "recompile" not in str(exc):
-            raise
-        log.debug("compiled decode attention refused a new shape (%s); this step's layer ran eager", exc)
-        return upcast_attention(query, key, value, mask, scale)
-
-
 def decode_attention(kernel: DecodeKernel, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
-    """One new token per row: query [rows, heads, 1, dim] over key/value [rows, kv_heads, width, dim] → [rows, heads, 1, dim]."""
+    """One new token per row: query [rows, heads, 1, dim] over the first rows and `width` columns of key/value [>= rows, kv_heads,
+    >= width, dim], width being the mask's [rows, 1, 1, width] → [rows, heads, 1, dim].
+
+    The cache's whole tier buffers are passed, not slices of them: the compiled kernel then sees one layout (contiguous, from offset
+    0) whatever the step, and torch.compile's guards hold from one step to the next instead of asking for a new graph.
+    """
+    if kernel == "compiled":  # the query in one layout too (in step order it is a strided view; one row's view passes for contiguous): a few KB
+        return compiled_upcast_attention()(query.clone(memory_format=torch.contiguous_format), key, value, mask, scale)
     rows, heads, _, dim = query.shape
+    key, value = key[:rows, :, : mask.shape[-1]], value[:rows, :, : mask.shape[-1]]
     kv_heads = key.shape[1]
-    if kernel == "compiled":
-        return _compiled(query, key, value, mask, scale)
     if kernel == "sdpa":
         return torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale, enable_gqa=heads != kv_heads)
     # Each key head's query heads side by side: no repeated K/V for GQA.
@@ -353,8 +349,7 @@ def slot_attention(module: torch.nn.Module, query: torch.Tensor, key: dict[Tier,
         q_all = query[0, :, :n].transpose(0, 1)[:, :, None]  # [rows, heads, 1, dim]
         decoded = q_all.new_empty((n, heads, dim)) if not s.in_order else None
         for g in s.groups:
-            k, v = key[g.tier][: len(g.rows), :, : g.width], value[g.tier][: len(g.rows), :, : g.width]
-            out = decode_attention(s.kernel, q_all if decoded is None else q_all[g.rows], k, v, g.mask, scale)[:, :, 0]
+            out = decode_attention(s.kernel, q_all if decoded is None else q_all[g.rows], key[g.tier], value[g.tier], g.mask, scale)[:, :, 0]
             if decoded is None:
                 outs.append(out.transpose(0, 1))
             else:

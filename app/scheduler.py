@@ -121,7 +121,8 @@ class Scheduler:
                     return
                 adopt, self._adopt = self._adopt, None
             if adopt is not None:
-                self.cache.switch(adopt, self.engine.dtype)
+                with torch.inference_mode():  # the converted cache made of inference tensors, as the steps make theirs
+                    self.cache.switch(adopt, self.engine.dtype)
                 self.engine.attention = adopt
                 log.info("%s: decode attention switched to %s", self.engine.name, adopt.describe())
             if self.engine.pending.layers and not self._pack():

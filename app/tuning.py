@@ -3,7 +3,7 @@
 Compiling a kernel takes seconds (tens on a cold inductor cache), so the
 server is ready first, with the kernel chosen at load; then one thread
 compiles `upcast_attention` for the decode shapes the scheduler passes
-(one row or several; the rows' queries in step order or gathered), checks its
+(one row or several), checks its
 output against the eager sums, and times it against the kernel in use at two
 batch shapes, interleaved, the median of 9 runs each, each run over another
 layer's keys and values (as a step reads them: not from the CPU's cache). A
@@ -21,6 +21,7 @@ its cache) the kernel chosen at load stays, and `/ready` says why.
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import statistics
 import time
@@ -29,7 +30,7 @@ from typing import Literal
 
 import torch
 
-from app.kvcache import DecodeChoice, compiled_upcast_attention, decode_attention, decode_mask, upcast_attention
+from app.kvcache import DecodeChoice, decode_attention, decode_mask, upcast_attention
 from app.seats import COLUMNS
 
 log = logging.getLogger("bakehouse.tuning")
@@ -62,30 +63,29 @@ class Shape:
     dtype: torch.dtype
 
 
-def _inputs(shape: Shape, choice: DecodeChoice, rows: int, width: int, *, gathered: bool = True,
-            seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A decode step's query, keys, values and mask as slot_attention passes them: the cache's slices of a wider tier."""
+def _inputs(shape: Shape, choice: DecodeChoice, rows: int, width: int, seed: int = 0, capacity: int | None = None,
+            columns: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A decode step's query, keys, values and mask as slot_attention passes them: the keys and values a tier's whole buffers,
+    `capacity` rows (rows + 1 when None) of `columns` (256 more than the width when None). Made under inference mode, as a step makes
+    its tensors: torch.compile tells the two kinds of tensor apart."""
     g = torch.Generator().manual_seed(seed)
     dtype = choice.kv_dtype or shape.dtype
-    packed = torch.randn(1, shape.heads, rows + 1, shape.dim, generator=g).to(dtype)
-    query = packed[0, :, :rows].transpose(0, 1)[:, :, None]  # in step order: a strided view
-    if gathered:
-        query = query[torch.arange(rows)]
-    kv = torch.randn(2, rows + 1, shape.kv_heads, width + COLUMNS, shape.dim, generator=g).to(dtype)
-    return query, kv[0, :rows, :, :width], kv[1, :rows, :, :width], decode_mask(torch.full((rows,), width - 1), dtype)
+    query = torch.randn(rows, shape.heads, 1, shape.dim, generator=g).to(dtype)
+    keys, values = (torch.randn(capacity or rows + 1, shape.kv_heads, columns or width + COLUMNS, shape.dim, generator=g).to(dtype)
+                    for _ in range(2))
+    return query, keys, values, decode_mask(torch.full((rows,), width - 1), dtype)
 
 
 def compile_kernel(shape: Shape) -> None:
-    """Compile for every call pattern the scheduler makes and check the output against the eager sums (ValueError if it differs)."""
-    compiled = compiled_upcast_attention()
-    choice = DecodeChoice("compiled")
+    """Compile through the call the scheduler makes, for each kind of step torch tells apart (a tier of one row or more, one decode
+    row or more: it specializes a size of 1; the longest row filling its tier's columns or not), and check the output against the
+    eager sums (ValueError if it differs)."""
     with torch.inference_mode(), torch.compiler.set_stance("default"):  # compiling is what this is for, whatever an earlier tuning set
-        for rows in (1, 2, 5):
-            for gathered in (False, True):
-                q, k, v, mask = _inputs(shape, choice, rows, 40, gathered=gathered, seed=rows)
-                got, want = compiled(q, k, v, mask, shape.dim**-0.5), upcast_attention(q, k, v, mask, shape.dim**-0.5)
-                if not torch.allclose(got.float(), want.float(), rtol=1e-2, atol=1e-3):
-                    raise ValueError(f"the compiled kernel's output differs from the eager one by {(got.float() - want.float()).abs().max():.3g}")
+        for (capacity, rows), columns in itertools.product(((1, 1), (3, 1), (3, 2), (8, 5)), (None, 40)):
+            q, k, v, mask = _inputs(shape, DecodeChoice("compiled"), rows, 40, seed=rows, capacity=capacity, columns=columns)
+            got, want = decode_attention("compiled", q, k, v, mask, shape.dim**-0.5), upcast_attention(q, k, v, mask, shape.dim**-0.5)
+            if not torch.allclose(got.float(), want.float(), rtol=1e-2, atol=1e-3):
+                raise ValueError(f"the compiled kernel's output differs from the eager one by {(got.float() - want.float()).abs().max():.3g}")
 
 
 def time_kernels(shape: Shape, choices: tuple[DecodeChoice, DecodeChoice], rows: int, width: int) -> tuple[float, float]:
@@ -96,10 +96,10 @@ def time_kernels(shape: Shape, choices: tuple[DecodeChoice, DecodeChoice], rows:
     """
     kv_bytes = 2 * rows * shape.kv_heads * (width + COLUMNS) * shape.dim * 4
     layers = max(1, min(8, -(-LAST_LEVEL_CACHE // kv_bytes)))
-    calls = [[functools.partial(decode_attention, choice.kernel, *_inputs(shape, choice, rows, width, seed=layer), shape.dim**-0.5)
-              for layer in range(layers)] for choice in choices]
     times: list[list[float]] = [[], []]
     with torch.inference_mode():
+        calls = [[functools.partial(decode_attention, choice.kernel, *_inputs(shape, choice, rows, width, seed=layer), shape.dim**-0.5)
+                  for layer in range(layers)] for choice in choices]
         for layer_calls in calls:
             for call in layer_calls:
                 call()
@@ -125,7 +125,7 @@ def tune(shape: Shape, current: DecodeChoice) -> tuple[DecodeChoice | None, Tuni
     timed = [(rows, width, *time_kernels(shape, (candidate, current), rows, width)) for rows, width in SHAPES]
     report = "; ".join(f"{rows} rows x {width} columns: {new * 1e3:.2f} ms vs {old * 1e3:.2f} ms" for rows, width, new, old in timed)
     if sum(new for _, _, new, _ in timed) < sum(old for _, _, _, old in timed) and all(new <= old * SLOWER_AT_MOST for _, _, new, old in timed):
-        torch.compiler.set_stance("fail_on_recompile")  # a shape not compiled for runs eager (app.kvcache) instead of stalling a step
+        torch.compiler.set_stance("eager_on_recompile")  # a shape not compiled for runs eager instead of stalling a step to compile
         return candidate, Tuning("adopted", f"compiled kernel, {str(shape.dtype).removeprefix('torch.')} cache, in {compiled_in:.1f}s; "
                                             f"against {current.describe()}: {report}")
     return None, Tuning("kept", f"{current.describe()}: the compiled kernel is not faster here ({report})")
