@@ -112,17 +112,18 @@ def time_kernels(shape: Shape, choices: tuple[DecodeChoice, DecodeChoice], rows:
 
 
 def tune(shape: Shape, current: DecodeChoice) -> tuple[DecodeChoice | None, Tuning]:
-    """The compiled kernel if it is faster than `current` at every timed shape (None otherwise), and what was found."""
+    """The compiled kernel if it is faster than `current` (over both timed shapes, and not much slower at either; None otherwise),
+    and what was found."""
     candidate = DecodeChoice("compiled")
     start = time.monotonic()
     try:
         compile_kernel(shape)
+        compiled_in = time.monotonic() - start
+        timed = [(rows, width, *time_kernels(shape, (candidate, current), rows, width)) for rows, width in SHAPES]
     except Exception as exc:  # inductor's failures are many (no compiler, no writable cache, an unsupported op): the chosen kernel stays
         log.debug("compiling the decode kernel failed", exc_info=True)
         first = next(iter(str(exc).splitlines()), "")[:200]
         return None, Tuning("failed", f"torch.compile failed ({type(exc).__name__}: {first}); kept {current.describe()}")
-    compiled_in = time.monotonic() - start
-    timed = [(rows, width, *time_kernels(shape, (candidate, current), rows, width)) for rows, width in SHAPES]
     report = "; ".join(f"{rows} rows x {width} columns: {new * 1e3:.2f} ms vs {old * 1e3:.2f} ms" for rows, width, new, old in timed)
     if sum(new for _, _, new, _ in timed) < sum(old for _, _, _, old in timed) and all(new <= old * SLOWER_AT_MOST for _, _, new, old in timed):
         torch.compiler.set_stance("eager_on_recompile")  # a shape not compiled for runs eager instead of stalling a step to compile
