@@ -46,8 +46,12 @@ background and the scheduler switches to it between two steps when it wins.
 from __future__ import annotations
 
 import functools
+import os
+import stat
+import tempfile
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -298,9 +302,36 @@ def upcast_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     return torch.matmul(probs, value.float()).view(rows, heads, 1, dim).to(query.dtype)
 
 
+def inductor_cache_dir(home: Path | None, uid: int) -> Path:
+    """Where torch.compile keeps (and loads) its compiled kernels: TORCHINDUCTOR_CACHE_DIR when the operator set it, else a directory of
+    this user's own, ~/.cache/bakehouse/torchinductor (mode 0700), else a new one made for this process.
+
+    Not torch's default, /tmp/torchinductor_<user>: anyone on the machine can create that path before this server does, and every
+    shared library in it is loaded into the server. A path that is a link, someone else's or open to others is not used.
+    """
+    if configured := os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        return Path(configured)
+    try:
+        if home is None:
+            raise FileNotFoundError("no home directory")
+        own = home / ".cache" / "bakehouse" / "torchinductor"
+        own.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = os.lstat(own)
+        if stat.S_ISDIR(st.st_mode) and st.st_uid == uid and not st.st_mode & 0o077:
+            return own
+    except OSError:
+        pass  # no home, or a read-only one (an image's): a directory of this process's own below
+    return Path(tempfile.mkdtemp(prefix="bakehouse-torchinductor-"))
+
+
 @functools.cache
 def compiled_upcast_attention() -> Callable[..., torch.Tensor]:
     """`upcast_attention` under torch.compile, made once per process: it compiles on its first calls (app.tuning makes those)."""
+    try:
+        home: Path | None = Path.home()
+    except RuntimeError:  # no HOME and no passwd entry
+        home = None
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(inductor_cache_dir(home, os.getuid()))  # read by inductor when it compiles
     import torch._dynamo.config as dynamo  # here: torch's compiler is imported only where a kernel is compiled
     import torch._inductor.config as inductor
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -427,3 +429,33 @@ def test_the_scheduler_adopts_a_kernel_between_steps_mid_generation(small_engine
     plain = generate(None)
     switched = generate(10)
     assert switched == plain and all(len(t) == 40 for t in plain)
+
+
+def test_the_compile_cache_is_a_directory_of_this_users_own(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Compiled kernels are loaded from this cache: never torch's /tmp default, never a planted link, a directory open to others or
+    someone else's; TORCHINDUCTOR_CACHE_DIR set by the operator wins."""
+    from app.kvcache import inductor_cache_dir
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the directories made for a process, here rather than in /tmp
+    uid = os.getuid()
+    home = tmp_path / "home"
+    own = inductor_cache_dir(home, uid)
+    assert own == home / ".cache" / "bakehouse" / "torchinductor" and own.is_dir() and not own.stat().st_mode & 0o077
+    planted, target = tmp_path / "planted", tmp_path / "attacker"
+    target.mkdir(mode=0o700)
+    (planted / ".cache" / "bakehouse").mkdir(parents=True)
+    (planted / ".cache" / "bakehouse" / "torchinductor").symlink_to(target)
+    open_home = tmp_path / "open"
+    (open_home / ".cache" / "bakehouse" / "torchinductor").mkdir(parents=True)
+    (open_home / ".cache" / "bakehouse" / "torchinductor").chmod(0o777)
+    for unsafe in (planted, open_home, tmp_path / "not-a-dir" / "x", None):
+        if unsafe == tmp_path / "not-a-dir" / "x":
+            (tmp_path / "not-a-dir").write_text("a file where a directory would be")
+        got = inductor_cache_dir(unsafe, uid)
+        assert got.name.startswith("bakehouse-torchinductor-") and got.is_dir() and not got.is_symlink() and not got.stat().st_mode & 0o077, got
+        assert got.resolve() != target.resolve()
+    someone_else = inductor_cache_dir(home, uid + 1)  # the directory exists but is not this uid's
+    assert someone_else != own and someone_else.name.startswith("bakehouse-torchinductor-")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "chosen"))
+    assert inductor_cache_dir(home, uid) == tmp_path / "chosen"
