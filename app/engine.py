@@ -16,7 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from app.device import DevicePlan, device_plan
-from app.kvcache import SLOT_ATTENTION, Segment, SlotCache, fastest_decode_attention
+from app.kvcache import SLOT_ATTENTION, Segment, Shape, SlotCache, fastest_decode_attention
 from app.packed import linears_to_pack
 from app.precision import PASSAGE, PrecisionCheck, compare
 
@@ -53,9 +53,8 @@ class Engine:
                 self.model, self.dtype = load(torch.float32), torch.float32
         self.pending = linears_to_pack(self.model, self.dtype, self.device)  # packed by the scheduler between steps, after ready
         self.load_seconds = time.monotonic() - start
-        heads = int(config.num_attention_heads)
-        self.attention = fastest_decode_attention(self.dtype, self.device, heads, int(getattr(config, "num_key_value_heads", None) or heads),
-                                                      int(getattr(config, "head_dim", None) or config.hidden_size // heads))
+        self.shape = Shape.of(config, self.dtype)
+        self.attention = fastest_decode_attention(self.dtype, self.device, self.shape.heads, self.shape.kv_heads, self.shape.dim)
         memory = f", {torch.cuda.memory_allocated() / 1e9:.2f} GB GPU memory" if self.plan.device == "cuda" else ""
         log.info("loaded %s from %s on %s (%s, decode attention: %s, linear layers to pack: %d) in %.2fs%s", name, directory, self.plan.device,
                  str(self.dtype).removeprefix("torch."), self.attention.describe(), len(self.pending.layers), self.load_seconds, memory)
@@ -79,11 +78,7 @@ class Engine:
     @property
     def kv_bytes_per_token(self) -> int:
         """Keys and values of one token in every layer: what one column of one cache slot costs."""
-        config = self.model.config
-        heads = int(config.num_attention_heads)
-        kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
-        head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
-        return 2 * self.num_layers * kv_heads * head_dim * torch.finfo(self.attention.kv_dtype or self.dtype).bits // 8
+        return 2 * self.num_layers * self.shape.kv_heads * self.shape.dim * torch.finfo(self.attention.kv_dtype or self.dtype).bits // 8
 
     def kv_budget(self, gb: float | None) -> int:
         """The KV cache's budget in bytes: BAKEHOUSE_KV_CACHE_GB, else half the GPU memory free after loading, or a quarter of this machine's memory."""

@@ -75,6 +75,23 @@ class DecodeChoice:
         return self.kernel + (f", {str(self.kv_dtype).removeprefix('torch.')} cache" if self.kv_dtype is not None else "")
 
 
+@dataclass(frozen=True)
+class Shape:
+    """The attention shapes of one model: query heads, key/value heads, head size, in the model's dtype."""
+
+    @classmethod
+    def of(cls, config: Any, dtype: torch.dtype) -> Shape:
+        """From a transformers config: GQA's key/value heads and an explicit head size where the config has them."""
+        heads = int(config.num_attention_heads)
+        return cls(heads, int(getattr(config, "num_key_value_heads", None) or heads), int(getattr(config, "head_dim", None) or config.hidden_size // heads),
+                   dtype)
+
+    heads: int
+    kv_heads: int
+    dim: int
+    dtype: torch.dtype
+
+
 _SLACK = 1.25  # a tier grows its rows by a quarter at a time; trimmed when it holds less than half of them
 
 

@@ -40,7 +40,7 @@ from app.schemas import (
     sampling,
 )
 from app.seats import cache_columns
-from app.tuning import Shape, Tuning, tune
+from app.tuning import Tuning, tune
 from ops.errors import ApiError, QueueFullError
 
 log = logging.getLogger("bakehouse.local")
@@ -152,11 +152,7 @@ class LocalClient:
             threading.Thread(target=self._tune, args=(engine, scheduler), name="tuning", daemon=True).start()
 
     def _tune(self, engine: Engine, scheduler: Scheduler) -> None:
-        config = engine.model.config
-        heads = int(config.num_attention_heads)
-        shape = Shape(heads, int(getattr(config, "num_key_value_heads", None) or heads), int(getattr(config, "head_dim", None) or config.hidden_size // heads),
-                      engine.dtype)
-        adopt, self.tuning = tune(shape, engine.attention)
+        adopt, self.tuning = tune(engine.shape, engine.attention)
         if adopt is not None:
             scheduler.adopt(adopt)
         log.info("decode kernel tuning: %s", self.tuning.describe())

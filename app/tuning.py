@@ -30,7 +30,7 @@ from typing import Literal
 
 import torch
 
-from app.kvcache import DecodeChoice, decode_attention, decode_mask, upcast_attention
+from app.kvcache import DecodeChoice, Shape, decode_attention, decode_mask, upcast_attention
 from app.seats import COLUMNS
 
 log = logging.getLogger("bakehouse.tuning")
@@ -51,16 +51,6 @@ class Tuning:
 
     def describe(self) -> str:
         return f"{self.state}: {self.detail}" if self.detail else self.state
-
-
-@dataclass(frozen=True)
-class Shape:
-    """The attention shapes of one model: query heads, key/value heads, head size, in the model's dtype."""
-
-    heads: int
-    kv_heads: int
-    dim: int
-    dtype: torch.dtype
 
 
 def _inputs(shape: Shape, choice: DecodeChoice, rows: int, width: int, seed: int = 0, capacity: int | None = None,

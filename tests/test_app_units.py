@@ -17,14 +17,14 @@ from app import packed as packed_module
 from app import precision
 from app.device import DevicePlan, pick_device
 from app.engine import Engine
-from app.kvcache import DecodeChoice, DecodeKernel, Segment, SlotCache, decode_attention, decode_mask, fastest_decode_attention
+from app.kvcache import DecodeChoice, DecodeKernel, Segment, Shape, SlotCache, decode_attention, decode_mask, fastest_decode_attention
 from app.loader import check_weights_format
 from app.packed import PackedLinear, pack_linears, packing_works
 from app.params import SamplingParams
 from app.policy import Choice, first_stop, stop_prefix
 from app.precision import compare, cpu_has_native_bf16
 from app.sampling import sample
-from app.tuning import Shape, tune
+from app.tuning import tune
 from ops.errors import NotServableError
 from ops.models.lock import LockedFile, LockedModel
 
