@@ -54,7 +54,7 @@ class Engine:
         self.pending = linears_to_pack(self.model, self.dtype, self.device)  # packed by the scheduler between steps, after ready
         self.load_seconds = time.monotonic() - start
         self.shape = Shape.of(config, self.dtype)
-        self.attention = fastest_decode_attention(self.dtype, self.device, self.shape.heads, self.shape.kv_heads, self.shape.dim)
+        self.attention = fastest_decode_attention(self.shape, self.device)
         memory = f", {torch.cuda.memory_allocated() / 1e9:.2f} GB GPU memory" if self.plan.device == "cuda" else ""
         log.info("loaded %s from %s on %s (%s, decode attention: %s, linear layers to pack: %d) in %.2fs%s", name, directory, self.plan.device,
                  str(self.dtype).removeprefix("torch."), self.attention.describe(), len(self.pending.layers), self.load_seconds, memory)

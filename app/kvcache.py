@@ -419,28 +419,34 @@ def slot_attention(module: torch.nn.Module, query: torch.Tensor, key: dict[Tier,
 AttentionInterface.register(SLOT_ATTENTION, slot_attention)
 
 
-def fastest_decode_attention(dtype: torch.dtype, device: torch.device, heads: int, kv_heads: int, dim: int, rows: int = 16,
-                             width: int = 256, amx: bool | None = None) -> DecodeChoice:
+def decode_inputs(shape: Shape, dtype: torch.dtype, rows: int, width: int, seed: int = 0, capacity: int | None = None,
+                  columns: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random query, keys, values and mask in `dtype` as slot_attention passes them to a decode kernel (to time or compile one): the
+    keys and values a tier's whole buffers, `capacity` rows (rows + 1 when None) of `columns` (256 more than the width when None).
+    Under inference mode they are inference tensors, as a step's are: torch.compile tells the two kinds apart."""
+    g = torch.Generator().manual_seed(seed)
+    query = torch.randn(rows, shape.heads, 1, shape.dim, generator=g).to(dtype)
+    keys, values = (torch.randn(capacity or rows + 1, shape.kv_heads, columns or width + COLUMNS, shape.dim, generator=g).to(dtype)
+                    for _ in range(2))
+    return query, keys, values, decode_mask(torch.full((rows,), width - 1), dtype)
+
+
+def fastest_decode_attention(shape: Shape, device: torch.device, rows: int = 16, width: int = 256, amx: bool | None = None) -> DecodeChoice:
     """Time each kernel with the cache in fp32 and, on a CPU with AMX (`amx`: None reads the CPU's flags), in the model's reduced
     precision too; the fastest, by the median of 7 runs at one representative shape (once at load)."""
     if device.type != "cpu":
         return DecodeChoice("sdpa")
-    if dtype == torch.float32:
+    if shape.dtype == torch.float32:
         kv_dtypes: tuple[torch.dtype | None, ...] = (None,)
     elif amx if amx is not None else "amx_bf16" in cpu_flags():
         kv_dtypes = (None, torch.float32)
     else:
         kv_dtypes = (torch.float32,)
-    g = torch.Generator().manual_seed(0)
     times: dict[DecodeChoice, float] = {}
     with torch.inference_mode():
         for kv_dtype in kv_dtypes:
-            compute = kv_dtype or dtype
-            q = torch.randn(rows, heads, 1, dim, generator=g).to(compute)
-            kv = torch.randn(2, rows + 1, kv_heads, width + COLUMNS, dim, generator=g).to(compute)
-            k, v = kv[0, :rows, :, :width], kv[1, :rows, :, :width]  # strided, like the cache's slices
-            mask = decode_mask(torch.full((rows,), width - 1), compute)
+            q, k, v, mask = decode_inputs(shape, kv_dtype or shape.dtype, rows, width)
             for kernel in ("sdpa", "matmul"):
                 choice = DecodeChoice(kernel, kv_dtype)
-                times[choice] = median_seconds(lambda: decode_attention(kernel, q, k, v, mask, dim**-0.5), runs=7)  # noqa: B023
+                times[choice] = median_seconds(lambda: decode_attention(kernel, q, k, v, mask, shape.dim**-0.5), runs=7)  # noqa: B023
     return min(times, key=times.__getitem__)

@@ -30,7 +30,7 @@ from typing import Literal
 
 import torch
 
-from app.kvcache import DecodeChoice, Shape, decode_attention, decode_mask, upcast_attention
+from app.kvcache import DecodeChoice, Shape, decode_attention, decode_inputs, upcast_attention
 from app.seats import COLUMNS
 
 log = logging.getLogger("bakehouse.tuning")
@@ -53,26 +53,13 @@ class Tuning:
         return f"{self.state}: {self.detail}" if self.detail else self.state
 
 
-def _inputs(shape: Shape, choice: DecodeChoice, rows: int, width: int, seed: int = 0, capacity: int | None = None,
-            columns: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A decode step's query, keys, values and mask as slot_attention passes them: the keys and values a tier's whole buffers,
-    `capacity` rows (rows + 1 when None) of `columns` (256 more than the width when None). Made under inference mode, as a step makes
-    its tensors: torch.compile tells the two kinds of tensor apart."""
-    g = torch.Generator().manual_seed(seed)
-    dtype = choice.kv_dtype or shape.dtype
-    query = torch.randn(rows, shape.heads, 1, shape.dim, generator=g).to(dtype)
-    keys, values = (torch.randn(capacity or rows + 1, shape.kv_heads, columns or width + COLUMNS, shape.dim, generator=g).to(dtype)
-                    for _ in range(2))
-    return query, keys, values, decode_mask(torch.full((rows,), width - 1), dtype)
-
-
 def compile_kernel(shape: Shape) -> None:
     """Compile through the call the scheduler makes, for each kind of step torch tells apart (a tier of one row or more, one decode
     row or more: it specializes a size of 1; the longest row filling its tier's columns or not), and check the output against the
     eager sums (ValueError if it differs)."""
     with torch.inference_mode(), torch.compiler.set_stance("default"):  # compiling is what this is for, whatever an earlier tuning set
         for (capacity, rows), columns in itertools.product(((1, 1), (3, 1), (3, 2), (8, 5)), (None, 40)):
-            q, k, v, mask = _inputs(shape, DecodeChoice("compiled"), rows, 40, seed=rows, capacity=capacity, columns=columns)
+            q, k, v, mask = decode_inputs(shape, shape.dtype, rows, 40, seed=rows, capacity=capacity, columns=columns)
             got, want = decode_attention("compiled", q, k, v, mask, shape.dim**-0.5), upcast_attention(q, k, v, mask, shape.dim**-0.5)
             if not torch.allclose(got.float(), want.float(), rtol=1e-2, atol=1e-3):
                 raise ValueError(f"the compiled kernel's output differs from the eager one by {(got.float() - want.float()).abs().max():.3g}")
@@ -88,7 +75,7 @@ def time_kernels(shape: Shape, choices: tuple[DecodeChoice, DecodeChoice], rows:
     layers = max(1, min(8, -(-LAST_LEVEL_CACHE // kv_bytes)))
     times: list[list[float]] = [[], []]
     with torch.inference_mode():
-        calls = [[functools.partial(decode_attention, choice.kernel, *_inputs(shape, choice, rows, width, seed=layer), shape.dim**-0.5)
+        calls = [[functools.partial(decode_attention, choice.kernel, *decode_inputs(shape, choice.kv_dtype or shape.dtype, rows, width, seed=layer), shape.dim**-0.5)
                   for layer in range(layers)] for choice in choices]
         for layer_calls in calls:
             for call in layer_calls:

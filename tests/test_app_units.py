@@ -142,7 +142,7 @@ def test_decode_attention_equals_sdpa_over_each_rows_own_length(kernel: DecodeKe
                                                        (torch.bfloat16, True, {None, torch.float32})])
 def test_the_decode_kernel_is_timed_with_the_caches_this_cpu_may_use(dtype: torch.dtype, amx: bool, caches: set[torch.dtype | None]) -> None:
     """Without AMX a bf16 cache is never chosen (nor timed); with AMX either may win; an fp32 model keeps its own dtype."""
-    choice = fastest_decode_attention(dtype, torch.device("cpu"), 4, 2, 16, rows=2, width=32, amx=amx)
+    choice = fastest_decode_attention(Shape(4, 2, 16, dtype), torch.device("cpu"), rows=2, width=32, amx=amx)
     assert choice.kv_dtype in caches and choice.kernel in ("sdpa", "matmul")
 
 
